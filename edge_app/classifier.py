@@ -1,0 +1,153 @@
+"""The one classifier API of the device: a `.tflite` file in, a screening result out."""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge_app import decision, preprocess
+from edge_app.errors import ModelError
+from edge_app.model_card import ModelCard
+from edge_app.runtime import open_backend
+from edge_app.tflite_metadata import CARD_METADATA_NAME, read_metadata
+
+LOGITS = "logits"
+HEATMAP = "heatmap"
+
+
+@dataclass
+class Prediction:
+    label: str                          # most probable class
+    probabilities: dict[str, float]     # calibrated, in the model card's label order
+    abnormal_probability: float         # P(pneumonia or COVID-19)
+    decision: str                       # decision.REFER or decision.NO_ABNORMALITY
+    message: str                        # the triage message shown to people
+    threshold: float                    # the operating threshold that made the decision
+    timings_ms: dict[str, float]        # decode, preprocess, inference, postprocess, total
+    backend: str
+    heatmap: np.ndarray | None = field(default=None, repr=False)  # (h, w) in [0, 1], where it looked
+    source: str | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "source": self.source,
+            "label": self.label,
+            "probabilities": self.probabilities,
+            "abnormal_probability": self.abnormal_probability,
+            "decision": self.decision,
+            "message": self.message,
+            "threshold": self.threshold,
+            "notice": decision.NOT_A_DIAGNOSIS,
+            "timings_ms": self.timings_ms,
+            "backend": self.backend,
+        }
+
+
+def load_model_file(path: str | Path) -> tuple[bytes, ModelCard]:
+    """The model's bytes and its embedded card, with specific errors for every way it can fail."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError("model_not_found", f"model file not found: {path}", path)
+    data = path.read_bytes()
+    if len(data) < 8 or data[4:8] != b"TFL3":
+        raise ModelError("model_invalid", "not a TFLite model (no TFL3 identifier)", path)
+    try:
+        metadata = read_metadata(data)
+    except Exception as exc:
+        raise ModelError("model_invalid", f"unreadable TFLite flatbuffer: {exc}", path) from exc
+    if CARD_METADATA_NAME not in metadata:
+        raise ModelError("card_missing", "the model carries no cxr-edge model card; "
+                         "export it with `python -m convert`", path)
+    try:
+        card = ModelCard.from_json(metadata[CARD_METADATA_NAME])
+    except Exception as exc:
+        raise ModelError("card_invalid", f"the embedded model card is invalid: {exc}", path) from exc
+    return data, card
+
+
+class Classifier:
+    """Loads a model and its card, picks a runtime, warms it up; `predict` is thread-safe."""
+
+    def __init__(self, model_path: str | Path, *, accelerator: str = "auto", num_threads: int = 2,
+                 gpu_delegate: str | None = None):
+        self.model_path = Path(model_path)
+        data, self.card = load_model_file(self.model_path)
+        self.model_sha256 = hashlib.sha256(data).hexdigest()
+        self.backend, self.backend_attempts = open_backend(
+            data, accelerator=accelerator, num_threads=num_threads, gpu_delegate=gpu_delegate)
+        self._check_card_matches_model()
+        self.spec = self.card.input
+        self.predict_array(np.zeros((self.spec.size, self.spec.size), np.float32))  # warm-up
+
+    def _check_card_matches_model(self):
+        spec, labels = self.card.input, self.card.labels
+        expected_input = (1, spec.size, spec.size, spec.channels)
+        if self.backend.input_shape != expected_input:
+            raise ModelError("card_mismatch", f"the model takes input {self.backend.input_shape} but "
+                             f"its card describes {expected_input}", self.model_path)
+        shapes = self.backend.output_shapes
+        if LOGITS not in shapes:
+            raise ModelError("card_mismatch", f"the model has no {LOGITS!r} output "
+                             f"(outputs: {sorted(shapes)})", self.model_path)
+        if shapes[LOGITS][-1] != len(labels):
+            raise ModelError("card_mismatch", f"the model has {shapes[LOGITS][-1]} outputs but its "
+                             f"card names {len(labels)} labels {list(labels)}", self.model_path)
+
+    @property
+    def info(self) -> dict:
+        return {
+            "model": str(self.model_path),
+            "model_sha256": self.model_sha256,
+            "backend": self.backend.name,
+            "gpu_fully_accelerated": self.backend.fully_accelerated,
+            "backends_tried": [{"backend": n, "error": why} for n, why in self.backend_attempts],
+            "card": self.card.to_dict(),
+        }
+
+    def predict(self, source) -> Prediction:
+        """Classify an image file (or its bytes): decoding is strict, as at a clinic."""
+        t0 = time.perf_counter()
+        gray = preprocess.decode(source, strict=True, draft_size=self.spec.size)
+        prediction = self._predict_gray(gray, t0)
+        prediction.source = source if isinstance(source, str) else (
+            str(source) if isinstance(source, Path) else None)
+        return prediction
+
+    def predict_array(self, image: np.ndarray) -> Prediction:
+        """Classify a grey image already decoded to [0, 1] (any size)."""
+        return self._predict_gray(np.asarray(image, np.float32), time.perf_counter())
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """Raw logits for a batch of model inputs, one image per call (the model's batch is 1)."""
+        return np.concatenate([self.backend.run(x[None])[LOGITS] for x in batch])
+
+    def _predict_gray(self, gray: np.ndarray, t0: float) -> Prediction:
+        t_decoded = time.perf_counter()
+        x = preprocess.normalise(preprocess.fit_square(gray, self.spec.size, self.spec.fit), self.spec)
+        t_preprocessed = time.perf_counter()
+        outputs = self.backend.run(x[None])
+        t_inferred = time.perf_counter()
+        probs = decision.calibrated_probabilities(outputs[LOGITS][0], self.card.temperature)
+        p_abnormal = float(decision.abnormal_probability(probs))
+        triage = decision.triage(p_abnormal, self.card.abnormal_threshold)
+        heatmap = outputs.get(HEATMAP)
+        if heatmap is not None:
+            heatmap = heatmap[0, ..., 0] if heatmap.ndim == 4 else heatmap[0]
+        t_done = time.perf_counter()
+        ms = lambda a, b: round((b - a) * 1000.0, 3)
+        return Prediction(
+            label=self.card.labels[int(np.argmax(probs))],
+            probabilities={l: float(p) for l, p in zip(self.card.labels, probs)},
+            abnormal_probability=p_abnormal,
+            decision=triage,
+            message=decision.TRIAGE_MESSAGES[triage],
+            threshold=self.card.abnormal_threshold,
+            timings_ms={"decode": ms(t0, t_decoded), "preprocess": ms(t_decoded, t_preprocessed),
+                        "inference": ms(t_preprocessed, t_inferred),
+                        "postprocess": ms(t_inferred, t_done), "total": ms(t0, t_done)},
+            backend=self.backend.name,
+            heatmap=heatmap,
+        )

@@ -1,0 +1,120 @@
+"""The headless device CLI.
+
+  python -m edge_app predict IMAGE... --model M [--json]
+  python -m edge_app info --model M
+  python -m edge_app bench --model M [--image IMAGE] [--runs N]
+
+Never imports TensorFlow. Exit codes: 0 all images classified, 1 an image could not be
+screened (the others still are), 2 the model could not be used.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+
+from edge_app.errors import CxrEdgeError, ModelError
+
+
+def _classifier(args):
+    from edge_app.classifier import Classifier
+
+    return Classifier(args.model, accelerator=args.accelerator, num_threads=args.threads,
+                      gpu_delegate=args.gpu_delegate)
+
+
+def _format(prediction) -> str:
+    probs = "  ".join(f"{label} {p:6.1%}" for label, p in prediction.probabilities.items())
+    return (f"{prediction.source}\n  {prediction.message.upper()}  (P(abnormal) {prediction.abnormal_probability:.3f}"
+            f" vs threshold {prediction.threshold:.3f}; most likely: {prediction.label})\n  {probs}\n"
+            f"  {prediction.timings_ms['total']:.1f} ms on {prediction.backend}"
+            f" (inference {prediction.timings_ms['inference']:.1f} ms)")
+
+
+def cmd_predict(args) -> int:
+    classifier = _classifier(args)
+    results, failed = [], False
+    for image in args.images:
+        try:
+            prediction = classifier.predict(image)
+        except CxrEdgeError as exc:
+            failed = True
+            results.append({"source": image, "error": exc.as_dict()})
+            if not args.json:
+                print(f"{image}\n  CANNOT SCREEN [{exc.code}]: {exc.message}", file=sys.stderr)
+            continue
+        results.append(prediction.to_dict())
+        if not args.json:
+            print(_format(prediction))
+    if args.json:
+        print(json.dumps({"model": classifier.info["model"], "model_sha256": classifier.model_sha256,
+                          "results": results}, indent=2))
+    else:
+        print("Screening aid, not a diagnosis.")
+    return 1 if failed else 0
+
+
+def cmd_info(args) -> int:
+    print(json.dumps(_classifier(args).info, indent=2))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import numpy as np
+
+    classifier = _classifier(args)
+    source = args.image
+    if source is None:  # a synthetic radiograph-sized input when no image is given
+        rng = np.random.default_rng(0)
+        image = rng.random((1024, 1024), dtype=np.float32)
+    timings = []
+    for _ in range(args.runs):
+        p = classifier.predict(source) if source else classifier.predict_array(image)
+        timings.append(p.timings_ms)
+    summary = {stage: {"median_ms": statistics.median(t[stage] for t in timings),
+                       "min_ms": min(t[stage] for t in timings), "max_ms": max(t[stage] for t in timings)}
+               for stage in timings[0]}
+    print(json.dumps({"model": str(classifier.model_path), "backend": classifier.backend.name,
+                      "threads": args.threads, "runs": args.runs, "stages": summary}, indent=2))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m edge_app", description="cxr-edge on the device (no TensorFlow).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_model(sp):
+        sp.add_argument("--model", required=True, help=".tflite model exported by `python -m convert`")
+        sp.add_argument("--accelerator", choices=("auto", "gpu", "cpu"), default="cpu",
+                        help="auto/gpu try LiteRT's GPU accelerator first (default: cpu)")
+        sp.add_argument("--threads", type=int, default=2)
+        sp.add_argument("--gpu-delegate", help="path of a TFLite GPU delegate library to load")
+        return sp
+
+    sp = with_model(sub.add_parser("predict", help="classify X-ray images"))
+    sp.add_argument("images", nargs="+")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.set_defaults(func=cmd_predict)
+    with_model(sub.add_parser("info", help="model card, runtime and GPU status")).set_defaults(func=cmd_info)
+    sp = with_model(sub.add_parser("bench", help="latency of each pipeline stage"))
+    sp.add_argument("--image")
+    sp.add_argument("--runs", type=int, default=20)
+    sp.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ModelError as exc:
+        print(f"error [{exc.code}]: {exc}", file=sys.stderr)
+        return 2
+    except CxrEdgeError as exc:
+        print(f"error [{exc.code}]: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

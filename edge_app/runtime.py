@@ -1,0 +1,173 @@
+"""TFLite runtimes for the device, tried in order until one loads the model.
+
+1. LiteRT `CompiledModel` on the GPU accelerator (CPU fallback for unsupported ops), when
+   accelerator="gpu" or "auto"; `is_fully_accelerated()` tells whether every op ran on the GPU.
+2. LiteRT `CompiledModel` on the CPU (accelerator="cpu" or fallback).
+3. LiteRT `Interpreter` (XNNPACK, configurable threads), optionally with a GPU delegate
+   library given by path (e.g. a self-built libtensorflowlite_gpu_delegate.so on a Pi).
+4. `tflite_runtime.interpreter.Interpreter` where installed and working (numpy < 2).
+5. `tensorflow.lite.Interpreter`, imported lazily, only as the last resort.
+
+Every backend takes and returns float32 arrays: quantised models are (de)quantised here, so
+callers never see the model's integer types.
+"""
+from __future__ import annotations
+
+import importlib
+import threading
+
+import numpy as np
+
+from edge_app.errors import ModelError
+
+ACCELERATORS = ("auto", "gpu", "cpu")
+
+
+class InterpreterBackend:
+    """Any Interpreter with the tf.lite API (LiteRT, tflite_runtime, tf.lite)."""
+
+    def __init__(self, name: str, interpreter):
+        self.name = name
+        self.fully_accelerated = None  # not applicable: the CPU runs everything
+        self._interpreter = interpreter
+        interpreter.allocate_tensors()
+        self._input = interpreter.get_input_details()[0]
+        self._outputs = {d["name"]: d for d in interpreter.get_output_details()}
+        self._lock = threading.Lock()  # an Interpreter is not re-entrant
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(int(n) for n in self._input["shape"])
+
+    @property
+    def output_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(int(n) for n in d["shape"]) for name, d in self._outputs.items()}
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        x = _quantize(np.asarray(batch, dtype=np.float32), self._input)
+        with self._lock:
+            self._interpreter.set_tensor(self._input["index"], x)
+            self._interpreter.invoke()
+            raw = {n: self._interpreter.get_tensor(d["index"]) for n, d in self._outputs.items()}
+        return {n: _dequantize(v, self._outputs[n]) for n, v in raw.items()}
+
+
+class CompiledModelBackend:
+    """LiteRT's CompiledModel API, the one that drives the GPU accelerator."""
+
+    def __init__(self, model_bytes: bytes, accelerator: str, num_threads: int):
+        from ai_edge_litert import compiled_model as cm
+
+        accel = cm.HardwareAccelerator.CPU
+        if accelerator == "gpu":
+            accel = cm.HardwareAccelerator.GPU | cm.HardwareAccelerator.CPU
+        options = cm.Options(hardware_accelerators=accel,
+                             cpu_options=cm.CpuOptions(num_threads=num_threads))
+        self._model = cm.CompiledModel.from_buffer(model_bytes, options=options)
+        self.name = f"litert-compiled-{accelerator}"
+        self.fully_accelerated = bool(self._model.is_fully_accelerated()) if accelerator == "gpu" else None
+        signature = self._model.get_signature_list()
+        self._key = next(iter(signature))
+        self._input_details = self._model.get_input_tensor_details(self._key)
+        self._output_details = self._model.get_output_tensor_details(self._key)
+        for d in list(self._input_details.values()) + list(self._output_details.values()):
+            if np.dtype(d["dtype"]) != np.float32:
+                raise ModelError("model_invalid", "CompiledModel backend runs float-I/O models only")
+        self._inputs = self._model.create_input_buffers(0)
+        self._outputs = self._model.create_output_buffers(0)
+        self._output_names = list(signature[self._key]["outputs"])
+        self._lock = threading.Lock()
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(int(n) for n in next(iter(self._input_details.values()))["shape"])
+
+    @property
+    def output_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(int(s) for s in self._output_details[n]["shape"]) for n in self._output_names}
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        shapes = self.output_shapes
+        with self._lock:
+            self._inputs[0].write(x)
+            self._model.run_by_index(0, self._inputs, self._outputs)
+            return {n: buf.read(int(np.prod(shapes[n])), np.float32).reshape(shapes[n])
+                    for n, buf in zip(self._output_names, self._outputs)}
+
+
+def _quantize(x: np.ndarray, detail: dict) -> np.ndarray:
+    dtype = np.dtype(detail["dtype"])
+    if dtype == np.float32:
+        return x
+    scale, zero_point = detail["quantization"]
+    info = np.iinfo(dtype)
+    return np.clip(np.round(x / scale + zero_point), info.min, info.max).astype(dtype)
+
+
+def _dequantize(y: np.ndarray, detail: dict) -> np.ndarray:
+    if np.dtype(detail["dtype"]) == np.float32:
+        return y.copy()
+    scale, zero_point = detail["quantization"]
+    return ((y.astype(np.float32) - zero_point) * scale).astype(np.float32)
+
+
+def _interpreter_class(module: str):
+    """The Interpreter class of a runtime module, or None where it is missing or broken."""
+    try:
+        mod = importlib.import_module(module)
+    except Exception:  # ImportError, or tflite_runtime's numpy-2 crash (_ARRAY_API not found)
+        return None
+    return getattr(mod, "Interpreter", None) or getattr(getattr(mod, "lite", None), "Interpreter", None)
+
+
+def open_backend(model_bytes: bytes, *, accelerator: str = "auto", num_threads: int = 2,
+                 gpu_delegate: str | None = None):
+    """The first backend that loads the model, in the documented order.
+
+    Returns (backend, attempts) where attempts lists (backend name, why it was not used).
+    """
+    if accelerator not in ACCELERATORS:
+        raise ValueError(f"accelerator must be one of {ACCELERATORS}, got {accelerator!r}")
+    attempts: list[tuple[str, str]] = []
+
+    def attempt(name, make):
+        try:
+            return make()
+        except Exception as exc:  # every runtime failure here means "try the next one"
+            attempts.append((name, f"{type(exc).__name__}: {exc}"))
+            return None
+
+    candidates = []
+    if accelerator in ("auto", "gpu"):
+        candidates.append(("litert-compiled-gpu", lambda: CompiledModelBackend(model_bytes, "gpu", num_threads)))
+    candidates.append(("litert-compiled-cpu", lambda: CompiledModelBackend(model_bytes, "cpu", num_threads)))
+    for name, module in (("litert-interpreter", "ai_edge_litert.interpreter"),
+                         ("tflite-runtime", "tflite_runtime.interpreter"),
+                         ("tf.lite", "tensorflow")):
+        if gpu_delegate and name != "tf.lite":
+            candidates.append((f"{name}+gpu-delegate",
+                               _interpreter_factory(module, model_bytes, num_threads, gpu_delegate)))
+        candidates.append((name, _interpreter_factory(module, model_bytes, num_threads, None)))
+    for name, make in candidates:
+        backend = attempt(name, make)
+        if backend is not None:
+            backend.name = name
+            return backend, attempts
+    detail = "; ".join(f"{n}: {why}" for n, why in attempts)
+    raise ModelError("no_runtime", f"no TFLite runtime could load the model ({detail})")
+
+
+def _interpreter_factory(module: str, model_bytes: bytes, num_threads: int,
+                         gpu_delegate: str | None):
+    def make():
+        cls = _interpreter_class(module)
+        if cls is None:
+            raise ImportError(f"{module} is not installed or does not import")
+        delegates = None
+        if gpu_delegate:
+            delegates = [importlib.import_module(module).load_delegate(gpu_delegate)]
+        interpreter = cls(model_content=model_bytes, num_threads=num_threads,
+                          experimental_delegates=delegates)
+        return InterpreterBackend(module, interpreter)
+    return make

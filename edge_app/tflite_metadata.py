@@ -1,0 +1,54 @@
+"""Read and write the model card embedded in a `.tflite` file.
+
+A TFLite flatbuffer has a `metadata` list of (name, buffer index) pairs; the card is stored
+there as UTF-8 JSON under CARD_METADATA_NAME, so the file alone describes itself. The schema
+module comes with LiteRT (and with TensorFlow), so neither side needs anything extra.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+CARD_METADATA_NAME = "cxr_edge_model_card"
+
+
+def _schema():
+    try:
+        from ai_edge_litert import schema_py_generated as schema
+    except ImportError:  # a training machine without LiteRT
+        from tensorflow.lite.python import schema_py_generated as schema
+    return schema
+
+
+def read_metadata(model_bytes: bytes) -> dict[str, bytes]:
+    """All metadata entries of a TFLite model, by name."""
+    schema = _schema()
+    model = schema.Model.GetRootAs(model_bytes, 0)
+    entries = {}
+    for i in range(model.MetadataLength()):
+        meta = model.Metadata(i)
+        buffer = model.Buffers(meta.Buffer())
+        if buffer.DataLength():
+            data = buffer.DataAsNumpy().tobytes()
+        else:  # large models keep buffer data after the flatbuffer
+            data = bytes(model_bytes[buffer.Offset(): buffer.Offset() + buffer.Size()])
+        entries[meta.Name().decode()] = data
+    return entries
+
+
+def write_metadata(model_bytes: bytes, name: str, data: bytes) -> bytes:
+    """A copy of the model with metadata `name` set to `data` (replacing any earlier one)."""
+    import flatbuffers
+
+    schema = _schema()
+    model = schema.ModelT.InitFromPackedBuf(bytearray(model_bytes), 0)
+    model.metadata = [m for m in (model.metadata or []) if m.name.decode() != name]
+    buffer = schema.BufferT()
+    buffer.data = np.frombuffer(data, dtype=np.uint8)
+    model.buffers.append(buffer)
+    entry = schema.MetadataT()
+    entry.name = name
+    entry.buffer = len(model.buffers) - 1
+    model.metadata.append(entry)
+    builder = flatbuffers.Builder(len(model_bytes) + len(data) + 1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())

@@ -1,0 +1,80 @@
+"""Shared fixtures: the real chest X-ray set beside the checkout, and small trained runs."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_dir() -> Path:
+    """../shared beside the checkout (CI has it), or $CXR_SHARED."""
+    return Path(os.environ.get("CXR_SHARED", REPO.parent / "shared"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    path = shared_dir() / "data" / "cxr"
+    if not (path / "manifest.csv").is_file():
+        pytest.fail(f"the shared chest X-ray set is missing at {path}; set CXR_SHARED to the folder "
+                    "holding data/cxr (tests that need real images must not be skipped)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_weights() -> Path:
+    path = shared_dir() / "weights" / "keras" / "models"
+    if not path.is_dir():
+        pytest.fail(f"the shared Keras weights are missing at {path}; set CXR_SHARED")
+    return path
+
+
+def run_module(*args, check=True, env=None, timeout=900) -> subprocess.CompletedProcess:
+    """`python -m ...` in a fresh process, as a user would run it."""
+    result = subprocess.run([sys.executable, "-m", *map(str, args)], capture_output=True, text=True,
+                            cwd=REPO, env={**os.environ, **(env or {})}, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"python -m {' '.join(map(str, args))} exited {result.returncode}\n"
+                             f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-4000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory, shared_data) -> Path:
+    """A few real X-rays per class and split from the shared set, in the split/class layout."""
+    import csv
+    import shutil
+
+    root = tmp_path_factory.mktemp("tiny_cxr")
+    per_split = {"train": 12, "val": 6, "test": 6}
+    taken: dict[tuple[str, str], int] = {}
+    with open(shared_data / "manifest.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            key = (row["split"], row["class"])
+            if taken.get(key, 0) >= per_split[row["split"]]:
+                continue
+            taken[key] = taken.get(key, 0) + 1
+            dest = root / row["split"] / row["class"] / Path(row["file"]).name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(shared_data / row["file"], dest)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_dataset) -> Path:
+    """A small CNN trained for two epochs at 64 px and converted to every TFLite variant.
+
+    The parity budgets are opened wide here: a two-epoch model on 18 test images proves the
+    pipeline, not accuracy (the parity gate itself is tested on its own).
+    """
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    run_module("train", "--model", "cnn", "--weights", "none", "--data", tiny_dataset, "--out", run,
+               "--image-size", "64", "--epochs", "2", "--strategy", "full", "--batch-size", "8",
+               "--bootstrap", "0", "--no-progress")
+    run_module("convert", run, "--no-progress", *[f"--budget={v}=100" for v in
+                                                  ("fp32", "dynamic", "fp16", "int8")])
+    return run

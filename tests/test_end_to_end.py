@@ -1,0 +1,84 @@
+"""From real X-rays to a classified image on the device side, the way a newcomer runs it."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from conftest import run_module
+from edge_app.model_card import ModelCard
+
+
+def test_training_run_writes_model_card_and_reports(tiny_run):
+    card = ModelCard.from_json((tiny_run / "model_card.json").read_text())
+    assert card.labels == ("normal", "pneumonia", "covid")
+    assert card.input.size == 64 and card.input.channels == 1
+    assert 0.0 <= card.abnormal_threshold <= 1.0 and card.temperature > 0
+    assert len(card.dataset["fingerprint"]) == 64
+    metrics = json.loads((tiny_run / "reports" / "metrics.json").read_text())
+    for split in ("val", "test"):
+        m = metrics[split]
+        assert m["n"] == 18
+        assert {"macro_f1", "accuracy", "per_class", "abnormal", "covid", "threshold", "ece"} <= set(m)
+        assert {"sensitivity", "specificity", "auc"} <= set(m["abnormal"])
+    # the threshold was chosen on validation to reach the target sensitivity there
+    assert metrics["val"]["abnormal"]["sensitivity"] >= 0.95
+    for plot in ("training_curves.png", "confusion_test.png", "roc_test.png", "reliability_test.png"):
+        assert (tiny_run / "reports" / plot).stat().st_size > 1000
+    assert (tiny_run / "model.keras").is_file()
+
+
+def test_conversion_writes_every_variant_with_report(tiny_run):
+    conversion = json.loads((tiny_run / "reports" / "conversion.json").read_text())
+    assert set(conversion["variants"]) == {"fp32", "dynamic", "fp16", "int8"}
+    for name, v in conversion["variants"].items():
+        assert (tiny_run / "tflite" / f"{name}.tflite").stat().st_size == v["bytes"]
+        assert 0.0 <= v["parity"]["agreement"] <= 1.0
+    # fp32 is the same network: it must agree with Keras on every test image
+    assert conversion["variants"]["fp32"]["parity"]["agreement"] == 1.0
+    assert conversion["variants"]["fp32"]["parity"]["max_abs_logit_diff"] < 1e-3
+    assert conversion["variants"]["int8"]["bytes"] < conversion["variants"]["fp32"]["bytes"]
+
+
+def test_device_cli_classifies_a_real_xray(tiny_run, tiny_dataset):
+    image = sorted((tiny_dataset / "test" / "pneumonia").iterdir())[0]
+    result = run_module("edge_app", "predict", image, "--model", tiny_run / "tflite" / "int8.tflite", "--json")
+    out = json.loads(result.stdout)
+    (r,) = out["results"]
+    assert r["label"] in ("normal", "pneumonia", "covid")
+    assert abs(sum(r["probabilities"].values()) - 1.0) < 1e-6
+    assert r["decision"] in ("refer", "no_abnormality")
+    assert (r["abnormal_probability"] >= r["threshold"]) == (r["decision"] == "refer")
+    assert r["backend"].startswith("litert")
+    assert set(r["timings_ms"]) == {"decode", "preprocess", "inference", "postprocess", "total"}
+    human = run_module("edge_app", "predict", image, "--model", tiny_run / "tflite" / "int8.tflite")
+    assert "Screening aid, not a diagnosis" in human.stdout
+
+
+def test_device_side_never_imports_tensorflow(tiny_run, tiny_dataset):
+    image = sorted((tiny_dataset / "test" / "covid").iterdir())[0]
+    code = (
+        "import sys, edge_app.cli as cli\n"
+        f"rc = cli.main(['predict', {str(image)!r}, '--model', {str(tiny_run / 'tflite' / 'fp32.tflite')!r}])\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tf_keras', 'keras')]\n"
+        "assert rc == 0 and not bad, (rc, bad[:5])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_device_matches_keras_on_the_same_file(tiny_run, tiny_dataset):
+    """The fp32 model on the device gives the Keras model's probabilities for a real file."""
+    import train  # noqa: F401
+    import tf_keras as keras
+
+    from edge_app import decision, preprocess
+    from edge_app.classifier import Classifier
+
+    image = sorted((tiny_dataset / "test" / "normal").iterdir())[0]
+    classifier = Classifier(tiny_run / "tflite" / "fp32.tflite", accelerator="cpu")
+    device = classifier.predict(image)
+    model = keras.models.load_model(tiny_run / "model.keras", compile=False)
+    x = preprocess.preprocess(image, classifier.spec)[None]
+    keras_probs = decision.calibrated_probabilities(model.predict(x, verbose=0)[0], classifier.card.temperature)
+    np.testing.assert_allclose(list(device.probabilities.values()), keras_probs, atol=1e-4)

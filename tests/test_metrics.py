@@ -1,0 +1,67 @@
+"""Metrics against values computed by hand on fixed predictions."""
+import numpy as np
+import pytest
+
+from edge_app import decision
+from train import metrics
+
+
+def test_classification_report_by_hand():
+    y_true = [0, 0, 0, 1, 1, 2]
+    y_pred = [0, 0, 1, 1, 2, 2]
+    r = metrics.classification_report(y_true, y_pred, ("normal", "pneumonia", "covid"))
+    assert r["confusion_matrix"] == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
+    assert r["accuracy"] == pytest.approx(4 / 6)
+    # normal: P=2/2 R=2/3; pneumonia: P=1/2 R=1/2; covid: P=1/2 R=1
+    f1 = [2 * 1 * (2 / 3) / (1 + 2 / 3), 0.5, 2 * 0.5 * 1 / 1.5]
+    assert r["per_class"]["normal"]["precision"] == pytest.approx(1.0)
+    assert r["per_class"]["covid"]["recall"] == pytest.approx(1.0)
+    assert r["per_class"]["pneumonia"]["support"] == 2
+    assert r["macro_f1"] == pytest.approx(np.mean(f1))
+
+
+def test_auc_by_hand_with_ties():
+    positive = [1, 1, 0, 0, 1, 0]
+    scores = [0.9, 0.5, 0.5, 0.1, 0.8, 0.3]
+    # pairs (pos, neg): 3 x 3 = 9; pos 0.9 beats all 3; 0.8 beats all 3; 0.5 beats 0.1, 0.3, ties 0.5
+    assert metrics.roc_auc(positive, scores) == pytest.approx((3 + 3 + 2.5) / 9)
+    assert np.isnan(metrics.roc_auc([1, 1], [0.2, 0.3]))
+
+
+def test_threshold_reaches_target_sensitivity():
+    rng = np.random.default_rng(0)
+    positive = rng.random(500) < 0.4
+    scores = np.where(positive, rng.normal(0.7, 0.15, 500), rng.normal(0.4, 0.15, 500))
+    t = metrics.threshold_for_sensitivity(positive, scores, 0.95)
+    sens, spec = metrics.sensitivity_specificity(positive, scores, t)
+    assert sens >= 0.95
+    # the highest such threshold: a hair higher and sensitivity falls below the target
+    sens_above, _ = metrics.sensitivity_specificity(positive, scores, np.nextafter(t, 1.0))
+    assert sens_above < 0.95
+    assert 0 < spec < 1
+
+
+def test_temperature_scaling_lowers_ece_on_overconfident_model():
+    rng = np.random.default_rng(1)
+    n, k = 2000, 3
+    y = rng.integers(0, k, n)
+    true_logits = rng.normal(0, 1, (n, k))
+    true_logits[np.arange(n), y] += 1.0          # a modestly accurate model ...
+    overconfident = true_logits * 4.0            # ... that is far too sure of itself
+    t = metrics.fit_temperature(overconfident, y)
+    before = metrics.expected_calibration_error(decision.calibrated_probabilities(overconfident), y)
+    after = metrics.expected_calibration_error(decision.calibrated_probabilities(overconfident, t), y)
+    assert t == pytest.approx(4.0, rel=0.25)
+    assert after < before / 2
+
+
+def test_screening_metrics_blocks():
+    logits = np.log(np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.2, 0.7], [0.6, 0.3, 0.1]]))
+    y = np.array([0, 1, 2, 1])
+    m = metrics.screening_metrics(logits, y, ("normal", "pneumonia", "covid"), temperature=1.0,
+                                  threshold=0.5)
+    # abnormal scores 0.2, 0.8, 0.9, 0.4 -> flagged: no, yes, yes, no
+    assert m["abnormal"]["sensitivity"] == pytest.approx(2 / 3)
+    assert m["abnormal"]["specificity"] == pytest.approx(1.0)
+    assert m["covid"]["sensitivity"] == pytest.approx(1.0)
+    assert set(m) >= {"macro_f1", "accuracy", "per_class", "abnormal", "covid", "threshold", "ece"}

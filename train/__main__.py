@@ -1,0 +1,52 @@
+"""python -m train --model NAME --data DIR --out artifacts/RUN [--config FILE] [options]"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+
+from train.config import STRATEGIES, TrainConfig
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n")[0] +
+                                "\nTrains a chest X-ray classifier and evaluates it for screening.")
+    p.add_argument("--config", help="TOML or JSON file with any TrainConfig settings")
+    p.add_argument("--out", required=True, help="run folder, e.g. artifacts/mobilenet_v2")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--model", help="registered model name (train.models.REGISTRY)")
+    p.add_argument("--data", help="dataset folder (any supported layout)")
+    p.add_argument("--task", choices=["3class", "pneumonia", "covid"])
+    p.add_argument("--weights", help="imagenet | none | path to a .h5 weights file")
+    p.add_argument("--weights-dir", dest="weights_dirs", action="append",
+                   help="folder holding Keras weight files (repeatable); ~/.keras/models is always searched")
+    p.add_argument("--alpha", type=float, help="MobileNetV2 width (0.35, 0.5, 1.0, ...)")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--strategy", choices=STRATEGIES)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--fine-tune-epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--loss", choices=["crossentropy", "focal"])
+    p.add_argument("--seed", type=int)
+    p.add_argument("--bootstrap", type=int, help="bootstrap resamples for AUC intervals (0: none)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    names = {f.name for f in fields(TrainConfig)}
+    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    config = TrainConfig.from_file(args.config, **overrides) if args.config else TrainConfig(**overrides)
+    if not config.data:
+        print("error: no dataset: pass --data DIR or set data in --config", file=sys.stderr)
+        return 2
+    from train import trainer  # imports TensorFlow: after argument errors are reported
+
+    trainer.run(config, args.out, resume=args.resume, progress=not args.no_progress)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Every hyper-parameter of a training run, in one place.
+
+A run is described by one TrainConfig: defaults here, overridden by a config file
+(`--config run.toml`, same keys) and then by command-line flags. The resolved config is
+saved in the run folder, so a run can always be repeated exactly.
+"""
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+STRATEGIES = ("frozen", "finetune", "full")
+LOSSES = ("crossentropy", "focal")
+
+
+@dataclass
+class TrainConfig:
+    model: str = "mobilenet_v2"
+    alpha: float | None = None            # MobileNetV2 width; None -> the registry's default
+    weights: str = "imagenet"             # imagenet | none | path to a .h5 file
+    weights_dirs: list[str] = field(default_factory=list)  # where to look for Keras weight files
+    data: str = ""
+    task: str = "3class"                  # 3class | pneumonia | covid
+    image_size: int | None = None         # None -> the model's default
+    fit: str = "crop"                     # crop | pad (see edge_app.preprocess)
+    strategy: str = "finetune"            # frozen | finetune | full
+    epochs: int = 8                       # head epochs (frozen/finetune) or all epochs (full)
+    fine_tune_epochs: int = 6             # second phase of finetune
+    fine_tune_layers: int = 40            # top backbone layers unfrozen in the second phase
+    batch_size: int = 32                  # per replica
+    learning_rate: float = 1e-3           # per replica of batch_size; scaled by replicas
+    fine_tune_learning_rate: float = 1e-4
+    dropout: float = 0.2
+    loss: str = "crossentropy"            # crossentropy | focal
+    focal_gamma: float = 2.0
+    class_weights: bool = True
+    augment: bool = True
+    rotation_degrees: float = 7.0
+    zoom: float = 0.1
+    shift: float = 0.05
+    brightness: float = 0.1
+    contrast: float = 0.1
+    horizontal_flip: bool = False         # anatomy is not symmetric (heart on the left)
+    early_stopping_patience: int = 4
+    target_sensitivity: float = 0.95      # abnormal sensitivity the operating threshold must reach on val
+    bootstrap: int = 1000                 # bootstrap resamples for AUC intervals (0: none)
+    mixed_precision: bool = True          # float16 compute on GPU (ignored on CPU)
+    xla: bool = False
+    seed: int = 42
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides) -> "TrainConfig":
+        path = Path(path)
+        text = path.read_text()
+        values = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown settings {sorted(unknown)}; known: {sorted(known)}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,17 @@
+"""The unit of every dataset: one image file with its label, split, patient and source."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Record:
+    path: Path                 # absolute path of the image file
+    label: str                 # canonical class: "normal", "pneumonia" or "covid"
+    split: str | None          # "train" | "val" | "test"; None until a split is assigned
+    patient_id: str | None     # None when the source names no patient
+    source: str | None         # where the image came from (manifest source_repo, CSV name, ...)
+    orig_label: str = ""       # the label exactly as the source gave it

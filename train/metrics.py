@@ -1,0 +1,171 @@
+"""Screening metrics in plain numpy, computed the same way for Keras and every TFLite variant.
+
+Conventions: `y` holds class indices into the task's labels, labels[0] is "normal", and the
+"abnormal" score of an image is 1 - P(normal) (edge_app.decision.abnormal_probability).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from edge_app import decision
+
+
+def confusion_matrix(y_true, y_pred, num_classes: int) -> np.ndarray:
+    """Rows: true class, columns: predicted class."""
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(cm, (np.asarray(y_true), np.asarray(y_pred)), 1)
+    return cm
+
+
+def classification_report(y_true, y_pred, labels) -> dict:
+    """Per-class precision, recall, F1 and support, plus accuracy and macro F1."""
+    cm = confusion_matrix(y_true, y_pred, len(labels))
+    tp = np.diag(cm).astype(float)
+    support = cm.sum(axis=1)
+    predicted = cm.sum(axis=0)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    present = support > 0
+    return {
+        "per_class": {label: {"precision": float(precision[i]), "recall": float(recall[i]),
+                              "f1": float(f1[i]), "support": int(support[i])}
+                      for i, label in enumerate(labels)},
+        "accuracy": float(tp.sum() / max(cm.sum(), 1)),
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "confusion_matrix": cm.tolist(),
+    }
+
+
+def roc_auc(positive, scores) -> float:
+    """Area under the ROC curve (Mann-Whitney U with tie correction); NaN with one class only."""
+    positive = np.asarray(positive, dtype=bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    n_pos, n_neg = positive.sum(), (~positive).sum()
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    # average ranks over ties
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    avg = first + (counts - 1) / 2.0 + 1.0
+    ranks[order] = np.repeat(avg, counts)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def roc_curve(positive, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(false positive rate, true positive rate, thresholds), thresholds decreasing."""
+    positive = np.asarray(positive, dtype=bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    thresholds = np.unique(scores)[::-1]
+    tpr = np.array([(scores[positive] >= t).mean() for t in thresholds])
+    fpr = np.array([(scores[~positive] >= t).mean() for t in thresholds])
+    return np.r_[0.0, fpr], np.r_[0.0, tpr], np.r_[np.inf, thresholds]
+
+
+def bootstrap_auc_ci(positive, scores, *, n: int = 1000, seed: int = 0, level: float = 0.95):
+    """Percentile bootstrap interval of the AUC, resampling images."""
+    rng = np.random.default_rng(seed)
+    positive, scores = np.asarray(positive, bool), np.asarray(scores, float)
+    values = []
+    for _ in range(n):
+        idx = rng.integers(0, len(scores), len(scores))
+        value = roc_auc(positive[idx], scores[idx])
+        if not np.isnan(value):
+            values.append(value)
+    if not values:
+        return [float("nan"), float("nan")]
+    lo, hi = np.percentile(values, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return [float(lo), float(hi)]
+
+
+def sensitivity_specificity(positive, scores, threshold: float) -> tuple[float, float]:
+    positive = np.asarray(positive, dtype=bool)
+    flagged = np.asarray(scores) >= threshold
+    sens = float(flagged[positive].mean()) if positive.any() else float("nan")
+    spec = float((~flagged[~positive]).mean()) if (~positive).any() else float("nan")
+    return sens, spec
+
+
+def threshold_for_sensitivity(positive, scores, target: float) -> float:
+    """The highest threshold whose sensitivity reaches `target` (so specificity is as high as it can be)."""
+    positive = np.asarray(positive, dtype=bool)
+    pos_scores = np.sort(np.asarray(scores, dtype=np.float64)[positive])[::-1]
+    if len(pos_scores) == 0:
+        raise ValueError("cannot choose a threshold: no positive images")
+    needed = int(np.ceil(target * len(pos_scores)))
+    return float(pos_scores[max(needed, 1) - 1])
+
+
+def expected_calibration_error(probabilities, y_true, bins: int = 15) -> float:
+    """ECE of the top-1 confidence over equal-width bins."""
+    probabilities = np.asarray(probabilities)
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == np.asarray(y_true)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        in_bin = which == b
+        if in_bin.any():
+            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+    return float(ece)
+
+
+def fit_temperature(logits, y_true) -> float:
+    """Temperature T > 0 minimising the negative log-likelihood of softmax(logits / T)."""
+    logits, y_true = np.asarray(logits, np.float64), np.asarray(y_true)
+
+    def nll(log_t):
+        p = decision.calibrated_probabilities(logits, np.exp(log_t))
+        return -np.mean(np.log(np.clip(p[np.arange(len(y_true)), y_true], 1e-12, None)))
+
+    lo, hi = np.log(0.05), np.log(20.0)  # golden-section search on log T (NLL is unimodal in T)
+    g = (np.sqrt(5) - 1) / 2
+    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+    for _ in range(60):
+        if nll(a) < nll(b):
+            hi, b = b, a
+            a = hi - g * (hi - lo)
+        else:
+            lo, a = a, b
+            b = lo + g * (hi - lo)
+    return float(np.exp((lo + hi) / 2))
+
+
+def screening_metrics(logits, y_true, labels, *, temperature: float, threshold: float,
+                      bootstrap: int = 0) -> dict:
+    """Everything a clinician and a release manager read for one split."""
+    y_true = np.asarray(y_true)
+    probs = decision.calibrated_probabilities(logits, temperature)
+    raw_probs = decision.calibrated_probabilities(logits, 1.0)
+    report = classification_report(y_true, probs.argmax(axis=1), labels)
+    abnormal_score = decision.abnormal_probability(probs)
+    abnormal = y_true != 0
+    sens, spec = sensitivity_specificity(abnormal, abnormal_score, threshold)
+    result = {
+        "n": int(len(y_true)),
+        **report,
+        "threshold": float(threshold),
+        "abnormal": {"sensitivity": sens, "specificity": spec,
+                     "auc": roc_auc(abnormal, abnormal_score)},
+        "ece": expected_calibration_error(probs, y_true),
+        "ece_uncalibrated": expected_calibration_error(raw_probs, y_true),
+        "auc_one_vs_rest": {label: roc_auc(y_true == i, probs[:, i]) for i, label in enumerate(labels)},
+    }
+    if bootstrap:
+        result["abnormal"]["auc_ci95"] = bootstrap_auc_ci(abnormal, abnormal_score, n=bootstrap)
+        result["auc_ci95_one_vs_rest"] = {label: bootstrap_auc_ci(y_true == i, probs[:, i], n=bootstrap)
+                                          for i, label in enumerate(labels)}
+    if "covid" in labels:
+        c = labels.index("covid")
+        is_covid = y_true == c
+        predicted_covid = probs.argmax(axis=1) == c
+        result["covid"] = {
+            "sensitivity": float(predicted_covid[is_covid].mean()) if is_covid.any() else float("nan"),
+            "specificity": float((~predicted_covid[~is_covid]).mean()) if (~is_covid).any() else float("nan"),
+            "auc": roc_auc(is_covid, probs[:, c]),
+        }
+    return result

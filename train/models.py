@@ -1,0 +1,159 @@
+"""A registry of classifiers, created by name (timm style).
+
+Every entry knows its default input size, the normalisation its ImageNet weights expect
+(applied by `edge_app.preprocess.normalise`, so the device does the same), how many input
+channels it takes, and the file name under which Keras caches its ImageNet weights.
+
+All models are flat tf_keras functional models: input -> backbone -> global average pooling
+-> dropout -> `logits` (float32). Flat, so that tensorflow-model-optimization can prune and
+quantise them layer by layer; logits, so that temperature scaling and the device's
+class-activation map work on the same numbers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import train  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+import tf_keras as keras
+
+from edge_app.preprocess import InputSpec
+
+KERAS_CACHE = Path.home() / ".keras" / "models"
+FEATURES_LAYER = "features"   # the last convolutional feature map, used for class-activation maps
+LOGITS_LAYER = "logits"
+HEAD_LAYERS = (FEATURES_LAYER, "pool", "dropout", LOGITS_LAYER)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    default_size: int
+    normalisation: str
+    channels: int
+    build_backbone: Callable  # (input_tensor, weights: "imagenet" | None, alpha) -> keras.Model
+    weights_file: Callable | None = None  # alpha -> Keras cache file name (no top, 224 px)
+    default_alpha: float | None = None
+
+
+def _seed_cnn(inputs, weights, alpha):
+    """The seeds' small baseline CNN: four conv blocks, trained from scratch."""
+    if weights is not None:
+        raise ValueError("the cnn baseline has no pretrained weights: use --weights none")
+    layers = keras.layers
+    x = inputs
+    for i, filters in enumerate((32, 64, 128, 128)):
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"conv{i + 1}")(x)
+        x = layers.BatchNormalization(name=f"bn{i + 1}")(x)
+        x = layers.ReLU(name=f"relu{i + 1}")(x)
+        x = layers.MaxPooling2D(2, name=f"pool{i + 1}")(x)
+    x = layers.Conv2D(128, 3, padding="same", activation="relu", name="conv5")(x)
+    return keras.Model(inputs, x, name="cnn")
+
+
+def _application(fn_name, **fixed):
+    def build(inputs, weights, alpha):
+        fn = getattr(keras.applications, fn_name)
+        kwargs = dict(fixed)
+        if alpha is not None:
+            kwargs["alpha"] = alpha
+        return fn(include_top=False, weights=weights, input_tensor=inputs, **kwargs)
+    return build
+
+
+def _mobilenet_v2_file(alpha):
+    return f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{_alpha_str(alpha)}_224_no_top.h5"
+
+
+def _alpha_str(alpha):
+    return {0.35: "0.35", 0.5: "0.5", 0.75: "0.75", 1.0: "1.0", 1.3: "1.3", 1.4: "1.4"}[float(alpha)]
+
+
+REGISTRY: dict[str, ModelEntry] = {e.name: e for e in (
+    ModelEntry("cnn", 128, "unit", 1, _seed_cnn),
+    ModelEntry("resnet50", 224, "caffe", 3, _application("ResNet50"),
+               lambda a: "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    ModelEntry("resnet101", 224, "caffe", 3, _application("ResNet101"),
+               lambda a: "resnet101_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    ModelEntry("densenet121", 224, "torch", 3, _application("DenseNet121"),
+               lambda a: "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    ModelEntry("mobilenet_v2", 224, "symmetric", 3, _application("MobileNetV2"),
+               _mobilenet_v2_file, default_alpha=0.5),
+    ModelEntry("mobilenet_v3_small", 224, "raw255", 3,
+               _application("MobileNetV3Small", minimalistic=False),
+               lambda a: "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5"),
+    ModelEntry("mobilenet_v3_large", 224, "raw255", 3,
+               _application("MobileNetV3Large", minimalistic=False),
+               lambda a: "weights_mobilenet_v3_large_224_1.0_float_no_top_v2.h5"),
+    ModelEntry("efficientnet_b0", 224, "raw255", 3, _application("EfficientNetB0"),
+               lambda a: "efficientnetb0_notop.h5"),
+)}
+
+
+def get(name: str) -> ModelEntry:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown model {name!r}; registered: {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def input_spec(name: str, image_size: int | None = None, fit: str = "crop") -> InputSpec:
+    entry = get(name)
+    return InputSpec(size=image_size or entry.default_size, channels=entry.channels,
+                     normalisation=entry.normalisation, fit=fit)
+
+
+def resolve_weights(entry: ModelEntry, weights: str, alpha, weights_dirs=()) -> Path | str | None:
+    """What to load: None (random init), a local file, or "imagenet" (Keras's own download).
+
+    "imagenet" looks for Keras's cache file in `weights_dirs` and ~/.keras/models first, so
+    offline machines use local copies; only when none is found does Keras download it.
+    """
+    if weights == "none":
+        return None
+    if weights != "imagenet":
+        path = Path(weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"weights file not found: {path}. Pass --weights imagenet, "
+                                    f"--weights none or the path of an existing .h5 file.")
+        return path
+    if entry.weights_file is None:
+        raise ValueError(f"{entry.name} has no ImageNet weights: use --weights none")
+    file_name = entry.weights_file(alpha)
+    for folder in [*map(Path, weights_dirs), KERAS_CACHE]:
+        if (folder / file_name).is_file():
+            return folder / file_name
+    return "imagenet"
+
+
+def build(name: str, num_classes: int, *, image_size: int | None = None, alpha: float | None = None,
+          weights: str = "none", weights_dirs=(), dropout: float = 0.2) -> keras.Model:
+    """The classifier `name` with `num_classes` logits, ready to compile."""
+    entry = get(name)
+    alpha = alpha if alpha is not None else entry.default_alpha
+    spec = input_spec(name, image_size)
+    source = resolve_weights(entry, weights, alpha, weights_dirs)
+    inputs = keras.Input((spec.size, spec.size, spec.channels), name="image")
+    try:
+        backbone = entry.build_backbone(inputs, "imagenet" if source == "imagenet" else None, alpha)
+    except Exception as exc:
+        if source != "imagenet":
+            raise
+        raise RuntimeError(
+            f"ImageNet weights for {name} are not on this machine and Keras could not download "
+            f"them ({exc}). Put {entry.weights_file(alpha)} in ~/.keras/models or a folder given "
+            f"with --weights-dir, pass its path with --weights PATH, or train with --weights none."
+        ) from exc
+    if isinstance(source, Path):
+        backbone.load_weights(str(source))
+    features = keras.layers.Activation("linear", name=FEATURES_LAYER)(backbone.output)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(features)
+    x = keras.layers.Dropout(dropout, name="dropout")(x)
+    logits = keras.layers.Dense(num_classes, name=LOGITS_LAYER, dtype="float32")(x)
+    return keras.Model(inputs, logits, name=name if alpha is None else f"{name}-{alpha:g}")
+
+
+def backbone_layers(model: keras.Model) -> list:
+    """The model's layers below the head, input excluded, in order."""
+    return [layer for layer in model.layers
+            if layer.name not in HEAD_LAYERS and not isinstance(layer, keras.layers.InputLayer)]

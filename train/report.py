@@ -1,0 +1,126 @@
+"""A run's report for people: plots (PNG) beside metrics.json, and a short report.md linking them."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from edge_app import decision  # noqa: E402
+from train import metrics  # noqa: E402
+
+
+def headline(card_metrics: dict) -> str:
+    return "\n".join(f"  {k:<28} {v:.4f}" for k, v in card_metrics.items())
+
+
+def _training_curves(history, path):
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    offset = 0
+    for phase in history:
+        epochs = np.arange(len(phase.get("loss", []))) + offset
+        axes[0].plot(epochs, phase.get("loss", []), "o-", label=f"train loss (phase {phase['phase']})")
+        axes[0].plot(epochs, phase.get("val_loss", []), "s--", label=f"val loss (phase {phase['phase']})")
+        axes[1].plot(epochs, phase.get("val_abnormal_auc", []), "o-", label=f"val abnormal AUC (phase {phase['phase']})")
+        axes[1].plot(epochs, phase.get("val_macro_f1", []), "s--", label=f"val macro-F1 (phase {phase['phase']})")
+        offset += len(epochs)
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _confusion(cm, labels, title, path):
+    cm = np.asarray(cm)
+    fig, ax = plt.subplots(figsize=(4, 3.6))
+    ax.imshow(cm, cmap="Blues")
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _roc(probs, y, labels, results, path):
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    curves = [("abnormal", y != 0, decision.abnormal_probability(probs))]
+    curves += [(label, y == i, probs[:, i]) for i, label in enumerate(labels) if label != "normal"]
+    for name, positive, score in curves:
+        if positive.all() or not positive.any():
+            continue
+        fpr, tpr, _ = metrics.roc_curve(positive, score)
+        ax.plot(fpr, tpr, label=f"{name} (AUC {metrics.roc_auc(positive, score):.3f})")
+    sens, spec = results["abnormal"]["sensitivity"], results["abnormal"]["specificity"]
+    ax.plot([1 - spec], [sens], "k*", ms=10, label=f"operating point (t={results['threshold']:.3f})")
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _reliability(logits, y, temperature, path, bins=10):
+    fig, ax = plt.subplots(figsize=(4, 4))
+    for t, name in ((1.0, "uncalibrated"), (temperature, f"T={temperature:.2f}")):
+        probs = decision.calibrated_probabilities(logits, t)
+        conf, correct = probs.max(1), probs.argmax(1) == y
+        edges = np.linspace(0, 1, bins + 1)
+        which = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
+        xs = [conf[which == b].mean() for b in range(bins) if (which == b).any()]
+        ys = [correct[which == b].mean() for b in range(bins) if (which == b).any()]
+        ax.plot(xs, ys, "o-", label=f"{name} (ECE {metrics.expected_calibration_error(probs, y):.3f})")
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(reports: Path, results: dict, labels, logits: dict, ys: dict, history: list) -> None:
+    reports = Path(reports)
+    _training_curves(history, reports / "training_curves.png")
+    for split in ("val", "test"):
+        _confusion(results[split]["confusion_matrix"], labels, f"{split} confusion matrix",
+                   reports / f"confusion_{split}.png")
+    test_probs = decision.calibrated_probabilities(logits["test"], results["temperature"])
+    _roc(test_probs, ys["test"], labels, results["test"], reports / "roc_test.png")
+    _reliability(logits["test"], ys["test"], results["temperature"], reports / "reliability_test.png")
+    lines = ["# Evaluation report", "",
+             "Screening aid, not a diagnosis. Figures on the test split unless stated; the operating "
+             f"threshold and the temperature were fitted on validation (target abnormal sensitivity "
+             f"{results['target_sensitivity']:.2f}).", "",
+             "| split | n | accuracy | macro-F1 | abnormal sens. | abnormal spec. | abnormal AUC | ECE |",
+             "|---|---|---|---|---|---|---|---|"]
+    for split in ("val", "test"):
+        r = results[split]
+        a = r["abnormal"]
+        lines.append(f"| {split} | {r['n']} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} | {a['sensitivity']:.3f} "
+                     f"| {a['specificity']:.3f} | {a['auc']:.3f} | {r['ece']:.3f} |")
+    lines += ["", f"Operating threshold on P(abnormal): **{results['test']['threshold']:.4f}**; "
+              f"temperature **{results['temperature']:.3f}** (test ECE {results['test']['ece_uncalibrated']:.3f} "
+              f"before, {results['test']['ece']:.3f} after).", "", "## Per class (test)", "",
+              "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+    for label, c in results["test"]["per_class"].items():
+        lines.append(f"| {label} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | {c['support']} |")
+    if "covid" in results["test"]:
+        c = results["test"]["covid"]
+        lines += ["", f"COVID-19 vs rest (test): sensitivity {c['sensitivity']:.3f}, "
+                  f"specificity {c['specificity']:.3f}, AUC {c['auc']:.3f}."]
+    lines += ["", "![training curves](training_curves.png)", "![confusion matrix](confusion_test.png)",
+              "![ROC](roc_test.png)", "![reliability](reliability_test.png)", ""]
+    (reports / "report.md").write_text("\n".join(lines))

@@ -1,0 +1,242 @@
+"""One training run: data -> model -> fit (frozen / finetune / full) -> evaluation -> artifacts.
+
+The run folder (`artifacts/<run>/`) gets the trained model (`model.keras`), its model card,
+the resolved config, per-epoch checkpoints (for `--resume`), logs and `reports/`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+import train  # noqa: F401
+import tensorflow as tf
+import tf_keras as keras
+
+from edge_app import decision
+from edge_app.model_card import ModelCard
+from train import metrics, models, report
+from train.config import TrainConfig
+from train.data import load_dataset
+from train.data.leakage import check_leakage
+from train.pipeline import load_images, make_dataset
+
+MONITOR = "val_abnormal_auc"
+
+
+def distribution_strategy(devices: list[str] | None = None) -> tf.distribute.Strategy:
+    """MultiWorkerMirrored from TF_CONFIG, Mirrored over local GPUs (or the given devices), else default."""
+    if devices:
+        return tf.distribute.MirroredStrategy(devices)
+    if "TF_CONFIG" in os.environ:
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    gpus = tf.config.list_logical_devices("GPU")
+    if len(gpus) > 1:
+        return tf.distribute.MirroredStrategy()
+    if len(gpus) == 1:
+        return tf.distribute.OneDeviceStrategy("/gpu:0")
+    return tf.distribute.get_strategy()
+
+
+def sparse_focal_loss(gamma: float):
+    """Focal loss on logits: cross-entropy down-weighted for images the model already gets right."""
+    def loss(y_true, logits):
+        y_true = tf.cast(tf.reshape(y_true, [-1]), tf.int32)
+        log_p = tf.nn.log_softmax(tf.cast(logits, tf.float32))
+        log_pt = tf.gather(log_p, y_true, axis=1, batch_dims=1)
+        return -tf.pow(1.0 - tf.exp(log_pt), gamma) * log_pt
+    return loss
+
+
+def class_weights(y: np.ndarray, num_classes: int) -> dict[int, float]:
+    """Inverse-frequency weights that average to 1 over the training images."""
+    counts = np.bincount(y, minlength=num_classes).astype(float)
+    weights = len(y) / (num_classes * np.maximum(counts, 1.0))
+    return {i: float(w) for i, w in enumerate(weights)}
+
+
+def set_trainable(model: keras.Model, strategy: str, phase: int, fine_tune_layers: int) -> None:
+    """frozen: head only. finetune: head, then the top N backbone layers (BatchNorm stays frozen,
+    i.e. in inference mode). full: everything."""
+    backbone = models.backbone_layers(model)
+    for layer in model.layers:
+        layer.trainable = True
+    if strategy == "full":
+        return
+    unfrozen = set()
+    if strategy == "finetune" and phase == 2:
+        unfrozen = {l.name for l in backbone[-fine_tune_layers:]
+                    if not isinstance(l, keras.layers.BatchNormalization)}
+    for layer in backbone:
+        layer.trainable = layer.name in unfrozen
+
+
+class ValidationMetrics(keras.callbacks.Callback):
+    """Adds val_abnormal_auc and val_macro_f1 to the epoch logs (monitored by checkpoint and
+    early stopping): a screening model is judged by how it ranks abnormal images."""
+
+    def __init__(self, dataset, y):
+        super().__init__()
+        self.dataset, self.y = dataset, y
+
+    def on_epoch_end(self, epoch, logs=None):
+        logits = self.model.predict(self.dataset, verbose=0)
+        probs = decision.calibrated_probabilities(logits)
+        logs[MONITOR] = metrics.roc_auc(self.y != 0, decision.abnormal_probability(probs))
+        logs["val_macro_f1"] = metrics.classification_report(self.y, probs.argmax(1), range(logits.shape[1]))["macro_f1"]
+        print(f" - {MONITOR}: {logs[MONITOR]:.4f} - val_macro_f1: {logs['val_macro_f1']:.4f}")
+
+
+def _versions() -> dict:
+    import edge_app.preprocess as pp
+    return {"tensorflow": tf.__version__, "tf_keras": keras.__version__, "numpy": np.__version__,
+            "preprocessing": pp.PREPROCESSING_VERSION}
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=10).stdout.strip()
+    except Exception:
+        return ""
+
+
+def run(config: TrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True,
+        devices: list[str] | None = None) -> Path:
+    out = Path(out)
+    reports = out / "reports"
+    checkpoints = out / "checkpoints"
+    reports.mkdir(parents=True, exist_ok=True)
+    if not resume and checkpoints.exists():
+        shutil.rmtree(checkpoints)
+    checkpoints.mkdir(exist_ok=True)
+    config.save(out / "config.json")
+    keras.utils.set_random_seed(config.seed)
+    tf.config.experimental.enable_op_determinism()
+
+    dataset = load_dataset(config.data, task=config.task, seed=config.seed, progress=progress)
+    print(dataset.summary())
+    leakage = check_leakage(dataset.records, progress=progress)
+    (reports / "leakage.json").write_text(json.dumps(leakage.to_dict(), indent=2))
+    if not leakage.ok:
+        print("WARNING: leakage across splits (see reports/leakage.json):\n" + leakage.summary())
+
+    labels = dataset.labels
+    spec = models.input_spec(config.model, config.image_size, config.fit)
+    split_data = {}
+    for split in ("train", "val", "test"):
+        records = dataset.split(split)
+        y = np.array([labels.index(r.label) for r in records], dtype=np.int32)
+        split_data[split] = (load_images(records, spec, desc=split, progress=progress), y, records)
+
+    strategy = distribution_strategy(devices)
+    replicas = strategy.num_replicas_in_sync
+    if tf.config.list_logical_devices("GPU") and config.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    batch = config.batch_size * replicas
+    x_train, y_train, _ = split_data["train"]
+    x_val, y_val, _ = split_data["val"]
+    train_ds = make_dataset(x_train, y_train, spec, batch_size=batch, training=True, config=config,
+                            seed=config.seed)
+    val_ds = make_dataset(x_val, y_val, spec, batch_size=batch, training=False)
+    weights = class_weights(y_train, len(labels)) if config.class_weights else None
+    print(f"{replicas} replica(s) on {strategy.__class__.__name__}; global batch {batch}; "
+          f"class weights {weights}")
+
+    with strategy.scope():
+        model = models.build(config.model, len(labels), image_size=spec.size, alpha=config.alpha,
+                             weights=config.weights, weights_dirs=config.weights_dirs,
+                             dropout=config.dropout)
+    loss = (sparse_focal_loss(config.focal_gamma) if config.loss == "focal"
+            else keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+
+    phases = [(1, config.epochs, config.learning_rate)]
+    if config.strategy == "finetune":
+        phases.append((2, config.fine_tune_epochs, config.fine_tune_learning_rate))
+    history = []
+    started = time.time()
+    for phase, epochs, lr in phases:
+        done_marker = checkpoints / f"phase{phase}.done"
+        if resume and done_marker.exists():
+            print(f"phase {phase} already complete: skipping")
+            continue
+        set_trainable(model, config.strategy, phase, config.fine_tune_layers)
+        with strategy.scope():
+            model.compile(optimizer=keras.optimizers.Adam(lr * replicas), loss=loss,
+                          metrics=["accuracy"], jit_compile=config.xla)
+        print(f"phase {phase}: {sum(np.prod(w.shape) for w in model.trainable_weights):,} trainable "
+              f"parameters, {epochs} epochs, learning rate {lr * replicas:g}")
+        callbacks = [
+            ValidationMetrics(val_ds, y_val),
+            keras.callbacks.ModelCheckpoint(str(checkpoints / "best.weights.h5"), monitor=MONITOR,
+                                            mode="max", save_best_only=True, save_weights_only=True),
+            keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max",
+                                          patience=config.early_stopping_patience),
+            keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=2, min_lr=1e-6),
+            keras.callbacks.CSVLogger(str(out / f"training_phase{phase}.csv")),
+            keras.callbacks.TensorBoard(str(out / "logs" / f"phase{phase}")),
+            keras.callbacks.BackupAndRestore(str(checkpoints / f"backup_phase{phase}")),
+        ]
+        fit = model.fit(train_ds, validation_data=val_ds, epochs=epochs, class_weight=weights,
+                        callbacks=callbacks, verbose=1 if progress else 2)
+        history.append({"phase": phase, **{k: [float(v) for v in vs] for k, vs in fit.history.items()}})
+        model.load_weights(str(checkpoints / "best.weights.h5"))
+        done_marker.touch()
+    train_seconds = time.time() - started
+
+    model.save(out / "model.keras")
+    card = evaluate_and_card(model, config, dataset, spec, split_data, reports, history,
+                             train_seconds=train_seconds, replicas=replicas)
+    (out / "model_card.json").write_text(card.to_json() + "\n")
+    print(f"\nrun saved to {out}\n" + report.headline(card.metrics))
+    return out
+
+
+def evaluate_and_card(model, config, dataset, spec, split_data, reports, history, *,
+                      train_seconds, replicas) -> ModelCard:
+    """Temperature and operating threshold fitted on val; metrics on val and test; the model card."""
+    labels = dataset.labels
+    logits = {}
+    for split in ("val", "test"):
+        x, y, _ = split_data[split]
+        ds = make_dataset(x, y, spec, batch_size=64, training=False)
+        logits[split] = model.predict(ds, verbose=0)
+    y_val = split_data["val"][1]
+    temperature = metrics.fit_temperature(logits["val"], y_val)
+    val_probs = decision.calibrated_probabilities(logits["val"], temperature)
+    threshold = metrics.threshold_for_sensitivity(y_val != 0, decision.abnormal_probability(val_probs),
+                                                  config.target_sensitivity)
+    results = {split: metrics.screening_metrics(logits[split], split_data[split][1], labels,
+                                                temperature=temperature, threshold=threshold,
+                                                bootstrap=config.bootstrap)
+               for split in ("val", "test")}
+    results["temperature"] = temperature
+    results["target_sensitivity"] = config.target_sensitivity
+    results["training_seconds"] = train_seconds
+    results["hardware"] = {"replicas": replicas,
+                           "gpus": [d.name for d in tf.config.list_logical_devices("GPU")],
+                           "cpu_count": os.cpu_count()}
+    (reports / "metrics.json").write_text(json.dumps(results, indent=2))
+    np.savez_compressed(reports / "predictions.npz", **{f"{s}_logits": logits[s] for s in logits},
+                        **{f"{s}_labels": split_data[s][1] for s in logits})
+    report.write(reports, results, labels, logits, {s: split_data[s][1] for s in logits}, history)
+    test = results["test"]
+    return ModelCard(
+        name=model.name, task=config.task, labels=labels, input=spec, temperature=temperature,
+        thresholds={"abnormal": threshold, "target_sensitivity": config.target_sensitivity},
+        dataset={"root": str(Path(config.data).resolve()), "fingerprint": dataset.fingerprint(),
+                 "counts": dataset.counts(), "seed": config.seed},
+        metrics={"test_macro_f1": test["macro_f1"], "test_accuracy": test["accuracy"],
+                 "test_abnormal_sensitivity": test["abnormal"]["sensitivity"],
+                 "test_abnormal_specificity": test["abnormal"]["specificity"],
+                 "test_abnormal_auc": test["abnormal"]["auc"], "test_ece": test["ece"],
+                 **({"test_covid_sensitivity": test["covid"]["sensitivity"]} if "covid" in test else {})},
+        versions=_versions(), git_commit=_git_commit(),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
