@@ -58,13 +58,14 @@ def convert_run(run_dir: str | Path, *, variants=export.VARIANTS, budgets=None,
     keras_logits = model.predict(x_test, batch_size=64, verbose=0)
     reference = parity.evaluate(keras_logits, y_test, card)
 
+    device_model = export.with_heatmap(model)
     out_dir = run_dir / "tflite"
     out_dir.mkdir(exist_ok=True)
     results = {"run": str(run_dir), "labels": list(labels), "keras": {"metrics": reference},
                "variants": {}}
     for variant in variants:
         print(f"converting {variant} ...", flush=True)
-        flatbuffer = export.convert(model, variant, representative if variant == "int8" else None)
+        flatbuffer = export.convert(device_model, variant, representative if variant == "int8" else None)
         path = out_dir / f"{variant}.tflite"
         path.write_bytes(export.with_card(flatbuffer, card, variant))
         logits = parity.variant_logits(path, x_test, desc=f"evaluating {variant}", progress=progress)

@@ -25,7 +25,7 @@ def convert(model, variant: str, representative: np.ndarray | None = None) -> by
     """The TFLite flatbuffer of `model` for one variant (representative: model inputs, int8 only)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; known: {VARIANTS}")
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter = _converter(model)
     if variant == "dynamic":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     elif variant == "fp16":
@@ -42,7 +42,53 @@ def convert(model, variant: str, representative: np.ndarray | None = None) -> by
     return converter.convert()
 
 
+def _converter(model) -> tf.lite.TFLiteConverter:
+    """A converter whose signature names the outputs after the model's output layers
+    ("logits", "heatmap"), with a batch of one image as the device feeds it."""
+    spec = tf.TensorSpec((1, *model.input.shape[1:]), tf.float32, name="image")
+    names = [name.split("/")[0] for name in model.output_names]
+
+    @tf.function(input_signature=[spec])
+    def serve(image):
+        outputs = model(image, training=False)
+        outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+        return dict(zip(names, outputs))
+
+    return tf.lite.TFLiteConverter.from_concrete_functions([serve.get_concrete_function()], model)
+
+
 def with_card(model_bytes: bytes, card: ModelCard, variant: str) -> bytes:
     """The model with the card (marked with its variant) embedded as TFLite metadata."""
     card = dataclasses.replace(card, variant=variant)
     return write_metadata(model_bytes, CARD_METADATA_NAME, card.to_json().encode())
+
+
+def with_heatmap(model):
+    """The model with a second output, `heatmap`: a class-activation map computed in the graph.
+
+    The classifier ends in global average pooling and one dense layer, so each logit is the
+    spatial mean of a 1x1 convolution of the last feature map with that class's dense weights
+    (Zhou et al., 2016). The map shown is the probability-weighted sum of the class maps, kept
+    positive: where the evidence for the model's answer lies. Only
+    elementwise, reduction and convolution ops, so it runs on the GPU delegate too; the device
+    scales it to [0, 1] (a division in the graph breaks int8 models on an all-black image).
+    """
+    import tf_keras as keras
+
+    from train.models import FEATURES_LAYER, LOGITS_LAYER
+
+    dense = model.get_layer(LOGITS_LAYER)
+    kernel, bias = dense.get_weights()
+    features = model.get_layer(FEATURES_LAYER).output
+    cam_conv = keras.layers.Conv2D(kernel.shape[1], 1, use_bias=False, dtype="float32", name="class_maps")
+    class_maps = cam_conv(tf.cast(features, tf.float32))
+    cam_conv.set_weights([kernel[None, None]])
+    logits = model.output
+
+    def weighted_map(inputs):
+        maps, scores = inputs
+        probs = tf.nn.softmax(scores)
+        return tf.nn.relu(tf.reduce_sum(maps * probs[:, None, None, :], axis=-1))
+
+    heatmap = keras.layers.Lambda(weighted_map, name="heatmap")([class_maps, logits])
+    return keras.Model(model.input, [logits, heatmap], name=model.name)

@@ -135,7 +135,8 @@ class Classifier:
         triage = decision.triage(p_abnormal, self.card.abnormal_threshold)
         heatmap = outputs.get(HEATMAP)
         if heatmap is not None:
-            heatmap = heatmap[0, ..., 0] if heatmap.ndim == 4 else heatmap[0]
+            heatmap = np.maximum(heatmap.reshape(heatmap.shape[1:3]), 0.0)
+            heatmap = heatmap / heatmap.max() if heatmap.max() > 0 else heatmap
         t_done = time.perf_counter()
         ms = lambda a, b: round((b - a) * 1000.0, 3)
         return Prediction(

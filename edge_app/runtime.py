@@ -24,15 +24,15 @@ ACCELERATORS = ("auto", "gpu", "cpu")
 
 
 class InterpreterBackend:
-    """Any Interpreter with the tf.lite API (LiteRT, tflite_runtime, tf.lite)."""
+    """Any Interpreter with the tf.lite API (LiteRT, tflite_runtime, tf.lite), run through its
+    default signature so outputs keep their names ("logits", "heatmap")."""
 
     def __init__(self, name: str, interpreter):
         self.name = name
         self.fully_accelerated = None  # not applicable: the CPU runs everything
-        self._interpreter = interpreter
-        interpreter.allocate_tensors()
-        self._input = interpreter.get_input_details()[0]
-        self._outputs = {d["name"]: d for d in interpreter.get_output_details()}
+        self._runner = interpreter.get_signature_runner()
+        (self._input_name, self._input), = self._runner.get_input_details().items()
+        self._outputs = self._runner.get_output_details()
         self._lock = threading.Lock()  # an Interpreter is not re-entrant
 
     @property
@@ -46,9 +46,7 @@ class InterpreterBackend:
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         x = _quantize(np.asarray(batch, dtype=np.float32), self._input)
         with self._lock:
-            self._interpreter.set_tensor(self._input["index"], x)
-            self._interpreter.invoke()
-            raw = {n: self._interpreter.get_tensor(d["index"]) for n, d in self._outputs.items()}
+            raw = self._runner(**{self._input_name: x})
         return {n: _dequantize(v, self._outputs[n]) for n, v in raw.items()}
 
 

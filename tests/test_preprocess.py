@@ -1,0 +1,490 @@
+"""edge_app.preprocess on real files: every format, every error code, the geometry, the maths.
+
+Inputs are written into tmp_path with Pillow, numpy and pydicom; one real chest X-ray comes
+from the shared development set (the `shared_data` fixture of tests/conftest.py, which fails,
+never skips, when the set is missing).
+"""
+from __future__ import annotations
+
+import io
+import json
+import resource
+import struct
+import sys
+import warnings
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFile
+
+from edge_app import preprocess as pp
+from edge_app.errors import InputError
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def xray_file(shared_data):
+    """One real chest X-ray (256x256 8-bit grey JPEG) from the shared set."""
+    files = sorted((shared_data / "test" / "normal").iterdir())
+    assert files, f"no images in {shared_data / 'test' / 'normal'}"
+    return files[0]
+
+
+@pytest.fixture(scope="module")
+def xray(xray_file) -> np.ndarray:
+    """Its 8-bit pixels, as Pillow decodes them."""
+    with Image.open(xray_file) as im:
+        assert im.mode == "L"
+        return np.asarray(im).copy()
+
+
+def save(path, image: Image.Image, **params):
+    image.save(path, **params)
+    return path
+
+
+def textured(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A non-uniform 8-bit grey test image: a ramp plus noise."""
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 200, w)[None, :] + np.linspace(0, 40, h)[:, None]
+    return np.clip(ramp + rng.integers(0, 16, (h, w)), 0, 255).astype(np.uint8)
+
+
+def colourful(h: int, w: int) -> np.ndarray:
+    """A saturated RGB test image (hue sweep): a colour photograph stand-in."""
+    hue = np.linspace(0, 255, w, dtype=np.uint8)[None, :].repeat(h, 0)
+    value = np.linspace(80, 255, h, dtype=np.uint8)[:, None].repeat(w, 1)
+    hsv = np.stack([hue, np.full_like(hue, 200), value], -1)
+    return np.asarray(Image.fromarray(hsv, "HSV").convert("RGB"))
+
+
+def error_code(source, **kw) -> str:
+    with pytest.raises(InputError) as info:
+        pp.decode(source, **kw)
+    return info.value.code
+
+
+def png_chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+
+def grey_png(width: int, height: int, idat: bytes) -> bytes:
+    """An 8-bit grey PNG with a hand-made header and the given compressed data."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat)
+            + png_chunk(b"IEND", b""))
+
+
+def black_png(width: int, height: int) -> bytes:
+    """A complete, valid black PNG of any size, built row by row (kilobytes, not the image)."""
+    z = zlib.compressobj(6)
+    row = bytes(width + 1)   # filter byte 0 + zero pixels
+    return grey_png(width, height, b"".join(z.compress(row) for _ in range(height)) + z.flush())
+
+
+def write_dicom(path, pixels: np.ndarray, photometric="MONOCHROME2", *, bits_stored=12, **attrs):
+    """A minimal uncompressed DICOM (CR) file: 16-bit grey, or 8-bit RGB when pixels are (h, w, 3)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CR"
+    colour = pixels.ndim == 3 and pixels.shape[-1] == 3
+    frames = pixels.shape[0] if pixels.ndim == 3 and not colour else 1
+    ds.Rows, ds.Columns = pixels.shape[-3:-1] if colour else pixels.shape[-2:]
+    ds.SamplesPerPixel = 3 if colour else 1
+    ds.PhotometricInterpretation = "RGB" if colour else photometric
+    if colour:
+        ds.PlanarConfiguration = 0
+        ds.BitsAllocated = ds.BitsStored = 8
+        ds.HighBit = 7
+    else:
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, bits_stored, bits_stored - 1
+    ds.PixelRepresentation = 0
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    for keyword, value in attrs.items():
+        setattr(ds, keyword, value)
+    ds.PixelData = pixels.astype(np.uint8 if colour else "<u2").tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def dicom_ramp(h=80, w=96) -> np.ndarray:
+    """12-bit stored values, 100..3995, varying across the image."""
+    return np.linspace(100, 3995, h * w).reshape(h, w).round().astype(np.uint16)
+
+
+# --- decoding: formats --------------------------------------------------------------------------
+
+def test_real_xray_decodes_to_its_own_pixels_and_passes_strict(xray_file, xray):
+    gray = pp.decode(xray_file, strict=True)
+    assert gray.dtype == np.float32 and gray.shape == xray.shape
+    np.testing.assert_array_equal(gray, xray.astype(np.float32) / np.float32(255))
+    np.testing.assert_array_equal(pp.decode(xray_file.read_bytes()), gray)   # bytes == path
+    np.testing.assert_array_equal(pp.decode(str(xray_file)), gray)
+
+
+def test_8bit_formats_give_the_same_pixels(tmp_path, xray):
+    expected = xray.astype(np.float32) / 255
+    grey = Image.fromarray(xray)
+    lossless = {
+        "png": save(tmp_path / "x.png", grey),
+        "bmp": save(tmp_path / "x.bmp", grey),
+        "tiff": save(tmp_path / "x.tiff", grey),
+        "tiff_lzw": save(tmp_path / "x_lzw.tiff", grey, compression="tiff_lzw"),
+        "gif": save(tmp_path / "x.gif", grey),
+        "rgb_png": save(tmp_path / "rgb.png", grey.convert("RGB")),   # grey stored as RGB
+        "palette_png": save(tmp_path / "p.png", grey.convert("P")),
+    }
+    for name, path in lossless.items():
+        np.testing.assert_array_equal(pp.decode(path), expected, err_msg=name)
+    jpeg = pp.decode(save(tmp_path / "x.jpg", grey, quality=95))
+    assert np.abs(jpeg - expected).mean() < 0.01
+
+
+def test_16bit_png_with_12bit_content_is_stretched_to_its_own_range(tmp_path):
+    values = np.linspace(100, 3995, 100 * 120).reshape(100, 120).round().astype(np.uint16)
+    expected = (values.astype(np.float64) - 100) / (3995 - 100)
+    image = Image.fromarray(values)
+    assert image.mode == "I;16"
+    for path in (save(tmp_path / "x16.png", image), save(tmp_path / "x16.tiff", image),
+                 save(tmp_path / "i32.tiff", Image.fromarray(values.astype(np.int32) - 2000)),
+                 save(tmp_path / "f32.tiff", Image.fromarray(values.astype(np.float32) / 7))):
+        gray = pp.decode(path)
+        assert gray.dtype == np.float32 and gray.min() == 0 and gray.max() == 1, path.name
+        np.testing.assert_allclose(gray, expected, atol=1e-6, err_msg=path.name)
+    constant = pp.decode(save(tmp_path / "flat16.png", Image.fromarray(np.full((70, 70), 900, np.uint16))))
+    np.testing.assert_array_equal(constant, np.zeros((70, 70), np.float32))   # no division by zero
+
+
+def test_exif_orientation_is_honoured(tmp_path):
+    pixels = np.zeros((80, 120), np.uint8)          # landscape, bright block top-left
+    pixels[:32, :40] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6                                 # "rotate 90° clockwise to display"
+    path = save(tmp_path / "rotated.jpg", Image.fromarray(pixels), exif=exif, quality=95)
+    gray = pp.decode(path)
+    assert gray.shape == (120, 80)                   # portrait after rotation
+    expected = np.rot90(pixels, k=-1).astype(np.float32) / 255
+    assert np.abs(gray - expected).mean() < 0.02
+    assert gray[:40, -32:].mean() > 0.9 and gray[40:].mean() < 0.1   # the block is now top-right
+
+
+def test_gif_first_frame(tmp_path):
+    frames = [Image.fromarray(textured(70, 90, seed)) for seed in (1, 2)]
+    path = tmp_path / "anim.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+    np.testing.assert_array_equal(pp.decode(path), np.asarray(frames[0], np.float32) / 255)
+
+
+def test_colour_becomes_luma_and_alpha_is_composited_on_black(tmp_path):
+    rgb = colourful(80, 100)
+    expected = np.asarray(Image.fromarray(rgb).convert("L"), np.float32) / 255
+    np.testing.assert_array_equal(pp.decode(save(tmp_path / "c.png", Image.fromarray(rgb))), expected)
+
+    rgba = np.dstack([rgb, np.full((80, 100), 255, np.uint8)])
+    rgba[:, :50, 3] = 0                               # left half fully transparent
+    gray = pp.decode(save(tmp_path / "c_alpha.png", Image.fromarray(rgba, "RGBA")))
+    assert np.all(gray[:, :50] == 0)
+    np.testing.assert_array_equal(gray[:, 50:], expected[:, 50:])
+
+
+def test_colour_jpeg_uses_the_codecs_luma_as_drafted_to_l(tmp_path):
+    path = save(tmp_path / "c.jpg", Image.fromarray(colourful(300, 400)), quality=90)
+    with Image.open(path) as im:
+        im.draft("L", (128, 128))
+        expected = np.asarray(im, np.float32) / 255
+    np.testing.assert_array_equal(pp.decode(path, draft_size=64), expected)
+
+
+def test_unsupported_mode(tmp_path):
+    path = save(tmp_path / "lab.tiff", Image.fromarray(colourful(80, 80)).convert("LAB"))
+    assert error_code(path) == "unsupported_mode"
+
+
+# --- decoding: DICOM ----------------------------------------------------------------------------
+
+def test_dicom_monochrome2_and_monochrome1(tmp_path):
+    values = dicom_ramp()
+    stretched = (values - 100.0) / (3995 - 100)
+    mono2 = pp.decode(write_dicom(tmp_path / "m2.dcm", values, "MONOCHROME2"))
+    assert mono2.dtype == np.float32 and mono2.shape == values.shape
+    np.testing.assert_allclose(mono2, stretched, atol=1e-6)
+    mono1 = pp.decode(write_dicom(tmp_path / "m1.dcm", values, "MONOCHROME1"))
+    np.testing.assert_allclose(mono1, 1 - stretched, atol=1e-6)          # inverted: bone bright
+
+
+def test_dicom_rescale_then_first_window(tmp_path):
+    values = dicom_ramp()
+    hu = values * 2.0 - 1024                          # slope 2, intercept -1024
+    c, w = 500.0, 2000.0
+    expected = np.clip((hu - (c - 0.5)) / (w - 1) + 0.5, 0, 1)   # DICOM PS3.3 C.11.2.1.2
+    path = write_dicom(tmp_path / "w.dcm", values, RescaleSlope=2, RescaleIntercept=-1024,
+                       WindowCenter=[c, 40], WindowWidth=[w, 400])  # first of several windows
+    gray = pp.decode(path)
+    np.testing.assert_allclose(gray, expected, atol=1e-6)
+    assert gray.min() == 0 and gray.max() == 1 and 0.2 < gray.mean() < 0.9   # both ends clipped
+    # without a window: the rescaled range is stretched (an affine rescale changes nothing)
+    no_window = pp.decode(write_dicom(tmp_path / "nw.dcm", values, RescaleSlope=2, RescaleIntercept=-1024))
+    np.testing.assert_allclose(no_window, (hu - hu.min()) / np.ptp(hu), atol=1e-6)
+
+
+def test_dicom_detected_by_magic_multiframe_colour(tmp_path):
+    values = dicom_ramp()
+    frames = np.stack([values, values[::-1]])
+    data = write_dicom(tmp_path / "multi.dcm", frames).read_bytes()
+    np.testing.assert_allclose(pp.decode(data), (values - 100.0) / 3895, atol=1e-6)   # bytes, first frame
+    renamed = tmp_path / "no_suffix.img"
+    renamed.write_bytes(data)
+    np.testing.assert_allclose(pp.decode(renamed), (values - 100.0) / 3895, atol=1e-6)
+
+    rgb = colourful(80, 96)
+    gray = pp.decode(write_dicom(tmp_path / "rgb.dcm", rgb))
+    luma = (rgb.astype(np.float64) / 255) @ [0.299, 0.587, 0.114]
+    np.testing.assert_allclose(gray, luma, atol=1e-5)
+    assert error_code(tmp_path / "rgb.dcm", strict=True) == "colour_photo"
+
+
+def test_dicom_without_pydicom_says_what_to_install(tmp_path, monkeypatch):
+    path = write_dicom(tmp_path / "m2.dcm", dicom_ramp())
+    monkeypatch.setitem(sys.modules, "pydicom", None)          # `import pydicom` now fails
+    with pytest.raises(InputError) as info:
+        pp.decode(path)
+    assert info.value.code == "dicom_unsupported"
+    assert "pip install" in info.value.message and info.value.path == str(path)
+
+
+def test_dicom_size_is_checked_before_its_pixels(tmp_path):
+    path = write_dicom(tmp_path / "small.dcm", dicom_ramp(40, 96))
+    assert error_code(path) == "too_small"
+    from pydicom import dcmread
+    ds = dcmread(path)
+    ds.Rows = ds.Columns = 8000                    # 64 MP declared, a few KB of pixel data
+    ds.save_as(tmp_path / "huge.dcm")
+    assert error_code(tmp_path / "huge.dcm") == "too_large"
+
+
+def test_truncated_dicom(tmp_path):
+    data = write_dicom(tmp_path / "full.dcm", dicom_ramp()).read_bytes()
+    (tmp_path / "half.dcm").write_bytes(data[: len(data) // 2])
+    assert error_code(tmp_path / "half.dcm") == "truncated"
+
+
+# --- strict checks ------------------------------------------------------------------------------
+
+def test_strict_refuses_colour_photos_but_not_grey_or_annotated_xrays(tmp_path, xray):
+    photo = Image.fromarray(colourful(240, 320))
+    for path in (save(tmp_path / "photo.png", photo), save(tmp_path / "photo.jpg", photo, quality=90)):
+        assert pp.decode(path).shape == (240, 320)                     # fine for training
+        assert error_code(path, strict=True) == "colour_photo"
+
+    for chroma, passes in ((0.5 * pp.MAX_MEAN_CHROMA, True), (1.5 * pp.MAX_MEAN_CHROMA, False)):
+        x = xray.astype(np.float64) / 255                # tinted film: blue/green reduced by k * x
+        k = chroma / x.mean()
+        tinted = (np.stack([x, x * (1 - k), x * (1 - k)], -1) * 255).round().astype(np.uint8)
+        path = save(tmp_path / f"tinted_{chroma:.2f}.png", Image.fromarray(tinted))
+        if passes:
+            pp.decode(path, strict=True)
+        else:
+            assert error_code(path, strict=True) == "colour_photo"
+
+    grey_rgb = Image.fromarray(xray).convert("RGB")
+    pp.decode(save(tmp_path / "grey_rgb.jpg", grey_rgb, quality=90), strict=True)
+
+    annotated = grey_rgb.copy()                                        # a red arrow, ~3% of the area
+    ImageDraw.Draw(annotated).polygon([(150, 40), (230, 40), (230, 30), (250, 50), (230, 70),
+                                       (230, 60), (150, 60)], fill=(255, 0, 0))
+    for path in (save(tmp_path / "arrow.png", annotated), save(tmp_path / "arrow.jpg", annotated)):
+        gray = pp.decode(path, strict=True)
+        assert gray.shape == xray.shape
+
+
+def test_strict_aspect_ratio_uniformity(tmp_path):
+    narrow = save(tmp_path / "narrow.png", Image.fromarray(textured(64, 200)))   # 1:3.125
+    assert pp.decode(narrow).shape == (64, 200)
+    assert error_code(narrow, strict=True) == "extreme_aspect_ratio"
+    pp.decode(save(tmp_path / "ok.png", Image.fromarray(textured(64, 192))), strict=True)   # 1:3
+
+    rng = np.random.default_rng(0)
+    flat = np.clip(128 + rng.normal(0, 1, (100, 100)), 0, 255).astype(np.uint8)   # std ~0.004
+    path = save(tmp_path / "flat.png", Image.fromarray(flat))
+    assert pp.decode(path).shape == (100, 100)
+    assert error_code(path, strict=True) == "uniform_image"
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+def test_error_codes_carry_the_path(tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("not an image\n" * 20)
+    (tmp_path / "scan.pdf").write_bytes(b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\n" * 10)
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    save(tmp_path / "small.png", Image.fromarray(textured(63, 200)))
+    cases = [("not_found", "missing.png"), ("not_found", "."), ("empty", "empty.png"),
+             ("not_an_image", "notes.txt"), ("not_an_image", "scan.pdf"),
+             ("corrupt", "corrupt.png"), ("too_small", "small.png")]
+    for code, name in cases:
+        path = tmp_path / name
+        with pytest.raises(InputError) as info:
+            pp.decode(path)
+        assert (info.value.code, info.value.path) == (code, str(path)), name
+        assert info.value.message
+    assert error_code(b"") == "empty"
+    assert error_code(b"hello world" * 20) == "not_an_image"
+    with pytest.raises(TypeError):
+        pp.decode(12345)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_truncated_files(tmp_path, xray, fmt):
+    buffer = io.BytesIO()
+    Image.fromarray(xray).save(buffer, fmt)
+    path = tmp_path / f"half.{fmt.lower()}"
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+    assert error_code(path) == "truncated"
+
+
+def test_huge_images_are_refused_from_the_header_without_decoding(tmp_path):
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    filters_before = list(warnings.filters)
+    cases = {
+        "pillow_bomb_error": grey_png(20000, 20000, zlib.compress(bytes(20001))),    # 400 MP
+        "pillow_bomb_warning": grey_png(10000, 10000, zlib.compress(bytes(10001))),  # 100 MP
+        "own_limit": black_png(7100, 7100),          # 50.4 MP, complete and valid: only MAX_PIXELS refuses it
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")              # no DecompressionBombWarning may escape
+        for name, data in cases.items():
+            path = tmp_path / f"{name}.png"
+            path.write_bytes(data)
+            assert len(data) < 100_000
+            assert error_code(path) == "too_large", name
+    assert warnings.filters == filters_before
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024  # KiB on Linux
+    assert grown_mib < 40, f"peak memory grew by {grown_mib:.0f} MiB"
+
+
+# --- draft / determinism ----------------------------------------------------------------------------
+
+def test_jpeg_draft_keeps_twice_the_target_and_is_deterministic(tmp_path):
+    big = Image.fromarray(textured(1600, 2400)).convert("RGB")
+    path = save(tmp_path / "big.jpg", big, quality=90)
+    drafted = pp.decode(path, draft_size=224)
+    assert drafted.shape == (800, 1200)                       # 1/2 scale: 1/4 would be 400 < 448
+    assert pp.decode(path, draft_size=150).shape == (400, 600)   # 1/4: 1/8 would be 200 < 300
+    assert pp.decode(path, draft_size=100).shape == (200, 300)   # 1/8: exactly 2 x 100
+    assert pp.decode(path, draft_size=8).shape == (200, 300)     # 1/8 is libjpeg's smallest scale
+    assert pp.decode(path).shape == (1600, 2400)
+    np.testing.assert_array_equal(drafted, pp.decode(path, draft_size=224))
+    spec = pp.InputSpec(size=224, channels=3, normalisation="symmetric")
+    np.testing.assert_array_equal(pp.preprocess(path, spec), pp.preprocess(path, spec, strict=True))
+    full = pp.fit_square(pp.decode(path), 224)
+    assert np.abs(pp.load(path, spec) - full).mean() < 0.01   # drafting costs no visible quality
+
+
+# --- fit_square ------------------------------------------------------------------------------------
+
+def test_fit_square_crop_geometry():
+    landscape = np.zeros((200, 400), np.float32)
+    landscape[:, 90:150] = 1           # the centre crop keeps columns 100..299: the stripe is its left 1/4
+    out = pp.fit_square(landscape, 100, "crop")
+    assert out.shape == (100, 100) and out.dtype == np.float32
+    assert np.all(out[:, :24] == 1) and np.all(out[:, 26:] == 0)
+    np.testing.assert_allclose(out[:, 24] + out[:, 25], 1.0, atol=1e-6)   # edge centred at 25
+    portrait = np.zeros((400, 200), np.float32)
+    portrait[:90] = 1                  # above the kept rows 100..299 (and the filter's reach)
+    assert np.all(pp.fit_square(portrait, 50, "crop") == 0)
+
+
+def test_fit_square_pad_geometry():
+    out = pp.fit_square(np.ones((200, 400), np.float32), 100, "pad")   # -> 50x100, rows 25..74
+    assert out.shape == (100, 100) and out.dtype == np.float32
+    assert np.all(out[:25] == 0) and np.all(out[75:] == 0)
+    np.testing.assert_allclose(out[25:75], 1.0, atol=1e-6)
+    tall = pp.fit_square(np.ones((300, 100), np.float32), 90, "pad")   # -> 90x30, columns 30..59
+    assert np.all(tall[:, :30] == 0) and np.all(tall[:, 60:] == 0)
+    np.testing.assert_allclose(tall[:, 30:60], 1.0, atol=1e-6)
+
+
+def test_fit_square_range_dtype_and_arguments():
+    rng = np.random.default_rng(1)
+    noisy = rng.random((333, 517)).astype(np.float64)
+    noisy[0, 0] = 1.5                               # out of range input is clipped
+    for fit in pp.FITS:
+        for size in (64, 224, 600):                 # down and up
+            out = pp.fit_square(noisy, size, fit)
+            assert out.shape == (size, size) and out.dtype == np.float32
+            assert out.min() >= 0 and out.max() <= 1
+            np.testing.assert_array_equal(out, pp.fit_square(noisy, size, fit))
+    with pytest.raises(ValueError):
+        pp.fit_square(noisy, 64, "stretch")
+    with pytest.raises(ValueError):
+        pp.fit_square(noisy[None], 64)
+    with pytest.raises(ValueError):
+        pp.fit_square(noisy, 0)
+
+
+# --- normalise --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("normalisation, channels, expected", [
+    ("unit", 1, lambda x: x[..., None]),
+    ("unit", 3, lambda x: np.stack([x] * 3, -1)),
+    ("symmetric", 3, lambda x: np.stack([2 * x - 1] * 3, -1)),
+    ("raw255", 1, lambda x: 255 * x[..., None]),
+    ("caffe", 3, lambda x: np.stack([255 * x - m for m in (103.939, 116.779, 123.68)], -1)),
+    ("torch", 3, lambda x: np.stack([(x - m) / s for m, s in
+                                     zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))], -1)),
+])
+def test_normalise_formulas_single_and_batch(normalisation, channels, expected):
+    spec = pp.InputSpec(size=8, channels=channels, normalisation=normalisation)
+    batch = np.random.default_rng(2).random((5, 8, 8)).astype(np.float32)
+    out = pp.normalise(batch, spec)
+    assert out.shape == (5, 8, 8, channels) and out.dtype == np.float32
+    np.testing.assert_allclose(out, expected(batch.astype(np.float64)), rtol=1e-5, atol=1e-4)
+    single = pp.normalise(batch[2], spec)
+    assert single.shape == (8, 8, channels)
+    np.testing.assert_array_equal(single, out[2])
+    with pytest.raises(ValueError):
+        pp.normalise(batch[:, :4], spec)
+
+
+def test_preprocess_is_the_model_input(xray_file):
+    spec = pp.InputSpec(size=96, channels=3, normalisation="torch", fit="pad")
+    x = pp.preprocess(xray_file, spec, strict=True)
+    assert x.shape == (96, 96, 3) and x.dtype == np.float32
+    np.testing.assert_array_equal(x, pp.normalise(pp.load(xray_file, spec), spec))
+    np.testing.assert_array_equal(x, pp.preprocess(xray_file, spec))   # deterministic
+
+
+# --- InputSpec -------------------------------------------------------------------------------------
+
+def test_input_spec_round_trip():
+    spec = pp.InputSpec(size=224, channels=3, normalisation="caffe", fit="pad")
+    d = spec.to_dict()
+    assert d == {"size": 224, "channels": 3, "normalisation": "caffe", "fit": "pad"}
+    assert pp.InputSpec.from_dict(json.loads(json.dumps(d))) == spec
+    assert pp.InputSpec.from_dict({"size": 128}) == pp.InputSpec(128)
+    assert pp.InputSpec(np.int64(64)).to_dict()["size"].__class__ is int
+
+
+@pytest.mark.parametrize("d, field", [
+    ({"size": 0}, "size"), ({"size": "224"}, "size"), ({"size": True}, "size"), ({}, "size"),
+    ({"size": 224, "channels": 2}, "channels"),
+    ({"size": 224, "normalisation": "imagenet"}, "normalisation"),
+    ({"size": 224, "channels": 1, "normalisation": "torch"}, "normalisation"),
+    ({"size": 224, "fit": "stretch"}, "fit"),
+    ({"size": 224, "normalization": "unit"}, "normalization"),
+])
+def test_input_spec_validation_names_the_field(d, field):
+    with pytest.raises(ValueError, match=field):
+        pp.InputSpec.from_dict(d)
