@@ -23,7 +23,7 @@ WEIGHTS     ?= $(if $(filter cnn,$(MODEL)),none,$(if $(wildcard $(WEIGHTS_DIR)/*
 TRAIN_ARGS  ?=
 PREDICT_IMAGE = $(firstword $(wildcard $(DATASET)/test/covid/* $(DATASET)/test/pneumonia/*))
 
-.PHONY: all setup data train convert benchmark predict app test clean
+.PHONY: all setup data train convert benchmark predict test clean
 
 all: data train convert benchmark predict
 
@@ -37,7 +37,7 @@ setup: $(VENV)/.installed
 
 data: setup
 ifeq ($(DATA),)
-	$(PY) -m train.data.synthetic --out $(SYNTHETIC)
+	$(PY) -m train.data.synthetic --out $(SYNTHETIC) --per-class 200 60 60
 else
 	@test -d "$(DATA)" || { echo "DATA=$(DATA) is not a folder"; exit 1; }
 endif
