@@ -12,6 +12,7 @@ import tf_keras as keras
 
 from convert import export, parity
 from edge_app.model_card import ModelCard
+from edge_app.preprocess import normalise
 from train.config import TrainConfig
 from train.data import load_dataset
 from train.pipeline import load_images
@@ -50,7 +51,6 @@ def convert_run(run_dir: str | Path, *, variants=export.VARIANTS, budgets=None,
     rng = np.random.default_rng(card.dataset.get("seed", 0))
     train_records = dataset.split("train")
     sample = [train_records[i] for i in rng.permutation(len(train_records))[:REPRESENTATIVE_IMAGES]]
-    from edge_app.preprocess import normalise
     representative = normalise(load_images(sample, spec, desc="representative", progress=progress), spec)
     test_records = dataset.split("test")
     x_test = normalise(load_images(test_records, spec, desc="test", progress=progress), spec)

@@ -10,7 +10,7 @@ SPLITS = ("train", "val", "test")
 @dataclass(frozen=True)
 class Record:
     path: Path                 # absolute path of the image file
-    label: str                 # canonical class: "normal", "pneumonia" or "covid"
+    label: str                 # as read; the canonical class ("normal", "pneumonia", "covid") after labels.to_task
     split: str | None          # "train" | "val" | "test"; None until a split is assigned
     patient_id: str | None     # None when the source names no patient
     source: str | None         # where the image came from (manifest source_repo, CSV name, ...)
