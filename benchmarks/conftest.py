@@ -19,7 +19,6 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(scope="session")
 def test_images() -> list[Path]:
     from edge_app.model_card import ModelCard
-    import json
 
     card = ModelCard.from_json((RUN / "model_card.json").read_text())
     root = Path(card.dataset["root"]) / "test"

@@ -112,8 +112,7 @@ class Classifier:
         t0 = time.perf_counter()
         gray = preprocess.decode(source, strict=True, draft_size=self.spec.size)
         prediction = self._predict_gray(gray, t0)
-        prediction.source = source if isinstance(source, str) else (
-            str(source) if isinstance(source, Path) else None)
+        prediction.source = None if isinstance(source, (bytes, bytearray)) else str(source)
         return prediction
 
     def predict_array(self, image: np.ndarray) -> Prediction:

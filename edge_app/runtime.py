@@ -74,15 +74,13 @@ class CompiledModelBackend:
         self._inputs = self._model.create_input_buffers(0)
         self._outputs = self._model.create_output_buffers(0)
         self._output_names = list(signature[self._key]["outputs"])
+        self.output_shapes = {n: tuple(int(d) for d in self._output_details[n]["shape"])
+                              for n in self._output_names}
         self._lock = threading.Lock()
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(int(n) for n in next(iter(self._input_details.values()))["shape"])
-
-    @property
-    def output_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {n: tuple(int(s) for s in self._output_details[n]["shape"]) for n in self._output_names}
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         x = np.ascontiguousarray(batch, dtype=np.float32)

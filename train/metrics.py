@@ -59,10 +59,12 @@ def roc_curve(positive, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(false positive rate, true positive rate, thresholds), thresholds decreasing."""
     positive = np.asarray(positive, dtype=bool)
     scores = np.asarray(scores, dtype=np.float64)
-    thresholds = np.unique(scores)[::-1]
-    tpr = np.array([(scores[positive] >= t).mean() for t in thresholds])
-    fpr = np.array([(scores[~positive] >= t).mean() for t in thresholds])
-    return np.r_[0.0, fpr], np.r_[0.0, tpr], np.r_[np.inf, thresholds]
+    order = np.argsort(-scores, kind="mergesort")
+    sorted_scores, sorted_positive = scores[order], positive[order]
+    last_of_each = np.r_[np.flatnonzero(np.diff(sorted_scores)), len(scores) - 1]
+    tpr = np.cumsum(sorted_positive)[last_of_each] / max(positive.sum(), 1)
+    fpr = np.cumsum(~sorted_positive)[last_of_each] / max((~positive).sum(), 1)
+    return np.r_[0.0, fpr], np.r_[0.0, tpr], np.r_[np.inf, sorted_scores[last_of_each]]
 
 
 def bootstrap_auc_ci(positive, scores, *, n: int = 1000, seed: int = 0, level: float = 0.95):
@@ -99,19 +101,20 @@ def threshold_for_sensitivity(positive, scores, target: float) -> float:
     return float(pos_scores[max(needed, 1) - 1])
 
 
-def expected_calibration_error(probabilities, y_true, bins: int = 15) -> float:
-    """ECE of the top-1 confidence over equal-width bins."""
+def calibration_bins(probabilities, y_true, bins: int = 15) -> list[tuple[float, float, float]]:
+    """(mean confidence, accuracy, share of images) of each non-empty equal-width confidence bin."""
     probabilities = np.asarray(probabilities)
     confidence = probabilities.max(axis=1)
     correct = probabilities.argmax(axis=1) == np.asarray(y_true)
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        in_bin = which == b
-        if in_bin.any():
-            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
-    return float(ece)
+    which = np.clip(np.digitize(confidence, np.linspace(0.0, 1.0, bins + 1)[1:-1]), 0, bins - 1)
+    return [(float(confidence[which == b].mean()), float(correct[which == b].mean()), float((which == b).mean()))
+            for b in range(bins) if (which == b).any()]
+
+
+def expected_calibration_error(probabilities, y_true, bins: int = 15) -> float:
+    """ECE of the top-1 confidence over equal-width bins."""
+    return float(sum(share * abs(accuracy - confidence)
+                     for confidence, accuracy, share in calibration_bins(probabilities, y_true, bins)))
 
 
 def fit_temperature(logits, y_true) -> float:

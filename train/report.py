@@ -76,11 +76,7 @@ def _reliability(logits, y, temperature, path, bins=10):
     fig, ax = plt.subplots(figsize=(4, 4))
     for t, name in ((1.0, "uncalibrated"), (temperature, f"T={temperature:.2f}")):
         probs = decision.calibrated_probabilities(logits, t)
-        conf, correct = probs.max(1), probs.argmax(1) == y
-        edges = np.linspace(0, 1, bins + 1)
-        which = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
-        xs = [conf[which == b].mean() for b in range(bins) if (which == b).any()]
-        ys = [correct[which == b].mean() for b in range(bins) if (which == b).any()]
+        xs, ys, _ = zip(*metrics.calibration_bins(probs, y, bins))
         ax.plot(xs, ys, "o-", label=f"{name} (ECE {metrics.expected_calibration_error(probs, y):.3f})")
     ax.plot([0, 1], [0, 1], ":", color="grey")
     ax.set_xlabel("confidence")

@@ -78,19 +78,23 @@ def set_trainable(model: keras.Model, strategy: str, phase: int, fine_tune_layer
 
 
 class ValidationMetrics(keras.callbacks.Callback):
-    """Adds val_abnormal_auc and val_macro_f1 to the epoch logs (monitored by checkpoint and
-    early stopping): a screening model is judged by how it ranks abnormal images."""
+    """One pass over validation per epoch, logging val_loss, val_accuracy, val_abnormal_auc and
+    val_macro_f1 (monitored by checkpoint, early stopping and the learning-rate schedule): a
+    screening model is judged by how it ranks abnormal images."""
 
-    def __init__(self, dataset, y):
+    def __init__(self, dataset, y, loss):
         super().__init__()
-        self.dataset, self.y = dataset, y
+        self.dataset, self.y, self.loss = dataset, y, loss
 
     def on_epoch_end(self, epoch, logs=None):
         logits = self.model.predict(self.dataset, verbose=0)
         probs = decision.calibrated_probabilities(logits)
+        logs["val_loss"] = float(tf.reduce_mean(self.loss(self.y, logits)))
+        logs["val_accuracy"] = float((probs.argmax(1) == self.y).mean())
         logs[MONITOR] = metrics.roc_auc(self.y != 0, decision.abnormal_probability(probs))
         logs["val_macro_f1"] = metrics.classification_report(self.y, probs.argmax(1), range(logits.shape[1]))["macro_f1"]
-        print(f" - {MONITOR}: {logs[MONITOR]:.4f} - val_macro_f1: {logs['val_macro_f1']:.4f}")
+        print(f" - val_loss: {logs['val_loss']:.4f} - {MONITOR}: {logs[MONITOR]:.4f} "
+              f"- val_macro_f1: {logs['val_macro_f1']:.4f}")
 
 
 def _versions() -> dict:
@@ -173,7 +177,7 @@ def run(config: TrainConfig, out: str | Path, *, resume: bool = False, progress:
         print(f"phase {phase}: {sum(np.prod(w.shape) for w in model.trainable_weights):,} trainable "
               f"parameters, {epochs} epochs, learning rate {lr * replicas:g}")
         callbacks = [
-            ValidationMetrics(val_ds, y_val),
+            ValidationMetrics(val_ds, y_val, loss),
             keras.callbacks.ModelCheckpoint(str(checkpoints / "best.weights.h5"), monitor=MONITOR,
                                             mode="max", save_best_only=True, save_weights_only=True),
             keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max",
@@ -183,7 +187,7 @@ def run(config: TrainConfig, out: str | Path, *, resume: bool = False, progress:
             keras.callbacks.TensorBoard(str(out / "logs" / f"phase{phase}")),
             keras.callbacks.BackupAndRestore(str(checkpoints / f"backup_phase{phase}")),
         ]
-        fit = model.fit(train_ds, validation_data=val_ds, epochs=epochs, class_weight=weights,
+        fit = model.fit(train_ds, epochs=epochs, class_weight=weights,
                         callbacks=callbacks, verbose=1 if progress else 2)
         history.append({"phase": phase, **{k: [float(v) for v in vs] for k, vs in fit.history.items()}})
         model.load_weights(str(checkpoints / "best.weights.h5"))
