@@ -65,3 +65,18 @@ def test_screening_metrics_blocks():
     assert m["abnormal"]["specificity"] == pytest.approx(1.0)
     assert m["covid"]["sensitivity"] == pytest.approx(1.0)
     assert set(m) >= {"macro_f1", "accuracy", "per_class", "abnormal", "covid", "threshold", "ece"}
+
+
+def test_per_source_metrics_by_hand():
+    # same four images as above, from two hospitals: "a" holds images 0 and 1, "b" images 2 and 3
+    logits = np.log(np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.2, 0.7], [0.6, 0.3, 0.1]]))
+    y = np.array([0, 1, 2, 1])
+    m = metrics.per_group_metrics(logits, y, ["a", "a", "b", "b"], ("normal", "pneumonia", "covid"),
+                                  temperature=1.0, threshold=0.5)
+    assert m["a"] == {"n": 2, "accuracy": 1.0,
+                      "per_class": {"normal": {"n": 1, "recall": 1.0}, "pneumonia": {"n": 1, "recall": 1.0}},
+                      "abnormal_sensitivity": 1.0, "abnormal_specificity": 1.0}
+    # "b" has no normal image: its specificity does not exist, and is not reported as 0 or 1
+    assert m["b"]["accuracy"] == 0.5 and m["b"]["abnormal_specificity"] is None
+    assert m["b"]["abnormal_sensitivity"] == 0.5
+    assert m["b"]["per_class"] == {"pneumonia": {"n": 1, "recall": 0.0}, "covid": {"n": 1, "recall": 1.0}}

@@ -95,3 +95,71 @@ print("replicas", strategy.num_replicas_in_sync)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "replicas 2" in done.stdout
+
+
+def test_gradcam_of_a_pooled_dense_head_is_the_class_activation_map():
+    # With global average pooling and one dense layer, d logit_c / d feature = W[:, c] / (h w) at
+    # every position, so Grad-CAM must equal relu(features . W[:, c]) up to scale (Zhou et al. 2016).
+    from train.gradcam import gradcam
+
+    keras.utils.set_random_seed(3)
+    model = models.build("cnn", 3, image_size=64, weights="none")
+    x = np.random.default_rng(1).random((3, 64, 64, 1), dtype=np.float32)
+    features = keras.Model(model.input, model.get_layer(models.FEATURES_LAYER).output)(x).numpy()
+    dense = model.get_layer(models.LOGITS_LAYER)
+    kernel, bias = dense.get_weights()
+    kernel[:, 2] = np.abs(kernel[:, 2])  # class 2: evidence everywhere; the others have zeros
+    dense.set_weights([kernel, bias])
+    classes = np.array([0, 1, 2])
+    cam = np.maximum(np.einsum("nhwk,kn->nhw", features, kernel[:, classes]), 0)
+    peak = cam.max(axis=(1, 2), keepdims=True)
+    assert peak[2] > 0
+    cam = np.divide(cam, peak, out=np.zeros_like(cam), where=peak > 0)
+    maps = gradcam(model, x, classes)
+    assert maps.shape == cam.shape == (3, 4, 4)
+    np.testing.assert_allclose(maps, cam, atol=1e-5)
+
+
+def test_review_sample_shows_errors_and_every_class():
+    from train.gradcam import sample_for_review
+
+    y_true = np.array([0] * 10 + [1] * 10 + [2] * 4)
+    y_pred = y_true.copy()
+    y_pred[[0, 11, 21]] = [1, 2, 0]  # three errors
+    chosen = sample_for_review(y_true, y_pred, count=9)
+    assert len(chosen) == 9 and len(set(chosen)) == 9
+    assert {0, 11, 21} <= set(chosen.tolist())
+    correct = [i for i in chosen if y_true[i] == y_pred[i]]
+    assert {int(y_true[i]) for i in correct} == {0, 1, 2}
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, tiny_dataset):
+    """kill -9 after the first epoch's backup, then --resume: training continues, not restarts."""
+    import os
+    import signal
+    import time
+
+    from conftest import REPO, run_module
+
+    config = tmp_path / "run.toml"
+    config.write_text("early_stopping_patience = 100\nbootstrap = 0\n")
+    out = tmp_path / "run"
+    args = ["train", "--model", "cnn", "--weights", "none", "--data", tiny_dataset, "--out", out,
+            "--config", config, "--image-size", "64", "--epochs", "6", "--strategy", "full",
+            "--batch-size", "8", "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-m", *map(str, args)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    backup = out / "checkpoints" / "backup_phase1"
+    deadline = time.time() + 300
+    while not any(backup.rglob("*.index")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert any(backup.rglob("*.index")), "the run never wrote a backup to resume from"
+    assert not (out / "model.keras").exists(), "the run finished before it could be interrupted"
+
+    resumed = run_module(*args, "--resume")
+    assert "Epoch 1/6" not in resumed.stdout and "Epoch 6/6" in resumed.stdout
+    epochs = [int(line.split(",")[0]) for line in (out / "training_phase1.csv").read_text().splitlines()[1:]]
+    assert epochs[-1] == 5 and epochs == sorted(set(epochs))
+    assert (out / "model.keras").is_file() and (out / "model_card.json").is_file()

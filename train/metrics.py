@@ -172,3 +172,27 @@ def screening_metrics(logits, y_true, labels, *, temperature: float, threshold: 
             "auc": roc_auc(is_covid, probs[:, c]),
         }
     return result
+
+
+def per_group_metrics(logits, y_true, groups, labels, *, temperature: float, threshold: float) -> dict:
+    """Accuracy, recall per class and abnormal sensitivity/specificity within each group (e.g. the
+    data source): one overall score hides a model that has learnt hospitals instead of findings.
+    Figures a group cannot have (no abnormal image, say) are None."""
+    y_true, groups = np.asarray(y_true), np.asarray(groups)
+    probs = decision.calibrated_probabilities(logits, temperature)
+    predicted = probs.argmax(axis=1)
+    flagged = decision.abnormal_probability(probs) >= threshold
+    rate = lambda hits: float(hits.mean()) if hits.size else None
+    result = {}
+    for group in sorted(set(groups.tolist())):
+        inside = groups == group
+        y, pred, flag = y_true[inside], predicted[inside], flagged[inside]
+        result[group] = {
+            "n": int(inside.sum()),
+            "accuracy": rate(pred == y),
+            "per_class": {labels[c]: {"n": int((y == c).sum()), "recall": rate(pred[y == c] == c)}
+                          for c in np.unique(y)},
+            "abnormal_sensitivity": rate(flag[y != 0]),
+            "abnormal_specificity": rate(~flag[y == 0]),
+        }
+    return result

@@ -87,6 +87,35 @@ def _reliability(logits, y, temperature, path, bins=10):
     plt.close(fig)
 
 
+def gradcam_grid(images, maps, titles, errors, path, columns: int = 4) -> None:
+    """Each image with its Grad-CAM map overlaid (jet, 40 %), titled with truth and prediction."""
+    rows = max(1, int(np.ceil(len(images) / columns)))
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.3 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, image, cam, title, error in zip(axes.ravel(), images, maps, titles, errors):
+        h, w = image.shape
+        ax.imshow(image, cmap="gray", vmin=0, vmax=1)
+        ax.imshow(cam, cmap="jet", alpha=0.4, extent=(-0.5, w - 0.5, h - 0.5, -0.5), vmin=0, vmax=1)
+        ax.set_title(title, fontsize=7, color="firebrick" if error else "black")
+    fig.suptitle("Grad-CAM on test images (red titles: errors)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _per_source_table(per_source: dict, labels) -> list[str]:
+    fmt = lambda v: "—" if v is None else f"{v:.3f}"
+    lines = ["| source | n | accuracy | " + " | ".join(f"{l} recall (n)" for l in labels)
+             + " | abnormal sens. | abnormal spec. |", "|---" * (len(labels) + 5) + "|"]
+    for source, m in per_source.items():
+        recalls = [f"{fmt(m['per_class'][l]['recall'])} ({m['per_class'][l]['n']})" if l in m["per_class"] else "—"
+                   for l in labels]
+        lines.append(f"| {source} | {m['n']} | {fmt(m['accuracy'])} | " + " | ".join(recalls)
+                     + f" | {fmt(m['abnormal_sensitivity'])} | {fmt(m['abnormal_specificity'])} |")
+    return lines
+
+
 def write(reports: Path, results: dict, labels, logits: dict, ys: dict, history: list) -> None:
     reports = Path(reports)
     _training_curves(history, reports / "training_curves.png")
@@ -117,6 +146,11 @@ def write(reports: Path, results: dict, labels, logits: dict, ys: dict, history:
         c = results["test"]["covid"]
         lines += ["", f"COVID-19 vs rest (test): sensitivity {c['sensitivity']:.3f}, "
                   f"specificity {c['specificity']:.3f}, AUC {c['auc']:.3f}."]
+    lines += ["", "## Per data source (test)", "",
+              "A class drawn mostly from one hospital lets a model learn the hospital: read recall per "
+              "source before trusting the overall score.", "",
+              *_per_source_table(results["test"]["per_source"], labels)]
     lines += ["", "![training curves](training_curves.png)", "![confusion matrix](confusion_test.png)",
-              "![ROC](roc_test.png)", "![reliability](reliability_test.png)", ""]
+              "![ROC](roc_test.png)", "![reliability](reliability_test.png)",
+              "![Grad-CAM](gradcam_test.png)", ""]
     (reports / "report.md").write_text("\n".join(lines))

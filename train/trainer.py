@@ -21,11 +21,12 @@ import tf_keras as keras
 
 from edge_app import decision
 from edge_app.model_card import ModelCard
-from train import metrics, models, report
+from train import gradcam, metrics, models, report
 from train.config import TrainConfig
 from train.data import load_dataset
 from train.data.leakage import check_leakage
 from train.pipeline import load_images, make_dataset
+from edge_app.preprocess import normalise
 
 MONITOR = "val_abnormal_auc"
 
@@ -183,7 +184,7 @@ def run(config: TrainConfig, out: str | Path, *, resume: bool = False, progress:
             keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max",
                                           patience=config.early_stopping_patience),
             keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=2, min_lr=1e-6),
-            keras.callbacks.CSVLogger(str(out / f"training_phase{phase}.csv")),
+            keras.callbacks.CSVLogger(str(out / f"training_phase{phase}.csv"), append=resume),
             keras.callbacks.TensorBoard(str(out / "logs" / f"phase{phase}")),
             keras.callbacks.BackupAndRestore(str(checkpoints / f"backup_phase{phase}")),
         ]
@@ -202,6 +203,17 @@ def run(config: TrainConfig, out: str | Path, *, resume: bool = False, progress:
     return out
 
 
+def _gradcam_grid(model, spec, test_split, test_logits, labels, path) -> None:
+    """Grad-CAM overlays for a sample of test images, errors first."""
+    images, y, records = test_split
+    predicted = test_logits.argmax(axis=1)
+    chosen = gradcam.sample_for_review(y, predicted)
+    maps = gradcam.gradcam(model, normalise(images[chosen], spec))
+    titles = [f"{records[i].path.name[:22]}\ntrue {labels[y[i]]}, predicted {labels[predicted[i]]}"
+              for i in chosen]
+    report.gradcam_grid(images[chosen], maps, titles, y[chosen] != predicted[chosen], path)
+
+
 def evaluate_and_card(model, config, dataset, spec, split_data, reports, history, *,
                       train_seconds, replicas) -> ModelCard:
     """Temperature and operating threshold fitted on val; metrics on val and test; the model card."""
@@ -216,10 +228,14 @@ def evaluate_and_card(model, config, dataset, spec, split_data, reports, history
     val_probs = decision.calibrated_probabilities(logits["val"], temperature)
     threshold = metrics.threshold_for_sensitivity(y_val != 0, decision.abnormal_probability(val_probs),
                                                   config.target_sensitivity)
-    results = {split: metrics.screening_metrics(logits[split], split_data[split][1], labels,
-                                                temperature=temperature, threshold=threshold,
-                                                bootstrap=config.bootstrap)
-               for split in ("val", "test")}
+    results = {}
+    for split in ("val", "test"):
+        _, y, records = split_data[split]
+        results[split] = metrics.screening_metrics(logits[split], y, labels, temperature=temperature,
+                                                   threshold=threshold, bootstrap=config.bootstrap)
+        results[split]["per_source"] = metrics.per_group_metrics(
+            logits[split], y, [r.source or "unknown" for r in records], labels,
+            temperature=temperature, threshold=threshold)
     results["temperature"] = temperature
     results["target_sensitivity"] = config.target_sensitivity
     results["training_seconds"] = train_seconds
@@ -230,6 +246,7 @@ def evaluate_and_card(model, config, dataset, spec, split_data, reports, history
     np.savez_compressed(reports / "predictions.npz", **{f"{s}_logits": logits[s] for s in logits},
                         **{f"{s}_labels": split_data[s][1] for s in logits})
     report.write(reports, results, labels, logits, {s: split_data[s][1] for s in logits}, history)
+    _gradcam_grid(model, spec, split_data["test"], logits["test"], labels, reports / "gradcam_test.png")
     test = results["test"]
     return ModelCard(
         name=model.name, task=config.task, labels=labels, input=spec, temperature=temperature,
