@@ -163,3 +163,12 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, tiny_dataset):
     epochs = [int(line.split(",")[0]) for line in (out / "training_phase1.csv").read_text().splitlines()[1:]]
     assert epochs[-1] == 5 and epochs == sorted(set(epochs))
     assert (out / "model.keras").is_file() and (out / "model_card.json").is_file()
+
+
+def test_training_from_scratch_never_freezes_a_random_backbone():
+    from train.config import TrainConfig
+
+    assert TrainConfig(weights="none").strategy == "full"
+    assert TrainConfig(weights="imagenet").strategy == "finetune"
+    with pytest.raises(ValueError, match="--strategy full"):
+        TrainConfig(weights="none", strategy="frozen")

@@ -25,7 +25,8 @@ class TrainConfig:
     task: str = "3class"                  # 3class | pneumonia | covid
     image_size: int | None = None         # None -> the model's default
     fit: str = "crop"                     # crop | pad (see edge_app.preprocess)
-    strategy: str = "finetune"            # frozen | finetune | full
+    strategy: str | None = None           # frozen | finetune | full; None -> finetune from
+                                          # pretrained weights, full from scratch (weights "none")
     epochs: int = 8                       # head epochs (frozen/finetune) or all epochs (full)
     fine_tune_epochs: int = 6             # second phase of finetune
     fine_tune_layers: int = 40            # top backbone layers unfrozen in the second phase
@@ -51,8 +52,13 @@ class TrainConfig:
     seed: int = 42
 
     def __post_init__(self):
+        if self.strategy is None:
+            self.strategy = "full" if self.weights == "none" else "finetune"
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.weights == "none" and self.strategy != "full":
+            raise ValueError(f"strategy {self.strategy!r} freezes a backbone, but with weights 'none' it "
+                             "is random: use --strategy full to train from scratch, or pretrained weights")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
 
