@@ -68,6 +68,10 @@ def test_class_weights_balance_the_classes():
     w = class_weights(y, 3)
     assert w == pytest.approx({0: 100 / 180, 1: 100 / 90, 2: 100 / 30})
     assert sum(w[c] * (y == c).sum() for c in w) == pytest.approx(len(y))
+    soft = class_weights(y, 3, power=0.5)  # (1/60, 1/30, 1/10) ** 0.5, scaled to average 1
+    assert soft[2] / soft[0] == pytest.approx(6 ** 0.5)
+    assert sum(soft[c] * (y == c).sum() for c in soft) == pytest.approx(len(y))
+    assert class_weights(y, 3, power=0.0) == pytest.approx({0: 1.0, 1: 1.0, 2: 1.0})
 
 
 def test_mirrored_strategy_step_on_two_logical_cpus():

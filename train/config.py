@@ -36,7 +36,8 @@ class TrainConfig:
     dropout: float = 0.2
     loss: str = "crossentropy"            # crossentropy | focal
     focal_gamma: float = 2.0
-    class_weights: bool = True
+    class_weight_power: float = 1.0       # class weights (1/frequency)^power: 1 balances the classes,
+                                          # 0.5 softens the balance, 0 turns class weights off
     augment: bool = True
     rotation_degrees: float = 7.0
     zoom: float = 0.1

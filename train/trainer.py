@@ -55,10 +55,12 @@ def sparse_focal_loss(gamma: float):
     return loss
 
 
-def class_weights(y: np.ndarray, num_classes: int) -> dict[int, float]:
-    """Inverse-frequency weights that average to 1 over the training images."""
+def class_weights(y: np.ndarray, num_classes: int, power: float = 1.0) -> dict[int, float]:
+    """Weights proportional to (1 / class frequency) ** power that average to 1 over the training
+    images: power 1 gives every class the same total weight, 0 weighs every image alike."""
     counts = np.bincount(y, minlength=num_classes).astype(float)
-    weights = len(y) / (num_classes * np.maximum(counts, 1.0))
+    weights = np.maximum(counts, 1.0) ** -power
+    weights *= len(y) / (weights * counts).sum()
     return {i: float(w) for i, w in enumerate(weights)}
 
 
@@ -150,7 +152,7 @@ def run(config: TrainConfig, out: str | Path, *, resume: bool = False, progress:
     train_ds = make_dataset(x_train, y_train, spec, batch_size=batch, training=True, config=config,
                             seed=config.seed)
     val_ds = make_dataset(x_val, y_val, spec, batch_size=batch, training=False)
-    weights = class_weights(y_train, len(labels)) if config.class_weights else None
+    weights = class_weights(y_train, len(labels), config.class_weight_power) if config.class_weight_power else None
     print(f"{replicas} replica(s) on {strategy.__class__.__name__}; global batch {batch}; "
           f"class weights {weights}")
 
