@@ -384,3 +384,20 @@ def test_shared_manifest_matches_its_readme():
     assert len(dataset.records) == 3068 and not dataset.report.unreadable
     assert sum(n["covid"] for n in dataset.sources().values()) == 205
     assert patients_in_one_split(dataset.records)
+
+
+def test_leave_one_source_out_on_the_shared_set():
+    # sources are the manifest's source_repo: the Kermany copy, the RSNA-normals copy, ieee8023's copy
+    kermany, rsna, ieee = ("lecuong1502/BTL_Machine_Learning",
+                           "rtchanon/Machine-Learning-for-COVID-19-detection-from-chest-X-RAYS",
+                           "s-mostafa-a/covid-chestxray-dataset")
+    dataset = load_dataset(SHARED_CXR, check_readable=False, progress=False)
+    rest, held_out = dataset.without_source(rsna)
+    assert len(held_out) == 800 and {r.source for r in held_out} == {rsna}
+    assert {r.label for r in held_out} == {"normal"}
+    assert len(rest.records) == len(dataset.records) - 800 and set(rest.sources()) == {kermany, ieee}
+    with pytest.raises(ValueError, match="sources: lecuong1502"):
+        dataset.without_source("nih")
+    # ieee8023 holds every COVID-19 image: without it the 3-class task cannot be trained
+    with pytest.raises(ValueError, match="class 'covid' has no images .* without source 's-mostafa-a"):
+        dataset.without_source(ieee)

@@ -21,9 +21,11 @@ def test_training_run_writes_model_card_and_reports(tiny_run):
         assert m["n"] == 18
         assert {"macro_f1", "accuracy", "per_class", "abnormal", "covid", "threshold", "ece"} <= set(m)
         assert {"sensitivity", "specificity", "auc"} <= set(m["abnormal"])
+        assert sum(g["n"] for g in m["per_source"].values()) == m["n"]
     # the threshold was chosen on validation to reach the target sensitivity there
     assert metrics["val"]["abnormal"]["sensitivity"] >= 0.95
-    for plot in ("training_curves.png", "confusion_test.png", "roc_test.png", "reliability_test.png"):
+    for plot in ("training_curves.png", "confusion_test.png", "roc_test.png", "reliability_test.png",
+                 "gradcam_test.png"):
         assert (tiny_run / "reports" / plot).stat().st_size > 1000
     assert (tiny_run / "model.keras").is_file()
 

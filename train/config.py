@@ -46,6 +46,7 @@ class TrainConfig:
     contrast: float = 0.1
     horizontal_flip: bool = False         # anatomy is not symmetric (heart on the left)
     early_stopping_patience: int = 4
+    holdout_source: str = ""              # leave this data source out of training; evaluate on it
     target_sensitivity: float = 0.95      # abnormal sensitivity the operating threshold must reach on val
     bootstrap: int = 1000                 # bootstrap resamples for AUC intervals (0: none)
     mixed_precision: bool = True          # float16 compute on GPU (ignored on CPU)

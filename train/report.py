@@ -131,7 +131,7 @@ def write(reports: Path, results: dict, labels, logits: dict, ys: dict, history:
              f"{results['target_sensitivity']:.2f}).", "",
              "| split | n | accuracy | macro-F1 | abnormal sens. | abnormal spec. | abnormal AUC | ECE |",
              "|---|---|---|---|---|---|---|---|"]
-    for split in ("val", "test"):
+    for split in [s for s in ("val", "test", "holdout") if s in results]:
         r = results[split]
         a = r["abnormal"]
         lines.append(f"| {split} | {r['n']} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} | {a['sensitivity']:.3f} "
@@ -146,10 +146,26 @@ def write(reports: Path, results: dict, labels, logits: dict, ys: dict, history:
         c = results["test"]["covid"]
         lines += ["", f"COVID-19 vs rest (test): sensitivity {c['sensitivity']:.3f}, "
                   f"specificity {c['specificity']:.3f}, AUC {c['auc']:.3f}."]
+    if "holdout" in results:
+        lines += ["", f"**holdout**: every image of the source left out of training "
+                  f"({', '.join(results['holdout']['per_source'])}): the score at a hospital the model never saw, "
+                  "beside the in-distribution test split."]
     lines += ["", "## Per data source (test)", "",
               "A class drawn mostly from one hospital lets a model learn the hospital: read recall per "
               "source before trusting the overall score.", "",
               *_per_source_table(results["test"]["per_source"], labels)]
+    probe = results.get("shortcut_probe")
+    if probe:
+        lines += ["", "## Shortcut probe", "",
+                  f"A linear probe on the penultimate features names the data source of "
+                  f"{probe['accuracy']:.1%} of test images (majority guess {probe['majority_baseline']:.1%}).", "",
+                  "| within class | n | source accuracy | majority guess | flagged |", "|---|---|---|---|---|"]
+        lines += [f"| {label} | {v['n']} | {v['accuracy']:.3f} | {v['majority_baseline']:.3f} | "
+                  f"{'**yes**' if v['flagged'] else 'no'} |" for label, v in probe["within_class"].items()]
+        if probe["flagged"]:
+            lines += ["", "**Warning:** within a class the features tell the hospitals apart: the model may "
+                      "score by source rather than by finding. Check the per-source figures and a "
+                      "leave-one-source-out run (`--holdout-source`) before trusting it elsewhere."]
     lines += ["", "![training curves](training_curves.png)", "![confusion matrix](confusion_test.png)",
               "![ROC](roc_test.png)", "![reliability](reliability_test.png)",
               "![Grad-CAM](gradcam_test.png)", ""]

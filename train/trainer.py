@@ -21,10 +21,11 @@ import tf_keras as keras
 
 from edge_app import decision
 from edge_app.model_card import ModelCard
-from train import gradcam, metrics, models, report
+from train import gradcam, metrics, models, report, shortcuts
 from train.config import TrainConfig
 from train.data import load_dataset
 from train.data.leakage import check_leakage
+from train.data.records import SPLITS
 from train.pipeline import load_images, make_dataset
 from edge_app.preprocess import normalise
 
@@ -128,6 +129,10 @@ def run(config: TrainConfig, out: str | Path, *, resume: bool = False, progress:
     tf.config.experimental.enable_op_determinism()
 
     dataset = load_dataset(config.data, task=config.task, seed=config.seed, progress=progress)
+    held_out = []
+    if config.holdout_source:
+        dataset, held_out = dataset.without_source(config.holdout_source)
+        print(f"holding out source {config.holdout_source!r}: {len(held_out)} images, evaluated as 'holdout'")
     print(dataset.summary())
     leakage = check_leakage(dataset.records, progress=progress)
     (reports / "leakage.json").write_text(json.dumps(leakage.to_dict(), indent=2))
@@ -137,8 +142,7 @@ def run(config: TrainConfig, out: str | Path, *, resume: bool = False, progress:
     labels = dataset.labels
     spec = models.input_spec(config.model, config.image_size, config.fit)
     split_data = {}
-    for split in ("train", "val", "test"):
-        records = dataset.split(split)
+    for split, records in [(s, dataset.split(s)) for s in SPLITS] + [("holdout", held_out)] * bool(held_out):
         y = np.array([labels.index(r.label) for r in records], dtype=np.int32)
         split_data[split] = (load_images(records, spec, desc=split, progress=progress), y, records)
 
@@ -216,12 +220,25 @@ def _gradcam_grid(model, spec, test_split, test_logits, labels, path) -> None:
     report.gradcam_grid(images[chosen], maps, titles, y[chosen] != predicted[chosen], path)
 
 
+def _shortcut_probe(model, spec, split_data, labels) -> dict | None:
+    """How well the penultimate features tell the data source (train.shortcuts); None with one source."""
+    sources = {s: [r.source or "unknown" for r in split_data[s][2]] for s in ("train", "test")}
+    if len(set(sources["train"])) < 2:
+        return None
+    pooled = keras.Model(model.input, model.get_layer("pool").output)
+    features = {s: pooled.predict(make_dataset(split_data[s][0], split_data[s][1], spec, batch_size=64,
+                                               training=False), verbose=0) for s in ("train", "test")}
+    return shortcuts.source_probe(features["train"], sources["train"], split_data["train"][1],
+                                  features["test"], sources["test"], split_data["test"][1], labels)
+
+
 def evaluate_and_card(model, config, dataset, spec, split_data, reports, history, *,
                       train_seconds, replicas) -> ModelCard:
     """Temperature and operating threshold fitted on val; metrics on val and test; the model card."""
     labels = dataset.labels
+    evaluated = [s for s in ("val", "test", "holdout") if s in split_data]
     logits = {}
-    for split in ("val", "test"):
+    for split in evaluated:
         x, y, _ = split_data[split]
         ds = make_dataset(x, y, spec, batch_size=64, training=False)
         logits[split] = model.predict(ds, verbose=0)
@@ -231,13 +248,16 @@ def evaluate_and_card(model, config, dataset, spec, split_data, reports, history
     threshold = metrics.threshold_for_sensitivity(y_val != 0, decision.abnormal_probability(val_probs),
                                                   config.target_sensitivity)
     results = {}
-    for split in ("val", "test"):
+    for split in evaluated:
         _, y, records = split_data[split]
         results[split] = metrics.screening_metrics(logits[split], y, labels, temperature=temperature,
                                                    threshold=threshold, bootstrap=config.bootstrap)
         results[split]["per_source"] = metrics.per_group_metrics(
             logits[split], y, [r.source or "unknown" for r in records], labels,
             temperature=temperature, threshold=threshold)
+    probe = _shortcut_probe(model, spec, split_data, labels)
+    if probe:
+        results["shortcut_probe"] = probe
     results["temperature"] = temperature
     results["target_sensitivity"] = config.target_sensitivity
     results["training_seconds"] = train_seconds
@@ -254,7 +274,8 @@ def evaluate_and_card(model, config, dataset, spec, split_data, reports, history
         name=model.name, task=config.task, labels=labels, input=spec, temperature=temperature,
         thresholds={"abnormal": threshold, "target_sensitivity": config.target_sensitivity},
         dataset={"root": str(Path(config.data).resolve()), "fingerprint": dataset.fingerprint(),
-                 "counts": dataset.counts(), "seed": config.seed},
+                 "counts": dataset.counts(), "seed": config.seed,
+                 **({"holdout_source": config.holdout_source} if config.holdout_source else {})},
         metrics={"test_macro_f1": test["macro_f1"], "test_accuracy": test["accuracy"],
                  "test_abnormal_sensitivity": test["abnormal"]["sensitivity"],
                  "test_abnormal_specificity": test["abnormal"]["specificity"],

@@ -61,6 +61,18 @@ class Dataset:
             table.setdefault(r.source or "unknown", dict.fromkeys(self.labels, 0))[r.label] += 1
         return dict(sorted(table.items()))
 
+    def without_source(self, source: str) -> tuple["Dataset", list[Record]]:
+        """(this dataset without `source` in any split, that source's images): leave-one-source-out,
+        to measure what a model does at a hospital it has never seen."""
+        known = self.sources()
+        if source not in known:
+            raise ValueError(f"no source {source!r} in {self.root}; sources: {', '.join(known)}")
+        kept = [r for r in self.records if (r.source or "unknown") != source]
+        held_out = [r for r in self.records if (r.source or "unknown") == source]
+        rest = Dataset(kept, self.task, self.labels, self.root, self.layout, self.report)
+        _check_classes(rest, f"without source {source!r}")
+        return rest, held_out
+
     def fingerprint(self) -> str:
         """sha256 of (path relative to root, label, split, file size) of every image, sorted.
 
@@ -117,12 +129,12 @@ def _readable(records: list[Record], decode_all: bool, progress: bool):
     return readable, unreadable
 
 
-def _check_classes(dataset: Dataset) -> None:
+def _check_classes(dataset: Dataset, where: str = "") -> None:
     counts = dataset.counts()
     for cls in dataset.labels:
         if counts["train"][cls] == 0:
             missing = "no images" if not any(counts[s][cls] for s in SPLITS) else "no training images"
-            raise ValueError(f"class {cls!r} has {missing} in {dataset.root}; task {dataset.task!r} "
+            raise ValueError(f"class {cls!r} has {missing} in {dataset.root}{' ' + where if where else ''}; task {dataset.task!r} "
                              f"needs {', '.join(dataset.labels)}. Found:\n{dataset.summary()}")
 
 
