@@ -96,7 +96,8 @@ def gradcam_grid(images, maps, titles, errors, path, columns: int = 4) -> None:
     for ax, image, cam, title, error in zip(axes.ravel(), images, maps, titles, errors):
         h, w = image.shape
         ax.imshow(image, cmap="gray", vmin=0, vmax=1)
-        ax.imshow(cam, cmap="jet", alpha=0.4, extent=(-0.5, w - 0.5, h - 0.5, -0.5), vmin=0, vmax=1)
+        ax.imshow(cam, cmap="jet", alpha=0.4, extent=(-0.5, w - 0.5, h - 0.5, -0.5), vmin=0, vmax=1,
+                  interpolation="bilinear")
         ax.set_title(title, fontsize=7, color="firebrick" if error else "black")
     fig.suptitle("Grad-CAM on test images (red titles: errors)", fontsize=10)
     fig.tight_layout()
