@@ -15,6 +15,7 @@ from edge_app.model_card import ModelCard
 from edge_app.preprocess import normalise
 from train.config import TrainConfig
 from train.data import load_dataset
+from train.ood import OodModel
 from train.pipeline import load_images
 
 REPRESENTATIVE_IMAGES = 200
@@ -59,6 +60,8 @@ def convert_run(run_dir: str | Path, *, variants=export.VARIANTS, budgets=None,
     reference = parity.evaluate(keras_logits, y_test, card)
 
     device_model = export.with_heatmap(model)
+    if (run_dir / "ood.npz").is_file():  # runs trained before the OOD score have none
+        device_model = export.with_ood_score(device_model, OodModel.load(run_dir / "ood.npz"))
     out_dir = run_dir / "tflite"
     out_dir.mkdir(exist_ok=True)
     results = {"run": str(run_dir), "labels": list(labels), "keras": {"metrics": reference},

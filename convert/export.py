@@ -92,3 +92,32 @@ def with_heatmap(model):
 
     heatmap = keras.layers.Lambda(weighted_map, name="heatmap")([class_maps, logits])
     return keras.Model(model.input, [logits, heatmap], name=model.name)
+
+
+def with_ood_score(model, detector):
+    """The device model with one more output, `ood_score`: train.ood's distance of the pooled
+    features from the training set, as a dense projection and a few elementwise ops in the graph.
+
+    One dense layer projects the centred features on the principal directions, whitened and
+    plain ([U / sqrt(var), U]); the score is the whitened squared norm plus the squared residual
+    (|f - mean|^2 - |U^T (f - mean)|^2) over the residual variance, exactly as `train.ood.score`.
+    """
+    import tf_keras as keras
+
+    k = detector.components.shape[1]
+    kernel = np.concatenate([detector.components / np.sqrt(detector.variances), detector.components], axis=1)
+    pooled = tf.cast(model.get_layer("pool").output, tf.float32)
+    projection = keras.layers.Dense(2 * k, dtype="float32", name="ood_projection")
+    projected = projection(pooled)
+    projection.set_weights([kernel.astype(np.float32), (-detector.mean @ kernel).astype(np.float32)])
+    mean = detector.mean.astype(np.float32)
+
+    def distance(inputs):
+        z, features = inputs
+        inside = tf.reduce_sum(tf.square(z[:, :k]), axis=-1)
+        total = tf.reduce_sum(tf.square(features - mean), axis=-1)
+        outside = tf.nn.relu(total - tf.reduce_sum(tf.square(z[:, k:]), axis=-1))
+        return inside + outside / detector.residual_variance
+
+    score = keras.layers.Lambda(distance, name="ood_score")([projected, pooled])
+    return keras.Model(model.input, [*model.outputs, score], name=model.name)

@@ -16,6 +16,7 @@ from edge_app.tflite_metadata import CARD_METADATA_NAME, read_metadata
 
 LOGITS = "logits"
 HEATMAP = "heatmap"
+OOD_SCORE = "ood_score"   # how unlike the training images (train.ood); absent in older models
 
 
 @dataclass
@@ -23,13 +24,14 @@ class Prediction:
     label: str                          # most probable class
     probabilities: dict[str, float]     # calibrated, in the model card's label order
     abnormal_probability: float         # P(pneumonia or COVID-19)
-    decision: str                       # decision.REFER or decision.NO_ABNORMALITY
+    decision: str                       # decision.REFER, NO_ABNORMALITY or UNRELIABLE (out of distribution)
     message: str                        # the triage message shown to people
     threshold: float                    # the operating threshold that made the decision
     timings_ms: dict[str, float]        # decode, preprocess, inference, postprocess, total
     backend: str
     heatmap: np.ndarray | None = field(default=None, repr=False)  # (h, w) in [0, 1], where it looked
     source: str | None = None
+    ood_score: float | None = None      # compared with the card's thresholds["ood"]
 
     def to_dict(self) -> dict:
         return {
@@ -40,6 +42,7 @@ class Prediction:
             "decision": self.decision,
             "message": self.message,
             "threshold": self.threshold,
+            "ood_score": self.ood_score,
             "notice": decision.NOT_A_DIAGNOSIS,
             "timings_ms": self.timings_ms,
             "backend": self.backend,
@@ -131,7 +134,9 @@ class Classifier:
         t_inferred = time.perf_counter()
         probs = decision.calibrated_probabilities(outputs[LOGITS][0], self.card.temperature)
         p_abnormal = float(decision.abnormal_probability(probs))
-        triage = decision.triage(p_abnormal, self.card.abnormal_threshold)
+        ood_score = float(outputs[OOD_SCORE].ravel()[0]) if OOD_SCORE in outputs else None
+        triage = decision.triage(p_abnormal, self.card.abnormal_threshold, ood_score,
+                                 self.card.thresholds.get("ood"))
         heatmap = outputs.get(HEATMAP)
         if heatmap is not None:
             heatmap = np.maximum(heatmap.reshape(heatmap.shape[1:3]), 0.0)
@@ -150,4 +155,5 @@ class Classifier:
                         "postprocess": ms(t_inferred, t_done), "total": ms(t0, t_done)},
             backend=self.backend.name,
             heatmap=heatmap,
+            ood_score=ood_score,
         )

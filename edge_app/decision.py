@@ -9,9 +9,12 @@ import numpy as np
 
 REFER = "refer"
 NO_ABNORMALITY = "no_abnormality"
+UNRELIABLE = "unreliable"
 TRIAGE_MESSAGES = {
     REFER: "Refer for clinical review",
     NO_ABNORMALITY: "No abnormality detected by the screening model",
+    UNRELIABLE: ("This image is unlike the images the model was trained on; the result is unreliable. "
+                 "Refer for clinical review"),
 }
 NOT_A_DIAGNOSIS = "Screening aid, not a diagnosis"
 
@@ -29,6 +32,10 @@ def abnormal_probability(probabilities: np.ndarray) -> np.ndarray:
     return 1.0 - np.asarray(probabilities)[..., 0]
 
 
-def triage(p_abnormal: float, threshold: float) -> str:
-    """REFER when the abnormal probability reaches the operating threshold."""
+def triage(p_abnormal: float, threshold: float, ood_score: float | None = None,
+           ood_threshold: float | None = None) -> str:
+    """UNRELIABLE when the image is out of the training distribution (its OOD score is above the
+    card's threshold), else REFER when the abnormal probability reaches the operating threshold."""
+    if ood_score is not None and ood_threshold is not None and ood_score > ood_threshold:
+        return UNRELIABLE
     return REFER if p_abnormal >= threshold else NO_ABNORMALITY

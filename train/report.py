@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from edge_app import decision  # noqa: E402
-from train import metrics  # noqa: E402
+from train import metrics, ood  # noqa: E402
 
 
 def headline(card_metrics: dict) -> str:
@@ -155,6 +155,12 @@ def write(reports: Path, results: dict, labels, logits: dict, ys: dict, history:
               "A class drawn mostly from one hospital lets a model learn the hospital: read recall per "
               "source before trusting the overall score.", "",
               *_per_source_table(results["test"]["per_source"], labels)]
+    flagged = results["ood"]["flagged"]
+    lines += ["", "## Out-of-distribution warning", "",
+              f"Images whose feature distance from the training set exceeds **{results['ood']['threshold']:.1f}** "
+              f"(the {100 * ood.VAL_QUANTILE:g}th percentile on validation) are reported as unlike the training "
+              "images, with no confident label. Share flagged: "
+              + ", ".join(f"{split} {share:.1%}" for split, share in flagged.items()) + "."]
     probe = results.get("shortcut_probe")
     if probe:
         lines += ["", "## Shortcut probe", "",

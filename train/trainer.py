@@ -21,7 +21,7 @@ import tf_keras as keras
 
 from edge_app import decision
 from edge_app.model_card import ModelCard
-from train import gradcam, metrics, models, report, shortcuts
+from train import gradcam, metrics, models, ood, report, shortcuts
 from train.config import TrainConfig
 from train.data import load_dataset
 from train.data.leakage import check_leakage
@@ -220,16 +220,31 @@ def _gradcam_grid(model, spec, test_split, test_logits, labels, path) -> None:
     report.gradcam_grid(images[chosen], maps, titles, y[chosen] != predicted[chosen], path)
 
 
-def _shortcut_probe(model, spec, split_data, labels) -> dict | None:
-    """How well the penultimate features tell the data source (train.shortcuts); None with one source."""
+def _pooled_features(model, spec, split_data) -> dict[str, np.ndarray]:
+    """The penultimate (pooled) features of every split: what the probe and the OOD score read."""
+    pooled = keras.Model(model.input, model.get_layer("pool").output)
+    return {split: pooled.predict(make_dataset(x, y, spec, batch_size=64, training=False), verbose=0)
+            for split, (x, y, _) in split_data.items()}
+
+
+def _shortcut_probe(features, split_data, labels) -> dict | None:
+    """How well the features tell the data source (train.shortcuts); None with one source."""
     sources = {s: [r.source or "unknown" for r in split_data[s][2]] for s in ("train", "test")}
     if len(set(sources["train"])) < 2:
         return None
-    pooled = keras.Model(model.input, model.get_layer("pool").output)
-    features = {s: pooled.predict(make_dataset(split_data[s][0], split_data[s][1], spec, batch_size=64,
-                                               training=False), verbose=0) for s in ("train", "test")}
     return shortcuts.source_probe(features["train"], sources["train"], split_data["train"][1],
                                   features["test"], sources["test"], split_data["test"][1], labels)
+
+
+def _fit_ood(features, run_dir: Path) -> dict:
+    """The out-of-distribution score fitted on train (saved as ood.npz for conversion), its
+    threshold chosen on val, and the share of each split it flags."""
+    detector = ood.fit(features["train"])
+    detector.save(run_dir / "ood.npz")
+    scores = {split: ood.score(detector, f) for split, f in features.items()}
+    threshold = ood.threshold(scores["val"])
+    return {"threshold": threshold, "components": int(detector.components.shape[1]),
+            "flagged": {split: float((s > threshold).mean()) for split, s in scores.items()}}
 
 
 def evaluate_and_card(model, config, dataset, spec, split_data, reports, history, *,
@@ -255,9 +270,11 @@ def evaluate_and_card(model, config, dataset, spec, split_data, reports, history
         results[split]["per_source"] = metrics.per_group_metrics(
             logits[split], y, [r.source or "unknown" for r in records], labels,
             temperature=temperature, threshold=threshold)
-    probe = _shortcut_probe(model, spec, split_data, labels)
+    features = _pooled_features(model, spec, split_data)
+    probe = _shortcut_probe(features, split_data, labels)
     if probe:
         results["shortcut_probe"] = probe
+    results["ood"] = _fit_ood(features, reports.parent)
     results["temperature"] = temperature
     results["target_sensitivity"] = config.target_sensitivity
     results["training_seconds"] = train_seconds
@@ -272,7 +289,8 @@ def evaluate_and_card(model, config, dataset, spec, split_data, reports, history
     test = results["test"]
     return ModelCard(
         name=model.name, task=config.task, labels=labels, input=spec, temperature=temperature,
-        thresholds={"abnormal": threshold, "target_sensitivity": config.target_sensitivity},
+        thresholds={"abnormal": threshold, "target_sensitivity": config.target_sensitivity,
+                    "ood": results["ood"]["threshold"]},
         dataset={"root": str(Path(config.data).resolve()), "fingerprint": dataset.fingerprint(),
                  "counts": dataset.counts(), "seed": config.seed,
                  **({"holdout_source": config.holdout_source} if config.holdout_source else {})},

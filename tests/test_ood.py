@@ -1,0 +1,65 @@
+"""The out-of-distribution score: the numpy reference, the same number inside the exported graph,
+and the device's warning above the model card's threshold."""
+import json
+
+import numpy as np
+
+from conftest import run_module
+from train import ood
+
+
+def test_ood_score_is_small_inside_and_large_outside_the_training_distribution():
+    rng = np.random.default_rng(0)
+    basis = rng.normal(size=(5, 40))                       # training features live on a 5-d subspace
+    train = rng.normal(size=(500, 5)) @ basis + 0.05 * rng.normal(size=(500, 40))
+    detector = ood.fit(train, components=5)
+    inside = ood.score(detector, rng.normal(size=(200, 5)) @ basis + 0.05 * rng.normal(size=(200, 40)))
+    off_subspace = ood.score(detector, rng.normal(size=(200, 40)))       # same scale, other directions
+    far_along = ood.score(detector, 20 * rng.normal(size=(200, 5)) @ basis)  # right directions, too far
+    limit = ood.threshold(inside, 0.99)
+    assert np.median(inside) < 2 * 45                      # ~chi-square: k + (d - k) residual terms
+    assert (off_subspace > limit).all() and (far_along > limit).mean() > 0.99
+
+
+def test_exported_model_computes_the_same_ood_score(tiny_run, tiny_dataset):
+    import train  # noqa: F401
+    import tf_keras as keras
+    from edge_app.classifier import Classifier
+    from edge_app.model_card import ModelCard
+    from edge_app.preprocess import preprocess
+
+    card = ModelCard.from_json((tiny_run / "model_card.json").read_text())
+    assert card.thresholds["ood"] > 0
+    detector = ood.OodModel.load(tiny_run / "ood.npz")
+    model = keras.models.load_model(tiny_run / "model.keras", compile=False)
+    pooled = keras.Model(model.input, model.get_layer("pool").output)
+    images = sorted((tiny_dataset / "test").rglob("*.jp*g"))[:6]
+    x = np.stack([preprocess(p, card.input) for p in images])
+    expected = ood.score(detector, pooled.predict(x, verbose=0))
+    classifier = Classifier(tiny_run / "tflite" / "fp32.tflite", accelerator="cpu")
+    device = np.array([classifier.predict(p).ood_score for p in images])
+    np.testing.assert_allclose(device, expected, rtol=1e-3)
+
+
+
+def test_device_says_unreliable_above_the_cards_ood_threshold(tiny_run, tiny_dataset, tmp_path):
+    """How well the score separates belongs to the real model's report; here: the decision rule."""
+    import dataclasses
+
+    from edge_app.classifier import Classifier, load_model_file
+    from edge_app.tflite_metadata import CARD_METADATA_NAME, write_metadata
+
+    data, card = load_model_file(tiny_run / "tflite" / "fp32.tflite")
+    image = sorted((tiny_dataset / "test").rglob("*.jp*g"))[0]
+    score = Classifier(tiny_run / "tflite" / "fp32.tflite", accelerator="cpu").predict(image).ood_score
+    decisions = {}
+    for name, limit in (("below", 0.5 * score), ("above", 2.0 * score)):
+        doctored = dataclasses.replace(card, thresholds={**card.thresholds, "ood": limit})
+        path = tmp_path / f"{name}.tflite"
+        path.write_bytes(write_metadata(data, CARD_METADATA_NAME, doctored.to_json().encode()))
+        out = json.loads(run_module("edge_app", "predict", image, "--model", path, "--json").stdout)
+        decisions[name] = out["results"][0]
+    assert decisions["below"]["decision"] == "unreliable"
+    assert "unlike the images the model was trained on" in decisions["below"]["message"]
+    assert decisions["above"]["decision"] in ("refer", "no_abnormality")
+    assert decisions["below"]["probabilities"] == decisions["above"]["probabilities"]
