@@ -128,7 +128,7 @@ class Classifier:
 
     def _predict_gray(self, gray: np.ndarray, t0: float) -> Prediction:
         t_decoded = time.perf_counter()
-        x = preprocess.normalise(preprocess.fit_square(gray, self.spec.size, self.spec.fit), self.spec)
+        x = preprocess.normalise(preprocess.square(gray, self.spec), self.spec)
         t_preprocessed = time.perf_counter()
         outputs = self.backend.run(x[None])
         t_inferred = time.perf_counter()

@@ -12,7 +12,8 @@ The steps, each one function:
 * `fit_square`: grey image -> (size, size), by centre crop or by padding with black.
 * `normalise`: [0, 1] squares -> what the network expects, (..., size, size, channels).
 
-`load` = decode + fit_square (what training caches); `preprocess` = load + normalise.
+`square` = fit_square + the optional contrast step (`InputSpec.contrast`); `load` = decode +
+`square` (what training caches); `preprocess` = load + normalise.
 
 Conventions worth knowing:
 
@@ -47,6 +48,8 @@ from edge_app.errors import InputError
 PREPROCESSING_VERSION = "1"   # recorded in model cards; bump whenever output pixels change
 NORMALISATIONS = ("unit", "symmetric", "caffe", "torch", "raw255")
 FITS = ("crop", "pad")
+CONTRASTS = ("none", "equalize")  # equalize: global histogram equalisation of the square, which
+                                  # removes each scanner's own windowing/post-processing curve
 
 MIN_SIDE = 64                 # shorter side below this -> too_small
 MAX_PIXELS = 50_000_000       # more pixels -> too_large, from the header: ~7070², 2.7x a 4300²
@@ -87,6 +90,7 @@ class InputSpec:
     channels: int = 1         # 1, or 3 (grey replicated)
     normalisation: str = "unit"
     fit: str = "crop"         # crop: shorter side -> size, centre crop; pad: longer side -> size, black pad
+    contrast: str = "none"    # none | equalize (see CONTRASTS)
 
     def __post_init__(self):
         if isinstance(self.size, bool) or not isinstance(self.size, numbers.Integral) or self.size < 1:
@@ -102,6 +106,8 @@ class InputSpec:
                              f"got channels={self.channels}")
         if self.fit not in FITS:
             raise ValueError(f"InputSpec.fit must be one of {FITS}, got {self.fit!r}")
+        if self.contrast not in CONTRASTS:
+            raise ValueError(f"InputSpec.contrast must be one of {CONTRASTS}, got {self.contrast!r}")
         object.__setattr__(self, "size", int(self.size))        # numpy ints -> JSON-able ints
         object.__setattr__(self, "channels", int(self.channels))
 
@@ -409,6 +415,20 @@ def fit_square(gray: np.ndarray, size: int, fit: str = "crop") -> np.ndarray:
     return np.clip(out, 0.0, 1.0, dtype=np.float32)
 
 
+def equalize(image: np.ndarray) -> np.ndarray:
+    """Histogram equalisation of a [0, 1] image, exact: each value -> the share of pixels at or
+    below it. Any monotone grey curve (a scanner's windowing, gamma) gives the same output."""
+    _, inverse, counts = np.unique(image, return_inverse=True, return_counts=True)
+    cdf = np.cumsum(counts, dtype=np.float64) / image.size
+    return cdf[inverse].reshape(image.shape).astype(np.float32)
+
+
+def square(gray: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """fit_square, then the spec's contrast step: the (size, size) [0, 1] image before normalise."""
+    out = fit_square(gray, spec.size, spec.fit)
+    return equalize(out) if spec.contrast == "equalize" else out
+
+
 def normalise(images: np.ndarray, spec: InputSpec) -> np.ndarray:
     """[0, 1] squares (..., size, size) -> model inputs (..., size, size, channels), float32.
 
@@ -438,8 +458,8 @@ def normalise(images: np.ndarray, spec: InputSpec) -> np.ndarray:
 
 
 def load(source, spec: InputSpec, *, strict: bool = False) -> np.ndarray:
-    """decode + fit_square: the (size, size) grey [0, 1] image training caches."""
-    return fit_square(decode(source, strict=strict, draft_size=spec.size), spec.size, spec.fit)
+    """decode + square: the (size, size) grey [0, 1] image training caches."""
+    return square(decode(source, strict=strict, draft_size=spec.size), spec)
 
 
 def preprocess(source, spec: InputSpec, *, strict: bool = False) -> np.ndarray:

@@ -488,3 +488,21 @@ def test_input_spec_round_trip():
 def test_input_spec_validation_names_the_field(d, field):
     with pytest.raises(ValueError, match=field):
         pp.InputSpec.from_dict(d)
+
+
+def test_equalize_flattens_the_histogram_and_keeps_the_order_of_grey_levels():
+    rng = np.random.default_rng(0)
+    dim = (rng.random((128, 128)) ** 3 * 0.4).astype(np.float32)   # a dark, low-contrast film
+    out = pp.equalize(dim)
+    assert out.dtype == np.float32 and out.shape == dim.shape
+    assert 0.0 <= out.min() and out.max() <= 1.0
+    order = np.argsort(dim, axis=None)
+    assert (np.diff(out.ravel()[order]) >= 0).all()                 # monotone: anatomy keeps its order
+    hist, _ = np.histogram(out, bins=8, range=(0, 1))
+    assert hist.min() > 0.8 * out.size / 8                         # every eighth of the range used alike
+    # two scanners' curves on the same image give the same equalised image
+    np.testing.assert_array_equal(pp.equalize(np.sqrt(dim)), out)
+    spec = pp.InputSpec(size=64, contrast="equalize")
+    np.testing.assert_array_equal(pp.square(dim, spec), pp.equalize(pp.fit_square(dim, 64)))
+    with pytest.raises(ValueError, match="contrast"):
+        pp.InputSpec(size=64, contrast="clahe")

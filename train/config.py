@@ -25,6 +25,7 @@ class TrainConfig:
     task: str = "3class"                  # 3class | pneumonia | covid
     image_size: int | None = None         # None -> the model's default
     fit: str = "crop"                     # crop | pad (see edge_app.preprocess)
+    contrast: str = "none"                # none | equalize: histogram equalisation (edge_app.preprocess)
     strategy: str | None = None           # frozen | finetune | full; None -> finetune from
                                           # pretrained weights, full from scratch (weights "none")
     epochs: int = 8                       # head epochs (frozen/finetune) or all epochs (full)

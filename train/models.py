@@ -97,10 +97,10 @@ def get(name: str) -> ModelEntry:
     return REGISTRY[name]
 
 
-def input_spec(name: str, image_size: int | None = None, fit: str = "crop") -> InputSpec:
+def input_spec(name: str, image_size: int | None = None, fit: str = "crop", contrast: str = "none") -> InputSpec:
     entry = get(name)
     return InputSpec(size=image_size or entry.default_size, channels=entry.channels,
-                     normalisation=entry.normalisation, fit=fit)
+                     normalisation=entry.normalisation, fit=fit, contrast=contrast)
 
 
 def resolve_weights(entry: ModelEntry, weights: str, alpha, weights_dirs=()) -> Path | str | None:
