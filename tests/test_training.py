@@ -176,3 +176,36 @@ def test_training_from_scratch_never_freezes_a_random_backbone():
     assert TrainConfig(weights="imagenet").strategy == "finetune"
     with pytest.raises(ValueError, match="--strategy full"):
         TrainConfig(weights="none", strategy="frozen")
+
+
+def test_acquisition_augmentation_changes_how_not_what():
+    from train.config import TrainConfig
+    from train.pipeline import acquisition_augmentation
+
+    assert acquisition_augmentation(TrainConfig(), 0) is None      # off by default
+    config = TrainConfig(gamma=0.5, noise=0.03, min_resolution=0.5, jpeg_quality=40)
+    augment = acquisition_augmentation(config, 0)
+    y, x = np.mgrid[:64, :64] / 63.0
+    batch = np.stack([(0.2 + 0.6 * x * y), (0.8 - 0.5 * x)])[..., None].astype(np.float32)
+    out = augment(batch).numpy()
+    assert out.shape == batch.shape and out.dtype == np.float32
+    assert 0.0 <= out.min() and out.max() <= 1.0
+    assert np.abs(out - batch).mean() > 0.005                        # it did change the pixels
+    for a, b in zip(out[..., 0], batch[..., 0]):                     # ... but not the picture
+        assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.9
+
+
+def test_source_class_weights_give_every_pair_the_same_total():
+    from pathlib import Path
+
+    from train.data.records import Record
+    from train.pipeline import source_class_weights
+
+    pairs = [("kermany", "normal")] * 6 + [("rsna", "normal")] * 2 + [("kermany", "pneumonia")] * 4
+    records = [Record(Path(f"{i}.png"), label, "train", None, source) for i, (source, label) in enumerate(pairs)]
+    w = source_class_weights(records, ("normal", "pneumonia", "covid"))
+    assert w.mean() == pytest.approx(1.0)
+    totals = {}
+    for weight, pair in zip(w, pairs):
+        totals[pair] = totals.get(pair, 0.0) + weight
+    assert list(totals.values()) == pytest.approx([4.0, 4.0, 4.0])

@@ -25,7 +25,8 @@ class TrainConfig:
     task: str = "3class"                  # 3class | pneumonia | covid
     image_size: int | None = None         # None -> the model's default
     fit: str = "crop"                     # crop | pad (see edge_app.preprocess)
-    contrast: str = "none"                # none | equalize: histogram equalisation (edge_app.preprocess)
+    input_contrast: str = "none"          # none | equalize: histogram equalisation in the preprocessing
+                                          # (InputSpec.contrast), so the device does it too
     strategy: str | None = None           # frozen | finetune | full; None -> finetune from
                                           # pretrained weights, full from scratch (weights "none")
     epochs: int = 8                       # head epochs (frozen/finetune) or all epochs (full)
@@ -46,6 +47,13 @@ class TrainConfig:
     brightness: float = 0.1
     contrast: float = 0.1
     horizontal_flip: bool = False         # anatomy is not symmetric (heart on the left)
+    # against acquisition shortcuts (see train.pipeline.acquisition_augmentation); 0 turns one off
+    gamma: float = 0.0                    # grey curve x ** g, log g uniform in [-log(1+gamma), log(1+gamma)]
+    noise: float = 0.0                    # Gaussian noise, std uniform in [0, noise]
+    min_resolution: float = 1.0           # down- and back up-sampled by a factor in [min_resolution, 1]
+    jpeg_quality: int = 0                 # re-encoded as JPEG at a quality in [jpeg_quality, 95]
+    balance_sources: bool = False         # weigh images so every (source, class) has the same total
+                                          # weight (replaces class weights)
     early_stopping_patience: int = 4
     holdout_source: str = ""              # leave this data source out of training; evaluate on it
     target_sensitivity: float = 0.95      # abnormal sensitivity the operating threshold must reach on val

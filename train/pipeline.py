@@ -46,22 +46,65 @@ def augmentation(config: TrainConfig, seed: int) -> keras.Sequential:
     return keras.Sequential(steps, name="augmentation")
 
 
+def acquisition_augmentation(config: TrainConfig, seed: int):
+    """Batch -> batch changes of how an image was acquired, not of what it shows: grey curve
+    (gamma), detector noise, resolution (which also blurs) and JPEG re-compression, so that a model
+    cannot tell hospitals apart by them. None when every one is off."""
+    if not (config.gamma or config.noise or config.min_resolution < 1.0 or config.jpeg_quality):
+        return None
+    rng = tf.random.Generator.from_seed(seed)
+
+    def augment(x):  # (batch, size, size, 1) in [0, 1]
+        n, size = tf.shape(x)[0], tf.shape(x)[1]
+        if config.gamma:
+            log_g = rng.uniform((n, 1, 1, 1), -np.log1p(config.gamma), np.log1p(config.gamma))
+            x = tf.pow(tf.maximum(x, 1e-6), tf.exp(log_g))
+        if config.min_resolution < 1.0:
+            scale = rng.uniform((), config.min_resolution, 1.0)
+            small = tf.cast(tf.round(tf.cast(size, tf.float32) * scale), tf.int32)
+            x = tf.image.resize(tf.image.resize(x, (small, small), antialias=True), (size, size))
+        if config.noise:
+            x = x + rng.normal(tf.shape(x)) * rng.uniform((n, 1, 1, 1), 0.0, config.noise)
+        x = tf.clip_by_value(x, 0.0, 1.0)
+        if config.jpeg_quality:
+            qualities = rng.uniform((n,), config.jpeg_quality, 96, dtype=tf.int32)
+            x = tf.map_fn(lambda a: tf.image.adjust_jpeg_quality(a[0], a[1]), (x, qualities),
+                          fn_output_signature=tf.float32)
+        return x
+
+    return augment
+
+
+def source_class_weights(records: list[Record], labels) -> np.ndarray:
+    """Per-image weights, averaging 1, that give every (source, class) pair the same total weight."""
+    keys = [(r.source or "unknown", r.label) for r in records]
+    counts = {k: keys.count(k) for k in set(keys)}
+    weights = np.array([1.0 / counts[k] for k in keys])
+    return (weights * len(weights) / weights.sum()).astype(np.float32)
+
+
 def make_dataset(images: np.ndarray, labels: np.ndarray, spec: preprocess.InputSpec, *,
                  batch_size: int, training: bool, config: TrainConfig | None = None,
-                 seed: int = 0) -> tf.data.Dataset:
-    """Batches of (model input, class index). Training batches are shuffled and augmented."""
-    ds = tf.data.Dataset.from_tensor_slices((images, labels.astype(np.int32)))
+                 seed: int = 0, sample_weights: np.ndarray | None = None) -> tf.data.Dataset:
+    """Batches of (model input, class index[, sample weight]). Training batches are shuffled and augmented."""
+    columns = (images, labels.astype(np.int32)) + (() if sample_weights is None else (sample_weights,))
+    ds = tf.data.Dataset.from_tensor_slices(columns)
     if training:
         ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
     if training and config is not None and config.augment:
-        augment = augmentation(config, seed)
-        ds = ds.map(lambda x, y: (tf.clip_by_value(augment(x[..., None], training=True)[..., 0], 0.0, 1.0), y),
-                    num_parallel_calls=tf.data.AUTOTUNE)
+        geometry = augmentation(config, seed)
+        acquisition = acquisition_augmentation(config, seed + 10)
 
-    def to_model_input(x, y):
+        def augment(x, *rest):
+            x = tf.clip_by_value(geometry(x[..., None], training=True), 0.0, 1.0)
+            return (x[..., 0] if acquisition is None else acquisition(x)[..., 0], *rest)
+
+        ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+
+    def to_model_input(x, *rest):
         x = tf.numpy_function(lambda a: preprocess.normalise(a, spec), [x], tf.float32, stateful=False)
         x.set_shape((None, spec.size, spec.size, spec.channels))
-        return x, y
+        return (x, *rest)
 
     return ds.map(to_model_input, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)

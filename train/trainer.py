@@ -26,7 +26,7 @@ from train.config import TrainConfig
 from train.data import load_dataset
 from train.data.leakage import check_leakage
 from train.data.records import SPLITS
-from train.pipeline import load_images, make_dataset
+from train.pipeline import load_images, make_dataset, source_class_weights
 from edge_app.preprocess import normalise
 
 MONITOR = "val_abnormal_auc"
@@ -140,7 +140,7 @@ def run(config: TrainConfig, out: str | Path, *, resume: bool = False, progress:
         print("WARNING: leakage across splits (see reports/leakage.json):\n" + leakage.summary())
 
     labels = dataset.labels
-    spec = models.input_spec(config.model, config.image_size, config.fit, config.contrast)
+    spec = models.input_spec(config.model, config.image_size, config.fit, config.input_contrast)
     split_data = {}
     for split, records in [(s, dataset.split(s)) for s in SPLITS] + [("holdout", held_out)] * bool(held_out):
         y = np.array([labels.index(r.label) for r in records], dtype=np.int32)
@@ -151,14 +151,18 @@ def run(config: TrainConfig, out: str | Path, *, resume: bool = False, progress:
     if tf.config.list_logical_devices("GPU") and config.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
     batch = config.batch_size * replicas
-    x_train, y_train, _ = split_data["train"]
+    x_train, y_train, train_records = split_data["train"]
     x_val, y_val, _ = split_data["val"]
+    weights, per_image = None, None
+    if config.balance_sources:
+        per_image = source_class_weights(train_records, labels)
+    elif config.class_weight_power:
+        weights = class_weights(y_train, len(labels), config.class_weight_power)
     train_ds = make_dataset(x_train, y_train, spec, batch_size=batch, training=True, config=config,
-                            seed=config.seed)
+                            seed=config.seed, sample_weights=per_image)
     val_ds = make_dataset(x_val, y_val, spec, batch_size=batch, training=False)
-    weights = class_weights(y_train, len(labels), config.class_weight_power) if config.class_weight_power else None
     print(f"{replicas} replica(s) on {strategy.__class__.__name__}; global batch {batch}; "
-          f"class weights {weights}")
+          + ("weights balanced over (source, class)" if per_image is not None else f"class weights {weights}"))
 
     with strategy.scope():
         model = models.build(config.model, len(labels), image_size=spec.size, alpha=config.alpha,
