@@ -192,8 +192,8 @@ def _native_log(lines: list[str]):
 
 def _reason(exc: Exception, native: list[str]) -> str:
     """The exception, plus the native log's error lines (the last three) when it logged any."""
-    errors = [line.strip() for line in native
-              if any(word in line for word in ("ERROR", "Failed", "failed", "Couldn't", "cannot"))]
+    errors = [line.strip() for line in native  # error lines, and Dawn's "Couldn't load Vulkan"
+              if line.startswith(("ERROR", "E0")) or "Couldn't load" in line]
     reason = f"{type(exc).__name__}: {exc}"
     return reason + (f" [native log: {' | '.join(errors[-3:])}]" if errors else "")
 

@@ -79,6 +79,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int)
     p.add_argument("--gpu-delegate", dest="gpu_delegate")
     p.add_argument("--history", help="screening history database (SQLite)")
+    p.add_argument("--exports", help="folder for CSV exports and camera captures")
     p.add_argument("--start-dir", dest="start_dir", help="folder the file chooser opens in")
     p.add_argument("--kiosk", action="store_true", default=None,
                    help="fullscreen screening kiosk; History, Settings and exit need the staff PIN")

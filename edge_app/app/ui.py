@@ -19,7 +19,6 @@ from kivy.clock import Clock
 from kivy.core.window import Window
 from kivy.factory import Factory
 from kivy.graphics.texture import Texture
-from kivy.lang import Builder
 from kivy.metrics import dp, sp
 from kivy.properties import BooleanProperty, ListProperty, NumericProperty, StringProperty
 from kivy.uix.boxlayout import BoxLayout
@@ -97,8 +96,6 @@ class ResultScreen(Screen):
         self.ids.heat_toggle.disabled = overlay is None
         self.ids.message.text = p.message
         self.ids.message.colour = COLOURS[p.decision]
-        self.ids.summary.text = (f"P(abnormal) {p.abnormal_probability:.1%} at the operating threshold "
-                                 f"{p.threshold:.1%}. Most likely: {p.label}.")
         bars = self.ids.bars
         bars.clear_widgets()
         bars.add_widget(ProbabilityBar(text="abnormal", value=p.abnormal_probability, marker=p.threshold,
@@ -106,13 +103,13 @@ class ResultScreen(Screen):
         for label, value in p.probabilities.items():
             bars.add_widget(ProbabilityBar(text=label, value=value))
         t = p.timings_ms
-        self.ids.details.text = (f"{Path(outcome.screening.image_path).name}\n"
+        self.ids.details.text = (f"Most likely: {p.label}. {Path(outcome.screening.image_path).name}\n"
                                  f"{t['total']:.0f} ms (inference {t['inference']:.0f} ms) on {p.backend}")
 
     def clear(self) -> None:
         self.ids.xray.texture = self.ids.heat.texture = None
         self.ids.bars.clear_widgets()
-        self.ids.message.text = self.ids.summary.text = self.ids.details.text = ""
+        self.ids.message.text = self.ids.details.text = ""
 
 
 class HistoryScreen(Screen):
@@ -182,6 +179,7 @@ class PinPopup(Popup):
 
 class CxrApp(App):
     title = "cxr-edge: chest X-ray screening aid"
+    kv_file = str(Path(__file__).with_name("cxr.kv"))   # loaded by App.run, before build
     busy = BooleanProperty(False)
     status = StringProperty("")
     error = StringProperty("")
@@ -208,7 +206,6 @@ class CxrApp(App):
 
     # -- lifecycle ---------------------------------------------------------------------------
     def build(self):
-        Builder.load_file(str(Path(__file__).with_name("cxr.kv")))
         root = Factory.Root()
         self.sm = root.ids.sm
         self.sm.transition = NoTransition()
@@ -261,13 +258,15 @@ class CxrApp(App):
     def _screened(self, result) -> None:
         outcome, square, overlay = result
         self.last_outcome = outcome
-        if outcome.error is not None:
+        if outcome.error is not None:   # shown where the next image is chosen, not over an old result
             self.error = _error_message(outcome.error)
             self.status = ""
+            self.sm.current = "screening"
             return
         self.sm.get_screen("result").show(outcome, square, overlay)
         self.status = f"Screening #{outcome.screening.id} saved to the history."
         self.sm.current = "result"
+        self._build_nav()
 
     def load_model(self) -> None:
         cfg = self.cfg
