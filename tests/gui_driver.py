@@ -99,11 +99,11 @@ def scenario_kiosk(app, out, images, seen):
     popup.key("ok")
     yield 0.2
     seen["after_wrong_pin"] = {"error": app.error, "running": app.root_window is not None}
-    app._on_drop_file(Window, images["good"][0].encode(), 20, 20)
+    app._on_drop_file(Window, images["good"][0].encode(), 20, 20)    # the last activity
+    started = time.monotonic()
     yield lambda: app.sm.current == "result"
     yield 0.3
     seen["screenshots"]["result"] = shot(out, "kiosk_result")
-    started = time.monotonic()
     yield lambda: app.sm.current == "screening"                       # nobody touches it: idle reset
     seen["idle_reset_after_s"] = round(time.monotonic() - started, 2)
     seen["after_reset"] = {"result_message": app.sm.get_screen("result").ids.message.text,
