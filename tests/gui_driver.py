@@ -66,9 +66,11 @@ def scenario_screen(app, out, images, seen):
     yield 0.3
     seen["bad"] = {"error": app.error, "screen": app.sm.current, "visible": texts(app.root)}
     seen["screenshots"]["error"] = shot(out, "error")
-    app.sm.get_screen("screening").pick(images["good"][1], False)
-    yield idle(app)
-    seen["second"] = outcome(app)
+    seen["next"] = []
+    for image in images["good"][1:]:
+        app.sm.get_screen("screening").pick(image, False)
+        yield idle(app)
+        seen["next"].append(outcome(app))
     app.go("history")
     yield 0.3
     seen["history_rows"] = [row["text"] for row in app.sm.get_screen("history").ids.list.data]
@@ -78,6 +80,12 @@ def scenario_screen(app, out, images, seen):
     yield 0.3
     seen["settings"] = texts(app.sm.get_screen("settings"))
     seen["screenshots"]["settings"] = shot(out, "settings")
+    settings = app.sm.get_screen("settings")
+    settings.ids.threads.text = "1"
+    settings.apply()                                                   # reloads the model, saves
+    yield idle(app)
+    seen["after_apply"] = {"model_status": app.model_status, "threads": app.cfg.threads}
+    seen["camera_button"] = app.has_camera
     seen["notice_visible"] = app.root.ids.notice.height > 0 and app.root.ids.notice.text
     app.stop()
 

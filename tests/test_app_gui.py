@@ -1,5 +1,6 @@
 """The Kivy app in a real window (Xvfb, Mesa's software OpenGL), driven by tests/gui_driver.py in a
 process that never imports TensorFlow (the two crash each other)."""
+import glob
 import json
 import os
 import shutil
@@ -7,10 +8,13 @@ import sqlite3
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import REPO, run_module
 from edge_app.history import file_sha256
+from test_preprocess import write_dicom
 
 DRIVER = REPO / "tests" / "gui_driver.py"
 
@@ -36,10 +40,14 @@ def drive(scenario, out, images, *flags, screen="1280x800"):
 
 @pytest.fixture(scope="module")
 def images(tiny_dataset, tmp_path_factory):
-    bad = tmp_path_factory.mktemp("bad") / "scan.jpg"
+    """Two JPEGs, a MONOCHROME1 DICOM made from a third X-ray, and a file that is no image."""
+    folder = tmp_path_factory.mktemp("images")
+    bad = folder / "scan.jpg"
     bad.write_text("this is a referral letter, not an image")
-    return {"good": [sorted((tiny_dataset / "test" / c).iterdir())[0] for c in ("pneumonia", "covid")],
-            "bad": str(bad)}
+    jpegs = [sorted((tiny_dataset / "test" / c).iterdir())[0] for c in ("pneumonia", "covid", "normal")]
+    grey = np.asarray(Image.open(jpegs[2]).convert("L"), np.uint16)
+    dicom = write_dicom(folder / "normal.dcm", (255 - grey) * 16, "MONOCHROME1")  # 12-bit, inverted
+    return {"good": [*jpegs[:2], dicom], "bad": str(bad)}
 
 
 @pytest.mark.parametrize("size", ["1280x800", "800x480"])
@@ -49,7 +57,9 @@ def test_app_screens_an_xray_like_the_cli_and_records_it(tmp_path, tiny_run, ima
                  "--start-dir", images["good"][0].parent, "--size", size)
     cli = json.loads(run_module("edge_app", "predict", *images["good"], "--model", model, "--json").stdout)
 
-    for shown, expected, image in zip((seen["first"], seen["second"]), cli["results"], images["good"]):
+    shown_all = [seen["first"], *seen["next"]]
+    assert len(shown_all) == len(cli["results"]) == 3
+    for shown, expected, image in zip(shown_all, cli["results"], images["good"]):
         p = shown["prediction"]
         assert shown["screen"] == "result" and p["source"] == str(image)
         assert p["label"] == expected["label"] and p["decision"] == expected["decision"]
@@ -61,21 +71,24 @@ def test_app_screens_an_xray_like_the_cli_and_records_it(tmp_path, tiny_run, ima
     assert "[not_an_image]" in seen["bad"]["error"] and seen["bad"]["screen"] == "screening"
     assert seen["bad"]["error"] in seen["bad"]["visible"]
     assert seen["notice_visible"].startswith("Screening aid, not a diagnosis")
+    assert seen["camera_button"] is bool(glob.glob("/dev/video*"))    # no camera here: no button
 
     db = sqlite3.connect(tmp_path / "history.sqlite3")
     rows = db.execute("SELECT id, image_path, image_sha256, label, probabilities, decision, model_sha256, "
                       "error_code FROM screenings ORDER BY id").fetchall()
     assert [r[0] for r in rows] == [seen["first"]["screening_id"], seen["first"]["screening_id"] + 1,
-                                    seen["second"]["screening_id"]]
-    (_, path, sha, label, probs, decision, model_sha, error), bad, second = rows
+                                    *(s["screening_id"] for s in seen["next"])]
+    (_, path, sha, label, probs, decision, model_sha, error), bad, *_ = rows
     assert (path, sha, label, decision) == (str(images["good"][0]), file_sha256(images["good"][0]),
                                             cli["results"][0]["label"], cli["results"][0]["decision"])
     assert json.loads(probs) == seen["first"]["prediction"]["probabilities"]
     assert model_sha == cli["model_sha256"] and error is None
     assert bad[1] == images["bad"] and bad[7] == "not_an_image" and bad[3] is None
-    assert len(seen["history_rows"]) == 3 and "NOT SCREENED [not_an_image]" in seen["history_rows"][1]
-    assert open(seen["export"]).read().count("\n") == 4
+    assert len(seen["history_rows"]) == 4 and "NOT SCREENED [not_an_image]" in seen["history_rows"][2]
+    assert open(seen["export"]).read().count("\n") == 5
     assert any("int8.tflite on litert-interpreter" in t for t in seen["settings"])
+    assert seen["after_apply"]["threads"] == 1 and "int8.tflite on" in seen["after_apply"]["model_status"]
+    assert json.loads((tmp_path / "app.json").read_text())["threads"] == 1   # Settings saved
     for name in ("screening", "result", "error", "history", "settings"):
         assert (tmp_path / f"{name}.png").stat().st_size > 10_000
 

@@ -113,8 +113,9 @@ def test_prediction_has_heatmap_and_stage_timings(int8_path, tiny_dataset):
     assert stages == pytest.approx(prediction.timings_ms["total"], abs=0.05)
 
 
-def test_predict_is_safe_from_worker_threads(int8_path, tiny_dataset):
-    classifier = Classifier(int8_path, accelerator="cpu")
+@pytest.mark.parametrize("variant", ["int8", "fp32"])   # Interpreter and CompiledModel backends
+def test_predict_is_safe_from_worker_threads(tiny_run, tiny_dataset, variant):
+    classifier = Classifier(tiny_run / "tflite" / f"{variant}.tflite", accelerator="cpu")
     images = sorted((tiny_dataset / "test").rglob("*.jpg"))[:6]
     expected = [classifier.predict(i).probabilities for i in images]
     results = {}
