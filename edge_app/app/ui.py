@@ -287,7 +287,7 @@ class CxrApp(App):
         tried = "".join(f"\n  not used: {t['backend']}: {t['error'][:160]}" for t in info["backends_tried"])
         card = info["card"]
         self.card_text = "\n".join([f"Model SHA-256: {info['model_sha256']}", f"Backend: {info['backend']}{tried}"]
-                                   + [f"{k}: {v}" for k, v in card.items()])
+                                   + [f"{k}: {_plain(v)}" for k, v in card.items()])
         self.status = f"Ready: {self.model_status}."
 
     def _run(self, job, done) -> None:
@@ -422,6 +422,17 @@ def _error_message(exc: BaseException) -> str:
         where = f"{Path(exc.path).name}: " if exc.path else ""
         return f"Cannot use this file [{exc.code}]: {where}{exc.message}"
     return f"Something went wrong ({type(exc).__name__}: {exc}); the app goes on."
+
+
+def _plain(value) -> str:
+    """A model card value for people: floats to 4 digits, dicts and lists without brackets."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return "; ".join(f"{k} {_plain(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(_plain, value))
+    return str(value)
 
 
 def _history_line(s) -> str:
