@@ -85,6 +85,12 @@ def scenario_screen(app, out, images, seen):
     settings.apply()                                                   # reloads the model, saves
     yield idle(app)
     seen["after_apply"] = {"model_status": app.model_status, "threads": app.cfg.threads}
+    settings.ids.model.text = str(out / "missing.tflite")
+    settings.apply()
+    yield lambda: not app.busy
+    seen["bad_model"] = {"error": app.error, "model_status": app.model_status}
+    app.open_file(images["good"][0])
+    seen["bad_model"]["screen_error"] = app.error
     seen["camera_button"] = app.has_camera
     seen["notice_visible"] = app.root.ids.notice.height > 0 and app.root.ids.notice.text
     app.stop()

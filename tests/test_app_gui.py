@@ -89,6 +89,9 @@ def test_app_screens_an_xray_like_the_cli_and_records_it(tmp_path, tiny_run, ima
     assert any("int8.tflite on litert-interpreter" in t for t in seen["settings"])
     assert seen["after_apply"]["threads"] == 1 and "int8.tflite on" in seen["after_apply"]["model_status"]
     assert json.loads((tmp_path / "app.json").read_text())["threads"] == 1   # Settings saved
+    assert "[model_not_found]" in seen["bad_model"]["error"]
+    assert seen["bad_model"]["model_status"].startswith("Model not loaded")
+    assert seen["bad_model"]["screen_error"].startswith("No model is loaded")
     for name in ("screening", "result", "error", "history", "settings"):
         assert (tmp_path / f"{name}.png").stat().st_size > 10_000
 
