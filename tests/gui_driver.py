@@ -75,7 +75,13 @@ def scenario_screen(app, out, images, seen):
     yield 0.3
     seen["history_rows"] = [row["text"] for row in app.sm.get_screen("history").ids.list.data]
     seen["screenshots"]["history"] = shot(out, "history")
-    seen["export"] = str(app.sm.get_screen("history").export())
+    history = app.sm.get_screen("history")
+    seen["export"] = str(history.export())
+    history.ids.text.text = Path(images["bad"]).name
+    seen["search_bad"] = [row["text"] for row in (history.search() and history.ids.list.data)]
+    history.ids.text.text = ""
+    history.ids.label.text = seen["first"]["prediction"]["label"]      # the spinner searches at once
+    seen["search_label"] = [row["text"] for row in history.ids.list.data]
     app.go("settings")
     yield 0.3
     seen["settings"] = texts(app.sm.get_screen("settings"))

@@ -86,6 +86,10 @@ def test_app_screens_an_xray_like_the_cli_and_records_it(tmp_path, tiny_run, ima
     assert bad[1] == images["bad"] and bad[7] == "not_an_image" and bad[3] is None
     assert len(seen["history_rows"]) == 4 and "NOT SCREENED [not_an_image]" in seen["history_rows"][2]
     assert open(seen["export"]).read().count("\n") == 5
+    assert len(seen["search_bad"]) == 1 and "not_an_image" in seen["search_bad"][0]
+    label = cli["results"][0]["label"]
+    assert len(seen["search_label"]) == sum(r["label"] == label for r in cli["results"]) >= 1
+    assert all(f" {label} " in row for row in seen["search_label"])
     assert any("int8.tflite on litert-interpreter" in t for t in seen["settings"])
     assert seen["after_apply"]["threads"] == 1 and "int8.tflite on" in seen["after_apply"]["model_status"]
     assert json.loads((tmp_path / "app.json").read_text())["threads"] == 1   # Settings saved
