@@ -4,8 +4,12 @@
 #   make all DATA=../shared/data/cxr       the real chest X-ray set
 #   make train MODEL=cnn DATA=...          any registered model (train/models.py)
 #
+#   make app                               the screening app (Kivy) on the run's int8 model
+#   make app APP_ARGS="--kiosk --pin 2468" the screening kiosk
+#
 # Variables: DATA (dataset folder; empty = the generated synthetic set), MODEL, RUN (run name,
-# the folder under artifacts/), CONFIG (a TOML file of training settings), WEIGHTS, WEIGHTS_DIR.
+# the folder under artifacts/), CONFIG (a TOML file of training settings), WEIGHTS, WEIGHTS_DIR,
+# APP_MODEL (the app's .tflite), APP_ARGS (more `python -m edge_app app` flags).
 
 PYTHON      ?= python3
 VENV        := .venv
@@ -21,9 +25,11 @@ WEIGHTS_DIR ?= ../shared/weights/keras/models
 # ImageNet weights only where a local copy exists, so the default run never downloads anything.
 WEIGHTS     ?= $(if $(filter cnn,$(MODEL)),none,$(if $(wildcard $(WEIGHTS_DIR)/*.h5),imagenet,none))
 TRAIN_ARGS  ?=
+APP_MODEL   ?= $(RUN_DIR)/tflite/int8.tflite
+APP_ARGS    ?=
 PREDICT_IMAGE = $(firstword $(wildcard $(DATASET)/test/covid/* $(DATASET)/test/pneumonia/*))
 
-.PHONY: all setup data train convert benchmark predict test clean
+.PHONY: all setup data train convert benchmark predict app test clean
 
 all: data train convert benchmark predict
 
@@ -55,6 +61,9 @@ benchmark: setup
 
 predict: setup
 	$(PY) -m edge_app predict $(PREDICT_IMAGE) --model $(RUN_DIR)/tflite/int8.tflite
+
+app: setup
+	$(PY) -m edge_app app $(if $(wildcard $(APP_MODEL)),--model $(APP_MODEL)) $(APP_ARGS)
 
 test: setup
 	$(PY) -m pytest

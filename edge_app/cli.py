@@ -1,5 +1,6 @@
-"""The headless device CLI.
+"""The device CLI: the app, and headless commands.
 
+  python -m edge_app [app] [--model M] [--kiosk --pin PIN] [--size 800x480]   the Kivy app
   python -m edge_app predict IMAGE... --model M [--json]
   python -m edge_app info --model M
   python -m edge_app bench --model M [--image IMAGE] [--runs N]
@@ -80,9 +81,26 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_app(args) -> int:
+    from edge_app.app import run
+    from edge_app.app.config import from_args
+
+    try:
+        cfg = from_args(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return run(cfg)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m edge_app", description="cxr-edge on the device (no TensorFlow).")
     sub = p.add_subparsers(dest="command", required=True)
+    from edge_app.app.config import add_arguments
+
+    sp = sub.add_parser("app", help="the screening app (default when no command is given)")
+    add_arguments(sp)
+    sp.set_defaults(func=cmd_app)
 
     def with_model(sp):
         sp.add_argument("--model", required=True, help=".tflite model exported by `python -m convert`")
@@ -105,6 +123,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["app", *argv]
     args = parser().parse_args(argv)
     try:
         return args.func(args)

@@ -4,7 +4,8 @@
    accelerator="gpu" or "auto"; `is_fully_accelerated()` tells whether every op ran on the GPU.
 2. LiteRT `CompiledModel` on the CPU (accelerator="cpu" or fallback).
 3. LiteRT `Interpreter` (XNNPACK, configurable threads), optionally with a GPU delegate
-   library given by path (e.g. a self-built libtensorflowlite_gpu_delegate.so on a Pi).
+   library given by path (e.g. a self-built libtensorflowlite_gpu_delegate.so on a Pi);
+   a delegate given by path is tried first, as it is what the user asked for.
 4. `tflite_runtime.interpreter.Interpreter` where installed and working (numpy < 2).
 5. `tensorflow.lite.Interpreter`, imported lazily, only as the last resort.
 
@@ -13,7 +14,11 @@ callers never see the model's integer types.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
+import sys
+import tempfile
 import threading
 
 import numpy as np
@@ -128,23 +133,25 @@ def open_backend(model_bytes: bytes, *, accelerator: str = "auto", num_threads: 
     attempts: list[tuple[str, str]] = []
 
     def attempt(name, make):
+        native: list[str] = []
         try:
-            return make()
+            with _native_log(native):
+                return make()
         except Exception as exc:  # every runtime failure here means "try the next one"
-            attempts.append((name, f"{type(exc).__name__}: {exc}"))
+            attempts.append((name, _reason(exc, native)))
             return None
 
+    interpreters = (("litert-interpreter", "ai_edge_litert.interpreter"),
+                    ("tflite-runtime", "tflite_runtime.interpreter"))
     candidates = []
+    if gpu_delegate:
+        candidates += [(f"{name}+gpu-delegate", _interpreter_factory(module, model_bytes, num_threads, gpu_delegate))
+                       for name, module in interpreters]
     if accelerator in ("auto", "gpu"):
         candidates.append(("litert-compiled-gpu", lambda: CompiledModelBackend(model_bytes, "gpu", num_threads)))
     candidates.append(("litert-compiled-cpu", lambda: CompiledModelBackend(model_bytes, "cpu", num_threads)))
-    for name, module in (("litert-interpreter", "ai_edge_litert.interpreter"),
-                         ("tflite-runtime", "tflite_runtime.interpreter"),
-                         ("tf.lite", "tensorflow")):
-        if gpu_delegate and name != "tf.lite":
-            candidates.append((f"{name}+gpu-delegate",
-                               _interpreter_factory(module, model_bytes, num_threads, gpu_delegate)))
-        candidates.append((name, _interpreter_factory(module, model_bytes, num_threads, None)))
+    candidates += [(name, _interpreter_factory(module, model_bytes, num_threads, None))
+                   for name, module in interpreters + (("tf.lite", "tensorflow"),)]
     for name, make in candidates:
         backend = attempt(name, make)
         if backend is not None:
@@ -152,6 +159,43 @@ def open_backend(model_bytes: bytes, *, accelerator: str = "auto", num_threads: 
             return backend, attempts
     detail = "; ".join(f"{n}: {why}" for n, why in attempts)
     raise ModelError("no_runtime", f"no TFLite runtime could load the model ({detail})")
+
+
+@contextlib.contextmanager
+def _native_log(lines: list[str]):
+    """Collects what native code prints meanwhile, on file descriptors 1 and 2, into `lines`
+    and re-emits it on stderr.
+
+    LiteRT explains its failures there ("No adapters found", a missing libvulkan) while its
+    Python exceptions only name a source line, so `backends_tried` can say why; and its GPU
+    loader prints on stdout, which must stay clean for `predict --json`.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    with tempfile.TemporaryFile() as log:
+        for fd in saved:
+            os.dup2(log.fileno(), fd)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, copy in saved.items():
+                os.dup2(copy, fd)
+                os.close(copy)
+            log.seek(0)
+            text = log.read()
+            os.write(2, text)
+            lines.extend(text.decode(errors="replace").splitlines())
+
+
+def _reason(exc: Exception, native: list[str]) -> str:
+    """The exception, plus the native log's error lines (the last three) when it logged any."""
+    errors = [line.strip() for line in native  # error lines, and Dawn's "Couldn't load Vulkan"
+              if line.startswith(("ERROR", "E0")) or "Couldn't load" in line]
+    reason = f"{type(exc).__name__}: {exc}"
+    return reason + (f" [native log: {' | '.join(errors[-3:])}]" if errors else "")
 
 
 def _interpreter_factory(module: str, model_bytes: bytes, num_threads: int,

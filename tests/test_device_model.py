@@ -80,7 +80,7 @@ def test_model_whose_card_does_not_match_is_refused(tmp_path, tiny_run, change, 
     path = tmp_path / f"wrong_{field}.tflite"
     path.write_bytes(write_metadata(data, CARD_METADATA_NAME, wrong.to_json().encode()))
     with pytest.raises(ModelError) as err:
-        Classifier(path)
+        Classifier(path, accelerator="cpu")  # no GPU driver next to TF (abort at exit)
     assert err.value.code == "card_mismatch"
 
 
@@ -113,8 +113,9 @@ def test_prediction_has_heatmap_and_stage_timings(int8_path, tiny_dataset):
     assert stages == pytest.approx(prediction.timings_ms["total"], abs=0.05)
 
 
-def test_predict_is_safe_from_worker_threads(int8_path, tiny_dataset):
-    classifier = Classifier(int8_path, accelerator="cpu")
+@pytest.mark.parametrize("variant", ["int8", "fp32"])   # Interpreter and CompiledModel backends
+def test_predict_is_safe_from_worker_threads(tiny_run, tiny_dataset, variant):
+    classifier = Classifier(tiny_run / "tflite" / f"{variant}.tflite", accelerator="cpu")
     images = sorted((tiny_dataset / "test").rglob("*.jpg"))[:6]
     expected = [classifier.predict(i).probabilities for i in images]
     results = {}

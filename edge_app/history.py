@@ -1,0 +1,189 @@
+"""The screening history: one row per screening in a local SQLite database.
+
+Durability is the point: a row is committed, in one transaction, before its result is
+shown (see `edge_app.screening`), so killing the app or pulling the plug at any moment loses
+nothing that anyone saw, and never leaves a half-written row.
+
+* WAL journal: a crash mid-write leaves the last committed state, readers (the History
+  screen) never block the writer (the screening worker).
+* synchronous=FULL: in WAL mode, NORMAL already survives a killed process, but a commit made
+  just before a power cut can be rolled back; a kiosk or a Pi gets unplugged, and a result
+  shown must stay recorded. FULL costs one fsync per screening (milliseconds, next to the
+  inference), which is nothing at clinic rates.
+
+Times are UTC ISO-8601 strings, so they sort and compare as text.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import hashlib
+import json
+import os
+import sqlite3
+import threading
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS screenings (
+    id                   INTEGER PRIMARY KEY AUTOINCREMENT,
+    screened_at          TEXT NOT NULL,
+    image_path           TEXT NOT NULL,
+    image_sha256         TEXT,             -- NULL when the file could not be read at all
+    label                TEXT,             -- NULL when the image could not be screened
+    probabilities        TEXT,             -- JSON {label: probability}, calibrated
+    abnormal_probability REAL,
+    decision             TEXT,
+    threshold            REAL,
+    model_sha256         TEXT NOT NULL,
+    backend              TEXT NOT NULL,
+    latency_ms           REAL,
+    error_code           TEXT,             -- edge_app.errors code when it could not be screened
+    error_message        TEXT,
+    CHECK ((label IS NULL) != (error_code IS NULL))
+);
+CREATE INDEX IF NOT EXISTS screenings_at ON screenings (screened_at);
+"""
+
+
+@dataclass
+class Screening:
+    """One screening as stored: a result, or the error that prevented one."""
+
+    screened_at: str
+    image_path: str
+    image_sha256: str | None
+    model_sha256: str
+    backend: str
+    label: str | None = None
+    probabilities: dict[str, float] | None = None
+    abnormal_probability: float | None = None
+    decision: str | None = None
+    threshold: float | None = None
+    latency_ms: float | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    id: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error_code is None
+
+
+def now() -> str:
+    """The current UTC time as stored (millisecond ISO-8601)."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def file_sha256(path: str | os.PathLike) -> str | None:
+    """SHA-256 of a file's bytes, or None where it cannot be read (the error says why)."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+class History:
+    """The database; safe to share between the UI thread and the screening worker."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # autocommit mode: every transaction below is explicit, BEGIN ... COMMIT
+        self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10)
+        self._conn.row_factory = sqlite3.Row
+        self._lock = threading.Lock()
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.executescript(_SCHEMA)
+        self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def add(self, screening: Screening) -> Screening:
+        """Stores one screening in one transaction; returns it with its id. Durable on return."""
+        row = asdict(screening)
+        row.pop("id")
+        if row["probabilities"] is not None:
+            row["probabilities"] = json.dumps(row["probabilities"])
+        columns = ", ".join(row)
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                cursor = self._conn.execute(f"INSERT INTO screenings ({columns}) VALUES "
+                                            f"({', '.join('?' * len(row))})", tuple(row.values()))
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+        screening.id = cursor.lastrowid
+        return screening
+
+    def search(self, text: str = "", *, label: str | None = None, since: str | None = None,
+               until: str | None = None, limit: int | None = 500) -> list[Screening]:
+        """Newest first. `text` matches path, hash, label, decision or error code (substring);
+        `since`/`until` are dates or times (ISO-8601, UTC), `until` inclusive of its whole day."""
+        where, params = [], []
+        if text:
+            where.append("(" + " OR ".join(f"{c} LIKE ?" for c in
+                                           ("image_path", "image_sha256", "label", "decision", "error_code")) + ")")
+            params += [f"%{text}%"] * 5
+        if label:
+            where.append("label = ?")
+            params.append(label)
+        if since:
+            where.append("screened_at >= ?")
+            params.append(since)
+        if until:
+            where.append("screened_at < ?")
+            params.append(_day_after(until) if len(until) == 10 else until)
+        sql = "SELECT * FROM screenings" + (" WHERE " + " AND ".join(where) if where else "")
+        sql += " ORDER BY id DESC" + (f" LIMIT {int(limit)}" if limit else "")
+        with self._lock:
+            rows = self._conn.execute(sql, params).fetchall()
+        return [_screening(r) for r in rows]
+
+    def get(self, screening_id: int) -> Screening | None:
+        with self._lock:
+            row = self._conn.execute("SELECT * FROM screenings WHERE id = ?", (screening_id,)).fetchone()
+        return None if row is None else _screening(row)
+
+    def integrity(self) -> str:
+        """SQLite's own check of the whole file: "ok" when intact."""
+        with self._lock:
+            return self._conn.execute("PRAGMA integrity_check").fetchone()[0]
+
+
+def export_csv(screenings: list[Screening], path: str | os.PathLike) -> Path:
+    """The screenings as CSV, one probability column per label; written atomically."""
+    path = Path(path)
+    labels = list(dict.fromkeys(l for s in screenings for l in (s.probabilities or {})))
+    names = [f.name for f in fields(Screening) if f.name != "probabilities"]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(names + [f"p_{l}" for l in labels])
+        for s in screenings:
+            probs = s.probabilities or {}
+            writer.writerow([getattr(s, n) for n in names] + [probs.get(l, "") for l in labels])
+    os.replace(tmp, path)
+    return path
+
+
+def _screening(row: sqlite3.Row) -> Screening:
+    values = dict(row)
+    if values["probabilities"] is not None:
+        values["probabilities"] = json.loads(values["probabilities"])
+    return Screening(**values)
+
+
+def _day_after(day: str) -> str:
+    return (datetime.date.fromisoformat(day) + datetime.timedelta(days=1)).isoformat()
