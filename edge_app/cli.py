@@ -15,6 +15,7 @@ import json
 import statistics
 import sys
 
+from edge_app import decision
 from edge_app.errors import CxrEdgeError, ModelError
 
 
@@ -27,8 +28,9 @@ def _classifier(args):
 
 def _format(prediction) -> str:
     probs = "  ".join(f"{label} {p:6.1%}" for label, p in prediction.probabilities.items())
+    likely = "no label" if prediction.decision == decision.UNRELIABLE else f"most likely: {prediction.label}"
     return (f"{prediction.source}\n  {prediction.message.upper()}  (P(abnormal) {prediction.abnormal_probability:.3f}"
-            f" vs threshold {prediction.threshold:.3f}; most likely: {prediction.label})\n  {probs}\n"
+            f" vs threshold {prediction.threshold:.3f}; {likely})\n  {probs}\n"
             f"  {prediction.timings_ms['total']:.1f} ms on {prediction.backend}"
             f" (inference {prediction.timings_ms['inference']:.1f} ms)")
 

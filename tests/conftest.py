@@ -78,3 +78,16 @@ def tiny_run(tmp_path_factory, tiny_dataset) -> Path:
     run_module("convert", run, "--no-progress", *[f"--budget={v}=100" for v in
                                                   ("fp32", "dynamic", "fp16", "int8")])
     return run
+
+
+def with_card(model: Path, dest: Path, **changes) -> Path:
+    """A copy of a `.tflite` whose embedded model card has `changes` (ModelCard fields) applied."""
+    import dataclasses
+
+    from edge_app.classifier import load_model_file
+    from edge_app.tflite_metadata import CARD_METADATA_NAME, write_metadata
+
+    data, card = load_model_file(model)
+    dest.write_bytes(write_metadata(data, CARD_METADATA_NAME,
+                                    dataclasses.replace(card, **changes).to_json().encode()))
+    return dest

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, run_module
+from conftest import REPO, run_module, with_card
 from edge_app.history import file_sha256
 from test_preprocess import write_dicom
 
@@ -98,6 +98,18 @@ def test_app_screens_an_xray_like_the_cli_and_records_it(tmp_path, tiny_run, ima
     assert seen["bad_model"]["screen_error"].startswith("No model is loaded")
     for name in ("screening", "result", "error", "history", "settings"):
         assert (tmp_path / f"{name}.png").stat().st_size > 10_000
+
+
+def test_app_withholds_the_label_of_an_image_unlike_the_training_images(tmp_path, tiny_run, images):
+    model = tiny_run / "tflite" / "int8.tflite"
+    card = json.loads(run_module("edge_app", "info", "--model", model).stdout)["card"]
+    doctored = with_card(model, tmp_path / "strict.tflite", thresholds={**card["thresholds"], "ood": 0.0})
+    seen = drive("screen", tmp_path / "app", images, "--model", doctored, "--accelerator", "cpu",
+                 "--start-dir", images["good"][0].parent, "--size", "800x480")
+    shown = seen["first"]
+    assert shown["prediction"]["decision"] == "unreliable"
+    assert shown["message"].startswith("This image is unlike the images the model was trained on")
+    assert (tmp_path / "app" / "result.png").stat().st_size > 10_000
 
 
 def test_kiosk_is_fullscreen_needs_the_pin_and_resets_when_idle(tmp_path, tiny_run, images):

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 
-from conftest import run_module
+from conftest import run_module, with_card
 from train import ood
 
 
@@ -44,22 +44,21 @@ def test_exported_model_computes_the_same_ood_score(tiny_run, tiny_dataset):
 
 def test_device_says_unreliable_above_the_cards_ood_threshold(tiny_run, tiny_dataset, tmp_path):
     """How well the score separates belongs to the real model's report; here: the decision rule."""
-    import dataclasses
+    from edge_app.classifier import Classifier
 
-    from edge_app.classifier import Classifier, load_model_file
-    from edge_app.tflite_metadata import CARD_METADATA_NAME, write_metadata
-
-    data, card = load_model_file(tiny_run / "tflite" / "fp32.tflite")
+    model = tiny_run / "tflite" / "fp32.tflite"
+    classifier = Classifier(model, accelerator="cpu")
     image = sorted((tiny_dataset / "test").rglob("*.jp*g"))[0]
-    score = Classifier(tiny_run / "tflite" / "fp32.tflite", accelerator="cpu").predict(image).ood_score
+    score = classifier.predict(image).ood_score
     decisions = {}
     for name, limit in (("below", 0.5 * score), ("above", 2.0 * score)):
-        doctored = dataclasses.replace(card, thresholds={**card.thresholds, "ood": limit})
-        path = tmp_path / f"{name}.tflite"
-        path.write_bytes(write_metadata(data, CARD_METADATA_NAME, doctored.to_json().encode()))
-        out = json.loads(run_module("edge_app", "predict", image, "--model", path, "--json").stdout)
+        doctored = with_card(model, tmp_path / f"{name}.tflite",
+                             thresholds={**classifier.card.thresholds, "ood": limit})
+        out = json.loads(run_module("edge_app", "predict", image, "--model", doctored, "--json").stdout)
         decisions[name] = out["results"][0]
     assert decisions["below"]["decision"] == "unreliable"
     assert "unlike the images the model was trained on" in decisions["below"]["message"]
     assert decisions["above"]["decision"] in ("refer", "no_abnormality")
     assert decisions["below"]["probabilities"] == decisions["above"]["probabilities"]
+    human = run_module("edge_app", "predict", image, "--model", tmp_path / "below.tflite").stdout
+    assert "UNLIKE THE IMAGES" in human and "most likely" not in human

@@ -40,7 +40,10 @@ from edge_app.screening import screen
 log = logging.getLogger("cxr-edge")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".dcm", ".dicom")
 DISPLAY_SIZE = 512
-COLOURS = {decision.REFER: (0.72, 0.14, 0.14, 1), decision.NO_ABNORMALITY: (0.10, 0.45, 0.25, 1)}
+COLOURS = {decision.REFER: (0.72, 0.14, 0.14, 1), decision.NO_ABNORMALITY: (0.10, 0.45, 0.25, 1),
+           decision.UNRELIABLE: (0.80, 0.45, 0.05, 1)}
+VERDICTS = {decision.REFER: "REFER", decision.NO_ABNORMALITY: "no abnormality",
+            decision.UNRELIABLE: "UNRELIABLE"}
 
 
 def camera_available() -> bool:
@@ -103,7 +106,9 @@ class ResultScreen(Screen):
         for label, value in p.probabilities.items():
             bars.add_widget(ProbabilityBar(text=label, value=value))
         t = p.timings_ms
-        self.ids.details.text = (f"Most likely: {p.label}. {Path(outcome.screening.image_path).name}\n"
+        likely = ("No label: unlike the training images." if p.decision == decision.UNRELIABLE
+                  else f"Most likely: {p.label}.")
+        self.ids.details.text = (f"{likely} {Path(outcome.screening.image_path).name}\n"
                                  f"{t['total']:.0f} ms (inference {t['inference']:.0f} ms) on {p.backend}")
 
     def clear(self) -> None:
@@ -440,8 +445,7 @@ def _history_line(s) -> str:
     name = Path(s.image_path).name
     sha = (s.image_sha256 or "-")[:10]
     if s.ok:
-        verdict = "REFER" if s.decision == decision.REFER else "no abnormality"
-        return f"{when}  {verdict:<14}  {s.label:<9} P(abn) {s.abnormal_probability:.2f}  {name}  #{sha}"
+        return f"{when}  {VERDICTS[s.decision]:<14}  {s.label:<9} P(abn) {s.abnormal_probability:.2f}  {name}  #{sha}"
     return f"{when}  NOT SCREENED [{s.error_code}]  {name}  #{sha}"
 
 
