@@ -112,12 +112,12 @@ def with_ood_score(model, detector):
     projection.set_weights([kernel.astype(np.float32), (-detector.mean @ kernel).astype(np.float32)])
     mean = detector.mean.astype(np.float32)
 
-    def distance(inputs):
+    def distance(inputs):  # x * x, not tf.square: TFLite's SQUARE has no int8 kernel, MUL has
         z, features = inputs
-        inside = tf.reduce_sum(tf.square(z[:, :k]), axis=-1)
-        total = tf.reduce_sum(tf.square(features - mean), axis=-1)
-        outside = tf.nn.relu(total - tf.reduce_sum(tf.square(z[:, k:]), axis=-1))
-        return inside + outside / detector.residual_variance
+        whitened, plain, centred = z[:, :k], z[:, k:], features - mean
+        inside = tf.reduce_sum(whitened * whitened, axis=-1)
+        outside = tf.nn.relu(tf.reduce_sum(centred * centred, axis=-1) - tf.reduce_sum(plain * plain, axis=-1))
+        return inside + outside * (1.0 / detector.residual_variance)
 
     score = keras.layers.Lambda(distance, name="ood_score")([projected, pooled])
     return keras.Model(model.input, [*model.outputs, score], name=model.name)
