@@ -1,0 +1,143 @@
+"""The Raspberry Pi bundle, built from a converted run: the device side only, pinned requirements,
+a valid kiosk unit and install script, and a bundled edge_app that classifies exactly like the
+repository's. (Installing it on an emulated aarch64 Debian is `make verify-pi`, too slow for CI.)"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_module
+from edge_app.classifier import load_model_file
+from edge_app.deploy.pi import BundleError, PiBundleConfig, build_bundle, forbidden_imports, read_lock
+
+UNIT = PiBundleConfig.unit
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_run, tmp_path_factory) -> Path:
+    """The tarball built from the tiny run (without vendored wheels: no downloads in tests), extracted."""
+    tarball = build_bundle(tiny_run, tmp_path_factory.mktemp("dist"), PiBundleConfig(wheels=False))
+    extracted = tmp_path_factory.mktemp("extracted")
+    subprocess.run(["tar", "xzf", tarball, "-C", extracted], check=True)
+    (root,) = extracted.iterdir()
+    assert root.name == tarball.name.removesuffix(".tar.gz") == "cxr-edge-pi-tiny-int8"
+    return root
+
+
+def _files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
+def test_bundle_holds_the_device_side_and_one_model(bundle, tiny_run):
+    files = _files(bundle)
+    assert {"README.md", "install.sh", "bundle.env", "bundle.json", "SHA256SUMS", "requirements.txt",
+            UNIT, "model/int8.tflite", "model/model_card.json"} <= files
+    package = REPO / "edge_app"
+    device_modules = {f"app/edge_app/{p.relative_to(package)}" for p in package.rglob("*.py")
+                      if "deploy" not in p.relative_to(package).parts}
+    assert {f for f in files if f.startswith("app/")} == device_modules
+    assert "app/edge_app/__main__.py" in files  # `python -m edge_app` works from the bundle
+    assert not [f for f in files if f.endswith(".tflite") and f != "model/int8.tflite"]
+    assert forbidden_imports(bundle / "app") == []
+    assert os.access(bundle / "install.sh", os.X_OK)
+    subprocess.run(["sha256sum", "--quiet", "--strict", "-c", "SHA256SUMS"], cwd=bundle, check=True)
+    assert len((bundle / "SHA256SUMS").read_text().splitlines()) == len(files) - 1
+
+    _, card = load_model_file(tiny_run / "tflite" / "int8.tflite")
+    assert json.loads((bundle / "model" / "model_card.json").read_text()) == card.to_dict()
+    meta = json.loads((bundle / "bundle.json").read_text())
+    assert meta["variant"] == "int8" and meta["target"]["machine"] == "aarch64"
+
+
+def test_import_scan_refuses_tensorflow_and_training_code(tmp_path):
+    pkg = tmp_path / "edge_app"
+    pkg.mkdir()
+    (pkg / "ok.py").write_text("import numpy\nfrom . import sibling\n\ndef fallback():\n"
+                               "    import tensorflow as tf\n    return tf\n")
+    assert forbidden_imports(tmp_path) == []
+    (pkg / "bad.py").write_text("try:\n    import tensorflow.lite as tfl\nexcept ImportError:\n    pass\n"
+                                "from tf_keras import layers\n\ndef later():\n    from train.metrics import f1\n")
+    assert forbidden_imports(tmp_path) == ["edge_app/bad.py:2 imports tensorflow.lite",
+                                           "edge_app/bad.py:5 imports tf_keras",
+                                           "edge_app/bad.py:8 imports train.metrics"]
+
+
+def test_requirements_are_pinned_with_hashes(bundle, tmp_path):
+    pins = read_lock(bundle / "requirements.txt")
+    assert {"numpy", "pillow", "ai-edge-litert", "kivy", "pydicom"} <= set(pins)
+    assert pins["ai-edge-litert"][0].split(".")[0] == "2"
+    assert all(version and hashes for version, hashes in pins.values())
+    # every dependency is pinned too: the Pi installs with --no-deps --require-hashes
+    assert {"flatbuffers", "protobuf", "ml-dtypes", "requests", "docutils"} <= set(pins)
+    loose = tmp_path / "loose.txt"
+    loose.write_text("numpy>=2 --hash=sha256:" + "0" * 64 + "\n")
+    with pytest.raises(BundleError, match="not pinned"):
+        read_lock(loose)
+    loose.write_text("numpy==2.4.6\n")
+    with pytest.raises(BundleError, match="not pinned"):
+        read_lock(loose)
+
+
+def test_kiosk_unit_is_valid(bundle, tmp_path):
+    text = (bundle / UNIT).read_text()
+    sections, settings = [], {}
+    for line in text.splitlines():
+        if line.startswith("["):
+            sections.append(line)
+        elif line and not line.startswith("#"):
+            key, sep, value = line.partition("=")
+            assert sep, f"not a key=value line: {line!r}"
+            settings.setdefault(key, []).append(value)
+    assert sections == ["[Unit]", "[Service]", "[Install]"]
+    env = dict(v.split("=", 1) for v in settings["Environment"])
+    assert env["KIVY_WINDOW"] == "sdl2" and env["SDL_VIDEODRIVER"] == "kmsdrm" and env["KIVY_GL_BACKEND"]
+    assert settings["Restart"] == ["always"] and settings["User"] == [PiBundleConfig.user]
+    assert settings["WantedBy"] == ["multi-user.target"]
+    exec_start = settings["ExecStart"][0].split()
+    assert exec_start[:3] == ["/opt/cxr-edge/venv/bin/python", "-m", "edge_app"]
+    assert "--kiosk" in exec_start and "/opt/cxr-edge/model/int8.tflite" in exec_start
+    if shutil.which("systemd-analyze"):  # systemd's own parser; the venv exists only once installed
+        unit = tmp_path / UNIT
+        unit.write_text(text.replace(exec_start[0], sys.executable))
+        result = subprocess.run(["systemd-analyze", "verify", unit], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+
+
+def test_install_script_is_valid_shell(bundle):
+    subprocess.run(["bash", "-n", bundle / "install.sh"], check=True)
+    if shutil.which("shellcheck"):
+        result = subprocess.run(["shellcheck", "-x", "install.sh"], cwd=bundle, capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout
+    env = dict(line.split("=", 1) for line in (bundle / "bundle.env").read_text().splitlines()
+               if line and not line.startswith("#"))
+    assert env == {"PREFIX": "/opt/cxr-edge", "KIOSK_USER": "cxr", "UNIT": UNIT, "MODEL": "int8.tflite",
+                   "STATE_DIR": "/var/lib/cxr-edge"}
+
+
+def test_bundled_app_classifies_like_the_repository(bundle, tiny_run, tiny_dataset, tmp_path):
+    images = [str(next((tiny_dataset / "test" / c).iterdir())) for c in ("normal", "pneumonia", "covid")]
+    ours = run_module("edge_app", "predict", *images, "--model", tiny_run / "tflite" / "int8.tflite", "--json")
+    # The extracted bundle alone on the path, away from the repository; -X importtime lists every import.
+    env = {**os.environ, "PYTHONPATH": str(bundle / "app")}
+    theirs = subprocess.run([sys.executable, "-X", "importtime", "-m", "edge_app", "predict", *images,
+                             "--model", bundle / "model" / "int8.tflite", "--json"],
+                            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert theirs.returncode == 0, theirs.stderr[-3000:]
+    imported = [line.rsplit("|", 1)[-1].strip() for line in theirs.stderr.splitlines()
+                if line.startswith("import time:")]
+    assert "edge_app.classifier" in imported
+    assert not [m for m in imported if m.split(".")[0] in ("tensorflow", "train", "convert")]
+    where = subprocess.run([sys.executable, "-c", "import edge_app; print(edge_app.__file__)"],
+                           capture_output=True, text=True, cwd=tmp_path, env=env, check=True)
+    assert Path(where.stdout.strip()).is_relative_to(bundle / "app")
+
+    def comparable(output):
+        doc = json.loads(output)
+        return doc["model_sha256"], [{k: v for k, v in r.items() if k != "timings_ms"} for r in doc["results"]]
+
+    assert comparable(theirs.stdout) == comparable(ours.stdout)
+    assert len(comparable(ours.stdout)[1]) == 3
