@@ -6,6 +6,13 @@
 #
 # Variables: DATA (dataset folder; empty = the generated synthetic set), MODEL, RUN (run name,
 # the folder under artifacts/), CONFIG (a TOML file of training settings), WEIGHTS, WEIGHTS_DIR.
+#
+#   make bundle-pi RUN=mobilenet_v2-cxr    dist/ folder + tarball for 64-bit Raspberry Pi OS
+#   sudo make verify-pi RUN=...            install it on an emulated aarch64 Debian 12, compare with x86
+#
+# Pi variables: PI_VARIANT (tflite variant, default int8), PI_WHEELS (0: no vendored wheels),
+# PI_IMAGES (test split for verify-pi), PI_PER_CLASS, PI_ROOTFS (cached emulated rootfs),
+# PI_CPU (pi4: Cortex-A72, pi5: Cortex-A76), PI_TOLERANCE (largest |probability difference|).
 
 PYTHON      ?= python3
 VENV        := .venv
@@ -21,9 +28,17 @@ WEIGHTS_DIR ?= ../shared/weights/keras/models
 # ImageNet weights only where a local copy exists, so the default run never downloads anything.
 WEIGHTS     ?= $(if $(filter cnn,$(MODEL)),none,$(if $(wildcard $(WEIGHTS_DIR)/*.h5),imagenet,none))
 TRAIN_ARGS  ?=
+PI_VARIANT  ?= int8
+PI_WHEELS   ?= 1
+PI_IMAGES   ?= $(if $(DATA),$(DATA),../shared/data/cxr)/test
+PI_PER_CLASS ?= 4
+PI_ROOTFS   ?= build/pi-rootfs
+PI_CPU      ?= pi4
+PI_TOLERANCE ?= 0.05
+PI_BUNDLE   := dist/cxr-edge-pi-$(RUN)-$(PI_VARIANT)
 PREDICT_IMAGE = $(firstword $(wildcard $(DATASET)/test/covid/* $(DATASET)/test/pneumonia/*))
 
-.PHONY: all setup data train convert benchmark predict test clean
+.PHONY: all setup data train convert benchmark predict bundle-pi verify-pi test clean
 
 all: data train convert benchmark predict
 
@@ -56,9 +71,17 @@ benchmark: setup
 predict: setup
 	$(PY) -m edge_app predict $(PREDICT_IMAGE) --model $(RUN_DIR)/tflite/int8.tflite
 
+bundle-pi: setup
+	$(PY) -m edge_app.deploy.pi build $(RUN_DIR) --variant $(PI_VARIANT) $(if $(filter 0,$(PI_WHEELS)),--no-wheels)
+
+verify-pi: bundle-pi
+	$(PY) -m edge_app.deploy.verify_pi $(PI_BUNDLE).tar.gz --images $(PI_IMAGES) \
+		--per-class $(PI_PER_CLASS) --rootfs $(PI_ROOTFS) --cpu $(PI_CPU) \
+		--tolerance $(PI_TOLERANCE) --out build/verify-pi-$(PI_CPU)-$(PI_VARIANT)
+
 test: setup
 	$(PY) -m pytest
 
 clean:
-	rm -rf artifacts data/synthetic benchmarks/results .pytest_cache .benchmarks
+	rm -rf artifacts data/synthetic benchmarks/results dist .pytest_cache .benchmarks
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -153,7 +153,23 @@ def vendor_wheels(dest: Path, cache: Path, lock_path: Path = LOCK) -> list[Path]
     return copied
 
 
-def _render(template: str, values: dict[str, str]) -> str:
+def copy_device_package(dest: Path) -> Path:
+    """edge_app into dest/edge_app without caches and without this deploy/ folder (build tooling,
+    not the device's); refuses a copy with a forbidden import."""
+    package = Path(edge_app.__file__).resolve().parent
+
+    def ignore(directory, names):
+        skip = {n for n in names if n == "__pycache__" or n.endswith(".pyc")}
+        return skip | ({"deploy"} if Path(directory) == package else set())
+
+    shutil.copytree(package, dest / "edge_app", ignore=ignore)
+    problems = forbidden_imports(dest)
+    if problems:
+        raise BundleError("the device package must not import these:\n  " + "\n  ".join(problems))
+    return dest / "edge_app"
+
+
+def render(template: str, values: dict[str, str]) -> str:
     text = template
     for key, value in values.items():
         text = text.replace(f"@{key}@", str(value))
@@ -177,11 +193,7 @@ def build_bundle(run_dir: str | Path, out_dir: str | Path = "dist",
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
 
-    package = Path(edge_app.__file__).resolve().parent
-    shutil.copytree(package, root / "app" / "edge_app", ignore=_device_files_only(package))
-    problems = forbidden_imports(root / "app")
-    if problems:
-        raise BundleError("the device package must not import these:\n  " + "\n  ".join(problems))
+    copy_device_package(root / "app")
 
     (root / "model").mkdir()
     shutil.copy2(model, root / "model" / model.name)
@@ -200,8 +212,8 @@ def build_bundle(run_dir: str | Path, out_dir: str | Path = "dist",
         "EXEC_START": config.kiosk_command.format(python=python,
                                                   model=f"{config.prefix}/model/{model.name}"),
     }
-    (root / config.unit).write_text(_render((TEMPLATES / "kiosk.service").read_text(), values))
-    (root / "README.md").write_text(_render((TEMPLATES / "README.md").read_text(), values))
+    (root / config.unit).write_text(render((TEMPLATES / "kiosk.service").read_text(), values))
+    (root / "README.md").write_text(render((TEMPLATES / "README.md").read_text(), values))
     (root / "bundle.env").write_text(
         "# Written by python -m edge_app.deploy.pi; read by install.sh.\n"
         f"PREFIX={config.prefix}\nKIOSK_USER={config.user}\nUNIT={config.unit}\n"
@@ -223,14 +235,6 @@ def build_bundle(run_dir: str | Path, out_dir: str | Path = "dist",
     with tarfile.open(tarball, "w:gz") as tar:
         tar.add(root, arcname=name, filter=_root_owned)
     return tarball
-
-
-def _device_files_only(package: Path):
-    """copytree's ignore: no caches, and not this deploy/ folder (build tooling, not the device's)."""
-    def ignore(directory, names):
-        skip = {n for n in names if n == "__pycache__" or n.endswith(".pyc")}
-        return skip | ({"deploy"} if Path(directory) == package else set())
-    return ignore
 
 
 def _root_owned(info: tarfile.TarInfo) -> tarfile.TarInfo:

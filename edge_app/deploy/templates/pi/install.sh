@@ -51,6 +51,13 @@ cp -a "$HERE/app" "$HERE/model" "$HERE/README.md" "$HERE/bundle.json" "$PREFIX/"
 site=$("$PREFIX/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
 echo "$PREFIX/app" >"$site/cxr_edge_app.pth"  # `python -m edge_app` works without PYTHONPATH
 
+# ai-edge-litert's WebGPU accelerator is built for ARMv8.1+ (LSE atomics) and aborts the process
+# (SIGILL) when LiteRT loads it on a Cortex-A72 (Pi 4) or A53 (Pi 3); the CPU paths do not need it.
+if [[ -r /proc/cpuinfo ]] && ! grep -q '^Features.*\batomics\b' /proc/cpuinfo; then
+    say "this CPU has no LSE atomics (Pi 4 or older): removing LiteRT's WebGPU accelerator"
+    rm -f "$site/ai_edge_litert/libLiteRtWebGpuAccelerator.so"
+fi
+
 say "smoke test: loading the model"
 "$PREFIX/venv/bin/python" -m edge_app info --model "$PREFIX/model/$MODEL" >/dev/null ||
     die "the installed app cannot load its model: see the error above"

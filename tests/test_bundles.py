@@ -1,6 +1,8 @@
-"""The Raspberry Pi bundle, built from a converted run: the device side only, pinned requirements,
-a valid kiosk unit and install script, and a bundled edge_app that classifies exactly like the
-repository's. (Installing it on an emulated aarch64 Debian is `make verify-pi`, too slow for CI.)"""
+"""Device bundles built from a converted run. The Raspberry Pi bundle: the device side only,
+pinned requirements, a valid kiosk unit and install script, and a bundled edge_app that classifies
+exactly like the repository's (installing it on an emulated aarch64 Debian is `make verify-pi`, far
+too slow for CI). The Android stage: what buildozer would pack, and the model card readable there."""
+import configparser
 import json
 import os
 import shutil
@@ -12,6 +14,7 @@ import pytest
 
 from conftest import REPO, run_module
 from edge_app.classifier import load_model_file
+from edge_app.deploy.android import stage
 from edge_app.deploy.pi import BundleError, PiBundleConfig, build_bundle, forbidden_imports, read_lock
 
 UNIT = PiBundleConfig.unit
@@ -141,3 +144,26 @@ def test_bundled_app_classifies_like_the_repository(bundle, tiny_run, tiny_datas
 
     assert comparable(theirs.stdout) == comparable(ours.stdout)
     assert len(comparable(ours.stdout)[1]) == 3
+
+
+def test_android_stage_for_buildozer(tiny_run, tmp_path):
+    root = stage(tiny_run, tmp_path / "dist")
+    files = _files(root)
+    assert {"buildozer.spec", "main.py", "model/int8.tflite", "model/model_card.json", "edge_app/cli.py",
+            "ai_edge_litert/__init__.py", "ai_edge_litert/schema_py_generated.py"} <= files
+    assert not [f for f in files if f.startswith(("train/", "convert/", "edge_app/deploy/"))]
+    assert forbidden_imports(root) == []
+    spec = configparser.ConfigParser()
+    spec.read(root / "buildozer.spec")
+    app = spec["app"]
+    assert app["source.dir"] == "." and "arm64-v8a" in app["android.archs"]
+    requirements = {r.split("==")[0] for r in app["requirements"].split(",")}
+    assert {"python3", "kivy", "numpy", "pillow", "pydicom", "flatbuffers", "tflite-runtime"} <= requirements
+    assert not requirements & {"ai-edge-litert", "tensorflow"}
+    # No LiteRT on Android: the staged schema alone must read the card embedded in the model.
+    probe = ("import sys, ai_edge_litert; from edge_app.classifier import load_model_file; "
+             "print(ai_edge_litert.__file__); print(load_model_file(sys.argv[1])[1].variant)")
+    result = subprocess.run([sys.executable, "-c", probe, "model/int8.tflite"], capture_output=True, text=True,
+                            cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, check=True)
+    where, variant = result.stdout.split()
+    assert Path(where) == root / "ai_edge_litert" / "__init__.py" and variant == "int8"
