@@ -40,9 +40,9 @@ def test_bundle_holds_the_device_side_and_one_model(bundle, tiny_run):
     assert {"README.md", "install.sh", "bundle.env", "bundle.json", "SHA256SUMS", "requirements.txt",
             UNIT, "model/int8.tflite", "model/model_card.json"} <= files
     package = REPO / "edge_app"
-    device_modules = {f"app/edge_app/{p.relative_to(package)}" for p in package.rglob("*.py")
-                      if "deploy" not in p.relative_to(package).parts}
-    assert {f for f in files if f.startswith("app/")} == device_modules
+    device_files = {f"app/edge_app/{p.relative_to(package)}" for p in package.rglob("*") if p.is_file()
+                    and p.relative_to(package).parts[0] != "deploy" and "__pycache__" not in p.parts}
+    assert {f for f in files if f.startswith("app/")} == device_files
     assert "app/edge_app/__main__.py" in files  # `python -m edge_app` works from the bundle
     assert not [f for f in files if f.endswith(".tflite") and f != "model/int8.tflite"]
     assert forbidden_imports(bundle / "app") == []
