@@ -54,6 +54,8 @@ def test_bundle_holds_the_device_side_and_one_model(bundle, tiny_run):
     assert json.loads((bundle / "model" / "model_card.json").read_text()) == card.to_dict()
     meta = json.loads((bundle / "bundle.json").read_text())
     assert meta["variant"] == "int8" and meta["target"]["machine"] == "aarch64"
+    assert meta["parity_gate"]["passed"] is True  # the tiny run is converted with wide budgets
+    assert "passed the conversion parity gate" in (bundle / "README.md").read_text()
 
 
 def test_import_scan_refuses_tensorflow_and_training_code(tmp_path):

@@ -203,12 +203,13 @@ def build_bundle(run_dir: str | Path, out_dir: str | Path = "dist",
     if config.wheels:
         vendor_wheels(root / "wheels", config.wheel_cache)
 
+    parity = conversion_parity(run_dir, config.variant)
     python = f"{config.prefix}/venv/bin/python"
     values = {
         "NAME": name, "PREFIX": config.prefix, "USER": config.user, "UNIT": config.unit,
         "MODEL": model.name, "MODEL_NAME": card.name, "VARIANT": card.variant,
         "LABELS": ", ".join(card.labels), "THRESHOLD": f"{card.abnormal_threshold:.3f}",
-        "STATE_NAME": config.state_name, "STATE_DIR": config.state_dir, "GL_BACKEND": config.gl_backend,
+        "PARITY": _parity_line(parity), "STATE_NAME": config.state_name, "STATE_DIR": config.state_dir, "GL_BACKEND": config.gl_backend,
         "EXEC_START": config.kiosk_command.format(python=python,
                                                   model=f"{config.prefix}/model/{model.name}"),
     }
@@ -223,6 +224,7 @@ def build_bundle(run_dir: str | Path, out_dir: str | Path = "dist",
     (root / "bundle.json").write_text(json.dumps({
         "name": name, "run": run_dir.name, "variant": card.variant, "model": model.name,
         "model_sha256": hashlib.sha256(data).hexdigest(), "model_git_commit": card.git_commit,
+        "parity_gate": parity,
         "bundle_git_commit": _git_commit(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "target": {"os": "Raspberry Pi OS 12 (bookworm) 64-bit", "machine": "aarch64", "python": "3.11",
                    "wheel_platform": "manylinux_2_27_aarch64"},
@@ -235,6 +237,23 @@ def build_bundle(run_dir: str | Path, out_dir: str | Path = "dist",
     with tarfile.open(tarball, "w:gz") as tar:
         tar.add(root, arcname=name, filter=_root_owned)
     return tarball
+
+
+def conversion_parity(run_dir: Path, variant: str) -> dict | None:
+    """The conversion parity gate's verdict on this variant (reports/conversion.json), if recorded."""
+    path = run_dir / "reports" / "conversion.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())["variants"].get(variant, {}).get("parity")
+
+
+def _parity_line(parity: dict | None) -> str:
+    if parity is None:
+        return "The run has no conversion report: this variant's parity with the trained model is unknown."
+    if parity["passed"]:
+        return "This variant passed the conversion parity gate against the trained model."
+    return ("**This variant FAILED the conversion parity gate** (" + "; ".join(parity["failures"]) +
+            "): it is less accurate than the trained model; see `model/model_card.json` before use.")
 
 
 def _root_owned(info: tarfile.TarInfo) -> tarfile.TarInfo:
@@ -274,6 +293,9 @@ def main(argv=None) -> int:
     except BundleError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    parity = conversion_parity(Path(args.run), args.variant)
+    if parity is not None and not parity["passed"]:
+        print(f"warning: {args.variant} failed the parity gate: {'; '.join(parity['failures'])}", file=sys.stderr)
     print(f"{tarball.with_suffix('').with_suffix('')}/  {tarball}  {tarball.stat().st_size / 2**20:.1f} MiB")
     return 0
 
