@@ -10,6 +10,13 @@
 # Variables: DATA (dataset folder; empty = the generated synthetic set), MODEL, RUN (run name,
 # the folder under artifacts/), CONFIG (a TOML file of training settings), WEIGHTS, WEIGHTS_DIR,
 # APP_MODEL (the app's .tflite), APP_ARGS (more `python -m edge_app app` flags).
+#
+#   make bundle-pi RUN=mobilenet_v2-cxr    dist/ folder + tarball for 64-bit Raspberry Pi OS
+#   sudo make verify-pi RUN=...            install it on an emulated aarch64 Debian 12, compare with x86
+#
+# Pi variables: PI_VARIANT (tflite variant, default int8), PI_WHEELS (0: no vendored wheels),
+# PI_IMAGES (test split for verify-pi), PI_PER_CLASS, PI_ROOTFS (cached emulated rootfs),
+# PI_CPU (pi4: Cortex-A72, pi5: Cortex-A76), PI_TOLERANCE (largest |probability difference|).
 
 PYTHON      ?= python3
 VENV        := .venv
@@ -27,9 +34,17 @@ WEIGHTS     ?= $(if $(filter cnn,$(MODEL)),none,$(if $(wildcard $(WEIGHTS_DIR)/*
 TRAIN_ARGS  ?=
 APP_MODEL   ?= $(RUN_DIR)/tflite/int8.tflite
 APP_ARGS    ?=
+PI_VARIANT  ?= int8
+PI_WHEELS   ?= 1
+PI_IMAGES   ?= $(if $(DATA),$(DATA),../shared/data/cxr)/test
+PI_PER_CLASS ?= 4
+PI_ROOTFS   ?= build/pi-rootfs
+PI_CPU      ?= pi4
+PI_TOLERANCE ?= 0.05
+PI_BUNDLE   := dist/cxr-edge-pi-$(RUN)-$(PI_VARIANT)
 PREDICT_IMAGE = $(firstword $(wildcard $(DATASET)/test/covid/* $(DATASET)/test/pneumonia/*))
 
-.PHONY: all setup data train convert benchmark predict app test clean
+.PHONY: all setup data train convert benchmark predict app bundle-pi verify-pi test clean
 
 all: data train convert benchmark predict
 
@@ -65,9 +80,17 @@ predict: setup
 app: setup
 	$(PY) -m edge_app app $(if $(wildcard $(APP_MODEL)),--model $(APP_MODEL)) $(APP_ARGS)
 
+bundle-pi: setup
+	$(PY) -m edge_app.deploy.pi build $(RUN_DIR) --variant $(PI_VARIANT) $(if $(filter 0,$(PI_WHEELS)),--no-wheels)
+
+verify-pi: bundle-pi
+	$(PY) -m edge_app.deploy.verify_pi $(PI_BUNDLE).tar.gz --images $(PI_IMAGES) \
+		--per-class $(PI_PER_CLASS) --rootfs $(PI_ROOTFS) --cpu $(PI_CPU) \
+		--tolerance $(PI_TOLERANCE) --out build/verify-pi-$(PI_CPU)-$(PI_VARIANT)
+
 test: setup
 	$(PY) -m pytest
 
 clean:
-	rm -rf artifacts data/synthetic benchmarks/results .pytest_cache .benchmarks
+	rm -rf artifacts data/synthetic benchmarks/results dist .pytest_cache .benchmarks
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

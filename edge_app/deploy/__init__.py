@@ -1,0 +1,1 @@
+"""Device bundles (Raspberry Pi kiosk, Android stage): build tooling, never shipped to a device."""
