@@ -4,8 +4,15 @@
 #   make all DATA=../shared/data/cxr       the real chest X-ray set
 #   make train MODEL=cnn DATA=...          any registered model (train/models.py)
 #
+#   make benchmark RUN=mobilenet_v2-cxr    latency, memory, size, accuracy of every variant + the gates
+#   make release RUN=mobilenet_v2-cxr      dist/<model>-<version>/, only when every gate passes
+#
 # Variables: DATA (dataset folder; empty = the generated synthetic set), MODEL, RUN (run name,
 # the folder under artifacts/), CONFIG (a TOML file of training settings), WEIGHTS, WEIGHTS_DIR.
+# Benchmark and release: GATES (gates file), DEVICE (pi4, pi5, tablet: its absolute budgets, on
+# that device only), VARIANTS (comma-separated, the ones to ship and gate), COMPARE (an earlier
+# results JSON), RESULTS (release from these results instead of benchmarking again), VERSION,
+# BENCH_ARGS (more pytest / pytest-benchmark options).
 
 PYTHON      ?= python3
 VENV        := .venv
@@ -21,11 +28,24 @@ WEIGHTS_DIR ?= ../shared/weights/keras/models
 # ImageNet weights only where a local copy exists, so the default run never downloads anything.
 WEIGHTS     ?= $(if $(filter cnn,$(MODEL)),none,$(if $(wildcard $(WEIGHTS_DIR)/*.h5),imagenet,none))
 TRAIN_ARGS  ?=
+GATES       ?= benchmarks/gates.toml
+DEVICE      ?=
+VARIANTS    ?=
+COMPARE     ?=
+RESULTS     ?=
+VERSION     ?=
+BENCH_ARGS  ?=
+# LiteRT's GPU accelerator runs on SwiftShader (Chromium's software Vulkan) where it is installed.
+SWIFTSHADER := $(wildcard /usr/lib/chromium/vk_swiftshader_icd.json)
+BENCH_ENV   := $(if $(SWIFTSHADER),VK_ICD_FILENAMES=$(SWIFTSHADER) XDG_RUNTIME_DIR=$${XDG_RUNTIME_DIR:-/tmp})
 PREDICT_IMAGE = $(firstword $(wildcard $(DATASET)/test/covid/* $(DATASET)/test/pneumonia/*))
 
-.PHONY: all setup data train convert benchmark predict test clean
+.PHONY: all setup data train convert benchmark release predict test clean
 
-all: data train convert benchmark predict
+# The gates are printed but do not stop the demo: they stop a release (`make release`).
+all: data train convert
+	-$(MAKE) --no-print-directory benchmark
+	$(MAKE) --no-print-directory predict
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,8 +70,13 @@ convert: setup
 	$(PY) -m convert $(RUN_DIR)
 
 benchmark: setup
-	CXR_RUN=$(RUN_DIR) $(PY) -m pytest benchmarks -q -p no:cacheprovider \
-		--benchmark-json=$(RUN_DIR)/reports/benchmark.json
+	$(BENCH_ENV) $(PY) -m pytest benchmarks -q -p no:cacheprovider --run $(RUN_DIR) --gates $(GATES) \
+		$(if $(DEVICE),--device $(DEVICE)) $(if $(VARIANTS),--variants $(VARIANTS)) \
+		$(if $(COMPARE),--compare $(COMPARE)) --benchmark-json=$(RUN_DIR)/reports/pytest-benchmark.json $(BENCH_ARGS)
+
+release: setup $(if $(RESULTS),,benchmark)
+	$(PY) -m benchmarks.release $(RUN_DIR) --gates $(GATES) $(if $(RESULTS),--results $(RESULTS)) \
+		$(if $(DEVICE),--device $(DEVICE)) $(if $(VARIANTS),--variants $(VARIANTS)) $(if $(VERSION),--version $(VERSION))
 
 predict: setup
 	$(PY) -m edge_app predict $(PREDICT_IMAGE) --model $(RUN_DIR)/tflite/int8.tflite
@@ -60,5 +85,5 @@ test: setup
 	$(PY) -m pytest
 
 clean:
-	rm -rf artifacts data/synthetic benchmarks/results .pytest_cache .benchmarks
+	rm -rf artifacts data/synthetic benchmarks/results dist .pytest_cache .benchmarks
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
