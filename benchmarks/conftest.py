@@ -51,6 +51,9 @@ def threads(config) -> list[int]:
 def pytest_configure(config):
     if not hasattr(config.option, "run") or config.option.help or config.option.collectonly:
         return
+    if not (run_dir(config) / "model_card.json").is_file():
+        raise pytest.UsageError(f"{run_dir(config)} is not a training run (no model_card.json): "
+                                "point --run / CXR_RUN at a converted run")
     collector = results_mod.Collector(run_dir(config), threads=threads(config),
                                       device=config.getoption("device"))
     for runtime in RUNTIMES.values():

@@ -42,7 +42,8 @@ def pareto(results: dict, path: Path) -> Path:
         ax.annotate(f"{name} ({size / 2**20:.1f} MiB)", (ms, f1), textcoords="offset points", xytext=(8, 6), fontsize=9)
     if len(pts) > 1:
         f = front(pts)
-        ax.plot([p[1] for p in f], [p[2] for p in f], "--", color="grey", lw=1, label="Pareto front")
+        ax.plot([p[1] for p in f], [p[2] for p in f], "--x", color="grey", lw=1, ms=9,
+                label="Pareto front: " + ", ".join(p[0] for p in f))
         ax.legend(loc="lower right")
     ref = results["settings"]["reference_runtime"]
     ax.set_xlabel(f"whole-pipeline latency, median ms ({ref}, {results['ratios']['threads']} threads; keras: TF)")

@@ -31,7 +31,8 @@ def _timed(benchmark, results, classifier, variant, setup, stage, fn):
     benchmark.group = f"{stage}: {variant}"
     benchmark.extra_info.update(runtime=runtime, threads=threads, label=RUNTIMES[runtime].label)
     out = benchmark(fn)
-    results.latency(variant, runtime, threads, stage, from_pytest_benchmark(benchmark.stats.stats))
+    if benchmark.enabled:  # not under --benchmark-disable
+        results.latency(variant, runtime, threads, stage, from_pytest_benchmark(benchmark.stats.stats))
     return out
 
 
