@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import results as results_mod
-from benchmarks.gates import GATES_FILE
+from benchmarks.gates import GATES_FILE, load_gates
 from benchmarks.runtimes import RUNTIMES, import_error
 from benchmarks.testset import Split
 
@@ -54,6 +54,7 @@ def pytest_configure(config):
     if not (run_dir(config) / "model_card.json").is_file():
         raise pytest.UsageError(f"{run_dir(config)} is not a training run (no model_card.json): "
                                 "point --run / CXR_RUN at a converted run")
+    load_gates(Path(config.getoption("gates")))  # a bad gates file fails now, not after the run
     collector = results_mod.Collector(run_dir(config), threads=threads(config),
                                       device=config.getoption("device"))
     for runtime in RUNTIMES.values():
@@ -71,6 +72,9 @@ def pytest_generate_tests(metafunc):
     config = metafunc.config
     if "variant" in metafunc.fixturenames:
         metafunc.parametrize("variant", variants(config), scope="module")
+    if "paired_variant" in metafunc.fixturenames:  # every variant against fp32
+        names = variants(config)
+        metafunc.parametrize("paired_variant", [n for n in names if n != "fp32"] if "fp32" in names else [])
     if "keras_threads" in metafunc.fixturenames:
         metafunc.parametrize("keras_threads", threads(config))
     if "setup" in metafunc.fixturenames:  # (runtime, threads) of the latency benchmarks
@@ -95,6 +99,12 @@ def split(pytestconfig, results) -> Split:
 @pytest.fixture(scope="session")
 def test_images(split) -> list[Path]:
     return split.pipeline_images()
+
+
+@pytest.fixture(scope="session")
+def ratio_threads(pytestconfig) -> int:
+    """The thread count the ratio gates are read at."""
+    return load_gates(Path(pytestconfig.getoption("gates"))).get("ratios", {}).get("threads", 2)
 
 
 @pytest.fixture(scope="session")

@@ -78,15 +78,27 @@ def latency(variant: dict, stage: str, threads: int, runtime: str = "litert-cpu"
 
 
 def ratios(results: dict, threads: int) -> dict:
-    """The machine-independent figures of a run: pipeline overhead, int8 speed-up, drops vs Keras."""
+    """The machine-independent figures of a run: pipeline overhead, speed-ups, drops vs Keras.
+
+    Each ratio comes from one measurement where there is one (the pipeline's own stage timings,
+    fp32 and the variant alternated pairwise); from two medians of separate benchmarks otherwise.
+    """
     variants = {n: v for n, v in results["variants"].items() if v["kind"] == "tflite"}
     keras = (results["variants"].get("keras") or {}).get("metrics")
 
     def overhead(v):
-        raw, pipe = latency(v, "raw", threads), latency(v, "pipeline", threads)
-        return pipe / raw if raw and pipe else None
+        row = next((r for r in v.get("latency", []) if (r["runtime"], r["threads"], r["stage"])
+                    == ("litert-cpu", threads, "pipeline")), {})
+        raw, pipe = latency(v, "raw", threads), row.get("median_ms")
+        return row.get("overhead_ratio") or (pipe / raw if raw and pipe else None)
 
-    fp32, int8 = (latency(variants[n], "raw", threads) if n in variants else None for n in ("fp32", "int8"))
+    def speedup(name):
+        paired = results.get("speedup_vs_fp32", {}).get(name)
+        if paired:
+            return paired["speedup"]
+        fp32, other = (latency(variants[n], "raw", threads) if n in variants else None for n in ("fp32", name))
+        return fp32 / other if fp32 and other else None
+
     drops = {}
     for name, v in variants.items():
         if keras and v.get("metrics"):
@@ -94,7 +106,8 @@ def ratios(results: dict, threads: int) -> dict:
                            else 100.0 * (keras[m] - v["metrics"][m]) for m in ACCURACY_METRICS}
     return {"threads": threads,
             "pipeline_overhead": {n: overhead(v) for n, v in variants.items()},
-            "int8_speedup": fp32 / int8 if fp32 and int8 else None,
+            "speedup_vs_fp32": {n: speedup(n) for n in variants if n != "fp32"},
+            "int8_speedup": speedup("int8") if "int8" in variants else None,
             "drop_vs_keras_points": drops}
 
 

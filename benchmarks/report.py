@@ -23,7 +23,7 @@ def markdown(results: dict, plot_name: str) -> str:
              f"{'' if results['test_split'].get('fingerprint_matches', True) else ' (CHANGED since training)'}.",
              "", "Latencies are medians of pytest-benchmark rounds in ms (IQR in the JSON); on a machine shared "
              "with other jobs they are noisy, the ratios between variants of one run much less so. "
-             f"Raw = one inference call on a zero input; pipeline = decode + preprocess + inference + "
+             f"Raw = one inference call on a preprocessed test image; pipeline = decode + preprocess + inference + "
              f"post-process of real test files. Columns by thread count are {ref} "
              f"({results['runtimes'][ref]['label']}); the Keras row is TensorFlow in its own process.", "",
              "| variant | size KiB | gzip KiB | load ms | peak RSS MiB | "
@@ -54,11 +54,20 @@ def markdown(results: dict, plot_name: str) -> str:
             lines.append(f"| {name} | {u['runtime']} | | unavailable: {u['reason'][:160]} | |")
     r = results["ratios"]
     lines += ["", f"## Ratios ({ref}, {r['threads']} threads)", "",
-              "| variant | pipeline / raw | macro-F1 drop vs Keras (points) |", "|---|---|---|"]
+              "Pipeline / inference: the median over pipeline calls of each call's total over its own inference "
+              "time; speed-up: fp32 and the variant alternated call by call. Both halves of each ratio see the "
+              "same machine load.", "",
+              "| variant | decode ms | preprocess ms | inference ms | post-process ms | pipeline / inference "
+              "| speed-up vs fp32 | macro-F1 drop vs Keras (points) |", "|---|---|---|---|---|---|---|---|"]
     for name, overhead in r["pipeline_overhead"].items():
+        row = next((x for x in results["variants"][name]["latency"] if (x["runtime"], x["threads"], x["stage"])
+                    == (ref, r["threads"], "pipeline")), {})
+        st = row.get("stages_ms", {})
         drop = r["drop_vs_keras_points"].get(name, {}).get("macro_f1")
-        lines.append(f"| {name} | {_ms(overhead)} | {_ms(drop)} |")
-    lines += ["", f"int8 speed-up over fp32 (raw inference): {_ms(r['int8_speedup'])}", "",
+        lines.append(f"| {name} | {_ms(st.get('decode'))} | {_ms(st.get('preprocess'))} | {_ms(st.get('inference'))} "
+                     f"| {_ms(st.get('postprocess'))} | {_ms(overhead)} | {_ms(r['speedup_vs_fp32'].get(name))} "
+                     f"| {_ms(drop)} |")
+    lines += ["",
               f"## Release gates ({results['gates']['file']}{', device ' + results['device'] if results['device'] else ''})",
               "", "| gate | variant | measured | limit | result |", "|---|---|---|---|---|"]
     for g in results["gates"]["rows"]:

@@ -17,7 +17,7 @@ import ai_edge_litert
 
 from benchmarks import compare as compare_mod
 from benchmarks import gates as gates_mod
-from benchmarks.runtimes import REFERENCE, RUNTIMES
+from benchmarks.runtimes import REFERENCE
 from edge_app.model_card import ModelCard
 
 SCHEMA_FILE = Path(__file__).with_name("results.schema.json")
@@ -41,6 +41,7 @@ class Collector:
         self.runtimes: dict[str, dict] = {}
         self.variants: dict[str, dict] = {}
         self.test_split: dict = {}
+        self.speedups: dict[str, dict] = {}
         self.started = time.time()
 
     def runtime(self, name: str, label: str, reason: str | None) -> None:
@@ -65,6 +66,9 @@ class Collector:
         if entry not in self.variant(variant)["unavailable"]:
             self.variant(variant)["unavailable"].append(entry)
 
+    def speedup(self, variant: str, measured: dict) -> None:
+        self.speedups[variant] = measured
+
     def to_json(self) -> dict:
         order = sorted(self.variants, key=lambda n: (n != "keras", n))
         return {
@@ -84,6 +88,7 @@ class Collector:
             "settings": {"threads": self.threads, "reference_runtime": REFERENCE},
             "runtimes": self.runtimes,
             "variants": {n: self.variants[n] for n in order},
+            "speedup_vs_fp32": self.speedups,
         }
 
 

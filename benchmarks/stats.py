@@ -32,3 +32,29 @@ def time_calls(fn, *, max_time: float, min_rounds: int, warmup: int = 2) -> dict
         fn()
         samples.append(time.perf_counter() - t0)
     return from_samples(samples)
+
+
+def stage_breakdown(timings: list[dict]) -> dict:
+    """Median ms of each pipeline stage (Prediction.timings_ms) over the timed calls, and the
+    median per-call ratio of the whole pipeline to its inference: both halves of that ratio come
+    from the same call, so they see the same machine load."""
+    return {"stages_ms": {k: float(np.median([t[k] for t in timings])) for k in timings[0]},
+            "overhead_ratio": float(np.median([t["total"] / t["inference"] for t in timings if t["inference"] > 0]))}
+
+
+def paired_speedup(baseline, candidate, *, max_time: float, min_rounds: int) -> dict:
+    """baseline() and candidate() alternated call by call (the order swapped every pair); the
+    median of the per-pair time ratios is the speed-up, robust to load that drifts over a run."""
+    pairs, start = [], time.perf_counter()
+    while len(pairs) < min_rounds or time.perf_counter() - start < max_time:
+        first, second = (baseline, candidate) if len(pairs) % 2 == 0 else (candidate, baseline)
+        t0 = time.perf_counter()
+        first()
+        t1 = time.perf_counter()
+        second()
+        t2 = time.perf_counter()
+        a, b = (t1 - t0, t2 - t1) if first is baseline else (t2 - t1, t1 - t0)
+        pairs.append((a, b))
+    base, cand = np.array(pairs).T
+    return {"speedup": float(np.median(base / cand)), "baseline_median_ms": 1000.0 * float(np.median(base)),
+            "median_ms": 1000.0 * float(np.median(cand)), "pairs": len(pairs)}

@@ -69,6 +69,15 @@ def test_healthy_measurements_pass_every_gate(measured):
     assert ratios["drop_vs_keras_points"]["int8"]["macro_f1"] == pytest.approx(0.5)
 
 
+def test_ratios_prefer_one_paired_measurement_over_two_medians(measured):
+    measured["speedup_vs_fp32"] = {"int8": {"speedup": 1.1}}
+    measured["variants"]["fp32"]["latency"][3]["overhead_ratio"] = 1.05
+    ratios = gates.ratios(measured, 2)
+    assert ratios["int8_speedup"] == 1.1 and ratios["pipeline_overhead"]["fp32"] == 1.05
+    failed = [r.name for r in gates.evaluate(measured, gates.load_gates()) if not r.passed]
+    assert failed == ["ratios.min_int8_speedup[int8]"]
+
+
 @pytest.mark.parametrize("spoil, failed", [
     (lambda r: r["variants"]["int8"]["metrics"].update(macro_f1=0.5), "accuracy.min_macro_f1[int8]"),
     (lambda r: r["variants"]["int8"]["metrics"].update(abnormal_sensitivity=0.8),
@@ -166,6 +175,10 @@ def test_benchmark_suite_measures_every_variant(suite, tiny_run):
         assert v["memory"]["peak_rss_mib"] > v["memory"]["rss_before_load_mib"] > 0
         assert v["load_ms"]["median_ms"] > 0 and 0 <= v["metrics"]["macro_f1"] <= 1
         assert v["metrics"]["n"] == results["test_split"]["n"] == 18
+        pipeline = next(r for r in v["latency"] if (r["runtime"], r["threads"], r["stage"]) == ("litert-cpu", 2, "pipeline"))
+        assert pipeline["overhead_ratio"] >= 1 and set(pipeline["stages_ms"]) >= {"decode", "inference", "total"}
+    assert set(results["speedup_vs_fp32"]) == {"dynamic", "fp16", "int8"}
+    assert results["ratios"]["int8_speedup"] == results["speedup_vs_fp32"]["int8"]["speedup"]
     keras = results["variants"]["keras"]
     assert keras["metrics"]["n"] == 18 and gates.latency(keras, "pipeline", 2, "keras") > 0
     assert results["runtimes"]["tflite-runtime"]["available"] is False
