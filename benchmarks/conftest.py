@@ -20,6 +20,7 @@ from benchmarks.runtimes import RUNTIMES, import_error
 from benchmarks.testset import Split
 
 RESULTS_KEY = pytest.StashKey[results_mod.Collector]()
+OUTCOME_KEY = pytest.StashKey[results_mod.Outcome]()
 
 
 def pytest_addoption(parser):
@@ -112,9 +113,6 @@ def timing(pytestconfig) -> dict:
     """pytest-benchmark's time budget, for the timers outside it (Keras, probes)."""
     return {"max_time": float(pytestconfig.getoption("benchmark_max_time")),
             "min_rounds": int(pytestconfig.getoption("benchmark_min_rounds"))}
-
-
-OUTCOME_KEY = pytest.StashKey[results_mod.Outcome]()
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -1,6 +1,6 @@
 """Release gates: every limit in benchmarks/gates.toml checked against one results JSON.
 
-    python -m benchmarks.gates RESULTS.json [--gates FILE] [--device pi4] [--variants fp16 int8]
+    python -m benchmarks.gates RESULTS.json [--gates FILE] [--device pi4] [--variants fp16,int8]
 
 Prints gate, variant, measured, limit, pass/FAIL and exits 1 naming every failed gate. Gates
 apply to the shipped variants (all that were benchmarked unless --variants says otherwise). A
@@ -200,10 +200,10 @@ def main(argv=None) -> int:
     p.add_argument("results", type=Path, help="a benchmarks/results/<run>-<timestamp>.json")
     p.add_argument("--gates", type=Path, default=GATES_FILE)
     p.add_argument("--device", help="a [devices.NAME] profile: check its absolute budgets")
-    p.add_argument("--variants", nargs="+", help="the variants to ship (default: all benchmarked)")
+    p.add_argument("--variants", help="comma-separated variants to ship (default: every benchmarked one)")
     args = p.parse_args(argv)
     rows = evaluate(json.loads(args.results.read_text()), load_gates(args.gates), device=args.device,
-                    variants=args.variants)
+                    variants=args.variants.split(",") if args.variants else None)
     print(table(rows))
     print(summary(rows))
     return 0 if all(r.passed for r in rows) else 1
