@@ -110,7 +110,7 @@ def ratio_threads(pytestconfig) -> int:
 
 @pytest.fixture(scope="session")
 def timing(pytestconfig) -> dict:
-    """pytest-benchmark's time budget, for the timers outside it (Keras, probes)."""
+    """pytest-benchmark's time budget, for the timers outside it (Keras, the paired speed-up)."""
     return {"max_time": float(pytestconfig.getoption("benchmark_max_time")),
             "min_rounds": int(pytestconfig.getoption("benchmark_min_rounds"))}
 

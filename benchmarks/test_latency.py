@@ -14,7 +14,7 @@ from edge_app.classifier import Classifier
 
 
 @pytest.fixture(scope="module")
-def classifier(request, pytestconfig, results, variant, setup):
+def classifier(pytestconfig, results, variant, setup):
     """The variant on one pinned runtime; None (recorded with its reason) where it cannot run."""
     runtime, threads = setup
     try:

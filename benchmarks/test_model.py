@@ -34,7 +34,7 @@ def test_load_time(benchmark, pytestconfig, results, variant):
 
 
 def test_peak_memory(pytestconfig, results, variant, test_images):
-    """ru_maxrss of a fresh process that loads the variant and screens a test image."""
+    """Peak resident memory (VmHWM) of a fresh process that loads the variant and screens a test image."""
     path = run_dir(pytestconfig) / "tflite" / f"{variant}.tflite"
     probe = subprocess.run([sys.executable, "-m", "benchmarks.probe", str(path), "--runtime", REFERENCE,
                             "--threads", str(MEMORY_THREADS), "--image", str(test_images[0])],
