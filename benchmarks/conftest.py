@@ -60,6 +60,8 @@ def pytest_configure(config):
                                       device=config.getoption("device"))
     for runtime in RUNTIMES.values():
         collector.runtime(runtime.name, runtime.label, import_error(runtime.module))
+    collector.runtime("keras", "Keras on TensorFlow (the baseline), a process per thread count",
+                      import_error("tensorflow"))
     config.stash[RESULTS_KEY] = collector
 
 
@@ -79,7 +81,7 @@ def pytest_generate_tests(metafunc):
     if "keras_threads" in metafunc.fixturenames:
         metafunc.parametrize("keras_threads", threads(config))
     if "setup" in metafunc.fixturenames:  # (runtime, threads) of the latency benchmarks
-        available = config.stash[RESULTS_KEY].available_runtimes()
+        available = [r for r in config.stash[RESULTS_KEY].available_runtimes() if r in RUNTIMES]
         setups = [(r, t) for r in available for t in (threads(config) if RUNTIMES[r].threaded else [None])]
         metafunc.parametrize("setup", setups, ids=[f"{r}-{t}t" if t else r for r, t in setups], scope="module")
 

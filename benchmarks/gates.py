@@ -84,7 +84,8 @@ def ratios(results: dict, threads: int) -> dict:
     fp32 and the variant alternated pairwise); from two medians of separate benchmarks otherwise.
     """
     variants = {n: v for n, v in results["variants"].items() if v["kind"] == "tflite"}
-    keras = (results["variants"].get("keras") or {}).get("metrics")
+    keras = ((results["variants"].get("keras") or {}).get("metrics")
+             or (results.get("keras_reference") or {}).get("metrics"))
 
     def overhead(v):
         row = next((r for r in v.get("latency", []) if (r["runtime"], r["threads"], r["stage"])

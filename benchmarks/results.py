@@ -18,6 +18,7 @@ import ai_edge_litert
 from benchmarks import compare as compare_mod
 from benchmarks import gates as gates_mod
 from benchmarks.runtimes import REFERENCE
+from benchmarks.testset import headline
 from edge_app.model_card import ModelCard
 
 SCHEMA_FILE = Path(__file__).with_name("results.schema.json")
@@ -69,6 +70,18 @@ class Collector:
     def speedup(self, variant: str, measured: dict) -> None:
         self.speedups[variant] = measured
 
+    def keras_reference(self) -> dict | None:
+        """The Keras metrics the drops are measured against: this session's, or where TensorFlow
+        is missing (a device) those conversion computed on the same split with the same code."""
+        keras = self.variants.get("keras", {}).get("metrics")
+        if keras:
+            return {"source": "keras_baseline", "metrics": keras}
+        conversion = self.run / "reports" / "conversion.json"
+        if conversion.is_file():
+            return {"source": str(conversion),
+                    "metrics": headline(json.loads(conversion.read_text())["keras"]["metrics"])}
+        return None
+
     def to_json(self) -> dict:
         order = sorted(self.variants, key=lambda n: (n != "keras", n))
         return {
@@ -89,6 +102,7 @@ class Collector:
             "runtimes": self.runtimes,
             "variants": {n: self.variants[n] for n in order},
             "speedup_vs_fp32": self.speedups,
+            "keras_reference": self.keras_reference(),
         }
 
 

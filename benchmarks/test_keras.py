@@ -4,11 +4,16 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from benchmarks.conftest import run_dir, threads
 from benchmarks.test_model import MEMORY_THREADS
 
 
 def test_keras_baseline(pytestconfig, results, keras_threads, timing):
+    keras_runtime = results.runtimes["keras"]
+    if not keras_runtime["available"]:  # a device: the drops use the Keras metrics of conversion
+        pytest.skip(f"no TensorFlow here ({keras_runtime['reason']}): Keras metrics from reports/conversion.json")
     counts = threads(pytestconfig)
     primary = keras_threads == (MEMORY_THREADS if MEMORY_THREADS in counts else counts[0])
     cmd = [sys.executable, "-m", "benchmarks.keras_baseline", str(run_dir(pytestconfig)),
