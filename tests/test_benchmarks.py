@@ -78,6 +78,13 @@ def test_ratios_prefer_one_paired_measurement_over_two_medians(measured):
     assert failed == ["ratios.min_int8_speedup[int8]"]
 
 
+def test_without_tensorflow_the_drops_use_the_recorded_keras_metrics(measured):
+    keras = measured["variants"].pop("keras")
+    assert not any(r.passed for r in gates.evaluate(measured, gates.load_gates()) if r.gate.startswith("drop_vs"))
+    measured["keras_reference"] = {"source": "reports/conversion.json", "metrics": keras["metrics"]}
+    assert all(r.passed for r in gates.evaluate(measured, gates.load_gates()))
+
+
 @pytest.mark.parametrize("spoil, failed", [
     (lambda r: r["variants"]["int8"]["metrics"].update(macro_f1=0.5), "accuracy.min_macro_f1[int8]"),
     (lambda r: r["variants"]["int8"]["metrics"].update(abnormal_sensitivity=0.8),
