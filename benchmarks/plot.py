@@ -45,22 +45,26 @@ def pareto(results: dict | list[dict], path: Path) -> Path:
         raise ValueError(f"these runs were tested on different test splits {sorted(splits)}: "
                          "their macro-F1 cannot be compared in one plot")
     multi = len(runs) > 1
-    labelled = [(f"{r['run']}/{name}" if multi else name, r["variants"][name]["kind"], ms, f1, size, i)
+    labelled = [(name, r["variants"][name]["kind"], ms, f1, size, i)
                 for i, r in enumerate(runs) for name, ms, f1, size in points(r)]
     fig, ax = plt.subplots(figsize=(9, 6) if multi else (7, 5), dpi=120)
     biggest = max((p[4] for p in labelled), default=1)
     for label, kind, ms, f1, size, run in labelled:
         keras = kind == "keras"
         color = f"C{run}" if multi else None  # one colour per run, or per variant
-        ax.scatter(ms, f1, s=60 + 1400 * size / biggest, alpha=0.55, edgecolors=color if keras else "black",
+        ax.scatter(ms, f1, s=60 + 1400 * size / biggest, alpha=0.55, edgecolors=(color or "black") if keras else "black",
                    c=None if keras else color, facecolors="none" if keras else None, marker="s" if keras else "o")
         ax.annotate(f"{label} ({size / 2**20:.1f} MiB)", (ms, f1), textcoords="offset points",
                     xytext=(8, -12 if keras else 6), fontsize=8 if multi else 9)
-    pts = [(label, ms, f1, size) for label, _, ms, f1, size, _ in labelled]
+    for i, r in enumerate(runs if multi else []):  # the colour of each run
+        ax.scatter([], [], color=f"C{i}", alpha=0.55, edgecolors="black", label=r["run"])
+    pts = [(f"{runs[i]['run']}/{label}" if multi else label, ms, f1, size)
+           for label, _, ms, f1, size, i in labelled]
     if len(pts) > 1:
         f = front(pts)
         ax.plot([p[1] for p in f], [p[2] for p in f], "--x", color="grey", lw=1, ms=9,
-                label="Pareto front: " + ", ".join(p[0] for p in f))
+                label="Pareto front" + ("" if multi else ": " + ", ".join(p[0] for p in f)))
+    if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="lower right", fontsize=8)
     ref = runs[0]["settings"]["reference_runtime"]
     ax.set_xlabel(f"whole-pipeline latency, median ms ({ref}, {runs[0]['ratios']['threads']} threads; keras: TF)")
