@@ -6,14 +6,18 @@
 #
 #   make app                               the screening app (Kivy) on the run's int8 model
 #   make app APP_ARGS="--kiosk --pin 2468" the screening kiosk
+#   make benchmark RUN=mobilenet_v2-cxr    latency, memory, size, accuracy of every variant + the gates
+#   make release RUN=mobilenet_v2-cxr      dist/<model>-<version>/, only when every gate passes
+#   make bundle-pi RUN=mobilenet_v2-cxr    dist/ folder + tarball for 64-bit Raspberry Pi OS
+#   sudo make verify-pi RUN=...            install it on an emulated aarch64 Debian 12, compare with x86
 #
 # Variables: DATA (dataset folder; empty = the generated synthetic set), MODEL, RUN (run name,
 # the folder under artifacts/), CONFIG (a TOML file of training settings), WEIGHTS, WEIGHTS_DIR,
 # APP_MODEL (the app's .tflite), APP_ARGS (more `python -m edge_app app` flags).
-#
-#   make bundle-pi RUN=mobilenet_v2-cxr    dist/ folder + tarball for 64-bit Raspberry Pi OS
-#   sudo make verify-pi RUN=...            install it on an emulated aarch64 Debian 12, compare with x86
-#
+# Benchmark and release: GATES (gates file), DEVICE (pi4, pi5, tablet: its absolute budgets, on
+# that device only), VARIANTS (comma-separated, the ones to ship and gate), COMPARE (an earlier
+# results JSON), RESULTS (release from these results instead of benchmarking again), VERSION,
+# BENCH_ARGS (more pytest / pytest-benchmark options).
 # Pi variables: PI_VARIANT (tflite variant, default int8), PI_WHEELS (0: no vendored wheels),
 # PI_IMAGES (test split for verify-pi), PI_PER_CLASS, PI_ROOTFS (cached emulated rootfs),
 # PI_CPU (pi4: Cortex-A72, pi5: Cortex-A76), PI_TOLERANCE (largest |probability difference|).
@@ -34,6 +38,16 @@ WEIGHTS     ?= $(if $(filter cnn,$(MODEL)),none,$(if $(wildcard $(WEIGHTS_DIR)/*
 TRAIN_ARGS  ?=
 APP_MODEL   ?= $(RUN_DIR)/tflite/int8.tflite
 APP_ARGS    ?=
+GATES       ?= benchmarks/gates.toml
+DEVICE      ?=
+VARIANTS    ?=
+COMPARE     ?=
+RESULTS     ?=
+VERSION     ?=
+BENCH_ARGS  ?=
+# LiteRT's GPU accelerator runs on SwiftShader (Chromium's software Vulkan) where it is installed.
+SWIFTSHADER := $(wildcard /usr/lib/chromium/vk_swiftshader_icd.json)
+BENCH_ENV   := $(if $(SWIFTSHADER),VK_ICD_FILENAMES=$(SWIFTSHADER) XDG_RUNTIME_DIR=$${XDG_RUNTIME_DIR:-/tmp})
 PI_VARIANT  ?= int8
 PI_WHEELS   ?= 1
 PI_IMAGES   ?= $(if $(DATA),$(DATA),../shared/data/cxr)/test
@@ -44,9 +58,12 @@ PI_TOLERANCE ?= 0.05
 PI_BUNDLE   := dist/cxr-edge-pi-$(RUN)-$(PI_VARIANT)
 PREDICT_IMAGE = $(firstword $(wildcard $(DATASET)/test/covid/* $(DATASET)/test/pneumonia/*))
 
-.PHONY: all setup data train convert benchmark predict app bundle-pi verify-pi test clean
+.PHONY: all setup data train convert benchmark release predict app bundle-pi verify-pi test clean
 
-all: data train convert benchmark predict
+# The gates are printed but do not stop the demo: they stop a release (`make release`).
+all: data train convert
+	-$(MAKE) --no-print-directory benchmark
+	$(MAKE) --no-print-directory predict
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -71,8 +88,13 @@ convert: setup
 	$(PY) -m convert $(RUN_DIR)
 
 benchmark: setup
-	CXR_RUN=$(RUN_DIR) $(PY) -m pytest benchmarks -q -p no:cacheprovider \
-		--benchmark-json=$(RUN_DIR)/reports/benchmark.json
+	$(BENCH_ENV) $(PY) -m pytest benchmarks -q -p no:cacheprovider --run $(RUN_DIR) --gates $(GATES) \
+		$(if $(DEVICE),--device $(DEVICE)) $(if $(VARIANTS),--variants $(VARIANTS)) \
+		$(if $(COMPARE),--compare $(COMPARE)) --benchmark-json=$(RUN_DIR)/reports/pytest-benchmark.json $(BENCH_ARGS)
+
+release: setup $(if $(RESULTS),,benchmark)
+	$(PY) -m benchmarks.release $(RUN_DIR) --gates $(GATES) $(if $(RESULTS),--results $(RESULTS)) \
+		$(if $(DEVICE),--device $(DEVICE)) $(if $(VARIANTS),--variants $(VARIANTS)) $(if $(VERSION),--version $(VERSION))
 
 predict: setup
 	$(PY) -m edge_app predict $(PREDICT_IMAGE) --model $(RUN_DIR)/tflite/int8.tflite

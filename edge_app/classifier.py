@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_app import decision, preprocess
+from edge_app import decision, preprocess, release
 from edge_app.errors import ModelError
 from edge_app.model_card import ModelCard
 from edge_app.runtime import open_backend
@@ -55,6 +55,7 @@ def load_model_file(path: str | Path) -> tuple[bytes, ModelCard]:
     if not path.is_file():
         raise ModelError("model_not_found", f"model file not found: {path}", path)
     data = path.read_bytes()
+    release.verify(path, data)  # a released model must match its SHA256SUMS
     if len(data) < 8 or data[4:8] != b"TFL3":
         raise ModelError("model_invalid", "not a TFLite model (no TFL3 identifier)", path)
     try:
@@ -75,12 +76,17 @@ class Classifier:
     """Loads a model and its card, picks a runtime, warms it up; `predict` is thread-safe."""
 
     def __init__(self, model_path: str | Path, *, accelerator: str = "auto", num_threads: int = 2,
-                 gpu_delegate: str | None = None):
+                 gpu_delegate: str | None = None, runtime=None):
+        """`runtime`: a callable model bytes -> backend that pins one runtime (the benchmarks
+        time each one); by default the first that loads, in `open_backend`'s order."""
         self.model_path = Path(model_path)
         data, self.card = load_model_file(self.model_path)
         self.model_sha256 = hashlib.sha256(data).hexdigest()
-        self.backend, self.backend_attempts = open_backend(
-            data, accelerator=accelerator, num_threads=num_threads, gpu_delegate=gpu_delegate)
+        if runtime is None:
+            self.backend, self.backend_attempts = open_backend(
+                data, accelerator=accelerator, num_threads=num_threads, gpu_delegate=gpu_delegate)
+        else:
+            self.backend, self.backend_attempts = runtime(data), []
         self._check_card_matches_model()
         self.spec = self.card.input
         self.predict_array(np.zeros((self.spec.size, self.spec.size), np.float32))  # warm-up

@@ -1,0 +1,214 @@
+"""Release gates: every limit in benchmarks/gates.toml checked against one results JSON.
+
+    python -m benchmarks.gates RESULTS.json [--gates FILE] [--device pi4] [--variants fp16,int8]
+
+Prints gate, variant, measured, limit, pass/FAIL and exits 1 naming every failed gate. Gates
+apply to the shipped variants (all that were benchmarked unless --variants says otherwise). A
+gate whose figure was not measured fails: a release is never waved through for lack of data.
+Ratios come from the same run on the same machine, so they hold on any machine; absolute
+budgets belong to a device profile and are checked only with --device on that device.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import operator
+import sys
+import tomllib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+GATES_FILE = Path(__file__).with_name("gates.toml")
+ACCURACY_METRICS = ("accuracy", "macro_f1", "abnormal_sensitivity", "abnormal_specificity", "covid_sensitivity")
+DEVICE_KEYS = ("threads", "max_raw_ms", "max_pipeline_ms", "max_load_ms", "max_peak_rss_mib")
+SCHEMA = {
+    "accuracy": {f"min_{m}" for m in ACCURACY_METRICS},
+    "drop_vs_keras": {f"max_{m}" for m in ACCURACY_METRICS},
+    "size": {"max_mib", "max_gzip_mib"},
+    "ratios": {"threads", "max_pipeline_overhead", "min_int8_speedup"},
+}
+OPS = {"min": (">=", operator.ge), "max": ("<=", operator.le)}
+
+
+class GateFileError(ValueError):
+    """gates.toml names something no gate knows."""
+
+
+@dataclass
+class GateResult:
+    gate: str                 # section.key, e.g. accuracy.min_macro_f1
+    variant: str | None
+    measured: float | None
+    limit: float
+    op: str                   # ">=" or "<="
+    unit: str
+    passed: bool
+    note: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.gate}[{self.variant}]" if self.variant else self.gate
+
+
+def load_gates(path: Path = GATES_FILE) -> dict:
+    gates = tomllib.loads(Path(path).read_text())
+    for section, keys in gates.items():
+        if section == "devices":
+            for device, budget in keys.items():
+                unknown = set(budget) - set(DEVICE_KEYS)
+                if unknown or "threads" not in budget:
+                    raise GateFileError(f"{path}: [devices.{device}] needs threads and knows only "
+                                        f"{DEVICE_KEYS}; unknown: {sorted(unknown)}")
+            continue
+        if section not in SCHEMA:
+            raise GateFileError(f"{path}: unknown section [{section}]; known: {sorted(SCHEMA)} and devices")
+        unknown = set(keys) - SCHEMA[section]
+        if unknown:
+            raise GateFileError(f"{path}: unknown key(s) {sorted(unknown)} in [{section}]; "
+                                f"known: {sorted(SCHEMA[section])}")
+    return gates
+
+
+def latency(variant: dict, stage: str, threads: int, runtime: str = "litert-cpu") -> float | None:
+    """The median latency (ms) of one stage of a variant, or None when it was not measured."""
+    for row in variant.get("latency", []):
+        if (row["runtime"], row["threads"], row["stage"]) == (runtime, threads, stage):
+            return row["median_ms"]
+    return None
+
+
+def ratios(results: dict, threads: int) -> dict:
+    """The machine-independent figures of a run: pipeline overhead, speed-ups, drops vs Keras.
+
+    Each ratio comes from one measurement where there is one (the pipeline's own stage timings,
+    fp32 and the variant alternated pairwise); from two medians of separate benchmarks otherwise.
+    """
+    variants = {n: v for n, v in results["variants"].items() if v["kind"] == "tflite"}
+    keras = ((results["variants"].get("keras") or {}).get("metrics")
+             or (results.get("keras_reference") or {}).get("metrics"))
+
+    def overhead(v):
+        row = next((r for r in v.get("latency", []) if (r["runtime"], r["threads"], r["stage"])
+                    == ("litert-cpu", threads, "pipeline")), {})
+        raw, pipe = latency(v, "raw", threads), row.get("median_ms")
+        return row.get("overhead_ratio") or (pipe / raw if raw and pipe else None)
+
+    def speedup(name):
+        paired = results.get("speedup_vs_fp32", {}).get(name)
+        if paired:
+            return paired["speedup"]
+        fp32, other = (latency(variants[n], "raw", threads) if n in variants else None for n in ("fp32", name))
+        return fp32 / other if fp32 and other else None
+
+    drops = {}
+    for name, v in variants.items():
+        if keras and v.get("metrics"):
+            drops[name] = {m: None if keras[m] is None or v["metrics"][m] is None
+                           else 100.0 * (keras[m] - v["metrics"][m]) for m in ACCURACY_METRICS}
+    return {"threads": threads,
+            "pipeline_overhead": {n: overhead(v) for n, v in variants.items()},
+            "speedup_vs_fp32": {n: speedup(n) for n in variants if n != "fp32"},
+            "int8_speedup": speedup("int8") if "int8" in variants else None,
+            "drop_vs_keras_points": drops}
+
+
+def evaluate(results: dict, gates: dict, *, device: str | None = None,
+             variants: list[str] | None = None) -> list[GateResult]:
+    """Every gate that applies to the shipped variants, in the order of the gates file."""
+    measured = {n: v for n, v in results["variants"].items() if v["kind"] == "tflite"}
+    shipped = list(variants) if variants else list(measured)
+    derived = ratios(results, gates.get("ratios", {}).get("threads", 2))
+    rows: list[GateResult] = []
+
+    def check(gate, variant, value, key, limit, unit, note=""):
+        op, compare = OPS[key.split("_", 1)[0]]
+        passed = value is not None and compare(value, limit)
+        rows.append(GateResult(gate, variant, value, float(limit), op, unit, passed,
+                               note or ("not measured" if value is None else "")))
+
+    for name in shipped:
+        v = measured.get(name)
+        if v is None:
+            rows.append(GateResult("benchmarked", name, None, 1.0, ">=", "", False,
+                                   f"no benchmark of {name!r}; benchmarked: {sorted(measured)}"))
+            continue
+        metrics = v.get("metrics") or {}
+        for key, limit in gates.get("accuracy", {}).items():
+            metric = key.split("_", 1)[1]
+            if metric == "covid_sensitivity" and "covid" not in results["model"]["labels"]:
+                continue  # a binary task without COVID-19
+            check(f"accuracy.{key}", name, metrics.get(metric), key, limit, "")
+        drops = derived["drop_vs_keras_points"].get(name, {})
+        for key, limit in gates.get("drop_vs_keras", {}).items():
+            metric = key.split("_", 1)[1]
+            if metric == "covid_sensitivity" and "covid" not in results["model"]["labels"]:
+                continue
+            check(f"drop_vs_keras.{key}", name, drops.get(metric), key, limit, "points",
+                  "" if drops else "no Keras baseline")
+        size = gates.get("size", {})
+        if "max_mib" in size:
+            check("size.max_mib", name, v["bytes"] / 2**20, "max_mib", size["max_mib"], "MiB")
+        if "max_gzip_mib" in size:
+            check("size.max_gzip_mib", name, v["gzip_bytes"] / 2**20, "max_gzip_mib", size["max_gzip_mib"], "MiB")
+        if "max_pipeline_overhead" in gates.get("ratios", {}):
+            check("ratios.max_pipeline_overhead", name, derived["pipeline_overhead"].get(name),
+                  "max_pipeline_overhead", gates["ratios"]["max_pipeline_overhead"], "x")
+        if device:
+            budget = gates.get("devices", {}).get(device)
+            if budget is None:
+                raise GateFileError(f"no [devices.{device}] profile in the gates file; "
+                                    f"profiles: {sorted(gates.get('devices', {}))}")
+            t = budget["threads"]
+            figures = {"max_raw_ms": latency(v, "raw", t), "max_pipeline_ms": latency(v, "pipeline", t),
+                       "max_load_ms": (v.get("load_ms") or {}).get("median_ms"),
+                       "max_peak_rss_mib": (v.get("memory") or {}).get("peak_rss_mib")}
+            for key, limit in budget.items():
+                if key != "threads":
+                    check(f"devices.{device}.{key}", name, figures[key], key, limit,
+                          "MiB" if key.endswith("mib") else "ms", f"{t} threads")
+    if "int8" in shipped and "min_int8_speedup" in gates.get("ratios", {}):
+        check("ratios.min_int8_speedup", "int8", derived["int8_speedup"], "min_int8_speedup",
+              gates["ratios"]["min_int8_speedup"], "x", "" if derived["int8_speedup"] else "needs fp32 and int8")
+    return rows
+
+
+def table(rows: list[GateResult]) -> str:
+    def fmt(x):
+        return "-" if x is None else f"{x:.4g}"
+    cells = [["gate", "variant", "measured", "limit", "result"]]
+    cells += [[r.gate, r.variant or "", f"{fmt(r.measured)} {r.unit}".strip(), f"{r.op} {fmt(r.limit)} {r.unit}".strip(),
+               ("pass" if r.passed else "FAIL") + (f" ({r.note})" if r.note and not r.passed else "")]
+              for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4] for row in cells)
+
+
+def summary(rows: list[GateResult]) -> str:
+    failed = [r.name for r in rows if not r.passed]
+    if failed:
+        return f"{len(failed)} of {len(rows)} gates FAILED: " + ", ".join(failed)
+    return f"all {len(rows)} gates passed"
+
+
+def as_json(rows: list[GateResult], *, gates_file, device, variants) -> dict:
+    return {"file": str(gates_file), "device": device, "variants": variants,
+            "rows": [asdict(r) | {"name": r.name} for r in rows],
+            "passed": all(r.passed for r in rows), "failed": [r.name for r in rows if not r.passed]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gates", description=__doc__.splitlines()[0])
+    p.add_argument("results", type=Path, help="a benchmarks/results/<run>-<timestamp>.json")
+    p.add_argument("--gates", type=Path, default=GATES_FILE)
+    p.add_argument("--device", help="a [devices.NAME] profile: check its absolute budgets")
+    p.add_argument("--variants", help="comma-separated variants to ship (default: every benchmarked one)")
+    args = p.parse_args(argv)
+    rows = evaluate(json.loads(args.results.read_text()), load_gates(args.gates), device=args.device,
+                    variants=args.variants.split(",") if args.variants else None)
+    print(table(rows))
+    print(summary(rows))
+    return 0 if all(r.passed for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""report.md of a benchmark results JSON: one table per concern, read top to bottom."""
+from __future__ import annotations
+
+from benchmarks.gates import latency
+
+
+def _ms(x):
+    return "–" if x is None else f"{x:.2f}"
+
+
+def _f(x):
+    return "–" if x is None else f"{x:.4f}"
+
+
+def markdown(results: dict, plot_name: str) -> str:
+    threads = results["settings"]["threads"]
+    ref = results["settings"]["reference_runtime"]
+    m = results["machine"]
+    lines = [f"# Benchmark: {results['run']} ({results['model']['name']}, {results['model']['input_size']} px)", "",
+             f"{results['created']} on {m['hostname']} ({m['platform']}, {m['cpu_count']} CPUs, load average "
+             f"{' '.join(f'{x:.1f}' for x in m['load_average'])} at the end), ai-edge-litert {m['ai_edge_litert']}. "
+             f"Test split: {results['test_split'].get('n')} images"
+             f"{'' if results['test_split'].get('fingerprint_matches', True) else ' (CHANGED since training)'}.",
+             "", "Latencies are medians of pytest-benchmark rounds in ms (IQR in the JSON); on a machine shared "
+             "with other jobs they are noisy, the ratios between variants of one run much less so. "
+             f"Raw = one inference call on a preprocessed test image; pipeline = decode + preprocess + inference + "
+             f"post-process of real test files. Columns by thread count are {ref} "
+             f"({results['runtimes'][ref]['label']}); the Keras row is TensorFlow in its own process.", "",
+             "| variant | size KiB | gzip KiB | load ms | peak RSS MiB | "
+             + " | ".join(f"raw {t}t" for t in threads) + " | " + " | ".join(f"pipeline {t}t" for t in threads)
+             + " | accuracy | macro-F1 | abnormal sens. | abnormal spec. | COVID-19 sens. |",
+             "|---" * (10 + 2 * len(threads)) + "|"]
+    for name, v in results["variants"].items():
+        runtime = ref if v["kind"] == "tflite" else "keras"
+        mt = v["metrics"] or {}
+        lines.append(
+            f"| {name} | {v['bytes'] / 1024:.0f} | {v['gzip_bytes'] / 1024:.0f} | {_ms((v['load_ms'] or {}).get('median_ms'))} "
+            f"| {_ms((v['memory'] or {}).get('peak_rss_mib'))} | "
+            + " | ".join(_ms(latency(v, 'raw', t, runtime)) for t in threads) + " | "
+            + " | ".join(_ms(latency(v, 'pipeline', t, runtime)) for t in threads)
+            + f" | {_f(mt.get('accuracy'))} | {_f(mt.get('macro_f1'))} | {_f(mt.get('abnormal_sensitivity'))} "
+              f"| {_f(mt.get('abnormal_specificity'))} | {_f(mt.get('covid_sensitivity'))} |")
+    lines += ["", f"![Pareto plot]({plot_name})", "", "## Runtimes", "",
+              "| runtime | what | available |", "|---|---|---|"]
+    for name, r in results["runtimes"].items():
+        lines.append(f"| {name} | {r['label']} | {'yes' if r['available'] else 'unavailable: ' + r['reason']} |")
+    lines += ["", "| variant | runtime | threads | raw ms | pipeline ms |", "|---|---|---|---|---|"]
+    for name, v in results["variants"].items():
+        seen = sorted({(r["runtime"], r["threads"] or 0) for r in v["latency"] if r["runtime"] != ref})
+        for runtime, t in seen:
+            lines.append(f"| {name} | {runtime} | {t or '–'} | {_ms(latency(v, 'raw', t or None, runtime))} "
+                         f"| {_ms(latency(v, 'pipeline', t or None, runtime))} |")
+        for u in v["unavailable"]:
+            lines.append(f"| {name} | {u['runtime']} | | unavailable: {u['reason'][:160]} | |")
+    r = results["ratios"]
+    lines += ["", f"## Ratios ({ref}, {r['threads']} threads)", "",
+              "Pipeline / inference: the median over pipeline calls of each call's total over its own inference "
+              "time; speed-up: fp32 and the variant alternated call by call. Both halves of each ratio see the "
+              "same machine load.", "",
+              "| variant | decode ms | preprocess ms | inference ms | post-process ms | pipeline / inference "
+              "| speed-up vs fp32 | macro-F1 drop vs Keras (points) |", "|---|---|---|---|---|---|---|---|"]
+    for name, overhead in r["pipeline_overhead"].items():
+        row = next((x for x in results["variants"][name]["latency"] if (x["runtime"], x["threads"], x["stage"])
+                    == (ref, r["threads"], "pipeline")), {})
+        st = row.get("stages_ms", {})
+        drop = r["drop_vs_keras_points"].get(name, {}).get("macro_f1")
+        lines.append(f"| {name} | {_ms(st.get('decode'))} | {_ms(st.get('preprocess'))} | {_ms(st.get('inference'))} "
+                     f"| {_ms(st.get('postprocess'))} | {_ms(overhead)} | {_ms(r['speedup_vs_fp32'].get(name))} "
+                     f"| {_ms(drop)} |")
+    lines += ["",
+              f"## Release gates ({results['gates']['file']}{', device ' + results['device'] if results['device'] else ''})",
+              "", "| gate | variant | measured | limit | result |", "|---|---|---|---|---|"]
+    for g in results["gates"]["rows"]:
+        measured = "–" if g["measured"] is None else f"{g['measured']:.4g} {g['unit']}"
+        lines.append(f"| {g['gate']} | {g['variant'] or ''} | {measured} | {g['op']} {g['limit']:.4g} {g['unit']} "
+                     f"| {'pass' if g['passed'] else '**FAIL**'}{' (' + g['note'] + ')' if g['note'] else ''} |")
+    failed = results["gates"]["failed"]
+    lines += ["", f"**{len(failed)} gate(s) failed**: {', '.join(failed)}" if failed else "All gates passed."]
+    if "compare" in results:
+        c = results["compare"]
+        lines += ["", f"## Compared with {c['against']}", ""]
+        lines += [f"- REGRESSION {x}" for x in c["regressions"]] or ["No regression beyond noise."]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,55 @@
+"""Per variant: load time, peak memory (in a fresh process each), and test-split accuracy."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks.conftest import run_dir
+from benchmarks.runtimes import REFERENCE, RUNTIMES
+from benchmarks.stats import from_pytest_benchmark
+from benchmarks.testset import headline
+from convert import parity
+from edge_app.classifier import Classifier
+
+MEMORY_THREADS = 2  # the device default
+
+
+@pytest.fixture(scope="session")
+def test_inputs(split):
+    return split.inputs()
+
+
+def test_load_time(benchmark, pytestconfig, results, variant):
+    """Read, check the card, create the runtime, warm up: what a restart of the app costs."""
+    path = run_dir(pytestconfig) / "tflite" / f"{variant}.tflite"
+    runtime = RUNTIMES[REFERENCE]
+    benchmark.group = "model load"
+    rounds = max(3, int(pytestconfig.getoption("benchmark_min_rounds")))
+    classifier = benchmark.pedantic(Classifier, args=(path,), rounds=rounds, warmup_rounds=1,
+                                    kwargs={"runtime": lambda data: runtime.make(data, MEMORY_THREADS)})
+    if benchmark.enabled:
+        results.variant(variant)["load_ms"] = from_pytest_benchmark(benchmark.stats.stats)
+    assert classifier.card.variant == variant
+
+
+def test_peak_memory(pytestconfig, results, variant, test_images):
+    """Peak resident memory (VmHWM) of a fresh process that loads the variant and screens a test image."""
+    path = run_dir(pytestconfig) / "tflite" / f"{variant}.tflite"
+    probe = subprocess.run([sys.executable, "-m", "benchmarks.probe", str(path), "--runtime", REFERENCE,
+                            "--threads", str(MEMORY_THREADS), "--image", str(test_images[0])],
+                           capture_output=True, text=True, timeout=600)
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    measured = json.loads(probe.stdout.strip().splitlines()[-1])
+    results.variant(variant)["memory"] = {k: measured[k] for k in ("peak_rss_mib", "rss_before_load_mib")}
+    results.variant(variant)["first_load_ms"] = measured["load_ms"]
+    assert measured["peak_rss_mib"] >= measured["rss_before_load_mib"] > 0
+
+
+def test_accuracy(pytestconfig, results, variant, split, test_inputs):
+    """Test-split metrics through LiteRT, exactly as the parity gate computes them."""
+    path = run_dir(pytestconfig) / "tflite" / f"{variant}.tflite"
+    logits = parity.variant_logits(path, test_inputs, desc=f"evaluating {variant}", progress=False)
+    metrics = headline(parity.evaluate(logits, split.y, split.card))
+    results.variant(variant)["metrics"] = metrics
+    assert metrics["n"] == len(split.paths)

@@ -1,0 +1,60 @@
+"""The run's test split, decoded once with the device's own preprocessing, and the headline
+metrics a release is judged on (from train.metrics via convert.parity.evaluate)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from edge_app import preprocess
+from edge_app.model_card import ModelCard
+from train.data import load_dataset
+
+PIPELINE_IMAGES = 16  # files cycled through by the pipeline benchmark
+
+
+@dataclass
+class Split:
+    card: ModelCard
+    paths: list[Path]
+    y: np.ndarray            # class indices into card.labels
+    fingerprint_matches: bool
+
+    @classmethod
+    def of_run(cls, run: Path) -> "Split":
+        card = ModelCard.from_json((Path(run) / "model_card.json").read_text())
+        dataset = load_dataset(card.dataset["root"], task=card.task, seed=card.dataset.get("seed", 42),
+                               check_readable=False, progress=False)
+        records = dataset.split("test")
+        if not records:
+            raise ValueError(f"the test split of {dataset.root} is empty")
+        return cls(card, [r.path for r in records], np.array([card.labels.index(r.label) for r in records]),
+                   dataset.fingerprint() == card.dataset.get("fingerprint"))
+
+    def inputs(self, progress: bool = True) -> np.ndarray:
+        """(N, size, size, channels) model inputs, exactly as the device prepares them."""
+        spec = self.card.input
+        grey = np.stack([preprocess.load(p, spec) for p in tqdm(self.paths, desc="test split", unit="img",
+                                                                disable=not progress)])
+        return preprocess.normalise(grey, spec)
+
+    def pipeline_images(self) -> list[Path]:
+        """A fixed spread of test files (every class) for the whole-pipeline timing."""
+        return self.paths[:: max(1, len(self.paths) // PIPELINE_IMAGES)][:PIPELINE_IMAGES]
+
+
+def headline(metrics: dict) -> dict:
+    """The figures the gates read, from train.metrics.screening_metrics's result."""
+    covid = metrics.get("covid")
+    return {
+        "n": metrics["n"],
+        "accuracy": metrics["accuracy"],
+        "macro_f1": metrics["macro_f1"],
+        "abnormal_sensitivity": metrics["abnormal"]["sensitivity"],
+        "abnormal_specificity": metrics["abnormal"]["specificity"],
+        "abnormal_auc": metrics["abnormal"]["auc"],
+        "covid_sensitivity": None if covid is None else covid["sensitivity"],
+        "confusion_matrix": metrics["confusion_matrix"],
+    }

@@ -1,0 +1,281 @@
+"""Benchmarks, gates and release: the gate logic on hand-made results, and the benchmark suite
+itself run end to end (in a minimal mode) on the tiny converted run, so it never rots."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from benchmarks import compare, gates, results as results_mod
+from benchmarks.release import main as release_main
+from edge_app.classifier import Classifier
+from tests.conftest import REPO
+
+VARIANTS = ("dynamic", "fp16", "fp32", "int8")
+PERMISSIVE = """
+[accuracy]
+min_macro_f1 = 0.0
+[drop_vs_keras]
+max_macro_f1 = 100.0
+[size]
+max_mib = 1000.0
+[ratios]
+threads = 2
+max_pipeline_overhead = 1000.0
+"""
+
+
+def stats(median, iqr=0.1):
+    return {"min_ms": median - iqr, "median_ms": median, "q1_ms": median - iqr / 2, "q3_ms": median + iqr / 2,
+            "iqr_ms": iqr, "mean_ms": median, "stddev_ms": iqr, "max_ms": median + iqr, "rounds": 10}
+
+
+def metrics(f1, sens=0.95, spec=0.9, covid=0.9):
+    return {"n": 100, "accuracy": f1, "macro_f1": f1, "abnormal_sensitivity": sens, "abnormal_specificity": spec,
+            "abnormal_auc": 0.99, "covid_sensitivity": covid, "confusion_matrix": [[1]]}
+
+
+def variant(kind, f1, raw, pipeline, mib=2.0):
+    return {"kind": kind, "bytes": int(mib * 2**20), "gzip_bytes": int(mib * 2**19), "metrics": metrics(f1),
+            "load_ms": stats(20.0), "memory": {"peak_rss_mib": 150.0, "rss_before_load_mib": 90.0},
+            "latency": [{"runtime": "litert-cpu" if kind == "tflite" else "keras", "threads": t, "stage": stage,
+                         **stats(ms)} for t in (1, 2, 4) for stage, ms in (("raw", raw), ("pipeline", pipeline))]}
+
+
+@pytest.fixture
+def measured() -> dict:
+    """Results of a healthy run: every gate of benchmarks/gates.toml passes."""
+    return {"model": {"labels": ["normal", "pneumonia", "covid"]},
+            "variants": {"keras": variant("keras", 0.90, 30.0, 34.0, 8.0),
+                         "fp32": variant("tflite", 0.90, 20.0, 24.0, 8.0),
+                         "int8": variant("tflite", 0.895, 10.0, 14.0, 2.0)}}
+
+
+def test_healthy_measurements_pass_every_gate(measured):
+    rows = gates.evaluate(measured, gates.load_gates())
+    assert rows and all(r.passed for r in rows), gates.table(rows)
+    assert {r.variant for r in rows} == {"fp32", "int8"}
+    assert "ratios.min_int8_speedup" in {r.gate for r in rows}
+    ratios = gates.ratios(measured, 2)
+    assert ratios["int8_speedup"] == pytest.approx(2.0)
+    assert ratios["pipeline_overhead"]["fp32"] == pytest.approx(1.2)
+    assert ratios["drop_vs_keras_points"]["int8"]["macro_f1"] == pytest.approx(0.5)
+
+
+def test_ratios_prefer_one_paired_measurement_over_two_medians(measured):
+    measured["speedup_vs_fp32"] = {"int8": {"speedup": 1.1}}
+    measured["variants"]["fp32"]["latency"][3]["overhead_ratio"] = 1.05
+    ratios = gates.ratios(measured, 2)
+    assert ratios["int8_speedup"] == 1.1 and ratios["pipeline_overhead"]["fp32"] == 1.05
+    failed = [r.name for r in gates.evaluate(measured, gates.load_gates()) if not r.passed]
+    assert failed == ["ratios.min_int8_speedup[int8]"]
+
+
+def test_without_tensorflow_the_drops_use_the_recorded_keras_metrics(measured):
+    keras = measured["variants"].pop("keras")
+    assert not any(r.passed for r in gates.evaluate(measured, gates.load_gates()) if r.gate.startswith("drop_vs"))
+    measured["keras_reference"] = {"source": "reports/conversion.json", "metrics": keras["metrics"]}
+    assert all(r.passed for r in gates.evaluate(measured, gates.load_gates()))
+
+
+@pytest.mark.parametrize("spoil, failed", [
+    (lambda r: r["variants"]["int8"]["metrics"].update(macro_f1=0.5), "accuracy.min_macro_f1[int8]"),
+    (lambda r: r["variants"]["int8"]["metrics"].update(abnormal_sensitivity=0.8),
+     "drop_vs_keras.max_abnormal_sensitivity[int8]"),
+    (lambda r: r["variants"]["fp32"].update(bytes=40 * 2**20), "size.max_mib[fp32]"),
+    (lambda r: r["variants"]["int8"]["latency"][3].update(median_ms=40.0),  # pipeline, 2 threads
+     "ratios.max_pipeline_overhead[int8]"),
+    (lambda r: r["variants"]["int8"]["latency"][2].update(median_ms=19.0),  # raw, 2 threads
+     "ratios.min_int8_speedup[int8]"),
+    (lambda r: r["variants"]["fp32"].update(metrics=None), "accuracy.min_macro_f1[fp32]"),  # not measured
+])
+def test_a_failing_measurement_fails_its_gate_and_the_command(measured, tmp_path, capsys, spoil, failed):
+    spoil(measured)
+    rows = gates.evaluate(measured, gates.load_gates())
+    assert failed in [r.name for r in rows if not r.passed], gates.table(rows)
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(measured))
+    assert gates.main([str(path)]) == 1
+    assert failed in capsys.readouterr().out.splitlines()[-1]
+
+
+def test_device_budgets_are_checked_only_with_a_device(measured):
+    gate_file = gates.load_gates()
+    assert not [r for r in gates.evaluate(measured, gate_file) if r.gate.startswith("devices.")]
+    measured["variants"]["fp32"]["latency"][5].update(median_ms=900.0)  # pipeline at 4 threads
+    rows = gates.evaluate(measured, gate_file, device="pi4")
+    assert [r.name for r in rows if not r.passed] == ["devices.pi4.max_pipeline_ms[fp32]"]
+    with pytest.raises(gates.GateFileError, match="no \\[devices.toaster\\]"):
+        gates.evaluate(measured, gate_file, device="toaster")
+
+
+def test_only_shipped_variants_are_gated(measured):
+    measured["variants"]["int8"]["metrics"].update(macro_f1=0.1)
+    rows = gates.evaluate(measured, gates.load_gates(), variants=["fp32"])
+    assert all(r.passed for r in rows) and {r.variant for r in rows} == {"fp32"}
+    assert not gates.evaluate(measured, gates.load_gates(), variants=["qat"])[0].passed  # never benchmarked
+
+
+def test_gates_file_with_an_unknown_key_is_refused(tmp_path):
+    (tmp_path / "g.toml").write_text("[accuracy]\nmin_macro_f1 = 0.8\nmin_happiness = 1\n")
+    with pytest.raises(gates.GateFileError, match="min_happiness"):
+        gates.load_gates(tmp_path / "g.toml")
+
+
+def test_compare_flags_only_regressions_beyond_noise(measured):
+    later = copy.deepcopy(measured)
+    later["variants"]["fp32"]["latency"][0].update(median_ms=20.5)  # +2.5 %: noise
+    assert compare.regressions(measured, later) == []
+    later["variants"]["fp32"]["latency"][0].update(median_ms=26.0, iqr_ms=1.0)  # +30 %, beyond the IQR
+    later["variants"]["int8"]["metrics"].update(macro_f1=0.85)
+    found = {(c.variant, c.what) for c in compare.regressions(measured, later)}
+    assert found == {("fp32", "raw median ms (litert-cpu, 1 threads)"), ("int8", "macro_f1")}
+    later["variants"]["fp32"]["latency"][0].update(iqr_ms=8.0)  # a jittery stage: +6 ms is within its noise
+    assert ("fp32", "raw median ms (litert-cpu, 1 threads)") not in {
+        (c.variant, c.what) for c in compare.regressions(measured, later)}
+
+
+# --- the benchmark suite itself, in a minimal mode on the tiny run -------------------------------
+
+def run_benchmarks(run: Path, out: Path, gates_text: str, *extra) -> subprocess.CompletedProcess:
+    gates_file = out / "gates.toml"
+    gates_file.write_text(gates_text)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    swiftshader = Path("/usr/lib/chromium/vk_swiftshader_icd.json")
+    if swiftshader.is_file():  # the GPU path too, where a software Vulkan is installed
+        env.update(VK_ICD_FILENAMES=str(swiftshader), XDG_RUNTIME_DIR=env.get("XDG_RUNTIME_DIR", "/tmp"))
+    return subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "-q", "-p", "no:cacheprovider",
+                           "--run", str(run), "--results-dir", str(out), "--gates", str(gates_file),
+                           "--benchmark-max-time=0.02", "--benchmark-min-rounds=2", *extra],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def suite(tiny_run, tmp_path_factory):
+    """One minimal benchmark session whose size gate cannot pass: (process, results path)."""
+    out = tmp_path_factory.mktemp("bench")
+    proc = run_benchmarks(tiny_run, out, PERMISSIVE.replace("max_mib = 1000.0", "max_mib = 0.0001"))
+    found = sorted(out.glob("tiny-*.json"))
+    assert len(found) == 1, f"no results JSON\n{proc.stdout[-4000:]}\n{proc.stderr[-3000:]}"
+    return proc, found[0]
+
+
+@pytest.mark.slow
+def test_benchmark_suite_measures_every_variant(suite, tiny_run):
+    proc, path = suite
+    results = json.loads(path.read_text())
+    results_mod.validate(results)
+    assert set(results["variants"]) == {"keras", *VARIANTS}
+    for name in VARIANTS:
+        v = results["variants"][name]
+        assert v["sha256"] == hashlib.sha256((tiny_run / "tflite" / f"{name}.tflite").read_bytes()).hexdigest()
+        for stage in ("raw", "pipeline"):
+            for threads in (1, 2, 4):
+                assert gates.latency(v, stage, threads) > 0
+        assert v["memory"]["peak_rss_mib"] > v["memory"]["rss_before_load_mib"] > 0
+        assert v["load_ms"]["median_ms"] > 0 and 0 <= v["metrics"]["macro_f1"] <= 1
+        assert v["metrics"]["n"] == results["test_split"]["n"] == 18
+        pipeline = next(r for r in v["latency"] if (r["runtime"], r["threads"], r["stage"]) == ("litert-cpu", 2, "pipeline"))
+        assert pipeline["overhead_ratio"] >= 1 and set(pipeline["stages_ms"]) >= {"decode", "inference", "total"}
+    assert set(results["speedup_vs_fp32"]) == {"dynamic", "fp16", "int8"}
+    assert results["ratios"]["int8_speedup"] == results["speedup_vs_fp32"]["int8"]["speedup"]
+    keras = results["variants"]["keras"]
+    assert keras["metrics"]["n"] == 18 and gates.latency(keras, "pipeline", 2, "keras") > 0
+    assert results["runtimes"]["tflite-runtime"]["available"] is False
+    assert results["runtimes"]["tflite-runtime"]["reason"]
+    assert path.with_suffix(".md").read_text().startswith("# Benchmark: tiny")
+    assert path.with_name(path.stem + "-pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tiny_run / "reports" / "benchmark.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_failed_gate_fails_the_benchmark_command_and_names_itself(suite):
+    proc, path = suite
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    summary = proc.stdout.strip().splitlines()
+    line = next(l for l in summary if "gates FAILED" in l)
+    assert all(f"size.max_mib[{v}]" in line for v in VARIANTS)
+    results = json.loads(path.read_text())
+    assert results["gates"]["passed"] is False
+    assert sorted(results["gates"]["failed"]) == sorted(f"size.max_mib[{v}]" for v in VARIANTS)
+    assert gates.main([str(path), "--gates", str(path.parent / "gates.toml")]) == 1
+    (path.parent / "ok.toml").write_text(PERMISSIVE)
+    assert gates.main([str(path), "--gates", str(path.parent / "ok.toml")]) == 0  # the same figures pass
+
+
+@pytest.mark.slow
+def test_results_schema_rejects_a_broken_document(suite):
+    results = json.loads(suite[1].read_text())
+    broken = copy.deepcopy(results)
+    del broken["variants"]["fp32"]["sha256"]
+    with pytest.raises(jsonschema.ValidationError, match="sha256"):
+        results_mod.validate(broken)
+    broken = copy.deepcopy(results)
+    broken["variants"]["int8"]["latency"][0]["stage"] = "warp"
+    with pytest.raises(jsonschema.ValidationError):
+        results_mod.validate(broken)
+
+
+@pytest.mark.slow
+def test_compare_against_itself_finds_nothing_and_a_slower_copy_is_flagged(suite, tmp_path):
+    path = suite[1]
+    assert compare.main([str(path), str(path)]) == 0
+    slower = json.loads(path.read_text())
+    row = slower["variants"]["fp32"]["latency"][0]
+    row["median_ms"] = row["median_ms"] * 3 + 3 * row["iqr_ms"]
+    (tmp_path / "slower.json").write_text(json.dumps(slower))
+    assert compare.main([str(path), str(tmp_path / "slower.json")]) == 1
+
+
+# --- release -------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_release_refuses_on_a_failed_gate(suite, tiny_run, tmp_path, capsys):
+    path = suite[1]
+    dist = tmp_path / "dist"
+    assert release_main([str(tiny_run), "--results", str(path), "--gates", str(path.parent / "gates.toml"),
+                         "--dist", str(dist)]) == 1
+    assert "size.max_mib[fp32]" in capsys.readouterr().err
+    assert not dist.exists() or not any(dist.iterdir())
+
+
+@pytest.mark.slow
+def test_release_writes_a_verified_dist_when_every_gate_passes(suite, tiny_run, tmp_path):
+    path = suite[1]
+    (tmp_path / "ok.toml").write_text(PERMISSIVE)
+    dist = tmp_path / "dist"
+    args = [str(tiny_run), "--results", str(path), "--gates", str(tmp_path / "ok.toml"), "--dist", str(dist),
+            "--variants", "fp16,int8", "--version", "1.2.3"]
+    assert release_main(args) == 0
+    card = json.loads((tiny_run / "model_card.json").read_text())
+    target = dist / f"{card['name']}-1.2.3"
+    assert sorted(p.name for p in target.iterdir()) == [
+        "SHA256SUMS", "benchmark.json", "benchmark.md", "benchmark_pareto.png", "fp16.tflite", "int8.tflite",
+        "model_card.json"]
+    check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=target, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert Classifier(target / "int8.tflite", accelerator="cpu").card.variant == "int8"
+    assert json.loads((target / "benchmark.json").read_text())["gates"]["variants"] == ["fp16", "int8"]
+    assert release_main(args) == 1  # never overwritten
+
+
+@pytest.mark.slow
+def test_release_refuses_results_that_do_not_describe_the_files(suite, tiny_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "tiny"
+    shutil.copytree(tiny_run, run)
+    data = bytearray((run / "tflite" / "fp32.tflite").read_bytes())
+    data[-1] ^= 0xFF
+    (run / "tflite" / "fp32.tflite").write_bytes(bytes(data))
+    (tmp_path / "ok.toml").write_text(PERMISSIVE)
+    assert release_main([str(run), "--results", str(suite[1]), "--gates", str(tmp_path / "ok.toml"),
+                         "--dist", str(tmp_path / "dist")]) == 1
+    assert "changed since it was benchmarked" in capsys.readouterr().err
