@@ -5,7 +5,8 @@
 #   make train MODEL=cnn DATA=...          any registered model (train/models.py)
 #
 # Variables: DATA (dataset folder; empty = the generated synthetic set), MODEL, RUN (run name,
-# the folder under artifacts/), CONFIG (a TOML file of training settings), WEIGHTS, WEIGHTS_DIR.
+# the folder under artifacts/), CONFIG (a TOML file of training settings), WEIGHTS, WEIGHTS_DIR,
+# PRUNE (target sparsity of the pruned variants; empty: none), CONVERT_ARGS (more `python -m convert` flags).
 
 PYTHON      ?= python3
 VENV        := .venv
@@ -21,6 +22,8 @@ WEIGHTS_DIR ?= ../shared/weights/keras/models
 # ImageNet weights only where a local copy exists, so the default run never downloads anything.
 WEIGHTS     ?= $(if $(filter cnn,$(MODEL)),none,$(if $(wildcard $(WEIGHTS_DIR)/*.h5),imagenet,none))
 TRAIN_ARGS  ?=
+PRUNE       ?= 0.5
+CONVERT_ARGS ?=
 PREDICT_IMAGE = $(firstword $(wildcard $(DATASET)/test/covid/* $(DATASET)/test/pneumonia/*))
 
 .PHONY: all setup data train convert benchmark predict test clean
@@ -47,7 +50,7 @@ train: setup data
 		--weights-dir $(WEIGHTS_DIR) $(if $(CONFIG),--config $(CONFIG)) $(TRAIN_ARGS)
 
 convert: setup
-	$(PY) -m convert $(RUN_DIR)
+	$(PY) -m convert $(RUN_DIR) $(if $(PRUNE),--prune $(PRUNE)) $(CONVERT_ARGS)
 
 benchmark: setup
 	CXR_RUN=$(RUN_DIR) $(PY) -m pytest benchmarks -q -p no:cacheprovider \

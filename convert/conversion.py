@@ -60,25 +60,12 @@ def convert_run(run_dir: str | Path, *, variants=None, cfg: ConvertConfig | None
     variants = tuple(variants or default_variants(cfg))
     if any(v.startswith("pruned") for v in variants) and not cfg.prune_sparsity:
         raise ValueError(f"pruned variants need a target sparsity: pass --prune 0.5 (asked for {variants})")
-    model, card, config = load_run(run_dir)
-    dataset = load_dataset(card.dataset["root"], task=card.task, seed=card.dataset.get("seed", config.seed),
-                           progress=progress)
-    if dataset.fingerprint() != card.dataset.get("fingerprint"):
-        print("WARNING: the dataset changed since training (fingerprint differs); "
-              "parity is measured on the data as it is now")
+    model, card, config, dataset, splits = _prepare(run_dir, cfg, progress)
     spec, labels = card.input, card.labels
     train_records = dataset.split("train")
     representative = normalise(load_images(
         balanced_sample(train_records, labels, cfg.representative_per_class, cfg.seed), spec,
         desc="representative", progress=progress), spec)
-    splits = {}
-    for split in cfg.splits:
-        records = dataset.split(split)
-        x = normalise(load_images(records, spec, desc=split, progress=progress), spec)
-        y = np.array([labels.index(r.label) for r in records])
-        logits = model.predict(x, batch_size=64, verbose=0)
-        splits[split] = {"x": x, "y": y, "keras_logits": logits, "keras": parity.evaluate(logits, y, card)}
-
     sources, refused = _keras_sources(model, variants, cfg, train_records, labels, spec, config, progress)
     out_dir = run_dir / "tflite"
     out_dir.mkdir(exist_ok=True)
@@ -91,12 +78,25 @@ def convert_run(run_dir: str | Path, *, variants=None, cfg: ConvertConfig | None
         if source not in sources:
             continue
         print(f"converting {variant} ...", flush=True)
-        flatbuffer = export.convert(export.with_heatmap(sources[source]["model"]), recipe,
-                                    representative, int8_io=cfg.int8_io, progress=progress)
+        keras_model = sources[source]["model"]
         path = out_dir / f"{variant}.tflite"
+        flatbuffer = export.convert(export.with_heatmap(keras_model), recipe, representative,
+                                    int8_io=cfg.int8_io, progress=progress)
         path.write_bytes(export.with_card(flatbuffer, card, variant))
-        results["variants"][variant] = _check_variant(path, variant, splits, card, cfg, progress,
-                                                      sources[source].get("sparsity"))
+        shift = None
+        if recipe == "int8" and source in ("trained", "pruned") and cfg.bias_correction:
+            shift = (parity.variant_logits(path, representative, desc=f"bias of {variant}", progress=progress)
+                     - keras_model.predict(representative, batch_size=64, verbose=0)).mean(axis=0)
+            flatbuffer = export.convert(export.with_heatmap(export.with_logit_shift(keras_model, shift)), recipe,
+                                        representative, int8_io=cfg.int8_io, progress=progress)
+            path.write_bytes(export.with_card(flatbuffer, card, variant))
+        entry = _check_variant(path, variant, splits, card, cfg, progress, sources[source].get("sparsity"))
+        entry["bias_correction"] = None if shift is None else shift.tolist()
+        analyzer_report = run_dir / "reports" / f"gpu_analyzer_{variant}.txt"
+        analyzer_report.parent.mkdir(parents=True, exist_ok=True)
+        analyzer_report.write_text(entry["analyzer"].pop("report"))
+        entry["analyzer"]["report"] = str(analyzer_report)
+        results["variants"][variant] = entry
     if gpu_check:
         _gpu_check(results, splits, cfg)
     _sizes_against_fp32(results)
@@ -105,6 +105,32 @@ def convert_run(run_dir: str | Path, *, variants=None, cfg: ConvertConfig | None
     if failures:
         raise ParityError("parity gate failed:\n  " + "\n  ".join(failures))
     return results
+
+
+def _prepare(run_dir: Path, cfg: ConvertConfig, progress: bool):
+    """The run, its dataset, and per gated split: model inputs, labels, Keras logits and metrics."""
+    model, card, config = load_run(run_dir)
+    dataset = load_dataset(card.dataset["root"], task=card.task, seed=card.dataset.get("seed", config.seed),
+                           progress=progress)
+    if dataset.fingerprint() != card.dataset.get("fingerprint"):
+        print("WARNING: the dataset changed since training (fingerprint differs); "
+              "parity is measured on the data as it is now")
+    splits = {}
+    for split in cfg.splits:
+        records = dataset.split(split)
+        x = normalise(load_images(records, card.input, desc=split, progress=progress), card.input)
+        y = np.array([card.labels.index(r.label) for r in records])
+        logits = model.predict(x, batch_size=64, verbose=0)
+        splits[split] = {"x": x, "y": y, "keras_logits": logits, "keras": parity.evaluate(logits, y, card)}
+    return model, card, config, dataset, splits
+
+
+def check_file(run_dir: str | Path, model_path: str | Path, variant: str, *, cfg: ConvertConfig | None = None,
+               progress: bool = True) -> dict:
+    """Gate one .tflite file, made by any means, against the run's Keras model (no GPU check)."""
+    cfg = cfg or ConvertConfig()
+    _, card, _, _, splits = _prepare(Path(run_dir), cfg, progress)
+    return _check_variant(Path(model_path), variant, splits, card, cfg, progress, None)
 
 
 def _keras_sources(model, variants, cfg, train_records, labels, spec, config, progress):
@@ -143,13 +169,9 @@ def _keras_sources(model, variants, cfg, train_records, labels, spec, config, pr
 def _check_variant(path: Path, variant: str, splits: dict, card, cfg: ConvertConfig, progress: bool,
                    sparsity: dict | None) -> dict:
     data = path.read_bytes()
-    analysis = gpu.analyze(data)
-    analyzer_report = path.parent.parent / "reports" / f"gpu_analyzer_{variant}.txt"
-    analyzer_report.parent.mkdir(parents=True, exist_ok=True)
-    analyzer_report.write_text(analysis.pop("report"))
     entry = {"file": str(path), "bytes": len(data), "gzip_bytes": len(gzip.compress(data, 9)),
              "weight_sparsity": export.weight_sparsity(data), "keras_sparsity": sparsity,
-             "analyzer": {**analysis, "report": str(analyzer_report)}, "splits": {}}
+             "analyzer": gpu.analyze(data), "splits": {}}
     budget = cfg.budget(variant)
     for split, d in splits.items():
         logits = parity.variant_logits(path, d["x"], desc=f"evaluating {variant} on {split}", progress=progress)
