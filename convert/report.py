@@ -23,6 +23,10 @@ def _gpu_cell(v: dict) -> str:
     return f"{'full' if g['fully_accelerated'] else 'partial'}, {g['max_abs_diff']['logits']:.1e}"
 
 
+def _ratio(x) -> str:
+    return "" if x is None else f"{x:.3f}"
+
+
 def markdown(results: dict) -> str:
     splits = list(results["keras"])
     lines = ["# Conversion report", "",
@@ -41,8 +45,8 @@ def markdown(results: dict) -> str:
     for name, v in results["variants"].items():
         for i, (split, s) in enumerate(v["splits"].items()):
             m = s["metrics"]
-            head = (f"| {name} | {v['bytes'] / 1024:.0f} | {v['gzip_bytes'] / 1024:.0f} | {v['size_vs_fp32']:.3f} "
-                    f"| {v['gzip_vs_fp32']:.3f} | {v['weight_sparsity']:.3f} "
+            head = (f"| {name} | {v['bytes'] / 1024:.0f} | {v['gzip_bytes'] / 1024:.0f} | {_ratio(v['size_vs_fp32'])} "
+                    f"| {_ratio(v['gzip_vs_fp32'])} | {v['weight_sparsity']:.3f} "
                     f"| {'compatible' if v['analyzer']['gpu_compatible'] else 'flagged'} | {_gpu_cell(v)} "
                     if i == 0 else "| | | | | | | | ")
             lines.append(head + f"| {split} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} "
