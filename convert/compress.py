@@ -1,7 +1,8 @@
 """Compression by fine-tuning, with tensorflow-model-optimization (tfmot, Keras 2 only).
 
 qat(model)            quantisation-aware training: fake int8 quantisation in the forward pass,
-                      fine-tuned, so the weights learn to live with int8 rounding.
+                      its ranges started from the float model's (calibrate_ranges), fine-tuned,
+                      so the weights learn to live with int8 rounding.
 prune(model, 0.5)     magnitude pruning, polynomial decay of the sparsity to the target,
                       fine-tuned, then stripped (plain layers, zeros in the kernels).
 pqat(pruned)          QAT that keeps the pruned zeros (Default8BitPrunePreserveQuantizeScheme).
@@ -25,7 +26,7 @@ from tensorflow_model_optimization.python.core.quantization.keras.default_8bit i
 
 from convert.config import ConvertConfig
 from convert.export import kernel_of
-from edge_app.preprocess import normalise
+from edge_app.preprocess import InputSpec, normalise
 from train.config import TrainConfig
 from train.pipeline import make_dataset
 from train.trainer import class_weights, sparse_focal_loss
@@ -51,7 +52,7 @@ class FineTuneData:
     """The training split, decoded once, and how the run trained on it."""
     images: np.ndarray     # (N, size, size) grey [0, 1]
     labels: np.ndarray     # class indices
-    spec: object           # edge_app.preprocess.InputSpec
+    spec: InputSpec
     train_config: TrainConfig
 
     def dataset(self, cfg: ConvertConfig) -> tf.data.Dataset:
