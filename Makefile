@@ -13,7 +13,8 @@
 #
 # Variables: DATA (dataset folder; empty = the generated synthetic set), MODEL, RUN (run name,
 # the folder under artifacts/), CONFIG (a TOML file of training settings), WEIGHTS, WEIGHTS_DIR,
-# APP_MODEL (the app's .tflite), APP_ARGS (more `python -m edge_app app` flags).
+# APP_MODEL (the app's .tflite), APP_ARGS (more `python -m edge_app app` flags),
+# PRUNE (target sparsity of the pruned variants; empty: none), CONVERT_ARGS (more `python -m convert` flags).
 # Benchmark and release: GATES (gates file), DEVICE (pi4, pi5, tablet: its absolute budgets, on
 # that device only), VARIANTS (comma-separated, the ones to ship and gate), COMPARE (an earlier
 # results JSON), RESULTS (release from these results instead of benchmarking again), VERSION,
@@ -36,6 +37,8 @@ WEIGHTS_DIR ?= ../shared/weights/keras/models
 # ImageNet weights only where a local copy exists, so the default run never downloads anything.
 WEIGHTS     ?= $(if $(filter cnn,$(MODEL)),none,$(if $(wildcard $(WEIGHTS_DIR)/*.h5),imagenet,none))
 TRAIN_ARGS  ?=
+PRUNE       ?= 0.5
+CONVERT_ARGS ?=
 APP_MODEL   ?= $(RUN_DIR)/tflite/int8.tflite
 APP_ARGS    ?=
 GATES       ?= benchmarks/gates.toml
@@ -85,7 +88,7 @@ train: setup data
 		--weights-dir $(WEIGHTS_DIR) $(if $(CONFIG),--config $(CONFIG)) $(TRAIN_ARGS)
 
 convert: setup
-	$(PY) -m convert $(RUN_DIR)
+	$(PY) -m convert $(RUN_DIR) $(if $(PRUNE),--prune $(PRUNE)) $(CONVERT_ARGS)
 
 benchmark: setup
 	$(BENCH_ENV) $(PY) -m pytest benchmarks -q -p no:cacheprovider --run $(RUN_DIR) --gates $(GATES) \

@@ -34,7 +34,8 @@ def main(argv=None) -> int:
 
     from benchmarks.probe import peak_rss_mib
     from benchmarks.stats import time_calls
-    from benchmarks.testset import Split, headline
+    from benchmarks.testset import Split
+    from convert.parity import headline
     from convert import parity
     from edge_app import decision, preprocess
 

@@ -8,7 +8,7 @@ import pytest
 from benchmarks.conftest import run_dir
 from benchmarks.runtimes import REFERENCE, RUNTIMES
 from benchmarks.stats import from_pytest_benchmark
-from benchmarks.testset import headline
+from convert.parity import headline
 from convert import parity
 from edge_app.classifier import Classifier
 

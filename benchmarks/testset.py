@@ -1,5 +1,5 @@
-"""The run's test split, decoded once with the device's own preprocessing, and the headline
-metrics a release is judged on (from train.metrics via convert.parity.evaluate)."""
+"""The run's test split, decoded once with the device's own preprocessing (the headline metrics a
+release is judged on are convert.parity.headline)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -45,16 +45,3 @@ class Split:
         return self.paths[:: max(1, len(self.paths) // PIPELINE_IMAGES)][:PIPELINE_IMAGES]
 
 
-def headline(metrics: dict) -> dict:
-    """The figures the gates read, from train.metrics.screening_metrics's result."""
-    covid = metrics.get("covid")
-    return {
-        "n": metrics["n"],
-        "accuracy": metrics["accuracy"],
-        "macro_f1": metrics["macro_f1"],
-        "abnormal_sensitivity": metrics["abnormal"]["sensitivity"],
-        "abnormal_specificity": metrics["abnormal"]["specificity"],
-        "abnormal_auc": metrics["abnormal"]["auc"],
-        "covid_sensitivity": None if covid is None else covid["sensitivity"],
-        "confusion_matrix": metrics["confusion_matrix"],
-    }

@@ -1,4 +1,4 @@
-"""python -m convert artifacts/RUN [--variants fp32 int8 ...] [--budget int8=1.0 ...]"""
+"""python -m convert artifacts/RUN [--variants fp32 int8 ...] [--prune 0.5] [--budget int8=1.0 ...]"""
 from __future__ import annotations
 
 import argparse
@@ -6,32 +6,61 @@ import sys
 
 
 def main(argv=None) -> int:
+    from convert.config import INT8_IO, ConvertConfig
     from convert.export import VARIANTS
 
+    defaults = ConvertConfig()
     p = argparse.ArgumentParser(prog="python -m convert",
-                                description="Export a training run to TFLite variants and gate them on parity.")
+                                description="Export a training run to TFLite variants, check them on the GPU "
+                                            "accelerator and gate them on parity.")
     p.add_argument("run", help="training run folder (artifacts/RUN)")
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", choices=VARIANTS,
+                   help="default: fp32 dynamic fp16 int8 qat, and the pruned ones with --prune")
+    p.add_argument("--prune", type=float, metavar="SPARSITY", help="target sparsity of the pruned variants, e.g. 0.5")
     p.add_argument("--budget", action="append", default=[], metavar="VARIANT=POINTS",
-                   help="largest allowed macro-F1 drop in points for a variant")
+                   help="largest allowed macro-F1 drop in points (VARIANT: a variant, or 'pruned')")
+    p.add_argument("--int8-io", choices=INT8_IO, default=defaults.int8_io,
+                   help="input/output type of the full-integer variants")
+    p.add_argument("--no-bias-correction", action="store_true",
+                   help="keep the post-training int8 variants' mean logit shift")
+    p.add_argument("--representative-per-class", type=int, default=defaults.representative_per_class)
+    p.add_argument("--qat-epochs", type=int, default=defaults.qat_epochs)
+    p.add_argument("--prune-epochs", type=int, default=defaults.prune_epochs)
+    p.add_argument("--pqat-epochs", type=int, default=defaults.pqat_epochs)
+    p.add_argument("--steps-per-epoch", type=int, help="cap the fine-tune epochs (default: the whole train split)")
+    p.add_argument("--no-gpu", action="store_true", help="skip the GPU accelerator check")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    budgets = {}
+    budgets = dict(defaults.budgets)
     for item in args.budget:
         name, _, points = item.partition("=")
-        budgets[name] = float(points)
+        try:
+            budgets[name] = float(points)
+        except ValueError:
+            p.error(f"--budget wants VARIANT=POINTS, got {item!r}")
+    try:
+        cfg = ConvertConfig(representative_per_class=args.representative_per_class, int8_io=args.int8_io,
+                            bias_correction=not args.no_bias_correction,
+                            qat_epochs=args.qat_epochs, prune_sparsity=args.prune, prune_epochs=args.prune_epochs,
+                            pqat_epochs=args.pqat_epochs, steps_per_epoch=args.steps_per_epoch, budgets=budgets)
+    except ValueError as exc:
+        p.error(str(exc))
 
     from convert.conversion import ParityError, convert_run
 
     try:
-        results = convert_run(args.run, variants=args.variants, budgets=budgets,
-                              progress=not args.no_progress)
-    except (FileNotFoundError, ParityError) as exc:
+        results = convert_run(args.run, variants=args.variants, cfg=cfg, progress=not args.no_progress,
+                              gpu_check=not args.no_gpu)
+    except (FileNotFoundError, ValueError, ParityError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     for name, v in results["variants"].items():
-        print(f"{name:8s} {v['bytes'] / 1024:8.0f} KiB  macro-F1 {v['metrics']['macro_f1']:.4f}  "
-              f"agreement {v['parity']['agreement']:.4f}  {'pass' if v['parity']['passed'] else 'FAIL'}")
+        test = v["splits"].get("test", next(iter(v["splits"].values())))
+        print(f"{name:12s} {v['bytes'] / 1024:8.0f} KiB ({v['size_vs_fp32']:.3f}x, gzip {v['gzip_vs_fp32']:.3f}x)  "
+              f"macro-F1 {test['metrics']['macro_f1']:.4f}  agreement {test['agreement']:.4f}  "
+              f"{'pass' if v['gate']['passed'] else 'FAIL'}")
+    for name, why in results["refused"].items():
+        print(f"{name:12s} refused: {why}")
     print(f"reports: {args.run}/reports/conversion.md")
     return 0
 

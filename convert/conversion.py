@@ -1,6 +1,8 @@
-"""Convert a training run: every variant exported, embedded with its card, and gated on parity."""
+"""Convert a training run: every variant exported with its card and heat map, checked for the
+GPU delegate (statically and on the GPU accelerator), and gated on parity over val and test."""
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 from pathlib import Path
@@ -10,7 +12,8 @@ import numpy as np
 import train  # noqa: F401
 import tf_keras as keras
 
-from convert import export, parity
+from convert import compress, export, gpu, parity, report
+from convert.config import ConvertConfig
 from edge_app.model_card import ModelCard
 from edge_app.preprocess import normalise
 from train.config import TrainConfig
@@ -18,11 +21,9 @@ from train.data import load_dataset
 from train.ood import OodModel
 from train.pipeline import load_images
 
-REPRESENTATIVE_IMAGES = 200
-
 
 class ParityError(RuntimeError):
-    """A variant classifies worse than its budget allows."""
+    """A variant classifies worse than its budget allows, or fp16 does not run on the GPU."""
 
 
 def load_run(run_dir: Path):
@@ -37,74 +38,186 @@ def load_run(run_dir: Path):
     return model, card, config
 
 
-def convert_run(run_dir: str | Path, *, variants=export.VARIANTS, budgets=None,
-                progress: bool = True) -> dict:
-    run_dir = Path(run_dir)
-    budgets = {**parity.DEFAULT_BUDGETS, **(budgets or {})}
-    model, card, config = load_run(run_dir)
-    dataset = load_dataset(card.dataset["root"], task=card.task, seed=card.dataset.get("seed", config.seed),
-                           progress=progress)
-    if dataset.fingerprint() != card.dataset.get("fingerprint"):
-        print("WARNING: the dataset changed since training (fingerprint differs); "
-              "parity is measured on the data as it is now")
-    spec = card.input
-    labels = card.labels
-    rng = np.random.default_rng(card.dataset.get("seed", 0))
-    train_records = dataset.split("train")
-    sample = [train_records[i] for i in rng.permutation(len(train_records))[:REPRESENTATIVE_IMAGES]]
-    representative = normalise(load_images(sample, spec, desc="representative", progress=progress), spec)
-    test_records = dataset.split("test")
-    x_test = normalise(load_images(test_records, spec, desc="test", progress=progress), spec)
-    y_test = np.array([labels.index(r.label) for r in test_records])
-    keras_logits = model.predict(x_test, batch_size=64, verbose=0)
-    reference = parity.evaluate(keras_logits, y_test, card)
+def default_variants(cfg: ConvertConfig) -> tuple[str, ...]:
+    pruned = tuple(v for v in export.VARIANTS if v.startswith("pruned")) if cfg.prune_sparsity else ()
+    return export.BASE_VARIANTS + pruned
 
-    device_model = export.with_heatmap(model)
-    if (run_dir / "ood.npz").is_file():  # runs trained before the OOD score have none
-        device_model = export.with_ood_score(device_model, OodModel.load(run_dir / "ood.npz"))
+
+def balanced_sample(records, labels, per_class: int, seed: int) -> list:
+    """Up to `per_class` records of each class, drawn at random: calibration sees every class,
+    not mostly the majority one."""
+    rng = np.random.default_rng(seed)
+    picked = []
+    for label in labels:
+        of_class = [r for r in records if r.label == label]
+        picked += [of_class[i] for i in sorted(rng.permutation(len(of_class))[:per_class])]
+    return picked
+
+
+def convert_run(run_dir: str | Path, *, variants=None, cfg: ConvertConfig | None = None,
+                progress: bool = True, gpu_check: bool = True) -> dict:
+    run_dir = Path(run_dir)
+    cfg = cfg or ConvertConfig()
+    variants = tuple(variants or default_variants(cfg))
+    if any(v.startswith("pruned") for v in variants) and not cfg.prune_sparsity:
+        raise ValueError(f"pruned variants need a target sparsity: pass --prune 0.5 (asked for {variants})")
+    model, card, config, dataset, splits = _prepare(run_dir, cfg, progress)
+    spec, labels = card.input, card.labels
+    train_records = dataset.split("train")
+    representative = normalise(load_images(
+        balanced_sample(train_records, labels, cfg.representative_per_class, cfg.seed), spec,
+        desc="representative", progress=progress), spec)
+    sources, refused = _keras_sources(model, variants, cfg, train_records, labels, spec, config, progress)
+    detector = OodModel.load(run_dir / "ood.npz") if (run_dir / "ood.npz").is_file() else None
     out_dir = run_dir / "tflite"
     out_dir.mkdir(exist_ok=True)
-    results = {"run": str(run_dir), "labels": list(labels), "keras": {"metrics": reference},
-               "variants": {}}
+    results = {"run": str(run_dir), "model": card.name, "labels": list(labels),
+               "config": dataclasses.asdict(cfg),
+               "keras": {s: parity.headline(d["keras"]) for s, d in splits.items()},
+               "variants": {}, "refused": refused}
     for variant in variants:
+        source, recipe = export.VARIANT_SOURCES[variant]
+        if source not in sources:
+            continue
         print(f"converting {variant} ...", flush=True)
-        flatbuffer = export.convert(device_model, variant, representative if variant == "int8" else None)
+        keras_model = sources[source]["model"]
+        # the OOD score was fitted on the trained model's features: fine-tuned variants (qat,
+        # pruned) have other features, so they get no OOD output rather than a miscalibrated one
+        ood = detector if source == "trained" else None
         path = out_dir / f"{variant}.tflite"
+        flatbuffer = export.convert(export.device_model(keras_model, ood), recipe, representative,
+                                    int8_io=cfg.int8_io, progress=progress)
         path.write_bytes(export.with_card(flatbuffer, card, variant))
-        logits = parity.variant_logits(path, x_test, desc=f"evaluating {variant}", progress=progress)
-        candidate = parity.evaluate(logits, y_test, card)
-        data = path.read_bytes()
-        results["variants"][variant] = {
-            "file": str(path), "bytes": len(data), "gzip_bytes": len(gzip.compress(data, 9)),
-            "metrics": candidate,
-            "parity": parity.compare(reference, candidate, keras_logits, logits, budgets.get(variant, 1.0)),
-        }
-    fp32_bytes = results["variants"].get("fp32", {}).get("bytes")
-    for v in results["variants"].values():
-        v["size_vs_fp32"] = v["bytes"] / fp32_bytes if fp32_bytes else None
-    write_reports(run_dir / "reports", results)
-    failures = [f"{name}: {f}" for name, v in results["variants"].items() for f in v["parity"]["failures"]]
+        shift = None
+        if recipe == "int8" and source in ("trained", "pruned") and cfg.bias_correction:
+            shift = (parity.variant_logits(path, representative, desc=f"bias of {variant}", progress=progress)
+                     - keras_model.predict(representative, batch_size=64, verbose=0)).mean(axis=0)
+            flatbuffer = export.convert(export.device_model(export.with_logit_shift(keras_model, shift), ood),
+                                        recipe, representative, int8_io=cfg.int8_io, progress=progress)
+            path.write_bytes(export.with_card(flatbuffer, card, variant))
+        entry = _check_variant(path, variant, splits, card, cfg, progress, sources[source].get("sparsity"))
+        entry["bias_correction"] = None if shift is None else shift.tolist()
+        analyzer_report = run_dir / "reports" / f"gpu_analyzer_{variant}.txt"
+        analyzer_report.parent.mkdir(parents=True, exist_ok=True)
+        analyzer_report.write_text(entry["analyzer"].pop("report"))
+        entry["analyzer"]["report"] = str(analyzer_report)
+        results["variants"][variant] = entry
+    if gpu_check:
+        _gpu_check(results, splits, cfg)
+    _sizes_against_fp32(results)
+    report.write(run_dir / "reports", results)
+    failures = [f"{name}: {f}" for name, v in results["variants"].items() for f in v["gate"]["failures"]]
     if failures:
         raise ParityError("parity gate failed:\n  " + "\n  ".join(failures))
     return results
 
 
-def write_reports(reports: Path, results: dict) -> None:
-    reports.mkdir(parents=True, exist_ok=True)
-    (reports / "conversion.json").write_text(json.dumps(results, indent=2))
-    ref = results["keras"]["metrics"]
-    lines = ["# Conversion report", "",
-             "Test split, through LiteRT on the CPU; drops are in points against the Keras model.", "",
-             "| variant | size (KiB) | gzip (KiB) | × fp32 | accuracy | macro-F1 | abnormal sens. | abnormal spec. "
-             "| AUC | agreement | F1 drop | budget | gate |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-             f"| keras | | | | {ref['accuracy']:.4f} | {ref['macro_f1']:.4f} | {ref['abnormal']['sensitivity']:.4f} "
-             f"| {ref['abnormal']['specificity']:.4f} | {ref['abnormal']['auc']:.4f} | | | | |"]
-    for name, v in results["variants"].items():
-        m, p = v["metrics"], v["parity"]
-        lines.append(
-            f"| {name} | {v['bytes'] / 1024:.0f} | {v['gzip_bytes'] / 1024:.0f} | {v['size_vs_fp32']:.2f} "
-            f"| {m['accuracy']:.4f} | {m['macro_f1']:.4f} | {m['abnormal']['sensitivity']:.4f} "
-            f"| {m['abnormal']['specificity']:.4f} | {m['abnormal']['auc']:.4f} | {p['agreement']:.4f} "
-            f"| {p['macro_f1_drop_points']:+.2f} | {p['budget_points']:.1f} | {'pass' if p['passed'] else 'FAIL'} |")
-    (reports / "conversion.md").write_text("\n".join(lines) + "\n")
+def _prepare(run_dir: Path, cfg: ConvertConfig, progress: bool):
+    """The run, its dataset, and per gated split: model inputs, labels, Keras logits and metrics."""
+    model, card, config = load_run(run_dir)
+    dataset = load_dataset(card.dataset["root"], task=card.task, seed=card.dataset.get("seed", config.seed),
+                           progress=progress)
+    if card.dataset.get("holdout_source"):  # gate on the in-distribution splits, as training reported
+        dataset, _ = dataset.without_source(card.dataset["holdout_source"])
+    if dataset.fingerprint() != card.dataset.get("fingerprint"):
+        print("WARNING: the dataset changed since training (fingerprint differs); "
+              "parity is measured on the data as it is now")
+    splits = {}
+    for split in cfg.splits:
+        records = dataset.split(split)
+        x = normalise(load_images(records, card.input, desc=split, progress=progress), card.input)
+        y = np.array([card.labels.index(r.label) for r in records])
+        logits = model.predict(x, batch_size=64, verbose=0)
+        splits[split] = {"x": x, "y": y, "keras_logits": logits, "keras": parity.evaluate(logits, y, card)}
+    return model, card, config, dataset, splits
+
+
+def check_file(run_dir: str | Path, model_path: str | Path, variant: str, *, cfg: ConvertConfig | None = None,
+               progress: bool = True) -> dict:
+    """Gate one .tflite file, made by any means, against the run's Keras model (no GPU check)."""
+    cfg = cfg or ConvertConfig()
+    _, card, _, _, splits = _prepare(Path(run_dir), cfg, progress)
+    return _check_variant(Path(model_path), variant, splits, card, cfg, progress, None)
+
+
+def _keras_sources(model, variants, cfg, train_records, labels, spec, config, progress):
+    """The Keras models the variants are converted from: trained, and where asked for,
+    quantisation-aware-trained, pruned, pruned + pruning-preserving QAT. A refusal of QAT for
+    this architecture is recorded, not fatal: the other variants still come out."""
+    needed = {export.VARIANT_SOURCES[v][0] for v in variants}
+    sources, refused = {"trained": {"model": model}}, {}
+    if needed <= {"trained"}:
+        return sources, refused
+    data = compress.FineTuneData(load_images(train_records, spec, desc="train (fine-tune)", progress=progress),
+                                 np.array([labels.index(r.label) for r in train_records], np.int32),
+                                 spec, config)
+    if "qat" in needed:
+        try:
+            print("quantisation-aware training ...", flush=True)
+            sources["qat"] = {"model": compress.qat(model, data, cfg, progress=progress)}
+        except compress.QATUnsupported as exc:
+            refused["qat"] = str(exc)
+            print(f"qat refused: {exc}")
+    if needed & {"pruned", "pqat"}:
+        print(f"pruning to {cfg.prune_sparsity:.0%} sparsity ...", flush=True)
+        pruned = compress.prune(model, data, cfg, progress=progress)
+        sources["pruned"] = {"model": pruned, "sparsity": compress.sparsity(pruned)}
+        if "pqat" in needed:
+            try:
+                print("pruning-preserving quantisation-aware training ...", flush=True)
+                pq = compress.pqat(pruned, data, cfg, progress=progress)
+                sources["pqat"] = {"model": pq, "sparsity": compress.sparsity(pq)}
+            except compress.QATUnsupported as exc:
+                refused["pruned-qat"] = str(exc)
+                print(f"pruned-qat refused: {exc}")
+    return sources, refused
+
+
+def _check_variant(path: Path, variant: str, splits: dict, card, cfg: ConvertConfig, progress: bool,
+                   sparsity: dict | None) -> dict:
+    data = path.read_bytes()
+    entry = {"file": str(path), "bytes": len(data), "gzip_bytes": len(gzip.compress(data, 9)),
+             "weight_sparsity": export.weight_sparsity(data), "keras_sparsity": sparsity,
+             "analyzer": gpu.analyze(data), "splits": {}}
+    budget = cfg.budget(variant)
+    for split, d in splits.items():
+        logits = parity.variant_logits(path, d["x"], desc=f"evaluating {variant} on {split}", progress=progress)
+        metrics = parity.evaluate(logits, d["y"], card)
+        entry["splits"][split] = {"metrics": parity.headline(metrics),
+                                  **parity.compare(d["keras"], metrics, d["keras_logits"], logits, budget,
+                                                   split=split, temperature=card.temperature)}
+    entry["gate"] = parity.gate(entry["splits"])
+    return entry
+
+
+def _gpu_check(results: dict, splits: dict, cfg: ConvertConfig) -> None:
+    """Every variant on the GPU accelerator against its CPU path, on real images (test split,
+    spread over the split); fp16 must run fully accelerated within cfg.gpu_tolerance."""
+    x = splits.get("test", next(iter(splits.values())))["x"]
+    pick = np.linspace(0, len(x) - 1, min(cfg.gpu_images, len(x))).astype(int)
+    paths = {name: v["file"] for name, v in results["variants"].items()}
+    print(f"GPU accelerator check of {len(paths)} variants on {len(pick)} images ...", flush=True)
+    probe = gpu.probe(list(paths.values()), x[pick])
+    results["gpu"] = {"vulkan_driver": probe["vulkan_driver"], "images": int(len(pick)),
+                      "tolerance": cfg.gpu_tolerance}
+    for name, path in paths.items():
+        verdict = probe["models"][path]
+        results["variants"][name]["gpu"] = verdict
+        if name == "fp16":
+            diff = verdict.get("max_abs_diff", {}).get("logits")
+            if not verdict.get("fully_accelerated"):
+                results["variants"][name]["gate"]["failures"].append(
+                    f"gpu: not fully accelerated on the GPU accelerator ({verdict})")
+            elif diff is None or diff > cfg.gpu_tolerance:
+                results["variants"][name]["gate"]["failures"].append(
+                    f"gpu: |GPU - CPU| logits {diff:.4f} above the tolerance {cfg.gpu_tolerance}")
+            gate = results["variants"][name]["gate"]
+            gate["passed"] = not gate["failures"]
+
+
+def _sizes_against_fp32(results: dict) -> None:
+    fp32 = results["variants"].get("fp32")
+    for v in results["variants"].values():
+        v["size_vs_fp32"] = v["bytes"] / fp32["bytes"] if fp32 else None
+        v["gzip_vs_fp32"] = v["gzip_bytes"] / fp32["bytes"] if fp32 else None
+        v["gzip_vs_fp32_gzip"] = v["gzip_bytes"] / fp32["gzip_bytes"] if fp32 else None

@@ -1,16 +1,21 @@
 """Keras model -> TFLite variants, each carrying its model card.
 
-fp32      plain float32 (the reference)
-dynamic   dynamic-range quantisation: int8 weights, float activations
-fp16      float16 weights: the GPU-delegate variant
-int8      full integer: int8 weights and activations, int8 input and output, calibrated on
-          a representative sample of the training split
+fp32         plain float32 (the reference)
+dynamic      dynamic-range quantisation: int8 weights, float activations
+fp16         float16 weights: the GPU-delegate variant
+int8         full integer: int8 weights and activations, calibrated on a class-balanced sample
+             of the training split; int8 input and output (or float, ConvertConfig.int8_io)
+qat          full integer from the quantisation-aware-trained model (convert.compress.qat)
+pruned-fp32  the magnitude-pruned model (convert.compress.prune), float32
+pruned-int8  the pruned model, full integer (post-training)
+pruned-qat   the pruned model after pruning-preserving QAT, full integer
 """
 from __future__ import annotations
 
 import dataclasses
 
 import numpy as np
+from tqdm import tqdm
 
 import train  # noqa: F401
 import tensorflow as tf
@@ -18,35 +23,52 @@ import tensorflow as tf
 from edge_app.model_card import ModelCard
 from edge_app.tflite_metadata import CARD_METADATA_NAME, write_metadata
 
-VARIANTS = ("fp32", "dynamic", "fp16", "int8")
+# variant -> (Keras model it is converted from, conversion recipe)
+VARIANT_SOURCES = {
+    "fp32": ("trained", "fp32"), "dynamic": ("trained", "dynamic"), "fp16": ("trained", "fp16"),
+    "int8": ("trained", "int8"), "qat": ("qat", "int8"),
+    "pruned-fp32": ("pruned", "fp32"), "pruned-int8": ("pruned", "int8"), "pruned-qat": ("pqat", "int8"),
+}
+VARIANTS = tuple(VARIANT_SOURCES)
+BASE_VARIANTS = ("fp32", "dynamic", "fp16", "int8", "qat")
+RECIPES = ("fp32", "dynamic", "fp16", "int8")
 
 
-def convert(model, variant: str, representative: np.ndarray | None = None) -> bytes:
-    """The TFLite flatbuffer of `model` for one variant (representative: model inputs, int8 only)."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; known: {VARIANTS}")
+def convert(model, recipe: str, representative: np.ndarray | None = None, *, int8_io: str = "int8",
+            progress: bool = False) -> bytes:
+    """The TFLite flatbuffer of `model` for one recipe (representative: model inputs, int8 only).
+
+    A quantisation-aware-trained model takes its int8 ranges from its fake-quantisation nodes;
+    the representative sample still calibrates what QAT did not cover (the heat-map branch).
+    """
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown conversion recipe {recipe!r}; known: {RECIPES}")
     converter = _converter(model)
-    if variant == "dynamic":
+    if recipe == "dynamic":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    elif variant == "fp16":
+    elif recipe == "fp16":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]
-    elif variant == "int8":
+    elif recipe == "int8":
         if representative is None or not len(representative):
             raise ValueError("int8 conversion needs a representative sample of model inputs")
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = lambda: ([x[None].astype(np.float32)] for x in representative)
+        converter.representative_dataset = lambda: (
+            [x[None].astype(np.float32)]
+            for x in tqdm(representative, desc="calibrating", unit="img", disable=not progress))
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        converter.inference_input_type = tf.int8
-        converter.inference_output_type = tf.int8
+        if int8_io == "int8":
+            converter.inference_input_type = tf.int8
+            converter.inference_output_type = tf.int8
     return converter.convert()
 
 
 def _converter(model) -> tf.lite.TFLiteConverter:
     """A converter whose signature names the outputs after the model's output layers
-    ("logits", "heatmap"), with a batch of one image as the device feeds it."""
+    ("logits", "heatmap", also for tfmot's `quant_logits`), with a batch of one image as the
+    device feeds it."""
     spec = tf.TensorSpec((1, *model.input.shape[1:]), tf.float32, name="image")
-    names = [name.split("/")[0] for name in model.output_names]
+    names = [name.split("/")[0].removeprefix("quant_") for name in model.output_names]
 
     @tf.function(input_signature=[spec])
     def serve(image):
@@ -77,9 +99,8 @@ def with_heatmap(model):
 
     from train.models import FEATURES_LAYER, LOGITS_LAYER
 
-    dense = model.get_layer(LOGITS_LAYER)
-    kernel, bias = dense.get_weights()
-    features = model.get_layer(FEATURES_LAYER).output
+    kernel = kernel_of(_layer(model, LOGITS_LAYER))
+    features = _layer(model, FEATURES_LAYER).output
     cam_conv = keras.layers.Conv2D(kernel.shape[1], 1, use_bias=False, dtype="float32", name="class_maps")
     class_maps = cam_conv(tf.cast(features, tf.float32))
     cam_conv.set_weights([kernel[None, None]])
@@ -94,6 +115,12 @@ def with_heatmap(model):
     return keras.Model(model.input, [logits, heatmap], name=model.name)
 
 
+def device_model(model, detector=None):
+    """What the device runs: logits, the heat map and, given the run's OOD detector, `ood_score`."""
+    with_map = with_heatmap(model)
+    return with_map if detector is None else with_ood_score(with_map, detector)
+
+
 def with_ood_score(model, detector):
     """The device model with one more output, `ood_score`: train.ood's distance of the pooled
     features from the training set, as a dense projection and a few elementwise ops in the graph.
@@ -106,7 +133,7 @@ def with_ood_score(model, detector):
 
     k = detector.components.shape[1]
     kernel = np.concatenate([detector.components / np.sqrt(detector.variances), detector.components], axis=1)
-    pooled = tf.cast(model.get_layer("pool").output, tf.float32)
+    pooled = tf.cast(_layer(model, "pool").output, tf.float32)
     projection = keras.layers.Dense(2 * k, dtype="float32", name="ood_projection")
     projected = projection(pooled)
     projection.set_weights([kernel.astype(np.float32), (-detector.mean @ kernel).astype(np.float32)])
@@ -121,3 +148,69 @@ def with_ood_score(model, detector):
 
     score = keras.layers.Lambda(distance, name="ood_score")([projected, pooled])
     return keras.Model(model.input, [*model.outputs, score], name=model.name)
+
+
+def with_logit_shift(model, shift: np.ndarray):
+    """A copy of a (plain Keras) model whose logits are `shift` lower: the bias correction of
+    post-training int8, where the quantised network's logits are off by a systematic amount
+    (measured on the calibration images, never on val or test)."""
+    import tf_keras as keras
+
+    from train.models import LOGITS_LAYER
+
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    dense = copy.get_layer(LOGITS_LAYER)
+    kernel, bias = dense.get_weights()
+    dense.set_weights([kernel, (bias - shift).astype(bias.dtype)])
+    return copy
+
+
+def kernel_of(layer) -> np.ndarray:
+    """A layer's kernel variable, also through a tfmot wrapper (whose inner layer's `kernel`
+    attribute is the fake-quantised tensor, not the variable)."""
+    return next(w for w in layer.weights
+                if w.name.split("/")[-1].split(":")[0] in ("kernel", "depthwise_kernel")).numpy()
+
+
+def _layer(model, name: str):
+    """A head layer by name, also inside a tfmot-quantised model (`quant_<name>`, wrapped)."""
+    names = {layer.name: layer for layer in model.layers}
+    layer = names.get(name) or names.get(f"quant_{name}")
+    if layer is None:
+        raise ValueError(f"{model.name} has no {name!r} layer: not a cxr-edge classifier")
+    return layer
+
+
+WEIGHTED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+
+
+def weight_sparsity(model_bytes: bytes) -> float:
+    """Fraction of exact zeros in the weights of the file's convolutions and dense layers, as
+    stored (int8, float16 or float32; behind a DEQUANTIZE for float16 weights)."""
+    from edge_app.tflite_metadata import _schema
+
+    schema = _schema()
+    model = schema.ModelT.InitFromPackedBuf(bytearray(model_bytes), 0)
+    graph = model.subgraphs[0]
+    codes = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    op_name = lambda op: codes.get(max(model.operatorCodes[op.opcodeIndex].builtinCode,
+                                       model.operatorCodes[op.opcodeIndex].deprecatedBuiltinCode))
+    producer = {int(op.outputs[0]): op for op in graph.operators if op_name(op) == "DEQUANTIZE"}
+    dtypes = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+    zeros = total = 0
+    for op in graph.operators:
+        if op_name(op) not in WEIGHTED_OPS:
+            continue
+        index = int(op.inputs[1])
+        if index in producer:
+            index = int(producer[index].inputs[0])
+        tensor = graph.tensors[index]
+        raw = model.buffers[tensor.buffer].data
+        if raw is None or not len(raw):
+            continue
+        dtype = {"INT8": np.int8, "FLOAT16": np.float16, "FLOAT32": np.float32}[dtypes[tensor.type]]
+        values = np.frombuffer(np.asarray(raw, np.uint8).tobytes(), dtype)
+        zeros += int((values == 0).sum())
+        total += values.size
+    return zeros / total if total else 0.0

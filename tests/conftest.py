@@ -66,7 +66,8 @@ def tiny_dataset(tmp_path_factory, shared_data) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tiny_dataset) -> Path:
-    """A small CNN trained for two epochs at 64 px and converted to every TFLite variant.
+    """A small CNN trained for two epochs at 64 px and converted to every TFLite variant
+    (quantisation-aware and 50 % pruned ones included, each fine-tuned for one short epoch).
 
     The parity budgets are opened wide here: a two-epoch model on 18 test images proves the
     pipeline, not accuracy (the parity gate itself is tested on its own).
@@ -75,8 +76,8 @@ def tiny_run(tmp_path_factory, tiny_dataset) -> Path:
     run_module("train", "--model", "cnn", "--weights", "none", "--data", tiny_dataset, "--out", run,
                "--image-size", "64", "--epochs", "2", "--strategy", "full", "--batch-size", "8",
                "--bootstrap", "0", "--no-progress")
-    run_module("convert", run, "--no-progress", *[f"--budget={v}=100" for v in
-                                                  ("fp32", "dynamic", "fp16", "int8")])
+    run_module("convert", run, "--no-progress", "--prune", "0.5", *[f"--budget={v}=100" for v in
+                                                  ("fp32", "dynamic", "fp16", "int8", "qat", "pruned")])
     return run
 
 

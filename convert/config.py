@@ -1,0 +1,53 @@
+"""Every setting of a conversion, in one place (`python -m convert` flags override them).
+
+The fine-tunes (quantisation-aware training, pruning) run the training run's own input
+pipeline, augmentation and class weights (train.pipeline, train.config), only briefly: they
+start from the trained weights and only have to adapt them to fake quantisation or to the
+pruning mask.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+INT8_IO = ("int8", "float")
+
+
+@dataclass
+class ConvertConfig:
+    # post-training int8 calibration
+    representative_per_class: int = 100   # calibration images per class, from the training split
+    int8_io: str = "int8"                 # int8: integer input/output; float: float I/O, int8 inside
+    bias_correction: bool = True          # post-training int8: remove the mean logit shift (see export)
+    # quantisation-aware training
+    qat_epochs: int = 2
+    qat_learning_rate: float = 1e-5
+    # pruning (prune_low_magnitude, polynomial decay from 0 to the target sparsity)
+    prune_sparsity: float | None = None   # e.g. 0.5; None: no pruned variants
+    prune_epochs: int = 4                 # the sparsity ramps up over all but the last epoch
+                                          # (MobileNetV2 0.5 on the shared set, 50 %: two epochs lose
+                                          # 8-14 points of macro-F1, four 7-8, four + one of PQAT 0)
+    prune_learning_rate: float = 1e-4
+    pqat_epochs: int = 1                  # pruning-preserving QAT of the pruned model
+    # shared by the fine-tunes
+    batch_size: int = 32
+    steps_per_epoch: int | None = None    # None: the whole training split per epoch
+    # parity gate: largest allowed macro-F1 drop in points, per variant (pruned-*: "pruned")
+    budgets: dict = field(default_factory=lambda: {"fp32": 0.2, "fp16": 0.2, "dynamic": 1.0,
+                                                   "int8": 1.0, "qat": 1.0, "pruned": 2.0})
+    splits: tuple[str, ...] = ("val", "test")
+    # GPU check: images run on both the GPU accelerator and the CPU, and the largest allowed
+    # |GPU - CPU| logit difference of a fully accelerated fp16 model (SwiftShader computes in
+    # fp16 and fp32; 0.05 is far below the logit margins that decide a class)
+    gpu_images: int = 16
+    gpu_tolerance: float = 0.05
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.int8_io not in INT8_IO:
+            raise ValueError(f"int8_io must be one of {INT8_IO}, got {self.int8_io!r}")
+        if self.prune_sparsity is not None and not 0.0 < self.prune_sparsity < 1.0:
+            raise ValueError(f"prune sparsity must be in (0, 1), got {self.prune_sparsity}")
+
+    def budget(self, variant: str) -> float:
+        key = "pruned" if variant.startswith("pruned") else variant
+        return float(self.budgets.get(key, self.budgets.get("int8", 1.0)))

@@ -1,0 +1,180 @@
+"""Conversion: every variant from a tiny trained model, integer and pruned models inspected,
+the parity gate on good and damaged models, the GPU accelerator, heat maps, QAT refusals."""
+import json
+
+import numpy as np
+import pytest
+
+from edge_app.classifier import Classifier, load_model_file
+from edge_app.model_card import ModelCard
+
+ALL_VARIANTS = ("fp32", "dynamic", "fp16", "int8", "qat", "pruned-fp32", "pruned-int8", "pruned-qat")
+INTEGER_VARIANTS = ("int8", "qat", "pruned-int8", "pruned-qat")
+
+
+@pytest.fixture(scope="module")
+def conversion(tiny_run) -> dict:
+    return json.loads((tiny_run / "reports" / "conversion.json").read_text())
+
+
+def test_every_variant_is_written_gated_and_reported(tiny_run, conversion):
+    assert tuple(conversion["variants"]) == ALL_VARIANTS and not conversion["refused"]
+    trained = ModelCard.from_json((tiny_run / "model_card.json").read_text())
+    for name, v in conversion["variants"].items():
+        data, card = load_model_file(tiny_run / "tflite" / f"{name}.tflite")
+        assert len(data) == v["bytes"] and v["gzip_bytes"] < v["bytes"]
+        assert {**card.to_dict(), "variant": "keras"} == trained.to_dict() and card.variant == name
+        assert set(v["splits"]) == {"val", "test"}
+        for split in v["splits"].values():
+            assert set(split["drops_points"]) == {"accuracy", "macro_f1", "abnormal_sensitivity",
+                                                  "abnormal_specificity", "abnormal_auc"}
+            assert 0.0 <= split["agreement"] <= 1.0
+        assert v["analyzer"]["gpu_compatible"] in (True, False)
+    for split in ("val", "test"):  # fp32 is the same network: the same answer on every image
+        assert conversion["variants"]["fp32"]["splits"][split]["agreement"] == 1.0
+        assert conversion["variants"]["fp32"]["splits"][split]["max_abs_logit_diff"] < 1e-3
+    fp32 = conversion["variants"]["fp32"]["bytes"]
+    assert all(conversion["variants"][n]["bytes"] < 0.3 * fp32 for n in INTEGER_VARIANTS)
+    markdown = (tiny_run / "reports" / "conversion.md").read_text()
+    assert all(f"| {name} |" in markdown for name in ALL_VARIANTS)
+    assert (tiny_run / "reports" / "conversion.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("variant", INTEGER_VARIANTS)
+def test_integer_variants_are_int8_inside(tiny_run, variant):
+    """Weights and activations are int8 (biases int32), input and output too: no float left."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(tiny_run / "tflite" / f"{variant}.tflite"))
+    interpreter.allocate_tensors()
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    weighted = [op for op in interpreter._get_ops_details()
+                if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")]
+    assert len(weighted) >= 6  # five convolutions, the dense layer, the heat map's 1x1 convolution
+    for op in weighted:
+        weights = tensors[op["inputs"][1]]
+        assert weights["dtype"] == np.int8 and len(weights["quantization_parameters"]["scales"]) >= 1
+        assert tensors[op["inputs"][0]]["dtype"] == np.int8 and tensors[op["outputs"][0]]["dtype"] == np.int8
+    kinds = {np.dtype(t["dtype"]) for t in tensors.values()}
+    assert kinds <= {np.dtype(np.int8), np.dtype(np.int32)}, kinds
+    int32 = [t for t in tensors.values() if t["dtype"] == np.int32]
+    assert all(len(t["shape"]) <= 1 for t in int32)  # biases and shape constants only
+    assert all(d["dtype"] == np.int8 for d in interpreter.get_input_details() + interpreter.get_output_details())
+
+
+def test_pruned_sparsity_is_on_target_and_survives_int8_and_qat(conversion):
+    target = 0.5
+    for name in ("pruned-fp32", "pruned-int8", "pruned-qat"):
+        v = conversion["variants"][name]
+        keras_sparsity = v["keras_sparsity"]
+        assert abs(keras_sparsity["prunable"] - target) <= 0.01, (name, keras_sparsity)
+        assert all(abs(s - target) <= 0.01 for s in keras_sparsity["per_layer"].values()), keras_sparsity
+        # the file itself: zeros stay zeros through int8 conversion and pruning-preserving QAT
+        assert abs(v["weight_sparsity"] - keras_sparsity["overall"]) <= 0.01, (name, v["weight_sparsity"])
+    assert conversion["variants"]["int8"]["weight_sparsity"] < 0.1
+    # the gain shows compressed only
+    assert conversion["variants"]["pruned-int8"]["gzip_bytes"] < 0.8 * conversion["variants"]["int8"]["gzip_bytes"]
+
+
+def test_parity_gate_fails_a_damaged_model_and_passes_a_good_one(tiny_run, tmp_path):
+    import train  # noqa: F401
+    import tf_keras as keras
+
+    from convert import export
+    from convert.conversion import check_file, load_run
+
+    good = check_file(tiny_run, tiny_run / "tflite" / "fp32.tflite", "fp32", progress=False)
+    assert good["gate"]["passed"], good["gate"]
+    model, card, _ = load_run(tiny_run)
+    val_f1 = good["splits"]["val"]["metrics"]["macro_f1"]
+    assert val_f1 > 0.2, "the tiny model must beat a constant answer on val for this test to mean anything"
+    # damage: the logits layer answers "covid" for every image, whatever the image
+    damaged = keras.models.clone_model(model)
+    damaged.set_weights(model.get_weights())
+    dense = damaged.get_layer("logits")
+    kernel, bias = dense.get_weights()
+    dense.set_weights([np.zeros_like(kernel), np.array([0.0, 0.0, 10.0], np.float32)])
+    path = tmp_path / "damaged.tflite"
+    path.write_bytes(export.with_card(export.convert(export.with_heatmap(damaged), "fp32"), card, "fp32"))
+    bad = check_file(tiny_run, path, "fp32", progress=False)
+    assert not bad["gate"]["passed"]
+    assert any(f.startswith("val macro_f1 dropped") for f in bad["gate"]["failures"]), bad["gate"]
+
+
+def test_fp16_runs_fully_accelerated_on_the_gpu_accelerator(tiny_run, tiny_dataset, conversion):
+    """On SwiftShader's Vulkan (CI) or a real GPU: every op on the GPU, outputs as on the CPU."""
+    from convert import gpu
+    from convert.config import ConvertConfig
+    from edge_app import preprocess
+
+    recorded = conversion["variants"]["fp16"]["gpu"]
+    assert recorded["fully_accelerated"] and recorded["max_abs_diff"]["logits"] <= ConvertConfig().gpu_tolerance
+    assert conversion["variants"]["fp16"]["analyzer"]["gpu_compatible"]
+    card = load_model_file(tiny_run / "tflite" / "fp16.tflite")[1]
+    images = sorted((tiny_dataset / "test").rglob("*.jpg"))[::4]
+    x = np.stack([preprocess.preprocess(i, card.input) for i in images])
+    result = gpu.probe([tiny_run / "tflite" / "fp16.tflite"], x)
+    (verdict,) = result["models"].values()
+    assert verdict["fully_accelerated"] is True
+    assert verdict["max_abs_diff"]["logits"] <= ConvertConfig().gpu_tolerance
+    assert verdict["max_abs_diff"]["heatmap"] <= ConvertConfig().gpu_tolerance * max(1.0, verdict["max_abs_cpu"]["heatmap"])
+
+
+def keras_grad_cam(model, x: np.ndarray) -> np.ndarray:
+    """Grad-CAM (Selvaraju et al.) of the Keras model, by automatic differentiation: channel
+    weights = spatial mean of d(target)/d(features), target = the probability-weighted logits
+    (probabilities held constant), map = ReLU of the weighted feature channels."""
+    import tensorflow as tf
+    import tf_keras as keras
+
+    from train.models import FEATURES_LAYER
+
+    probe = keras.Model(model.input, [model.get_layer(FEATURES_LAYER).output, model.output])
+    with tf.GradientTape() as tape:
+        features, logits = probe(x, training=False)
+        tape.watch(features)
+        target = tf.reduce_sum(tf.stop_gradient(tf.nn.softmax(logits)) * logits, axis=-1)
+    alphas = tf.reduce_mean(tape.gradient(target, features), axis=(1, 2))
+    return tf.nn.relu(tf.einsum("bhwk,bk->bhw", features, alphas)).numpy()
+
+
+@pytest.mark.parametrize("variant, min_correlation", [("fp32", 0.99), ("fp16", 0.99), ("int8", 0.9)])
+def test_device_heatmap_matches_keras_grad_cam(tiny_run, tiny_dataset, variant, min_correlation):
+    """The in-graph map is CAM; for a GAP + dense head CAM equals Grad-CAM, so the device's map
+    must correlate with Keras's Grad-CAM of the same image: ~1 for float models (rounding only),
+    and > 0.9 for int8, whose feature map and class maps carry 8-bit rounding (a 4x4 map at 64 px,
+    so one badly rounded cell weighs 1/16: 0.9 still means the same regions light up)."""
+    import train  # noqa: F401
+    import tf_keras as keras
+
+    from edge_app import preprocess
+
+    model = keras.models.load_model(tiny_run / "model.keras", compile=False)
+    classifier = Classifier(tiny_run / "tflite" / f"{variant}.tflite", accelerator="cpu")
+    images = sorted((tiny_dataset / "test").rglob("*.jpg"))
+    x = np.stack([preprocess.preprocess(i, classifier.spec) for i in images])
+    cams = keras_grad_cam(model, x)
+    correlations = []
+    for image, cam in zip(images, cams):
+        device = classifier.predict(image).heatmap
+        assert device.shape == cam.shape
+        if cam.std() > 0 and device.std() > 0:
+            correlations.append(np.corrcoef(device.ravel(), cam.ravel())[0, 1])
+    assert len(correlations) >= len(images) // 2
+    assert np.median(correlations) > min_correlation, np.round(correlations, 3)
+
+
+def test_qat_refuses_mobilenet_v3_naming_the_layers_and_why():
+    import train  # noqa: F401
+
+    from convert.compress import QATUnsupported, check_quantizable
+    from train import models
+
+    check_quantizable(models.build("mobilenet_v2", 3, image_size=32, alpha=0.35))  # supported
+    with pytest.raises(QATUnsupported) as err:
+        check_quantizable(models.build("mobilenet_v3_small", 3, image_size=32))
+    message = str(err.value)
+    assert "mobilenet_v3_small" in message
+    assert "TFOpLambda" in message and "hard-swish" in message
+    assert "Multiply" in message and "Rescaling" in message
+    assert "BatchNormalization" not in message  # folded into the convolutions, not a refusal
