@@ -71,7 +71,8 @@ class FineTuneData:
                 else keras.losses.SparseCategoricalCrossentropy(from_logits=True))
 
     def class_weight(self, num_classes: int):
-        return class_weights(self.labels, num_classes) if self.train_config.class_weights else None
+        power = self.train_config.class_weight_power
+        return class_weights(self.labels, num_classes, power) if power else None
 
 
 def unsupported_layers(model: keras.Model) -> dict[str, list[str]]:
