@@ -81,9 +81,11 @@ def convert_run(run_dir: str | Path, *, variants=None, cfg: ConvertConfig | None
             continue
         print(f"converting {variant} ...", flush=True)
         keras_model = sources[source]["model"]
-        # the OOD score was fitted on the trained model's features: fine-tuned variants (qat,
-        # pruned) have other features, so they get no OOD output rather than a miscalibrated one
-        ood = detector if source == "trained" else None
+        # The OOD score is fitted on the trained model's features: fine-tuned variants (qat, pruned)
+        # have other features, so they get no OOD output rather than a miscalibrated one. Nor do
+        # integer models: the score's residual is a difference of two near-equal sums, which int8
+        # cannot represent (the scales degenerate and XNNPACK refuses the graph).
+        ood = detector if source == "trained" and recipe != "int8" else None
         path = out_dir / f"{variant}.tflite"
         flatbuffer = export.convert(export.device_model(keras_model, ood), recipe, representative,
                                     int8_io=cfg.int8_io, progress=progress)

@@ -139,7 +139,7 @@ def with_ood_score(model, detector):
     projection.set_weights([kernel.astype(np.float32), (-detector.mean @ kernel).astype(np.float32)])
     mean = detector.mean.astype(np.float32)
 
-    def distance(inputs):  # x * x, not tf.square: TFLite's SQUARE has no int8 kernel, MUL has
+    def distance(inputs):
         z, features = inputs
         whitened, plain, centred = z[:, :k], z[:, k:], features - mean
         inside = tf.reduce_sum(whitened * whitened, axis=-1)

@@ -112,6 +112,7 @@ class Classifier:
             "model_sha256": self.model_sha256,
             "backend": self.backend.name,
             "gpu_fully_accelerated": self.backend.fully_accelerated,
+            "ood_warning": OOD_SCORE in self.backend.output_shapes,  # float variants only (see convert)
             "backends_tried": [{"backend": n, "error": why} for n, why in self.backend_attempts],
             "card": self.card.to_dict(),
         }

@@ -27,7 +27,7 @@ def test_every_variant_is_written_gated_and_reported(tiny_run, conversion):
         assert set(v["splits"]) == {"val", "test"}
         for split in v["splits"].values():
             assert set(split["drops_points"]) == {"accuracy", "macro_f1", "abnormal_sensitivity",
-                                                  "abnormal_specificity", "abnormal_auc"}
+                                                  "abnormal_specificity", "abnormal_auc", "covid_sensitivity"}
             assert 0.0 <= split["agreement"] <= 1.0
         assert v["analyzer"]["gpu_compatible"] in (True, False)
     for split in ("val", "test"):  # fp32 is the same network: the same answer on every image

@@ -62,3 +62,11 @@ def test_device_says_unreliable_above_the_cards_ood_threshold(tiny_run, tiny_dat
     assert decisions["below"]["probabilities"] == decisions["above"]["probabilities"]
     human = run_module("edge_app", "predict", image, "--model", tmp_path / "below.tflite").stdout
     assert "UNLIKE THE IMAGES" in human and "most likely" not in human
+
+
+def test_only_the_trained_float_variants_carry_the_ood_score(tiny_run):
+    from edge_app.classifier import Classifier
+
+    carried = {p.stem: Classifier(p, accelerator="cpu").info["ood_warning"]
+               for p in sorted((tiny_run / "tflite").glob("*.tflite"))}
+    assert carried == {name: name in ("fp32", "dynamic", "fp16") for name in carried}
