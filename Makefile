@@ -14,7 +14,7 @@
 # Variables: DATA (dataset folder; empty = the generated synthetic set), MODEL, RUN (run name,
 # the folder under artifacts/), CONFIG (a TOML file of training settings), WEIGHTS, WEIGHTS_DIR,
 # APP_MODEL (the app's .tflite), APP_ARGS (more `python -m edge_app app` flags),
-# PRUNE (target sparsity of the pruned variants; empty: none), CONVERT_ARGS (more `python -m convert` flags).
+# PRUNE (target sparsity of pruned variants, e.g. 0.5; empty, the default: none), CONVERT_ARGS (more `python -m convert` flags).
 # Benchmark and release: GATES (gates file), DEVICE (pi4, pi5, tablet: its absolute budgets, on
 # that device only), VARIANTS (comma-separated, the ones to ship and gate), COMPARE (an earlier
 # results JSON), RESULTS (release from these results instead of benchmarking again), VERSION,
@@ -37,7 +37,7 @@ WEIGHTS_DIR ?= ../shared/weights/keras/models
 # ImageNet weights only where a local copy exists, so the default run never downloads anything.
 WEIGHTS     ?= $(if $(filter cnn,$(MODEL)),none,$(if $(wildcard $(WEIGHTS_DIR)/*.h5),imagenet,none))
 TRAIN_ARGS  ?=
-PRUNE       ?= 0.5
+PRUNE       ?=
 CONVERT_ARGS ?=
 APP_MODEL   ?= $(RUN_DIR)/tflite/int8.tflite
 APP_ARGS    ?=
