@@ -116,9 +116,9 @@ def scenario_kiosk(app, out, images, seen):
         popup.key(key)
     yield 0.3
     seen["screenshots"] = {"pin": shot(out, "kiosk_pin")}
-    popup.key("ok")
-    yield 0.2
+    popup.key("ok")   # checks the PIN at once; read before the idle reset (2 s) can clear it
     seen["after_wrong_pin"] = {"error": app.error, "running": app.root_window is not None}
+    yield 0.2
     app._on_drop_file(Window, images["good"][0].encode(), 20, 20)    # the last activity
     started = time.monotonic()
     yield lambda: app.sm.current == "result"

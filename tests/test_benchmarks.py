@@ -18,7 +18,7 @@ from benchmarks.release import main as release_main
 from edge_app.classifier import Classifier
 from tests.conftest import REPO
 
-VARIANTS = ("dynamic", "fp16", "fp32", "int8")
+VARIANTS = ("dynamic", "fp16", "fp32", "int8", "pruned-fp32", "pruned-int8", "pruned-qat", "qat")  # tiny_run's
 PERMISSIVE = """
 [accuracy]
 min_macro_f1 = 0.0
@@ -184,7 +184,7 @@ def test_benchmark_suite_measures_every_variant(suite, tiny_run):
         assert v["metrics"]["n"] == results["test_split"]["n"] == 18
         pipeline = next(r for r in v["latency"] if (r["runtime"], r["threads"], r["stage"]) == ("litert-cpu", 2, "pipeline"))
         assert pipeline["overhead_ratio"] >= 1 and set(pipeline["stages_ms"]) >= {"decode", "inference", "total"}
-    assert set(results["speedup_vs_fp32"]) == {"dynamic", "fp16", "int8"}
+    assert set(results["speedup_vs_fp32"]) == set(VARIANTS) - {"fp32"}
     assert results["ratios"]["int8_speedup"] == results["speedup_vs_fp32"]["int8"]["speedup"]
     keras = results["variants"]["keras"]
     assert keras["metrics"]["n"] == 18 and gates.latency(keras, "pipeline", 2, "keras") > 0

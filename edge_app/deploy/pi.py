@@ -244,7 +244,7 @@ def conversion_parity(run_dir: Path, variant: str) -> dict | None:
     path = run_dir / "reports" / "conversion.json"
     if not path.is_file():
         return None
-    return json.loads(path.read_text())["variants"].get(variant, {}).get("parity")
+    return json.loads(path.read_text())["variants"].get(variant, {}).get("gate")
 
 
 def _parity_line(parity: dict | None) -> str:
