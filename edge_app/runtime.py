@@ -26,6 +26,7 @@ import numpy as np
 from edge_app.errors import ModelError
 
 ACCELERATORS = ("auto", "gpu", "cpu")
+FLOAT_IO_ONLY = "CompiledModel backend runs float-I/O models only"  # int8-I/O models use the Interpreter
 
 
 class InterpreterBackend:
@@ -75,7 +76,7 @@ class CompiledModelBackend:
         self._output_details = self._model.get_output_tensor_details(self._key)
         for d in list(self._input_details.values()) + list(self._output_details.values()):
             if np.dtype(d["dtype"]) != np.float32:
-                raise ModelError("model_invalid", "CompiledModel backend runs float-I/O models only")
+                raise ModelError("model_invalid", FLOAT_IO_ONLY)
         self._inputs = self._model.create_input_buffers(0)
         self._outputs = self._model.create_output_buffers(0)
         self._output_names = list(signature[self._key]["outputs"])
