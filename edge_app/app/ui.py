@@ -365,6 +365,7 @@ class CxrApp(App):
                 then()
             else:
                 self.error = "Wrong PIN."
+        self._activity()    # someone is at the kiosk: the idle reset must not close the PIN pad on them
         self._open_popup(PinPopup(on_pin=check))
 
     def check_pin(self, pin: str) -> bool:
