@@ -14,28 +14,15 @@ import tf_keras as keras
 
 from convert import compress, export, gpu, parity, report
 from convert.config import ConvertConfig
-from edge_app.model_card import ModelCard
 from edge_app.preprocess import normalise
-from train.config import TrainConfig
 from train.data import load_dataset
 from train.ood import OodModel
 from train.pipeline import load_images
+from train.trainer import load_run
 
 
 class ParityError(RuntimeError):
     """A variant classifies worse than its budget allows, or fp16 does not run on the GPU."""
-
-
-def load_run(run_dir: Path):
-    run_dir = Path(run_dir)
-    for name in ("model.keras", "model_card.json", "config.json"):
-        if not (run_dir / name).is_file():
-            raise FileNotFoundError(f"{run_dir} is not a training run: {name} is missing "
-                                    f"(train one with `python -m train ... --out {run_dir}`)")
-    model = keras.models.load_model(run_dir / "model.keras", compile=False)
-    card = ModelCard.from_json((run_dir / "model_card.json").read_text())
-    config = TrainConfig.from_file(run_dir / "config.json")
-    return model, card, config
 
 
 def default_variants(cfg: ConvertConfig) -> tuple[str, ...]:

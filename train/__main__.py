@@ -1,11 +1,12 @@
-"""python -m train --model NAME --data DIR --out artifacts/RUN [--config FILE] [options]"""
+"""python -m train --model NAME --data DIR --out artifacts/RUN [--config FILE] [options]
+   python -m train adapt --run artifacts/RUN --data LOCAL_DIR --out artifacts/RUN-site [options]"""
 from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 
-from train.config import STRATEGIES, TrainConfig
+from train.config import STRATEGIES, AdaptConfig, TrainConfig
 
 
 def parse_args(argv=None):
@@ -36,7 +37,45 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def parse_adapt_args(argv):
+    p = argparse.ArgumentParser(prog="python -m train adapt", description="Adapts a trained run to a "
+                                "site's own labelled images (train.adapt) and reports before/after.")
+    p.add_argument("--run", required=True, help="the trained run folder")
+    p.add_argument("--data", required=True, help="the site's images (any supported dataset layout)")
+    p.add_argument("--out", required=True, help="new run folder for the adapted model")
+    p.add_argument("--per-class", type=int, nargs="+", default=[0],
+                   help="local training images per class (0: all); several values: a learning curve, "
+                   "one adapted run per value under --out")
+    p.add_argument("--source", dest="sources", action="append",
+                   help="use only this data source of --data (repeatable)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--fine-tune-layers", type=int, help="also unfreeze the top N backbone layers")
+    p.add_argument("--replay", type=int, help="run training images per local image (0: none)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def adapt_main(argv) -> int:
+    args = parse_adapt_args(argv)
+    names = {f.name for f in fields(AdaptConfig)}
+    cfg = AdaptConfig(**{k: v for k, v in vars(args).items()
+                         if k in names - {"per_class"} and v is not None})
+    from train import adapt  # imports TensorFlow
+
+    if len(args.per_class) > 1:
+        adapt.learning_curve(args.run, args.data, args.out, args.per_class, cfg, progress=not args.no_progress)
+    else:
+        adapt.adapt(args.run, args.data, args.out, replace(cfg, per_class=args.per_class[0]),
+                    progress=not args.no_progress)
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["adapt"]:
+        return adapt_main(argv[1:])
     args = parse_args(argv)
     names = {f.name for f in fields(TrainConfig)}
     overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}

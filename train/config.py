@@ -88,3 +88,19 @@ class TrainConfig:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+
+
+@dataclass
+class AdaptConfig:
+    """Site adaptation of a trained run (`python -m train adapt`, see train.adapt)."""
+    per_class: int = 0              # local training images per class (0: all of the local train split);
+                                    # the local validation images used for refitting are capped alike
+    sources: list[str] = field(default_factory=list)  # only these data sources of the local set (empty: all)
+    epochs: int = 15
+    learning_rate: float = 1e-3
+    fine_tune_layers: int = 0       # also unfreeze the top N backbone layers (BatchNorm stays frozen)
+    replay: int = 1                 # per local image, this many of the run's own training images of
+                                    # its class join the fine-tuning, so the model keeps what it knew
+    batch_size: int = 16
+    seed: int = 0
+    bootstrap: int = 200            # bootstrap resamples for the AUC intervals of the before/after report

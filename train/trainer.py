@@ -115,6 +115,19 @@ def _git_commit() -> str:
         return ""
 
 
+def load_run(run_dir: str | Path) -> tuple[keras.Model, ModelCard, TrainConfig]:
+    """(model, model card, training config) of a finished run folder."""
+    run_dir = Path(run_dir)
+    for name in ("model.keras", "model_card.json", "config.json"):
+        if not (run_dir / name).is_file():
+            raise FileNotFoundError(f"{run_dir} is not a training run: {name} is missing "
+                                    f"(train one with `python -m train ... --out {run_dir}`)")
+    model = keras.models.load_model(run_dir / "model.keras", compile=False)
+    card = ModelCard.from_json((run_dir / "model_card.json").read_text())
+    config = TrainConfig.from_file(run_dir / "config.json")
+    return model, card, config
+
+
 def run(config: TrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True,
         devices: list[str] | None = None) -> Path:
     out = Path(out)

@@ -1,0 +1,87 @@
+"""Site adaptation (`python -m train adapt`) on a tiny run and a 'site' of other real X-rays."""
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_module
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, shared_data, tiny_dataset) -> Path:
+    """Real X-rays the tiny run never saw (not in tiny_dataset), split/class layout."""
+    seen = {p.name for p in tiny_dataset.rglob("*.jpeg")} | {p.name for p in tiny_dataset.rglob("*.jpg")}
+    root = tmp_path_factory.mktemp("site")
+    per_split = {"train": 6, "val": 3, "test": 4}
+    taken: dict = {}
+    with open(shared_data / "manifest.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            key = (row["split"], row["class"])
+            if Path(row["file"]).name in seen or taken.get(key, 0) >= per_split[row["split"]]:
+                continue
+            taken[key] = taken.get(key, 0) + 1
+            dest = root / row["split"] / row["class"] / Path(row["file"]).name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(shared_data / row["file"], dest)
+    return root
+
+
+@pytest.fixture(scope="module")
+def curve(tmp_path_factory, tiny_run, site) -> Path:
+    out = tmp_path_factory.mktemp("adapted") / "tiny-site"
+    run_module("train", "adapt", "--run", tiny_run, "--data", site, "--out", out,
+               "--per-class", "2", "4", "--epochs", "2", "--no-progress")
+    return out
+
+
+def test_adapted_run_records_what_it_was_fitted_on_and_refits_the_card(curve, tiny_run):
+    run = curve / "n4"
+    for name in ("model.keras", "model_card.json", "config.json", "ood.npz", "reports/adapt.json", "reports/adapt.md"):
+        assert (run / name).is_file(), name
+    card, result = json.loads((run / "model_card.json").read_text()), json.loads((run / "reports/adapt.json").read_text())
+    original = json.loads((tiny_run / "model_card.json").read_text())
+    counts = card["dataset"]["adapted"]["counts"]
+    assert counts["local_fit"] == {"normal": 4, "pneumonia": 4, "covid": 4}        # --per-class 4 of 6
+    assert counts["replayed"] == counts["local_fit"]                               # replay 1 per local image
+    assert counts["calibration_local"] == {"normal": 3, "pneumonia": 3, "covid": 3}
+    assert card["dataset"]["adapted"]["from"] == str(tiny_run.resolve())
+    assert card["temperature"] == result["after"]["temperature"]
+    assert card["thresholds"]["abnormal"] == result["after"]["threshold"]
+    assert card["thresholds"]["ood"] == result["after"]["ood_threshold"]
+    assert card["labels"] == original["labels"] and card["input"] == original["input"]
+    # "before" is the run as trained: on the run's own test split it scores what training reported
+    trained = json.loads((tiny_run / "reports/metrics.json").read_text())["test"]
+    assert result["before"]["run_test"]["macro_f1"] == pytest.approx(trained["macro_f1"], abs=1e-6)
+    assert result["before"]["temperature"] == original["temperature"]
+    assert "| macro-F1 |" in (run / "reports/adapt.md").read_text()
+
+
+def test_learning_curve_has_a_point_per_size_and_a_plot(curve):
+    data = json.loads((curve / "reports/adaptation_curve.json").read_text())
+    assert [p["per_class"] for p in data["points"]] == [2, 4]
+    n2 = json.loads((curve / "n2/model_card.json").read_text())["dataset"]["adapted"]["counts"]["local_fit"]
+    assert n2 == {"normal": 2, "pneumonia": 2, "covid": 2}
+    assert (curve / "reports/adaptation_curve.png").stat().st_size > 10_000
+    assert "| 0 (before) |" in (curve / "reports/adaptation_curve.md").read_text()
+
+
+def test_adapted_model_goes_through_conversion_and_the_device(curve, site):
+    run = curve / "n4"
+    run_module("convert", run, "--variants", "fp32", "--budget=fp32=100", "--no-gpu", "--no-progress")
+    model = run / "tflite" / "fp32.tflite"
+    info = json.loads(run_module("edge_app", "info", "--model", model, "--accelerator", "cpu").stdout)
+    card = json.loads((run / "model_card.json").read_text())
+    assert info["card"]["thresholds"]["abnormal"] == pytest.approx(card["thresholds"]["abnormal"])
+    image = next((site / "test" / "covid").iterdir())
+    out = json.loads(run_module("edge_app", "predict", image, "--model", model, "--accelerator", "cpu",
+                                "--json").stdout)["results"][0]
+    assert out["threshold"] == pytest.approx(card["thresholds"]["abnormal"])
+    assert sum(out["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_adapt_refuses_to_overwrite_its_run(tiny_run, site):
+    result = run_module("train", "adapt", "--run", tiny_run, "--data", site, "--out", tiny_run,
+                        "--no-progress", check=False)
+    assert result.returncode != 0 and "never overwrites the run" in result.stderr

@@ -1,0 +1,256 @@
+"""Site adaptation: a trained run, fitted to a hospital's own images with few labels.
+
+    python -m train adapt --run artifacts/RUN --data LOCAL_DIR --out artifacts/RUN-site
+
+The local set is read like any dataset (its splits, or per-patient splits made for it). Its train
+split fine-tunes the classifier head (and, asked for, the top backbone layers), mixed with as many of
+the run's own training images ("replay", so the model does not forget the findings it learnt
+elsewhere). The temperature and the operating threshold are then refitted on the local validation
+images together with the run's validation split (a handful of local images cannot place a
+sensitivity threshold on their own), the out-of-distribution score is refitted so that the site's
+images count as familiar, and a before/after report compares the local test split and the run's
+own test split. The result is a run folder like any other: `python -m convert` and the release
+gates take it unchanged.
+
+With several `--per-class` values it writes one adapted run per value and a learning curve.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+import train  # noqa: F401
+import tf_keras as keras
+
+from edge_app import decision
+from train import metrics, ood
+from train.config import AdaptConfig
+from train.data import load_dataset
+from train.data.dataset import Dataset
+from train.data.records import Record
+from train.pipeline import load_images, make_dataset
+from train.trainer import _pooled_features, load_run, set_trainable
+
+EVALUATED = ("local_test", "run_test")
+
+
+def _local_dataset(data, task: str, cfg: AdaptConfig, progress: bool) -> Dataset:
+    local = load_dataset(data, task=task, seed=cfg.seed, progress=progress)
+    if cfg.sources:
+        known = local.sources()
+        missing = [s for s in cfg.sources if s not in known]
+        if missing:
+            raise ValueError(f"no source {missing} in {local.root}; sources: {', '.join(known)}")
+        local = dataclasses.replace(local, records=[r for r in local.records if r.source in cfg.sources])
+    return local
+
+
+def _draw(pool: list[Record], counts: dict[str, int], rng) -> list[Record]:
+    """counts[label] records of each label from `pool` (all there are, if fewer), at random."""
+    chosen = []
+    for label, n in counts.items():
+        of_class = [r for r in pool if r.label == label]
+        chosen += [of_class[i] for i in sorted(rng.choice(len(of_class), min(n, len(of_class)), replace=False))]
+    return chosen
+
+
+def _per_class(records: list[Record], labels, n: int, rng) -> list[Record]:
+    """At most n records of each class (all of them with n = 0)."""
+    return _draw(records, dict.fromkeys(labels, n), rng) if n else list(records)
+
+
+def _replay(local: list[Record], pool: list[Record], times: int, labels, rng) -> list[Record]:
+    """`times` run-training images per local image, class by class, none repeated."""
+    return _draw(pool, {label: times * sum(r.label == label for r in local) for label in labels}, rng)
+
+
+def _labels_of(records, labels) -> np.ndarray:
+    return np.array([labels.index(r.label) for r in records], dtype=np.int32)
+
+
+def _evaluate(model, card, sets: dict, temperature: float, threshold: float, bootstrap: int) -> dict:
+    out = {}
+    for name, (x, y, records) in sets.items():
+        logits = model.predict(make_dataset(x, y, card.input, batch_size=64, training=False), verbose=0)
+        out[name] = metrics.screening_metrics(logits, y, card.labels, temperature=temperature,
+                                              threshold=threshold, bootstrap=bootstrap)
+        out[name]["per_source"] = metrics.per_group_metrics(
+            logits, y, [r.source or "unknown" for r in records], card.labels,
+            temperature=temperature, threshold=threshold)
+    return out
+
+
+def adapt(run_dir: str | Path, data: str | Path, out: str | Path, cfg: AdaptConfig | None = None,
+          *, progress: bool = True) -> dict:
+    """Adapt the run in `run_dir` to the images in `data`; write the adapted run to `out`."""
+    cfg = cfg or AdaptConfig()
+    run_dir, out = Path(run_dir), Path(out)
+    if out.resolve() == run_dir.resolve():
+        raise ValueError("--out must be a new folder: adaptation never overwrites the run it starts from")
+    model, card, config = load_run(run_dir)
+    labels, spec = card.labels, card.input
+    keras.utils.set_random_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+
+    original = load_dataset(card.dataset["root"], task=card.task, seed=card.dataset.get("seed", config.seed),
+                            progress=progress)
+    if card.dataset.get("holdout_source"):
+        original, _ = original.without_source(card.dataset["holdout_source"])
+    local = _local_dataset(data, card.task, cfg, progress)
+    local_fit = _per_class(local.split("train"), labels, cfg.per_class, rng)
+    local_cal = _per_class(local.split("val"), labels, cfg.per_class, rng)
+    local_paths = {r.path for r in local.records}     # the local set may share images with the run's
+    replayed = _replay(local_fit, [r for r in original.split("train") if r.path not in local_paths],
+                       cfg.replay, labels, rng)
+    if not local_fit or not local.split("test"):
+        raise ValueError(f"{local.root}: the local set needs train and test images; found\n{local.summary()}")
+
+    def load(records, desc):
+        return load_images(records, spec, desc=desc, progress=progress), _labels_of(records, labels), records
+
+    sets = {"local_test": load(local.split("test"), "local test"),
+            "run_test": load(original.split("test"), "run test")}
+    calibration = [load(local_cal, "local val"), load(original.split("val"), "run val")]
+    x_cal = np.concatenate([c[0] for c in calibration])
+    y_cal = np.concatenate([c[1] for c in calibration])
+    fit_records = local_fit + replayed
+    x_fit, y_fit, _ = load(fit_records, "fine-tuning")
+
+    before_temperature, before_threshold = card.temperature, card.thresholds["abnormal"]
+    before = _evaluate(model, card, sets, before_temperature, before_threshold, cfg.bootstrap)
+
+    set_trainable(model, "finetune" if cfg.fine_tune_layers else "frozen", 2, cfg.fine_tune_layers)
+    model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    print(f"fine-tuning on {len(local_fit)} local + {len(replayed)} replayed images, {cfg.epochs} epochs")
+    model.fit(make_dataset(x_fit, y_fit, spec, batch_size=cfg.batch_size, training=True, config=config,
+                           seed=cfg.seed), epochs=cfg.epochs, verbose=1 if progress else 2)
+
+    cal_logits = model.predict(make_dataset(x_cal, y_cal, spec, batch_size=64, training=False), verbose=0)
+    temperature = metrics.fit_temperature(cal_logits, y_cal)
+    threshold = metrics.threshold_for_sensitivity(
+        y_cal != 0, decision.abnormal_probability(decision.calibrated_probabilities(cal_logits, temperature)),
+        card.thresholds.get("target_sensitivity", config.target_sensitivity))
+    after = _evaluate(model, card, sets, temperature, threshold, cfg.bootstrap)
+
+    # the OOD score, refitted on the run's training images and the local ones
+    features = _pooled_features(model, spec, {"train": load(original.split("train") + local_fit, "OOD fit"),
+                                              "cal": (x_cal, y_cal, None)})
+    detector = ood.fit(features["train"])
+    ood_threshold = ood.threshold(ood.score(detector, features["cal"]))
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "reports").mkdir(exist_ok=True)
+    model.save(out / "model.keras")
+    detector.save(out / "ood.npz")
+    shutil.copy(run_dir / "config.json", out / "config.json")
+    counts = {"local_fit": _class_counts(local_fit, labels), "replayed": _class_counts(replayed, labels),
+              "calibration_local": _class_counts(local_cal, labels), "calibration_run": len(original.split("val")),
+              "local_test": _class_counts(local.split("test"), labels)}
+    card.temperature = temperature
+    card.thresholds = {**card.thresholds, "abnormal": threshold, "ood": ood_threshold}
+    card.dataset = {**card.dataset, "adapted": {"from": str(run_dir.resolve()), "local_root": str(local.root),
+                                                "local_sources": cfg.sources, "counts": counts,
+                                                "config": dataclasses.asdict(cfg)}}
+    test = after["run_test"]
+    card.metrics = {**card.metrics, "test_macro_f1": test["macro_f1"], "test_accuracy": test["accuracy"],
+                    "test_abnormal_sensitivity": test["abnormal"]["sensitivity"],
+                    "test_abnormal_specificity": test["abnormal"]["specificity"],
+                    "test_abnormal_auc": test["abnormal"]["auc"], "test_ece": test["ece"],
+                    **({"test_covid_sensitivity": test["covid"]["sensitivity"]} if "covid" in test else {}),
+                    "local_test_macro_f1": after["local_test"]["macro_f1"],
+                    "local_test_abnormal_specificity": after["local_test"]["abnormal"]["specificity"]}
+    card.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    (out / "model_card.json").write_text(card.to_json() + "\n")
+    result = {"run": str(run_dir), "local": str(local.root), "config": dataclasses.asdict(cfg), "counts": counts,
+              "before": {"temperature": before_temperature, "threshold": before_threshold, **before},
+              "after": {"temperature": temperature, "threshold": threshold, "ood_threshold": ood_threshold, **after}}
+    (out / "reports" / "adapt.json").write_text(json.dumps(result, indent=2))
+    (out / "reports" / "adapt.md").write_text(adapt_report(result, labels))
+    print(f"adapted run saved to {out}\n" + adapt_report(result, labels))
+    return result
+
+
+def _class_counts(records, labels) -> dict[str, int]:
+    return {label: sum(r.label == label for r in records) for label in labels}
+
+
+ROWS = [("macro-F1", lambda m: m["macro_f1"]), ("abnormal sensitivity", lambda m: m["abnormal"]["sensitivity"]),
+        ("abnormal specificity", lambda m: m["abnormal"]["specificity"]), ("abnormal AUC", lambda m: m["abnormal"]["auc"]),
+        ("COVID-19 sensitivity", lambda m: m.get("covid", {}).get("sensitivity", float("nan"))),
+        ("ECE", lambda m: m["ece"])]
+
+
+def adapt_report(result: dict, labels) -> str:
+    c = result["counts"]
+    lines = ["# Site adaptation", "",
+             f"From `{result['run']}` to the images of `{result['local']}`. Fine-tuned on "
+             f"{sum(c['local_fit'].values())} local images ({_fmt_counts(c['local_fit'])}) and "
+             f"{sum(c['replayed'].values())} of the run's own training images; temperature and threshold "
+             f"refitted on {sum(c['calibration_local'].values())} local validation images "
+             f"({_fmt_counts(c['calibration_local'])}) and the run's {c['calibration_run']} validation images.", "",
+             "| metric | local test before | local test after | run test before | run test after |",
+             "|---|---|---|---|---|"]
+    for name, get in ROWS:
+        values = [get(result[when][split]) for split in EVALUATED for when in ("before", "after")]
+        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
+    lines += ["", f"Temperature {result['before']['temperature']:.3f} → {result['after']['temperature']:.3f}; "
+              f"operating threshold {result['before']['threshold']:.4f} → {result['after']['threshold']:.4f}; "
+              f"out-of-distribution threshold refitted ({result['after']['ood_threshold']:.1f}).", ""]
+    return "\n".join(lines)
+
+
+def _fmt_counts(counts: dict) -> str:
+    return ", ".join(f"{n} {label}" for label, n in counts.items())
+
+
+def learning_curve(run_dir, data, out, sizes: list[int], cfg: AdaptConfig | None = None,
+                   *, progress: bool = True) -> dict:
+    """One adapted run per size (images per class) in `out/n<size>`, and the curve in `out/reports`."""
+    cfg = cfg or AdaptConfig()
+    out = Path(out)
+    points = []
+    for n in sizes:
+        result = adapt(run_dir, data, out / f"n{n}", dataclasses.replace(cfg, per_class=n), progress=progress)
+        points.append({"per_class": n, "before": {s: result["before"][s] for s in EVALUATED},
+                       "after": {s: result["after"][s] for s in EVALUATED}})
+    curve = {"run": str(run_dir), "local": str(data), "config": dataclasses.asdict(cfg), "points": points}
+    (out / "reports").mkdir(parents=True, exist_ok=True)
+    (out / "reports" / "adaptation_curve.json").write_text(json.dumps(curve, indent=2))
+    _plot_curve(points, out / "reports" / "adaptation_curve.png")
+    table = ["| images per class | " + " | ".join(f"{s} {name}" for s in EVALUATED for name, _ in ROWS[:3]) + " |",
+             "|---" * (1 + 3 * len(EVALUATED)) + "|"]
+    table.append("| 0 (before) | " + " | ".join(f"{get(points[0]['before'][s]):.3f}" for s in EVALUATED
+                                                  for _, get in ROWS[:3]) + " |")
+    table += [f"| {p['per_class']} | " + " | ".join(f"{get(p['after'][s]):.3f}" for s in EVALUATED
+                                                   for _, get in ROWS[:3]) + " |" for p in points]
+    (out / "reports" / "adaptation_curve.md").write_text(
+        "# Adaptation learning curve\n\n" + "\n".join(table) + "\n\n![curve](adaptation_curve.png)\n")
+    print("\n".join(table))
+    return curve
+
+
+def _plot_curve(points, path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = [0] + [p["per_class"] for p in points]
+    fig, axes = plt.subplots(1, len(EVALUATED), figsize=(11, 4), sharey=True)
+    for ax, split in zip(axes, EVALUATED):
+        for name, get in ROWS[:3]:
+            ax.plot(sizes, [get(points[0]["before"][split])] + [get(p["after"][split]) for p in points],
+                    marker="o", label=name)
+        ax.set_title(split.replace("_", " "))
+        ax.set_xlabel("local images per class (0: before adaptation)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("score")
+    axes[0].legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
