@@ -12,8 +12,9 @@ The steps, each one function:
 * `fit_square`: grey image -> (size, size), by centre crop or by padding with black.
 * `normalise`: [0, 1] squares -> what the network expects, (..., size, size, channels).
 
-`square` = fit_square + the optional contrast step (`InputSpec.contrast`); `load` = decode +
-`square` (what training caches); `preprocess` = load + normalise.
+`square` = the optional border trim (`InputSpec.borders`) + fit_square + the optional contrast
+step (`InputSpec.contrast`); `load` = decode + `square` (what training caches); `preprocess` =
+load + normalise.
 
 Conventions worth knowing:
 
@@ -48,8 +49,17 @@ from edge_app.errors import InputError
 PREPROCESSING_VERSION = "1"   # recorded in model cards; bump whenever output pixels change
 NORMALISATIONS = ("unit", "symmetric", "caffe", "torch", "raw255")
 FITS = ("crop", "pad")
-CONTRASTS = ("none", "equalize")  # equalize: global histogram equalisation of the square, which
-                                  # removes each scanner's own windowing/post-processing curve
+CONTRASTS = ("none", "equalize", "clahe")  # equalize: global histogram equalisation of the square,
+                                  # which removes each scanner's own windowing/post-processing curve;
+                                  # clahe: the same per tile, clipped (CLAHE), local contrast alike everywhere
+BORDERS = ("keep", "trim")        # trim: uniform rows/columns at the edges (scanner frames, letterboxing)
+                                  # are cut off before fitting, so they neither shrink the anatomy nor
+                                  # tell the model which scanner it was
+CLAHE_TILES = 8                   # tiles per side
+CLAHE_CLIP = 2.0                  # histogram clip limit, in multiples of a flat histogram (OpenCV's default)
+CLAHE_BINS = 256
+BORDER_STD = 0.01                 # a row/column whose grey std is below this is uniform
+BORDER_MAX_TRIM = 0.25            # never trim more than this share of a side from each edge
 
 MIN_SIDE = 64                 # shorter side below this -> too_small
 MAX_PIXELS = 50_000_000       # more pixels -> too_large, from the header: ~7070², 2.7x a 4300²
@@ -90,7 +100,8 @@ class InputSpec:
     channels: int = 1         # 1, or 3 (grey replicated)
     normalisation: str = "unit"
     fit: str = "crop"         # crop: shorter side -> size, centre crop; pad: longer side -> size, black pad
-    contrast: str = "none"    # none | equalize (see CONTRASTS)
+    contrast: str = "none"    # none | equalize | clahe (see CONTRASTS)
+    borders: str = "keep"     # keep | trim (see BORDERS)
 
     def __post_init__(self):
         if isinstance(self.size, bool) or not isinstance(self.size, numbers.Integral) or self.size < 1:
@@ -108,6 +119,8 @@ class InputSpec:
             raise ValueError(f"InputSpec.fit must be one of {FITS}, got {self.fit!r}")
         if self.contrast not in CONTRASTS:
             raise ValueError(f"InputSpec.contrast must be one of {CONTRASTS}, got {self.contrast!r}")
+        if self.borders not in BORDERS:
+            raise ValueError(f"InputSpec.borders must be one of {BORDERS}, got {self.borders!r}")
         object.__setattr__(self, "size", int(self.size))        # numpy ints -> JSON-able ints
         object.__setattr__(self, "channels", int(self.channels))
 
@@ -423,10 +436,63 @@ def equalize(image: np.ndarray) -> np.ndarray:
     return cdf[inverse].reshape(image.shape).astype(np.float32)
 
 
+def clahe(image: np.ndarray, tiles: int = CLAHE_TILES, clip_limit: float = CLAHE_CLIP,
+          bins: int = CLAHE_BINS) -> np.ndarray:
+    """Contrast-limited adaptive histogram equalisation of a [0, 1] image (Zuiderveld 1994, as in
+    OpenCV): each of tiles x tiles regions gets the equalisation of its own histogram, clipped at
+    `clip_limit` times a flat one so that noise in flat regions is not amplified, the clipped
+    excess spread over all bins; a pixel's value is the bilinear blend of its four nearest tiles'
+    mappings, so tile edges do not show."""
+    h, w = image.shape
+    q = np.minimum((np.asarray(image, np.float32) * bins).astype(np.int64), bins - 1)
+    th, tw = -(-h // tiles), -(-w // tiles)
+    padded = np.pad(q, ((0, th * tiles - h), (0, tw * tiles - w)), mode="reflect")
+    blocks = padded.reshape(tiles, th, tiles, tw).transpose(0, 2, 1, 3).reshape(tiles * tiles, th * tw)
+    offsets = np.arange(tiles * tiles)[:, None] * bins
+    hist = np.bincount((blocks + offsets).ravel(), minlength=tiles * tiles * bins)
+    hist = hist.reshape(tiles * tiles, bins).astype(np.float64)
+    limit = max(clip_limit * th * tw / bins, 1.0)
+    excess = np.maximum(hist - limit, 0.0).sum(axis=1, keepdims=True)
+    hist = np.minimum(hist, limit) + excess / bins
+    mapping = (np.cumsum(hist, axis=1) / (th * tw)).reshape(tiles, tiles, bins)
+
+    def neighbours(n, tile):   # per pixel: lower and upper tile index, weight of the upper one
+        centre = np.arange(n) / tile - 0.5                    # OpenCV's convention
+        low = np.floor(centre).astype(np.int64)
+        weight = np.where((low >= 0) & (low < tiles - 1), centre - low, 0.0)
+        return np.clip(low, 0, tiles - 1), np.clip(low + 1, 0, tiles - 1), weight
+
+    y0, y1, wy = neighbours(h, th)
+    x0, x1, wx = neighbours(w, tw)
+    y0, y1, wy = y0[:, None], y1[:, None], wy[:, None]
+    top = (1 - wx) * mapping[y0, x0, q] + wx * mapping[y0, x1, q]
+    bottom = (1 - wx) * mapping[y1, x0, q] + wx * mapping[y1, x1, q]
+    return np.clip((1 - wy) * top + wy * bottom, 0.0, 1.0).astype(np.float32)
+
+
+def trim_borders(gray: np.ndarray) -> np.ndarray:
+    """The image without uniform rows and columns at its edges (grey std < BORDER_STD), at most
+    BORDER_MAX_TRIM of each side from each edge: black letterboxing, white scanner frames."""
+    def kept(stds: np.ndarray) -> slice:
+        limit = int(len(stds) * BORDER_MAX_TRIM)
+        busy = np.flatnonzero(stds >= BORDER_STD)
+        if busy.size == 0:
+            return slice(0, len(stds))
+        return slice(min(busy[0], limit), len(stds) - min(len(stds) - 1 - busy[-1], limit))
+
+    rows = kept(gray.std(axis=1, dtype=np.float64))
+    cols = kept(gray[rows].std(axis=0, dtype=np.float64))
+    return gray[rows, cols]
+
+
 def square(gray: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """fit_square, then the spec's contrast step: the (size, size) [0, 1] image before normalise."""
+    """[border trim], fit_square, [contrast]: the (size, size) [0, 1] image before normalise."""
+    if spec.borders == "trim":
+        gray = trim_borders(gray)
     out = fit_square(gray, spec.size, spec.fit)
-    return equalize(out) if spec.contrast == "equalize" else out
+    if spec.contrast == "equalize":
+        return equalize(out)
+    return clahe(out) if spec.contrast == "clahe" else out
 
 
 def normalise(images: np.ndarray, spec: InputSpec) -> np.ndarray:

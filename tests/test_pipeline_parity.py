@@ -11,6 +11,7 @@ from train.data.records import Record
     preprocess.InputSpec(size=128, channels=3, normalisation="symmetric", fit="pad"),
     preprocess.InputSpec(size=64, channels=3, normalisation="torch"),
     preprocess.InputSpec(size=96, channels=3, normalisation="symmetric", contrast="equalize"),
+    preprocess.InputSpec(size=96, channels=3, normalisation="symmetric", contrast="clahe", borders="trim"),
 ])
 def test_training_pipeline_and_device_give_identical_tensors(shared_data, spec):
     from train.pipeline import load_images, make_dataset

@@ -471,7 +471,8 @@ def test_preprocess_is_the_model_input(xray_file):
 def test_input_spec_round_trip():
     spec = pp.InputSpec(size=224, channels=3, normalisation="caffe", fit="pad")
     d = spec.to_dict()
-    assert d == {"size": 224, "channels": 3, "normalisation": "caffe", "fit": "pad", "contrast": "none"}
+    assert d == {"size": 224, "channels": 3, "normalisation": "caffe", "fit": "pad", "contrast": "none",
+                 "borders": "keep"}
     assert pp.InputSpec.from_dict(json.loads(json.dumps(d))) == spec
     assert pp.InputSpec.from_dict({"size": 128}) == pp.InputSpec(128)
     assert pp.InputSpec(np.int64(64)).to_dict()["size"].__class__ is int
@@ -483,6 +484,8 @@ def test_input_spec_round_trip():
     ({"size": 224, "normalisation": "imagenet"}, "normalisation"),
     ({"size": 224, "channels": 1, "normalisation": "torch"}, "normalisation"),
     ({"size": 224, "fit": "stretch"}, "fit"),
+    ({"size": 224, "contrast": "wavelet"}, "contrast"),
+    ({"size": 224, "borders": "crop"}, "borders"),
     ({"size": 224, "normalization": "unit"}, "normalization"),
 ])
 def test_input_spec_validation_names_the_field(d, field):
@@ -504,5 +507,47 @@ def test_equalize_flattens_the_histogram_and_keeps_the_order_of_grey_levels():
     np.testing.assert_array_equal(pp.equalize(np.sqrt(dim)), out)
     spec = pp.InputSpec(size=64, contrast="equalize")
     np.testing.assert_array_equal(pp.square(dim, spec), pp.equalize(pp.fit_square(dim, 64)))
-    with pytest.raises(ValueError, match="contrast"):
-        pp.InputSpec(size=64, contrast="clahe")
+
+
+def test_clahe_without_clipping_on_one_tile_is_histogram_equalisation():
+    rng = np.random.default_rng(1)
+    image = (np.floor(rng.random((96, 80)) ** 2 * 256) / 256).astype(np.float32)   # on the bin grid
+    np.testing.assert_array_equal(pp.clahe(image, tiles=1, clip_limit=1e9), pp.equalize(image))
+
+
+def test_clahe_equalises_each_region_on_its_own_and_the_clip_limits_the_gain():
+    rng = np.random.default_rng(2)
+    texture = rng.random((128, 64)).astype(np.float32)
+    image = np.concatenate([0.05 + 0.1 * texture, 0.7 + 0.25 * texture], axis=1)   # under/over-exposed halves
+    out = pp.clahe(image, tiles=2, clip_limit=1e9)
+    assert out.dtype == np.float32 and out.shape == image.shape and 0 <= out.min() and out.max() <= 1
+    left, right = out[:, 24:40], out[:, 88:104]                 # around the two tile centres
+    assert left.std() == pytest.approx(right.std(), rel=0.1)    # the same local contrast ...
+    assert left.mean() == pytest.approx(right.mean(), abs=0.05)  # ... and brightness in both halves
+    global_eq = pp.equalize(image)
+    assert global_eq[:, 64:].mean() - global_eq[:, :64].mean() > 0.4   # global: still a dark and a bright half
+    clipped = pp.clahe(image, tiles=2, clip_limit=2.0)
+    assert image[:, 24:40].std() < clipped[:, 24:40].std() < 0.8 * left.std()   # gain, but limited
+    # sizes that tiles do not divide, and the contrast step in the spec
+    assert pp.clahe(rng.random((100, 77)).astype(np.float32)).shape == (100, 77)
+    spec = pp.InputSpec(size=64, contrast="clahe")
+    np.testing.assert_array_equal(pp.square(image, spec), pp.clahe(pp.fit_square(image, 64)))
+
+
+def test_trim_borders_removes_frames_and_letterboxing_but_no_anatomy(xray_file):
+    film = pp.decode(xray_file)
+    h, w = film.shape
+    framed = np.zeros((h + 60, w + 100), np.float32)       # black letterboxing left and right
+    framed[:20] = 1.0                                      # a white scanner frame on top
+    framed[20:20 + h, 50:50 + w] = film
+    framed[20 + h:] = 0.5                                  # a grey band at the bottom
+    np.testing.assert_array_equal(pp.trim_borders(framed), pp.trim_borders(film))  # the film's own
+    textured = np.random.default_rng(4).random((90, 120)).astype(np.float32)      # dark edge goes too
+    np.testing.assert_array_equal(pp.trim_borders(textured), textured)  # nothing uniform: unchanged
+    blank = np.zeros((200, 200), np.float32)
+    assert pp.trim_borders(blank).shape == (200, 200)                   # all uniform: left alone
+    narrow = np.zeros((100, 400), np.float32)
+    narrow[:, 390:] = np.random.default_rng(3).random((100, 10))
+    assert pp.trim_borders(narrow).shape == (100, 300)                  # at most a quarter per edge
+    spec = pp.InputSpec(size=64, borders="trim")
+    np.testing.assert_array_equal(pp.square(framed, spec), pp.fit_square(pp.trim_borders(film), 64))

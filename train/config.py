@@ -25,8 +25,9 @@ class TrainConfig:
     task: str = "3class"                  # 3class | pneumonia | covid
     image_size: int | None = None         # None -> the model's default
     fit: str = "crop"                     # crop | pad (see edge_app.preprocess)
-    input_contrast: str = "none"          # none | equalize: histogram equalisation in the preprocessing
-                                          # (InputSpec.contrast), so the device does it too
+    input_contrast: str = "none"          # none | equalize | clahe: contrast normalisation in the one
+                                          # preprocessing (InputSpec.contrast), so the device does it too
+    input_borders: str = "keep"           # keep | trim: cut uniform frames off first (InputSpec.borders)
     strategy: str | None = None           # frozen | finetune | full; None -> finetune from
                                           # pretrained weights, full from scratch (weights "none")
     epochs: int = 8                       # head epochs (frozen/finetune) or all epochs (full)

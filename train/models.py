@@ -97,10 +97,11 @@ def get(name: str) -> ModelEntry:
     return REGISTRY[name]
 
 
-def input_spec(name: str, image_size: int | None = None, fit: str = "crop", contrast: str = "none") -> InputSpec:
+def input_spec(name: str, image_size: int | None = None, fit: str = "crop", contrast: str = "none",
+               borders: str = "keep") -> InputSpec:
     entry = get(name)
     return InputSpec(size=image_size or entry.default_size, channels=entry.channels,
-                     normalisation=entry.normalisation, fit=fit, contrast=contrast)
+                     normalisation=entry.normalisation, fit=fit, contrast=contrast, borders=borders)
 
 
 def resolve_weights(entry: ModelEntry, weights: str, alpha, weights_dirs=()) -> Path | str | None:

@@ -153,7 +153,8 @@ def run(config: TrainConfig, out: str | Path, *, resume: bool = False, progress:
         print("WARNING: leakage across splits (see reports/leakage.json):\n" + leakage.summary())
 
     labels = dataset.labels
-    spec = models.input_spec(config.model, config.image_size, config.fit, config.input_contrast)
+    spec = models.input_spec(config.model, config.image_size, config.fit, config.input_contrast,
+                             config.input_borders)
     split_data = {}
     for split, records in [(s, dataset.split(s)) for s in SPLITS] + [("holdout", held_out)] * bool(held_out):
         y = np.array([labels.index(r.label) for r in records], dtype=np.int32)
