@@ -29,6 +29,7 @@ import tf_keras as keras
 
 from edge_app import decision
 from train import metrics, ood
+from train.report import figure
 from train.config import AdaptConfig
 from train.data import load_dataset
 from train.data.dataset import Dataset
@@ -198,7 +199,7 @@ def adapt_report(result: dict, labels) -> str:
              "|---|---|---|---|---|"]
     for name, get in ROWS:
         values = [get(result[when][split]) for split in EVALUATED for when in ("before", "after")]
-        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
+        lines.append(f"| {name} | " + " | ".join(figure(v) for v in values) + " |")
     lines += ["", f"Temperature {result['before']['temperature']:.3f} → {result['after']['temperature']:.3f}; "
               f"operating threshold {result['before']['threshold']:.4f} → {result['after']['threshold']:.4f}; "
               f"out-of-distribution threshold refitted ({result['after']['ood_threshold']:.1f}).", ""]
@@ -225,9 +226,9 @@ def learning_curve(run_dir, data, out, sizes: list[int], cfg: AdaptConfig | None
     _plot_curve(points, out / "reports" / "adaptation_curve.png")
     table = ["| images per class | " + " | ".join(f"{s} {name}" for s in EVALUATED for name, _ in ROWS[:3]) + " |",
              "|---" * (1 + 3 * len(EVALUATED)) + "|"]
-    table.append("| 0 (before) | " + " | ".join(f"{get(points[0]['before'][s]):.3f}" for s in EVALUATED
+    table.append("| 0 (before) | " + " | ".join(figure(get(points[0]["before"][s])) for s in EVALUATED
                                                   for _, get in ROWS[:3]) + " |")
-    table += [f"| {p['per_class']} | " + " | ".join(f"{get(p['after'][s]):.3f}" for s in EVALUATED
+    table += [f"| {p['per_class']} | " + " | ".join(figure(get(p["after"][s])) for s in EVALUATED
                                                    for _, get in ROWS[:3]) + " |" for p in points]
     (out / "reports" / "adaptation_curve.md").write_text(
         "# Adaptation learning curve\n\n" + "\n".join(table) + "\n\n![curve](adaptation_curve.png)\n")

@@ -105,15 +105,19 @@ def gradcam_grid(images, maps, titles, errors, path, columns: int = 4) -> None:
     plt.close(fig)
 
 
+def figure(v) -> str:
+    """A figure, or a dash where a split cannot have it (no abnormal image, say)."""
+    return "—" if v is None or v != v else f"{v:.3f}"
+
+
 def _per_source_table(per_source: dict, labels) -> list[str]:
-    fmt = lambda v: "—" if v is None else f"{v:.3f}"
     lines = ["| source | n | accuracy | " + " | ".join(f"{l} recall (n)" for l in labels)
              + " | abnormal sens. | abnormal spec. |", "|---" * (len(labels) + 5) + "|"]
     for source, m in per_source.items():
-        recalls = [f"{fmt(m['per_class'][l]['recall'])} ({m['per_class'][l]['n']})" if l in m["per_class"] else "—"
+        recalls = [f"{figure(m['per_class'][l]['recall'])} ({m['per_class'][l]['n']})" if l in m["per_class"] else "—"
                    for l in labels]
-        lines.append(f"| {source} | {m['n']} | {fmt(m['accuracy'])} | " + " | ".join(recalls)
-                     + f" | {fmt(m['abnormal_sensitivity'])} | {fmt(m['abnormal_specificity'])} |")
+        lines.append(f"| {source} | {m['n']} | {figure(m['accuracy'])} | " + " | ".join(recalls)
+                     + f" | {figure(m['abnormal_sensitivity'])} | {figure(m['abnormal_specificity'])} |")
     return lines
 
 
@@ -135,8 +139,8 @@ def write(reports: Path, results: dict, labels, logits: dict, ys: dict, history:
     for split in [s for s in ("val", "test", "holdout") if s in results]:
         r = results[split]
         a = r["abnormal"]
-        lines.append(f"| {split} | {r['n']} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} | {a['sensitivity']:.3f} "
-                     f"| {a['specificity']:.3f} | {a['auc']:.3f} | {r['ece']:.3f} |")
+        lines.append(f"| {split} | {r['n']} | " + " | ".join(figure(v) for v in (
+            r["accuracy"], r["macro_f1"], a["sensitivity"], a["specificity"], a["auc"], r["ece"])) + " |")
     lines += ["", f"Operating threshold on P(abnormal): **{results['test']['threshold']:.4f}**; "
               f"temperature **{results['temperature']:.3f}** (test ECE {results['test']['ece_uncalibrated']:.3f} "
               f"before, {results['test']['ece']:.3f} after).", "", "## Per class (test)", "",
