@@ -26,6 +26,7 @@ SCHEMA = {
     "drop_vs_keras": {f"max_{m}" for m in ACCURACY_METRICS},
     "size": {"max_mib", "max_gzip_mib"},
     "ratios": {"threads", "max_pipeline_overhead", "min_int8_speedup"},
+    "ood": {"max_test_flagged", "min_nonradiograph_flagged"},
 }
 OPS = {"min": (">=", operator.ge), "max": ("<=", operator.le)}
 
@@ -150,6 +151,10 @@ def evaluate(results: dict, gates: dict, *, device: str | None = None,
             check("size.max_mib", name, v["bytes"] / 2**20, "max_mib", size["max_mib"], "MiB")
         if "max_gzip_mib" in size:
             check("size.max_gzip_mib", name, v["gzip_bytes"] / 2**20, "max_gzip_mib", size["max_gzip_mib"], "MiB")
+        ood = v.get("ood") or {}
+        if ood.get("carried", True):   # variants without the OOD output (int8) have nothing to gate
+            for key, limit in gates.get("ood", {}).items():
+                check(f"ood.{key}", name, ood.get(key.split("_", 1)[1]), key, limit, "")
         if "max_pipeline_overhead" in gates.get("ratios", {}):
             check("ratios.max_pipeline_overhead", name, derived["pipeline_overhead"].get(name),
                   "max_pipeline_overhead", gates["ratios"]["max_pipeline_overhead"], "x")

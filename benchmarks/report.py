@@ -67,6 +67,15 @@ def markdown(results: dict, plot_name: str) -> str:
         lines.append(f"| {name} | {_ms(st.get('decode'))} | {_ms(st.get('preprocess'))} | {_ms(st.get('inference'))} "
                      f"| {_ms(st.get('postprocess'))} | {_ms(overhead)} | {_ms(r['speedup_vs_fp32'].get(name))} "
                      f"| {_ms(drop)} |")
+    lines += ["", "## Out-of-distribution warning", "",
+              "Share of in-distribution test images the warning withholds a label from (false alarms), and of "
+              "generated non-radiographs it catches (benchmarks/nonradiographs.py).", "",
+              "| variant | carries the warning | test flagged | non-radiographs flagged |", "|---|---|---|---|"]
+    for name, v in results["variants"].items():
+        ood = v.get("ood")
+        if ood is not None:
+            lines.append(f"| {name} | {'yes' if ood['carried'] else 'no'} | {_f(ood.get('test_flagged'))} "
+                         f"| {_f(ood.get('nonradiograph_flagged'))} |")
     lines += ["",
               f"## Release gates ({results['gates']['file']}{', device ' + results['device'] if results['device'] else ''})",
               "", "| gate | variant | measured | limit | result |", "|---|---|---|---|---|"]

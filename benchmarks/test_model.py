@@ -5,11 +5,13 @@ import sys
 
 import pytest
 
+from benchmarks import nonradiographs
 from benchmarks.conftest import run_dir
 from benchmarks.runtimes import REFERENCE, RUNTIMES
 from benchmarks.stats import from_pytest_benchmark
 from convert.parity import headline
 from convert import parity
+from edge_app import decision
 from edge_app.classifier import Classifier
 
 MEMORY_THREADS = 2  # the device default
@@ -53,3 +55,21 @@ def test_accuracy(pytestconfig, results, variant, split, test_inputs):
     metrics = headline(parity.evaluate(logits, split.y, split.card))
     results.variant(variant)["metrics"] = metrics
     assert metrics["n"] == len(split.paths)
+
+
+def test_ood_warning(pytestconfig, results, variant, split, tmp_path_factory):
+    """Share of test images (false alarms) and of generated non-radiographs (catches) that the
+    out-of-distribution warning flags, for the variants that carry it."""
+    classifier = Classifier(run_dir(pytestconfig) / "tflite" / f"{variant}.tflite", accelerator="cpu")
+    if not classifier.info["ood_warning"]:
+        results.variant(variant)["ood"] = {"carried": False}
+        return
+    others = nonradiographs.write(tmp_path_factory.mktemp("nonradiographs"))
+
+    def flagged(paths):
+        return float(sum(classifier.predict(p).decision == decision.UNRELIABLE for p in paths) / len(paths))
+
+    measured = {"carried": True, "test_flagged": flagged(split.paths), "nonradiograph_flagged": flagged(others),
+                "nonradiographs": len(others)}
+    results.variant(variant)["ood"] = measured
+    assert 0 <= measured["test_flagged"] <= 1

@@ -27,6 +27,8 @@ class Split:
         card = ModelCard.from_json((Path(run) / "model_card.json").read_text())
         dataset = load_dataset(card.dataset["root"], task=card.task, seed=card.dataset.get("seed", 42),
                                check_readable=False, progress=False)
+        if card.dataset.get("holdout_source"):   # a leave-one-source-out run: its in-distribution test split
+            dataset, _ = dataset.without_source(card.dataset["holdout_source"])
         records = dataset.split("test")
         if not records:
             raise ValueError(f"the test split of {dataset.root} is empty")

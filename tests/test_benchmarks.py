@@ -54,8 +54,9 @@ def measured() -> dict:
     """Results of a healthy run: every gate of benchmarks/gates.toml passes."""
     return {"model": {"labels": ["normal", "pneumonia", "covid"]},
             "variants": {"keras": variant("keras", 0.90, 30.0, 34.0, 8.0),
-                         "fp32": variant("tflite", 0.90, 20.0, 24.0, 8.0),
-                         "int8": variant("tflite", 0.895, 10.0, 14.0, 2.0)}}
+                         "fp32": {**variant("tflite", 0.90, 20.0, 24.0, 8.0),
+                                  "ood": {"carried": True, "test_flagged": 0.01, "nonradiograph_flagged": 1.0}},
+                         "int8": {**variant("tflite", 0.895, 10.0, 14.0, 2.0), "ood": {"carried": False}}}}
 
 
 def test_healthy_measurements_pass_every_gate(measured):
@@ -95,6 +96,9 @@ def test_without_tensorflow_the_drops_use_the_recorded_keras_metrics(measured):
     (lambda r: r["variants"]["int8"]["latency"][2].update(median_ms=19.0),  # raw, 2 threads
      "ratios.min_int8_speedup[int8]"),
     (lambda r: r["variants"]["fp32"].update(metrics=None), "accuracy.min_macro_f1[fp32]"),  # not measured
+    (lambda r: r["variants"]["fp32"]["ood"].update(nonradiograph_flagged=0.5), "ood.min_nonradiograph_flagged[fp32]"),
+    (lambda r: r["variants"]["fp32"]["ood"].update(test_flagged=0.2), "ood.max_test_flagged[fp32]"),
+    (lambda r: r["variants"]["fp32"].pop("ood"), "ood.max_test_flagged[fp32]"),                 # not measured
 ])
 def test_a_failing_measurement_fails_its_gate_and_the_command(measured, tmp_path, capsys, spoil, failed):
     spoil(measured)
@@ -182,6 +186,10 @@ def test_benchmark_suite_measures_every_variant(suite, tiny_run):
         assert v["memory"]["peak_rss_mib"] > v["memory"]["rss_before_load_mib"] > 0
         assert v["load_ms"]["median_ms"] > 0 and 0 <= v["metrics"]["macro_f1"] <= 1
         assert v["metrics"]["n"] == results["test_split"]["n"] == 18
+        carries = Classifier(tiny_run / "tflite" / f"{name}.tflite", accelerator="cpu").info["ood_warning"]
+        assert v["ood"]["carried"] is carries
+        if carries:
+            assert 0 <= v["ood"]["test_flagged"] <= 1 and v["ood"]["nonradiographs"] == 8
         pipeline = next(r for r in v["latency"] if (r["runtime"], r["threads"], r["stage"]) == ("litert-cpu", 2, "pipeline"))
         assert pipeline["overhead_ratio"] >= 1 and set(pipeline["stages_ms"]) >= {"decode", "inference", "total"}
     assert set(results["speedup_vs_fp32"]) == set(VARIANTS) - {"fp32"}
