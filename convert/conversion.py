@@ -15,8 +15,8 @@ import tf_keras as keras
 from convert import compress, export, gpu, parity, report
 from convert.config import ConvertConfig
 from edge_app.preprocess import normalise
+from train import ood
 from train.data import load_dataset
-from train.ood import OodModel
 from train.pipeline import load_images
 from train.trainer import load_run
 
@@ -55,7 +55,7 @@ def convert_run(run_dir: str | Path, *, variants=None, cfg: ConvertConfig | None
         balanced_sample(train_records, labels, cfg.representative_per_class, cfg.seed), spec,
         desc="representative", progress=progress), spec)
     sources, refused = _keras_sources(model, variants, cfg, train_records, labels, spec, config, progress)
-    detector = OodModel.load(run_dir / "ood.npz") if (run_dir / "ood.npz").is_file() else None
+    detector = ood.OodModel.load(run_dir / "ood.npz") if (run_dir / "ood.npz").is_file() else None
     out_dir = run_dir / "tflite"
     out_dir.mkdir(exist_ok=True)
     results = {"run": str(run_dir), "model": card.name, "labels": list(labels),
@@ -69,22 +69,23 @@ def convert_run(run_dir: str | Path, *, variants=None, cfg: ConvertConfig | None
         print(f"converting {variant} ...", flush=True)
         keras_model = sources[source]["model"]
         # The OOD score is fitted on the trained model's features: fine-tuned variants (qat, pruned)
-        # have other features, so they get no OOD output rather than a miscalibrated one. Nor do
-        # integer models: the score's residual is a difference of two near-equal sums, which int8
-        # cannot represent (the scales degenerate and XNNPACK refuses the graph).
-        ood = detector if source == "trained" and recipe != "int8" else None
+        # have other features, so they get no OOD outputs rather than miscalibrated ones.
+        variant_detector = detector if source == "trained" else None
         path = out_dir / f"{variant}.tflite"
-        flatbuffer = export.convert(export.device_model(keras_model, ood), recipe, representative,
+        flatbuffer = export.convert(export.device_model(keras_model, variant_detector), recipe, representative,
                                     int8_io=cfg.int8_io, progress=progress)
         path.write_bytes(export.with_card(flatbuffer, card, variant))
         shift = None
         if recipe == "int8" and source in ("trained", "pruned") and cfg.bias_correction:
             shift = (parity.variant_logits(path, representative, desc=f"bias of {variant}", progress=progress)
                      - keras_model.predict(representative, batch_size=64, verbose=0)).mean(axis=0)
-            flatbuffer = export.convert(export.device_model(export.with_logit_shift(keras_model, shift), ood),
+            flatbuffer = export.convert(export.device_model(export.with_logit_shift(keras_model, shift), variant_detector),
                                         recipe, representative, int8_io=cfg.int8_io, progress=progress)
             path.write_bytes(export.with_card(flatbuffer, card, variant))
+        ood_entry = (_variant_ood_threshold(path, flatbuffer, card, variant, splits, progress)
+                     if variant_detector is not None else None)
         entry = _check_variant(path, variant, splits, card, cfg, progress, sources[source].get("sparsity"))
+        entry["ood"] = ood_entry
         entry["bias_correction"] = None if shift is None else shift.tolist()
         analyzer_report = run_dir / "reports" / f"gpu_analyzer_{variant}.txt"
         analyzer_report.parent.mkdir(parents=True, exist_ok=True)
@@ -99,6 +100,18 @@ def convert_run(run_dir: str | Path, *, variants=None, cfg: ConvertConfig | None
     if failures:
         raise ParityError("parity gate failed:\n  " + "\n  ".join(failures))
     return results
+
+
+def _variant_ood_threshold(path: Path, flatbuffer: bytes, card, variant: str, splits: dict, progress: bool):
+    """The OOD threshold refitted on this variant's own validation scores (quantisation moves the
+    features, so an int8 model's scores run higher than the float model's), written into its card."""
+    scores = {split: parity.variant_ood_scores(path, s["x"], desc=f"OOD scores of {variant} ({split})",
+                                               progress=progress) for split, s in splits.items()}
+    threshold = ood.threshold(scores["val"])
+    variant_card = dataclasses.replace(card, thresholds={**card.thresholds, "ood": threshold})
+    path.write_bytes(export.with_card(flatbuffer, variant_card, variant))
+    return {"threshold": threshold, "run_threshold": card.thresholds.get("ood"),
+                        "flagged": {split: float((s > threshold).mean()) for split, s in scores.items()}}
 
 
 def _prepare(run_dir: Path, cfg: ConvertConfig, progress: bool):

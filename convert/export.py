@@ -116,38 +116,38 @@ def with_heatmap(model):
 
 
 def device_model(model, detector=None):
-    """What the device runs: logits, the heat map and, given the run's OOD detector, `ood_score`."""
+    """What the device runs: logits, the heat map and, given the run's OOD detector, its parts."""
     with_map = with_heatmap(model)
-    return with_map if detector is None else with_ood_score(with_map, detector)
+    return with_map if detector is None else with_ood_parts(with_map, detector)
 
 
-def with_ood_score(model, detector):
-    """The device model with one more output, `ood_score`: train.ood's distance of the pooled
-    features from the training set, as a dense projection and a few elementwise ops in the graph.
+def with_ood_parts(model, detector):
+    """The device model with two more outputs from which the device computes train.ood's score
+    as the sum of their squares (`edge_app.classifier.ood_score_of`):
 
-    One dense layer projects the centred features on the principal directions, whitened and
-    plain ([U / sqrt(var), U]); the score is the whitened squared norm plus the squared residual
-    (|f - mean|^2 - |U^T (f - mean)|^2) over the residual variance, exactly as `train.ood.score`.
+    `ood_whitened`: the centred pooled features on the principal directions, divided by their
+    standard deviations; `ood_residual`: what the principal directions leave of the centred
+    features, divided by the square root of the residual variance. Only dense layers,
+    subtractions and multiplications by constants: every variant carries them, int8 too, each
+    output with its own quantisation scale (squaring and summing inside an int8 graph does not
+    survive: the residual is a small difference of large sums).
     """
     import tf_keras as keras
 
-    k = detector.components.shape[1]
-    kernel = np.concatenate([detector.components / np.sqrt(detector.variances), detector.components], axis=1)
     pooled = tf.cast(_layer(model, "pool").output, tf.float32)
-    projection = keras.layers.Dense(2 * k, dtype="float32", name="ood_projection")
-    projected = projection(pooled)
-    projection.set_weights([kernel.astype(np.float32), (-detector.mean @ kernel).astype(np.float32)])
     mean = detector.mean.astype(np.float32)
-
-    def distance(inputs):
-        z, features = inputs
-        whitened, plain, centred = z[:, :k], z[:, k:], features - mean
-        inside = tf.reduce_sum(whitened * whitened, axis=-1)
-        outside = tf.nn.relu(tf.reduce_sum(centred * centred, axis=-1) - tf.reduce_sum(plain * plain, axis=-1))
-        return inside + outside * (1.0 / detector.residual_variance)
-
-    score = keras.layers.Lambda(distance, name="ood_score")([projected, pooled])
-    return keras.Model(model.input, [*model.outputs, score], name=model.name)
+    std = np.sqrt(detector.variances).astype(np.float32)
+    whitening = (detector.components / std).astype(np.float32)                  # (d, k): U / std
+    whiten = keras.layers.Dense(whitening.shape[1], dtype="float32", name="ood_whitened")
+    whitened = whiten(pooled)            # every component at unit variance: one int8 scale fits all
+    whiten.set_weights([whitening, -mean @ whitening])
+    reconstruct = keras.layers.Dense(mean.shape[0], use_bias=False, dtype="float32", name="ood_reconstruct")
+    reconstructed = reconstruct(whitened)                                       # U U^T (f - mean)
+    reconstruct.set_weights([(detector.components * std).T.astype(np.float32)])
+    inverse_residual_std = np.float32(1.0 / np.sqrt(detector.residual_variance))
+    residual = keras.layers.Lambda(lambda a: (a[0] - mean - a[1]) * inverse_residual_std,
+                                   name="ood_residual")([pooled, reconstructed])
+    return keras.Model(model.input, [*model.outputs, whitened, residual], name=model.name)
 
 
 def with_logit_shift(model, shift: np.ndarray):

@@ -14,7 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from edge_app import decision
-from edge_app.classifier import Classifier
+from edge_app.classifier import Classifier, ood_score_of
 from train import metrics
 
 GATED_METRIC = "macro_f1"
@@ -25,6 +25,13 @@ def variant_logits(model_path, inputs: np.ndarray, *, desc: str, progress: bool 
     classifier = Classifier(model_path, accelerator="cpu")
     return np.concatenate([classifier.logits(inputs[i:i + 1])
                            for i in tqdm(range(len(inputs)), desc=desc, unit="img", disable=not progress)])
+
+
+def variant_ood_scores(model_path, inputs: np.ndarray, *, desc: str, progress: bool = True) -> np.ndarray:
+    """The out-of-distribution score of a .tflite model (edge_app.classifier.ood_score_of) per input."""
+    classifier = Classifier(model_path, accelerator="cpu")
+    return np.array([ood_score_of(classifier.backend.run(inputs[i:i + 1]))
+                     for i in tqdm(range(len(inputs)), desc=desc, unit="img", disable=not progress)])
 
 
 def evaluate(logits, y, card) -> dict:

@@ -61,6 +61,15 @@ def markdown(results: dict) -> str:
                   f"{s['overall']:.4f} over all kernels (depthwise kept dense). Per layer: "
                   + ", ".join(f"{layer} {x:.3f}" for layer, x in s["per_layer"].items())]
         break  # the same mask in every pruned variant
+    lines += ["", "Out-of-distribution warning: each variant that carries it has its threshold refitted on its "
+              "own validation scores (quantisation moves the features).", "",
+              "| variant | OOD threshold | run's threshold | " + " | ".join(f"{s} flagged" for s in splits) + " |",
+              "|---" * (3 + len(splits)) + "|"]
+    for name, v in results["variants"].items():
+        o = v.get("ood")
+        lines.append(f"| {name} | " + ("not carried (its features moved in fine-tuning) |  | " + " | ".join("" for _ in splits)
+                                       if o is None else f"{o['threshold']:.1f} | {o['run_threshold']:.1f} | "
+                                       + " | ".join(f"{o['flagged'][s]:.3f}" for s in splits)) + " |")
     failures = [f"{n}: {f}" for n, v in results["variants"].items() for f in v["gate"]["failures"]]
     lines += ["", "Gate failures:" if failures else "All variants pass the gate."] + [f"- {f}" for f in failures]
     flips = [(n, split, f) for n, v in results["variants"].items() for split, s in v["splits"].items()

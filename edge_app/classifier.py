@@ -16,7 +16,7 @@ from edge_app.tflite_metadata import CARD_METADATA_NAME, read_metadata
 
 LOGITS = "logits"
 HEATMAP = "heatmap"
-OOD_SCORE = "ood_score"   # how unlike the training images (train.ood); absent in older models
+OOD_PARTS = ("ood_whitened", "ood_residual")   # train.ood's score = their summed squares (convert.export)
 
 
 @dataclass
@@ -72,6 +72,14 @@ def load_model_file(path: str | Path) -> tuple[bytes, ModelCard]:
     return data, card
 
 
+def ood_score_of(outputs: dict) -> float | None:
+    """How unlike the training images (train.ood.score), from the model's OOD outputs; None
+    for models without them (fine-tuned variants, older exports)."""
+    if not all(part in outputs for part in OOD_PARTS):
+        return None
+    return float(sum(np.square(outputs[part].astype(np.float64)).sum() for part in OOD_PARTS))
+
+
 class Classifier:
     """Loads a model and its card, picks a runtime, warms it up; `predict` is thread-safe."""
 
@@ -112,7 +120,7 @@ class Classifier:
             "model_sha256": self.model_sha256,
             "backend": self.backend.name,
             "gpu_fully_accelerated": self.backend.fully_accelerated,
-            "ood_warning": OOD_SCORE in self.backend.output_shapes,  # float variants only (see convert)
+            "ood_warning": all(part in self.backend.output_shapes for part in OOD_PARTS),
             "backends_tried": [{"backend": n, "error": why} for n, why in self.backend_attempts],
             "card": self.card.to_dict(),
         }
@@ -141,7 +149,7 @@ class Classifier:
         t_inferred = time.perf_counter()
         probs = decision.calibrated_probabilities(outputs[LOGITS][0], self.card.temperature)
         p_abnormal = float(decision.abnormal_probability(probs))
-        ood_score = float(outputs[OOD_SCORE].ravel()[0]) if OOD_SCORE in outputs else None
+        ood_score = ood_score_of(outputs)
         triage = decision.triage(p_abnormal, self.card.abnormal_threshold, ood_score,
                                  self.card.thresholds.get("ood"))
         heatmap = outputs.get(HEATMAP)

@@ -23,7 +23,10 @@ def test_every_variant_is_written_gated_and_reported(tiny_run, conversion):
     for name, v in conversion["variants"].items():
         data, card = load_model_file(tiny_run / "tflite" / f"{name}.tflite")
         assert len(data) == v["bytes"] and v["gzip_bytes"] < v["bytes"]
-        assert {**card.to_dict(), "variant": "keras"} == trained.to_dict() and card.variant == name
+        ood = v["ood"]["threshold"] if v["ood"] else trained.thresholds["ood"]   # refitted per variant
+        assert card.thresholds["ood"] == ood and card.variant == name
+        assert ({**card.to_dict(), "variant": "keras", "thresholds": trained.thresholds}
+                == trained.to_dict())
         assert set(v["splits"]) == {"val", "test"}
         for split in v["splits"].values():
             assert set(split["drops_points"]) == {"accuracy", "macro_f1", "abnormal_sensitivity",

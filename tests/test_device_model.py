@@ -23,7 +23,9 @@ def test_embedded_card_round_trips(tiny_run):
     for variant in ("fp32", "dynamic", "fp16", "int8"):
         _, card = load_model_file(tiny_run / "tflite" / f"{variant}.tflite")
         assert card.variant == variant
-        assert {**card.to_dict(), "variant": "keras"} == trained.to_dict()
+        own_ood = card.thresholds["ood"]   # each variant's own, refitted in conversion (test_ood)
+        assert own_ood > 0 and {**card.thresholds, "ood": trained.thresholds["ood"]} == trained.thresholds
+        assert {**card.to_dict(), "variant": "keras", "thresholds": trained.thresholds} == trained.to_dict()
 
 
 def test_int8_model_is_integer_inside(int8_path):

@@ -3,6 +3,7 @@ and the device's warning above the model card's threshold."""
 import json
 
 import numpy as np
+import pytest
 
 from conftest import run_module, with_card
 from train import ood
@@ -33,12 +34,36 @@ def test_exported_model_computes_the_same_ood_score(tiny_run, tiny_dataset):
     detector = ood.OodModel.load(tiny_run / "ood.npz")
     model = keras.models.load_model(tiny_run / "model.keras", compile=False)
     pooled = keras.Model(model.input, model.get_layer("pool").output)
-    images = sorted((tiny_dataset / "test").rglob("*.jp*g"))[:6]
+    images = sorted((tiny_dataset / "test").rglob("*.jp*g"))
     x = np.stack([preprocess(p, card.input) for p in images])
     expected = ood.score(detector, pooled.predict(x, verbose=0))
-    classifier = Classifier(tiny_run / "tflite" / "fp32.tflite", accelerator="cpu")
-    device = np.array([classifier.predict(p).ood_score for p in images])
-    np.testing.assert_allclose(device, expected, rtol=1e-3)
+    scores = {}
+    for variant in ("fp32", "int8"):
+        classifier = Classifier(tiny_run / "tflite" / f"{variant}.tflite", accelerator="cpu")
+        scores[variant] = np.array([classifier.predict(p).ood_score for p in images])
+    np.testing.assert_allclose(scores["fp32"], expected, rtol=1e-3)
+    # int8 quantises the whole network, so its features, and scores, move: they must still rank
+    # images alike, and its own threshold is refitted in conversion (next test)
+    assert np.corrcoef(scores["int8"], expected)[0, 1] > 0.9
+
+
+def test_each_variant_gets_its_own_ood_threshold_from_its_validation_scores(tiny_run):
+    from convert import parity
+    from edge_app.classifier import load_model_file
+    from edge_app.preprocess import normalise
+    from train.data import load_dataset
+    from train.pipeline import load_images
+
+    conversion = json.loads((tiny_run / "reports" / "conversion.json").read_text())
+    card = json.loads((tiny_run / "model_card.json").read_text())
+    val = load_dataset(card["dataset"]["root"], progress=False).split("val")
+    _, int8_card = load_model_file(tiny_run / "tflite" / "int8.tflite")
+    x = normalise(load_images(val, int8_card.input, progress=False), int8_card.input)
+    scores = parity.variant_ood_scores(tiny_run / "tflite" / "int8.tflite", x, desc="", progress=False)
+    assert int8_card.thresholds["ood"] == pytest.approx(ood.threshold(scores))
+    assert conversion["variants"]["int8"]["ood"]["threshold"] == pytest.approx(int8_card.thresholds["ood"])
+    assert conversion["variants"]["int8"]["ood"]["run_threshold"] == card["thresholds"]["ood"]
+    assert conversion["variants"]["qat"]["ood"] is None
 
 
 
@@ -64,9 +89,10 @@ def test_device_says_unreliable_above_the_cards_ood_threshold(tiny_run, tiny_dat
     assert "UNLIKE THE IMAGES" in human and "most likely" not in human
 
 
-def test_only_the_trained_float_variants_carry_the_ood_score(tiny_run):
+def test_every_variant_of_the_trained_model_carries_the_ood_warning(tiny_run):
+    """int8 too; the fine-tuned ones (QAT, pruned) not: their features moved from the fitted ones."""
     from edge_app.classifier import Classifier
 
     carried = {p.stem: Classifier(p, accelerator="cpu").info["ood_warning"]
                for p in sorted((tiny_run / "tflite").glob("*.tflite"))}
-    assert carried == {name: name in ("fp32", "dynamic", "fp16") for name in carried}
+    assert carried == {name: name in ("fp32", "dynamic", "fp16", "int8") for name in carried}

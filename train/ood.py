@@ -4,9 +4,10 @@ The score is a Mahalanobis distance of the pooled penultimate features from the 
 in the top-k principal components (whitened), plus the squared residual outside them scaled by
 the mean residual variance: an image far from every training X-ray scores high in one or the
 other. Training fits it (`fit`, saved as the run's `ood.npz`) and chooses the threshold on
-validation (model card `thresholds.ood`); conversion builds the same arithmetic into the exported
-graph as a third output, `ood_score`, so the device needs nothing but the `.tflite`. The numpy
-`score` here is the reference the graph is tested against.
+validation (model card `thresholds.ood`); conversion builds its projections into the exported
+graph as two more outputs whose summed squares are the score (`convert.export.with_ood_parts`),
+so the device needs nothing but the `.tflite`. The numpy `score` here is the reference the
+device is tested against.
 """
 from __future__ import annotations
 
