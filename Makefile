@@ -4,6 +4,7 @@
 #   make all DATA=../shared/data/cxr       the real chest X-ray set
 #   make train MODEL=cnn DATA=...          any registered model (train/models.py)
 #
+#   make adapt RUN=... SITE=DIR            fit a run to a hospital's own labelled images -> artifacts/RUN-site
 #   make app                               the screening app (Kivy) on the run's int8 model
 #   make app APP_ARGS="--kiosk --pin 2468" the screening kiosk
 #   make benchmark RUN=mobilenet_v2-cxr    latency, memory, size, accuracy of every variant + the gates
@@ -15,6 +16,7 @@
 # the folder under artifacts/), CONFIG (a TOML file of training settings), WEIGHTS, WEIGHTS_DIR,
 # APP_MODEL (the app's .tflite), APP_ARGS (more `python -m edge_app app` flags),
 # PRUNE (target sparsity of pruned variants, e.g. 0.5; empty, the default: none), CONVERT_ARGS (more `python -m convert` flags).
+# SITE (a hospital's labelled images for `make adapt`), SITE_PER_CLASS (its images per class; 0: all).
 # Benchmark and release: GATES (gates file), DEVICE (pi4, pi5, tablet: its absolute budgets, on
 # that device only), VARIANTS (comma-separated, the ones to ship and gate), COMPARE (an earlier
 # results JSON), RESULTS (release from these results instead of benchmarking again), VERSION,
@@ -48,6 +50,8 @@ COMPARE     ?=
 RESULTS     ?=
 VERSION     ?=
 BENCH_ARGS  ?=
+SITE        ?=
+SITE_PER_CLASS ?= 0
 # LiteRT's GPU accelerator runs on SwiftShader (Chromium's software Vulkan) where it is installed.
 SWIFTSHADER := $(wildcard /usr/lib/chromium/vk_swiftshader_icd.json)
 BENCH_ENV   := $(if $(SWIFTSHADER),VK_ICD_FILENAMES=$(SWIFTSHADER) XDG_RUNTIME_DIR=$${XDG_RUNTIME_DIR:-/tmp})
@@ -61,7 +65,7 @@ PI_TOLERANCE ?= 0.05
 PI_BUNDLE   := dist/cxr-edge-pi-$(RUN)-$(PI_VARIANT)
 PREDICT_IMAGE = $(firstword $(wildcard $(DATASET)/test/covid/* $(DATASET)/test/pneumonia/*))
 
-.PHONY: all setup data train convert benchmark release predict app bundle-pi verify-pi test clean
+.PHONY: all setup data train adapt convert benchmark release predict app bundle-pi verify-pi test clean
 
 # The gates are printed but do not stop the demo: they stop a release (`make release`).
 all: data train convert
@@ -86,6 +90,10 @@ endif
 train: setup data
 	$(PY) -m train --model $(MODEL) --data $(DATASET) --out $(RUN_DIR) --weights $(WEIGHTS) \
 		--weights-dir $(WEIGHTS_DIR) $(if $(CONFIG),--config $(CONFIG)) $(TRAIN_ARGS)
+
+adapt: setup
+	@test -d "$(SITE)" || { echo "SITE=$(SITE) is not a folder of the site's labelled images"; exit 1; }
+	$(PY) -m train adapt --run $(RUN_DIR) --data $(SITE) --out $(RUN_DIR)-site --per-class $(SITE_PER_CLASS)
 
 convert: setup
 	$(PY) -m convert $(RUN_DIR) $(if $(PRUNE),--prune $(PRUNE)) $(CONVERT_ARGS)

@@ -43,25 +43,29 @@ def run_module(*args, check=True, env=None, timeout=900) -> subprocess.Completed
     return result
 
 
-@pytest.fixture(scope="session")
-def tiny_dataset(tmp_path_factory, shared_data) -> Path:
-    """A few real X-rays per class and split from the shared set, in the split/class layout."""
+def copy_subset(shared_data: Path, root: Path, per_split: dict[str, int], skip: set[str] = frozenset()) -> Path:
+    """The first `per_split[split]` images per class and split of the shared set whose file names
+    are not in `skip`, copied into `root` in the split/class layout."""
     import csv
     import shutil
 
-    root = tmp_path_factory.mktemp("tiny_cxr")
-    per_split = {"train": 12, "val": 6, "test": 6}
     taken: dict[tuple[str, str], int] = {}
     with open(shared_data / "manifest.csv", newline="") as f:
         for row in csv.DictReader(f):
             key = (row["split"], row["class"])
-            if taken.get(key, 0) >= per_split[row["split"]]:
+            if Path(row["file"]).name in skip or taken.get(key, 0) >= per_split[row["split"]]:
                 continue
             taken[key] = taken.get(key, 0) + 1
             dest = root / row["split"] / row["class"] / Path(row["file"]).name
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(shared_data / row["file"], dest)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory, shared_data) -> Path:
+    """A few real X-rays per class and split from the shared set, in the split/class layout."""
+    return copy_subset(shared_data, tmp_path_factory.mktemp("tiny_cxr"), {"train": 12, "val": 6, "test": 6})
 
 
 @pytest.fixture(scope="session")

@@ -1,31 +1,17 @@
 """Site adaptation (`python -m train adapt`) on a tiny run and a 'site' of other real X-rays."""
-import csv
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_module
+from conftest import copy_subset, run_module
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory, shared_data, tiny_dataset) -> Path:
     """Real X-rays the tiny run never saw (not in tiny_dataset), split/class layout."""
-    seen = {p.name for p in tiny_dataset.rglob("*.jpeg")} | {p.name for p in tiny_dataset.rglob("*.jpg")}
-    root = tmp_path_factory.mktemp("site")
-    per_split = {"train": 6, "val": 3, "test": 4}
-    taken: dict = {}
-    with open(shared_data / "manifest.csv", newline="") as f:
-        for row in csv.DictReader(f):
-            key = (row["split"], row["class"])
-            if Path(row["file"]).name in seen or taken.get(key, 0) >= per_split[row["split"]]:
-                continue
-            taken[key] = taken.get(key, 0) + 1
-            dest = root / row["split"] / row["class"] / Path(row["file"]).name
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(shared_data / row["file"], dest)
-    return root
+    seen = {p.name for p in tiny_dataset.rglob("*") if p.is_file()}
+    return copy_subset(shared_data, tmp_path_factory.mktemp("site"), {"train": 6, "val": 3, "test": 4}, seen)
 
 
 @pytest.fixture(scope="module")
