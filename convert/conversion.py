@@ -56,6 +56,7 @@ def convert_run(run_dir: str | Path, *, variants=None, cfg: ConvertConfig | None
         desc="representative", progress=progress), spec)
     sources, refused = _keras_sources(model, variants, cfg, train_records, labels, spec, config, progress)
     detector = ood.OodModel.load(run_dir / "ood.npz") if (run_dir / "ood.npz").is_file() else None
+    reference_quantile = _keras_ood_quantile(model, detector, splits["val"]["x"]) if detector else None
     out_dir = run_dir / "tflite"
     out_dir.mkdir(exist_ok=True)
     results = {"run": str(run_dir), "model": card.name, "labels": list(labels),
@@ -82,7 +83,7 @@ def convert_run(run_dir: str | Path, *, variants=None, cfg: ConvertConfig | None
             flatbuffer = export.convert(export.device_model(export.with_logit_shift(keras_model, shift), variant_detector),
                                         recipe, representative, int8_io=cfg.int8_io, progress=progress)
             path.write_bytes(export.with_card(flatbuffer, card, variant))
-        ood_entry = (_variant_ood_threshold(path, flatbuffer, card, variant, splits, progress)
+        ood_entry = (_variant_ood_threshold(path, flatbuffer, card, variant, splits, reference_quantile, progress)
                      if variant_detector is not None else None)
         entry = _check_variant(path, variant, splits, card, cfg, progress, sources[source].get("sparsity"))
         entry["ood"] = ood_entry
@@ -102,16 +103,26 @@ def convert_run(run_dir: str | Path, *, variants=None, cfg: ConvertConfig | None
     return results
 
 
-def _variant_ood_threshold(path: Path, flatbuffer: bytes, card, variant: str, splits: dict, progress: bool):
-    """The OOD threshold refitted on this variant's own validation scores (quantisation moves the
-    features, so an int8 model's scores run higher than the float model's), written into its card."""
+def _keras_ood_quantile(model, detector, x_val) -> float:
+    """The validation quantile of the Keras model's own OOD scores (train.ood, in float)."""
+    pooled = keras.Model(model.input, model.get_layer("pool").output)
+    return ood.threshold(ood.score(detector, pooled.predict(x_val, batch_size=64, verbose=0)))
+
+
+def _variant_ood_threshold(path: Path, flatbuffer: bytes, card, variant: str, splits: dict,
+                           reference_quantile: float, progress: bool) -> dict:
+    """The card's OOD threshold scaled by how far this variant's validation scores run from the
+    Keras model's (quantisation moves the features: an int8 model's scores run higher), written
+    into the variant's card. The card's threshold stays the calibration (training fits it on
+    validation, adaptation on the site's images too); the variant only corrects its drift."""
     scores = {split: parity.variant_ood_scores(path, s["x"], desc=f"OOD scores of {variant} ({split})",
                                                progress=progress) for split, s in splits.items()}
-    threshold = ood.threshold(scores["val"])
+    drift = ood.threshold(scores["val"]) / reference_quantile
+    threshold = card.thresholds["ood"] * drift
     variant_card = dataclasses.replace(card, thresholds={**card.thresholds, "ood": threshold})
     path.write_bytes(export.with_card(flatbuffer, variant_card, variant))
-    return {"threshold": threshold, "run_threshold": card.thresholds.get("ood"),
-                        "flagged": {split: float((s > threshold).mean()) for split, s in scores.items()}}
+    return {"threshold": threshold, "run_threshold": card.thresholds.get("ood"), "drift": drift,
+            "flagged": {split: float((s > threshold).mean()) for split, s in scores.items()}}
 
 
 def _prepare(run_dir: Path, cfg: ConvertConfig, progress: bool):
