@@ -42,6 +42,9 @@ def test_adapted_run_records_what_it_was_fitted_on_and_refits_the_card(curve, ti
     assert result["before"]["run_test"]["macro_f1"] == pytest.approx(trained["macro_f1"], abs=1e-6)
     assert result["before"]["temperature"] == original["temperature"]
     assert "| macro-F1 |" in (run / "reports/adapt.md").read_text()
+    for when in ("before", "after"):
+        assert set(result[when]["ood_flagged"]) == {"local_test", "run_test"}
+        assert all(0 <= share <= 1 for share in result[when]["ood_flagged"].values())
 
 
 def test_learning_curve_has_a_point_per_size_and_a_plot(curve):

@@ -86,6 +86,12 @@ def _evaluate(model, card, sets: dict, temperature: float, threshold: float, boo
     return out
 
 
+def _ood_flagged(model, spec, sets: dict, detector, threshold: float) -> dict[str, float]:
+    """Share of each evaluated set that the out-of-distribution warning flags."""
+    features = _pooled_features(model, spec, sets)
+    return {name: float((ood.score(detector, f) > threshold).mean()) for name, f in features.items()}
+
+
 def adapt(run_dir: str | Path, data: str | Path, out: str | Path, cfg: AdaptConfig | None = None,
           *, progress: bool = True) -> dict:
     """Adapt the run in `run_dir` to the images in `data`; write the adapted run to `out`."""
@@ -124,6 +130,8 @@ def adapt(run_dir: str | Path, data: str | Path, out: str | Path, cfg: AdaptConf
 
     before_temperature, before_threshold = card.temperature, card.thresholds["abnormal"]
     before = _evaluate(model, card, sets, before_temperature, before_threshold, cfg.bootstrap)
+    before_flagged = _ood_flagged(model, spec, sets, ood.OodModel.load(run_dir / "ood.npz"),
+                                  card.thresholds["ood"])
 
     set_trainable(model, "finetune" if cfg.fine_tune_layers else "frozen", 2, cfg.fine_tune_layers)
     model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate),
@@ -144,6 +152,7 @@ def adapt(run_dir: str | Path, data: str | Path, out: str | Path, cfg: AdaptConf
                                               "cal": (x_cal, y_cal, None)})
     detector = ood.fit(features["train"])
     ood_threshold = ood.threshold(ood.score(detector, features["cal"]))
+    after_flagged = _ood_flagged(model, spec, sets, detector, ood_threshold)
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "reports").mkdir(exist_ok=True)
@@ -169,8 +178,10 @@ def adapt(run_dir: str | Path, data: str | Path, out: str | Path, cfg: AdaptConf
     card.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     (out / "model_card.json").write_text(card.to_json() + "\n")
     result = {"run": str(run_dir), "local": str(local.root), "config": dataclasses.asdict(cfg), "counts": counts,
-              "before": {"temperature": before_temperature, "threshold": before_threshold, **before},
-              "after": {"temperature": temperature, "threshold": threshold, "ood_threshold": ood_threshold, **after}}
+              "before": {"temperature": before_temperature, "threshold": before_threshold,
+                         "ood_flagged": before_flagged, **before},
+              "after": {"temperature": temperature, "threshold": threshold, "ood_threshold": ood_threshold,
+                        "ood_flagged": after_flagged, **after}}
     (out / "reports" / "adapt.json").write_text(json.dumps(result, indent=2))
     (out / "reports" / "adapt.md").write_text(adapt_report(result, labels))
     print(f"adapted run saved to {out}\n" + adapt_report(result, labels))
@@ -200,6 +211,8 @@ def adapt_report(result: dict, labels) -> str:
     for name, get in ROWS:
         values = [get(result[when][split]) for split in EVALUATED for when in ("before", "after")]
         lines.append(f"| {name} | " + " | ".join(figure(v) for v in values) + " |")
+    lines.append("| flagged unlike the training images | " + " | ".join(
+        figure(result[when]["ood_flagged"][split]) for split in EVALUATED for when in ("before", "after")) + " |")
     lines += ["", f"Temperature {result['before']['temperature']:.3f} → {result['after']['temperature']:.3f}; "
               f"operating threshold {result['before']['threshold']:.4f} → {result['after']['threshold']:.4f}; "
               f"out-of-distribution threshold refitted ({result['after']['ood_threshold']:.1f}).", ""]

@@ -6,8 +6,20 @@ import json
 import sys
 from pathlib import Path
 
-COLUMNS = ("run", "model", "size", "strategy", "macro-F1", "accuracy", "abn. sens.", "abn. spec.", "abn. AUC",
-           "COVID sens.", "COVID AUC", "ECE", "train min", "holdout spec.")
+from train.config import TrainConfig
+
+COLUMNS = ("run", "model", "size", "strategy", "shortcut measures", "macro-F1", "accuracy", "abn. sens.",
+           "abn. spec.", "abn. AUC", "COVID sens.", "COVID AUC", "ECE", "train min", "holdout sens.",
+           "holdout spec.", "holdout AUC", "holdout OOD flagged")
+SHORTCUT_SETTINGS = ("input_contrast", "input_borders", "gamma", "noise", "min_resolution", "jpeg_quality",
+                     "balance_sources")
+
+
+def measures(config: dict) -> str:
+    """The shortcut settings of a run that differ from the defaults."""
+    defaults = TrainConfig()
+    changed = [f"{k} {config[k]}" for k in SHORTCUT_SETTINGS if k in config and config[k] != getattr(defaults, k)]
+    return ", ".join(changed) or "none"
 
 
 def row(run: Path) -> list[str]:
@@ -16,12 +28,14 @@ def row(run: Path) -> list[str]:
     card = json.loads((run / "model_card.json").read_text())
     test = metrics["test"]
     covid = test.get("covid", {})
-    holdout = metrics.get("holdout", {}).get("abnormal", {}).get("specificity")
-    f = lambda v: "—" if v is None else f"{v:.3f}"
-    return [run.name, card["name"], str(card["input"]["size"]), config["strategy"], f(test["macro_f1"]), f(test["accuracy"]),
-            f(test["abnormal"]["sensitivity"]), f(test["abnormal"]["specificity"]), f(test["abnormal"]["auc"]),
-            f(covid.get("sensitivity")), f(covid.get("auc")), f(test["ece"]),
-            f"{metrics['training_seconds'] / 60:.1f}", f(holdout)]
+    holdout = metrics.get("holdout", {}).get("abnormal", {})
+    flagged = metrics.get("ood", {}).get("flagged", {}).get("holdout")
+    f = lambda v: "—" if v is None or v != v else f"{v:.3f}"
+    return [run.name, card["name"], str(card["input"]["size"]), config["strategy"], measures(config),
+            f(test["macro_f1"]), f(test["accuracy"]), f(test["abnormal"]["sensitivity"]),
+            f(test["abnormal"]["specificity"]), f(test["abnormal"]["auc"]), f(covid.get("sensitivity")),
+            f(covid.get("auc")), f(test["ece"]), f"{metrics['training_seconds'] / 60:.1f}",
+            f(holdout.get("sensitivity")), f(holdout.get("specificity")), f(holdout.get("auc")), f(flagged)]
 
 
 def table(runs: list[Path]) -> str:
