@@ -59,6 +59,9 @@ def convert_run(run_dir: str | Path, *, variants=None, cfg: ConvertConfig | None
     reference_quantile = _keras_ood_quantile(model, detector, splits["val"]["x"]) if detector else None
     out_dir = run_dir / "tflite"
     out_dir.mkdir(exist_ok=True)
+    for stale in sorted(p for p in out_dir.glob("*.tflite") if p.stem not in variants):
+        print(f"removing {stale}: not a variant of this conversion (the benchmarks take every file here)")
+        stale.unlink()
     results = {"run": str(run_dir), "model": card.name, "labels": list(labels),
                "config": dataclasses.asdict(cfg),
                "keras": {s: parity.headline(d["keras"]) for s, d in splits.items()},
