@@ -168,11 +168,12 @@ class PinPopup(Popup):
 
     entered = StringProperty("")
 
-    def __init__(self, on_pin, **kwargs):
+    def __init__(self, on_pin, on_key=lambda: None, **kwargs):
         super().__init__(**kwargs)
-        self._on_pin = on_pin
+        self._on_pin, self._on_key = on_pin, on_key
 
     def key(self, k: str) -> None:
+        self._on_key()      # typing a PIN is activity: the kiosk's idle reset waits
         if k == "del":
             self.entered = self.entered[:-1]
         elif k == "ok":
@@ -366,7 +367,7 @@ class CxrApp(App):
             else:
                 self.error = "Wrong PIN."
         self._activity()    # someone is at the kiosk: the idle reset must not close the PIN pad on them
-        self._open_popup(PinPopup(on_pin=check))
+        self._open_popup(PinPopup(on_pin=check, on_key=self._activity))
 
     def check_pin(self, pin: str) -> bool:
         return bool(self.cfg.kiosk_pin) and pin == str(self.cfg.kiosk_pin)
