@@ -183,7 +183,7 @@ def test_acquisition_augmentation_changes_how_not_what():
     from train.pipeline import acquisition_augmentation
 
     assert acquisition_augmentation(TrainConfig(), 0) is None      # off by default
-    config = TrainConfig(gamma=0.5, noise=0.03, min_resolution=0.5, jpeg_quality=40)
+    config = TrainConfig(crop_scale=0.7, gamma=0.5, blur=1.5, noise=0.03, min_resolution=0.5, jpeg_quality=40)
     augment = acquisition_augmentation(config, 0)
     y, x = np.mgrid[:64, :64] / 63.0
     batch = np.stack([(0.2 + 0.6 * x * y), (0.8 - 0.5 * x)])[..., None].astype(np.float32)
@@ -193,6 +193,18 @@ def test_acquisition_augmentation_changes_how_not_what():
     assert np.abs(out - batch).mean() > 0.005                        # it did change the pixels
     for a, b in zip(out[..., 0], batch[..., 0]):                     # ... but not the picture
         assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.9
+
+
+def test_blur_keeps_flat_grey_and_spreads_a_point():
+    from train.pipeline import _gaussian_blur
+
+    flat = np.full((1, 16, 16, 1), 0.4, np.float32)
+    np.testing.assert_allclose(_gaussian_blur(flat, 2.0, radius=6).numpy(), flat, atol=1e-6)
+    point = np.zeros((1, 17, 17, 1), np.float32)
+    point[0, 8, 8, 0] = 1.0
+    spread = _gaussian_blur(point, 1.0, radius=3).numpy()[0, :, :, 0]
+    assert spread.sum() == pytest.approx(1.0, abs=1e-5) and spread[8, 8] == pytest.approx(1 / (2 * np.pi), rel=0.05)
+    assert spread[8, 9] == pytest.approx(spread[9, 8]) and spread[8, 9] < spread[8, 8]
 
 
 def test_source_class_weights_give_every_pair_the_same_total():

@@ -11,7 +11,8 @@ from train.config import TrainConfig
 COLUMNS = ("run", "model", "size", "strategy", "shortcut measures", "macro-F1", "accuracy", "abn. sens.",
            "abn. spec.", "abn. AUC", "COVID sens.", "COVID AUC", "ECE", "train min", "holdout sens.",
            "holdout spec.", "holdout AUC", "holdout OOD flagged")
-SHORTCUT_SETTINGS = ("input_contrast", "input_borders", "gamma", "noise", "min_resolution", "jpeg_quality",
+SHORTCUT_SETTINGS = ("input_contrast", "input_borders", "crop_scale", "gamma", "blur", "noise", "min_resolution",
+                     "jpeg_quality",
                      "balance_sources")
 
 

@@ -47,18 +47,28 @@ def augmentation(config: TrainConfig, seed: int) -> keras.Sequential:
 
 
 def acquisition_augmentation(config: TrainConfig, seed: int):
-    """Batch -> batch changes of how an image was acquired, not of what it shows: grey curve
-    (gamma), detector noise, resolution (which also blurs) and JPEG re-compression, so that a model
-    cannot tell hospitals apart by them. None when every one is off."""
-    if not (config.gamma or config.noise or config.min_resolution < 1.0 or config.jpeg_quality):
+    """Batch -> batch changes of how an image was taken, not of what it shows: random resized crops
+    (framing, collimation), grey curve (gamma), blur, detector noise, resolution and JPEG
+    re-compression, so that a model cannot tell hospitals apart by them. None when all are off."""
+    if not (config.crop_scale < 1.0 or config.gamma or config.blur or config.noise
+            or config.min_resolution < 1.0 or config.jpeg_quality):
         return None
     rng = tf.random.Generator.from_seed(seed)
 
     def augment(x):  # (batch, size, size, 1) in [0, 1]
         n, size = tf.shape(x)[0], tf.shape(x)[1]
+        if config.crop_scale < 1.0:
+            area = rng.uniform((n,), config.crop_scale, 1.0)
+            aspect = tf.exp(rng.uniform((n,), np.log(3 / 4), np.log(4 / 3)))
+            h, w = tf.minimum(tf.sqrt(area / aspect), 1.0), tf.minimum(tf.sqrt(area * aspect), 1.0)
+            y0, x0 = rng.uniform((n,)) * (1.0 - h), rng.uniform((n,)) * (1.0 - w)
+            boxes = tf.stack([y0, x0, y0 + h, x0 + w], axis=1)
+            x = tf.image.crop_and_resize(x, boxes, tf.range(n), tf.stack([size, size]))
         if config.gamma:
             log_g = rng.uniform((n, 1, 1, 1), -np.log1p(config.gamma), np.log1p(config.gamma))
             x = tf.pow(tf.maximum(x, 1e-6), tf.exp(log_g))
+        if config.blur:
+            x = _gaussian_blur(x, rng.uniform((), 0.0, config.blur), radius=int(np.ceil(3 * config.blur)))
         if config.min_resolution < 1.0:
             scale = rng.uniform((), config.min_resolution, 1.0)
             small = tf.cast(tf.round(tf.cast(size, tf.float32) * scale), tf.int32)
@@ -73,6 +83,16 @@ def acquisition_augmentation(config: TrainConfig, seed: int):
         return x
 
     return augment
+
+
+def _gaussian_blur(x, sigma, radius: int):
+    """Separable Gaussian blur of (batch, h, w, 1) with edge reflection; sigma ~ 0 leaves x as it is."""
+    taps = tf.range(-radius, radius + 1, dtype=tf.float32)
+    kernel = tf.exp(-0.5 * tf.square(taps / tf.maximum(sigma, 1e-3)))
+    kernel /= tf.reduce_sum(kernel)
+    x = tf.pad(x, [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode="REFLECT")
+    x = tf.nn.conv2d(x, tf.reshape(kernel, (-1, 1, 1, 1)), strides=1, padding="VALID")
+    return tf.nn.conv2d(x, tf.reshape(kernel, (1, -1, 1, 1)), strides=1, padding="VALID")
 
 
 def source_class_weights(records: list[Record], labels) -> np.ndarray:
