@@ -12,8 +12,7 @@ COLUMNS = ("run", "model", "size", "strategy", "shortcut measures", "macro-F1", 
            "abn. spec.", "abn. AUC", "COVID sens.", "COVID AUC", "ECE", "train min", "holdout sens.",
            "holdout spec.", "holdout AUC", "holdout OOD flagged")
 SHORTCUT_SETTINGS = ("input_contrast", "input_borders", "crop_scale", "gamma", "blur", "noise", "min_resolution",
-                     "jpeg_quality",
-                     "balance_sources")
+                     "jpeg_quality", "balance_sources")
 
 
 def measures(config: dict) -> str:
