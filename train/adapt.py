@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 import train  # noqa: F401
+import tensorflow as tf
 import tf_keras as keras
 
 from edge_app import decision
@@ -102,6 +103,7 @@ def adapt(run_dir: str | Path, data: str | Path, out: str | Path, cfg: AdaptConf
     model, card, config = load_run(run_dir)
     labels, spec = card.labels, card.input
     keras.utils.set_random_seed(cfg.seed)
+    tf.config.experimental.enable_op_determinism()   # the same site data gives the same adapted model
     rng = np.random.default_rng(cfg.seed)
 
     original = load_dataset(card.dataset["root"], task=card.task, seed=card.dataset.get("seed", config.seed),
