@@ -61,8 +61,8 @@ def markdown(results: dict) -> str:
                   f"{s['overall']:.4f} over all kernels (depthwise kept dense). Per layer: "
                   + ", ".join(f"{layer} {x:.3f}" for layer, x in s["per_layer"].items())]
         break  # the same mask in every pruned variant
-    lines += ["", "Out-of-distribution warning: each variant that carries it has its threshold refitted on its "
-              "own validation scores (quantisation moves the features).", "",
+    lines += ["", "Out-of-distribution warning: each variant that carries it gets the card's threshold scaled by "
+              "how far its validation scores run from the Keras model's (quantisation moves the features).", "",
               "| variant | OOD threshold | run's threshold | " + " | ".join(f"{s} flagged" for s in splits) + " |",
               "|---" * (3 + len(splits)) + "|"]
     for name, v in results["variants"].items():
