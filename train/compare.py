@@ -6,20 +6,17 @@ import json
 import sys
 from pathlib import Path
 
-from train.config import TrainConfig
-
 COLUMNS = ("run", "model", "size", "strategy", "shortcut measures", "macro-F1", "accuracy", "abn. sens.",
            "abn. spec.", "abn. AUC", "COVID sens.", "COVID AUC", "ECE", "train min", "holdout sens.",
            "holdout spec.", "holdout AUC", "holdout OOD flagged")
-SHORTCUT_SETTINGS = ("input_contrast", "input_borders", "crop_scale", "gamma", "blur", "noise", "min_resolution",
-                     "jpeg_quality", "balance_sources")
+SHORTCUTS_OFF = {"input_contrast": "none", "input_borders": "keep", "crop_scale": 1.0, "gamma": 0.0, "blur": 0.0,
+                 "noise": 0.0, "min_resolution": 1.0, "jpeg_quality": 0, "balance_sources": False}
 
 
 def measures(config: dict) -> str:
-    """The shortcut settings of a run that differ from the defaults."""
-    defaults = TrainConfig()
-    changed = [f"{k} {config[k]}" for k in SHORTCUT_SETTINGS if k in config and config[k] != getattr(defaults, k)]
-    return ", ".join(changed) or "none"
+    """The measures against shortcuts a run had switched on (configs/shortcuts/)."""
+    on = [f"{k} {config[k]}" for k, off in SHORTCUTS_OFF.items() if config.get(k, off) != off]
+    return ", ".join(on) or "none"
 
 
 def row(run: Path) -> list[str]:
