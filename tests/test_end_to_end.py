@@ -90,6 +90,7 @@ def test_runs_compare_as_one_table(tiny_run, tmp_path):
     metrics = json.loads((tiny_run / "reports" / "metrics.json").read_text())
     out = run_module("train.compare", tiny_run).stdout.splitlines()
     assert out[0].startswith("| run | model | size | strategy | shortcut measures | macro-F1")
-    assert out[2].startswith(f"| {tiny_run.name} | cnn | 64 | full | none | {metrics['test']['macro_f1']:.3f} |")
+    assert out[2].startswith(f"| {tiny_run.name} | cnn | 64 | full | input_borders trim | "
+                             f"{metrics['test']['macro_f1']:.3f} |")
     refused = run_module("train.compare", tmp_path, check=False)
     assert refused.returncode == 2 and "not a finished training run" in refused.stderr

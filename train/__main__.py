@@ -6,6 +6,7 @@ import argparse
 import sys
 from dataclasses import fields, replace
 
+from edge_app.preprocess import BORDERS, CONTRASTS
 from train.config import STRATEGIES, AdaptConfig, TrainConfig
 
 
@@ -24,6 +25,8 @@ def parse_args(argv=None):
                    help="folder holding Keras weight files (repeatable); ~/.keras/models is always searched")
     p.add_argument("--alpha", type=float, help="MobileNetV2 width (0.35, 0.5, 1.0, ...)")
     p.add_argument("--image-size", type=int)
+    p.add_argument("--input-contrast", choices=CONTRASTS, help="contrast step of the preprocessing")
+    p.add_argument("--input-borders", choices=BORDERS, help="trim uniform borders first, or keep them")
     p.add_argument("--strategy", choices=STRATEGIES)
     p.add_argument("--epochs", type=int)
     p.add_argument("--fine-tune-epochs", type=int)
