@@ -445,7 +445,7 @@ def clahe(image: np.ndarray, tiles: int = CLAHE_TILES, clip_limit: float = CLAHE
     excess spread over all bins; a pixel's value is the bilinear blend of its four nearest tiles'
     mappings, so tile edges do not show."""
     h, w = image.shape
-    q = np.minimum((np.asarray(image, np.float32) * bins).astype(np.int64), bins - 1)
+    q = np.minimum((np.asarray(image, np.float32) * np.float32(bins)).astype(np.int32), bins - 1)
     th, tw = -(-h // tiles), -(-w // tiles)
     padded = np.pad(q, ((0, th * tiles - h), (0, tw * tiles - w)), mode="reflect")
     blocks = padded.reshape(tiles, th, tiles, tw).transpose(0, 2, 1, 3).reshape(tiles * tiles, th * tw)
@@ -455,20 +455,22 @@ def clahe(image: np.ndarray, tiles: int = CLAHE_TILES, clip_limit: float = CLAHE
     limit = max(clip_limit * th * tw / bins, 1.0)
     excess = np.maximum(hist - limit, 0.0).sum(axis=1, keepdims=True)
     hist = np.minimum(hist, limit) + excess / bins
-    mapping = (np.cumsum(hist, axis=1) / (th * tw)).reshape(tiles, tiles, bins)
+    mapping = (np.cumsum(hist, axis=1) / (th * tw)).astype(np.float32).ravel()   # [tile row, tile col, bin]
 
     def neighbours(n, tile):   # per pixel: lower and upper tile index, weight of the upper one
-        centre = np.arange(n) / tile - 0.5                    # OpenCV's convention
-        low = np.floor(centre).astype(np.int64)
-        weight = np.where((low >= 0) & (low < tiles - 1), centre - low, 0.0)
+        centre = np.arange(n, dtype=np.float32) / tile - np.float32(0.5)   # OpenCV's convention
+        low = np.floor(centre).astype(np.int32)
+        weight = np.where((low >= 0) & (low < tiles - 1), centre - low, np.float32(0)).astype(np.float32)
         return np.clip(low, 0, tiles - 1), np.clip(low + 1, 0, tiles - 1), weight
 
     y0, y1, wy = neighbours(h, th)
     x0, x1, wx = neighbours(w, tw)
-    y0, y1, wy = y0[:, None], y1[:, None], wy[:, None]
-    top = (1 - wx) * mapping[y0, x0, q] + wx * mapping[y0, x1, q]
-    bottom = (1 - wx) * mapping[y1, x0, q] + wx * mapping[y1, x1, q]
-    return np.clip((1 - wy) * top + wy * bottom, 0.0, 1.0).astype(np.float32)
+    rows0, rows1 = (y0 * tiles * bins)[:, None], (y1 * tiles * bins)[:, None]   # flat indices
+    cols0, cols1 = x0 * bins + q, x1 * bins + q
+    wy = wy[:, None]
+    top = mapping[rows0 + cols0] * (1 - wx) + mapping[rows0 + cols1] * wx
+    bottom = mapping[rows1 + cols0] * (1 - wx) + mapping[rows1 + cols1] * wx
+    return np.clip(top * (1 - wy) + bottom * wy, 0.0, 1.0)
 
 
 def trim_borders(gray: np.ndarray) -> np.ndarray:
