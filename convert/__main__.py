@@ -5,6 +5,9 @@ import argparse
 import sys
 
 
+PARITY_FAILED = 3   # exit status of a conversion whose parity gate failed (make all goes on past it)
+
+
 def main(argv=None) -> int:
     from convert.config import INT8_IO, ConvertConfig
     from convert.export import VARIANTS
@@ -51,7 +54,10 @@ def main(argv=None) -> int:
     try:
         results = convert_run(args.run, variants=args.variants, cfg=cfg, progress=not args.no_progress,
                               gpu_check=not args.no_gpu)
-    except (FileNotFoundError, ValueError, ParityError) as exc:
+    except ParityError as exc:       # every file and report is written: they can be read
+        print(f"error: {exc}", file=sys.stderr)
+        return PARITY_FAILED
+    except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     for name, v in results["variants"].items():

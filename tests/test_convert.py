@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from conftest import run_module
 from edge_app.classifier import Classifier, load_model_file
 from edge_app.model_card import ModelCard
 
@@ -181,3 +182,17 @@ def test_qat_refuses_mobilenet_v3_naming_the_layers_and_why():
     assert "TFOpLambda" in message and "hard-swish" in message
     assert "Multiply" in message and "Rescaling" in message
     assert "BatchNormalization" not in message  # folded into the convolutions, not a refusal
+
+
+def test_a_failed_parity_gate_exits_3_with_every_file_written(tiny_run, tmp_path):
+    """3 tells a failed gate (files and reports written, readable) from a broken conversion (1)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("tflite", "checkpoints", "logs"))
+    result = run_module("convert", run, "--variants", "fp32", "--budget=fp32=-1", "--no-gpu",
+                        "--no-progress", check=False)
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "parity gate failed" in result.stderr and "fp32" in result.stderr
+    assert (run / "tflite" / "fp32.tflite").is_file() and (run / "reports" / "conversion.md").is_file()
+    assert run_module("convert", tmp_path / "missing", "--no-progress", check=False).returncode == 1
