@@ -27,8 +27,8 @@ class TrainConfig:
     fit: str = "crop"                     # crop | pad (see edge_app.preprocess)
     input_contrast: str = "clahe"         # none | equalize | clahe: contrast normalisation in the one
                                           # preprocessing (InputSpec.contrast), so the device does it too;
-                                          # clahe + trim: the one measure that helped leave-one-source-out
-                                          # (held-out adults' specificity 0.098 -> 0.254; README)
+                                          # clahe + trim: held-out adults' specificity 0.098 -> 0.254,
+                                          # held-out children's 0.385 -> 0.261 (README, mixed evidence)
     input_borders: str = "trim"           # keep | trim: cut uniform frames off first (InputSpec.borders)
     strategy: str | None = None           # frozen | finetune | full; None -> finetune from
                                           # pretrained weights, full from scratch (weights "none")
