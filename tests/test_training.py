@@ -155,11 +155,12 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, tiny_dataset):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     backup = out / "checkpoints" / "backup_phase1"
     deadline = time.time() + 300
-    while not any(backup.rglob("*.index")) and proc.poll() is None and time.time() < deadline:
+    # the CheckpointManager writes its "checkpoint" state file last: before it the backup is half written
+    while not any(backup.rglob("checkpoint")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert any(backup.rglob("*.index")), "the run never wrote a backup to resume from"
+    assert any(backup.rglob("checkpoint")), "the run never wrote a backup to resume from"
     assert not (out / "model.keras").exists(), "the run finished before it could be interrupted"
 
     resumed = run_module(*args, "--resume")
