@@ -186,6 +186,11 @@ def test_benchmark_suite_measures_every_variant(suite, tiny_run):
         assert v["memory"]["peak_rss_mib"] > v["memory"]["rss_before_load_mib"] > 0
         assert v["load_ms"]["median_ms"] > 0 and 0 <= v["metrics"]["macro_f1"] <= 1
         assert v["metrics"]["n"] == results["test_split"]["n"] == 18
+        # the benchmarks skip a latency only where a runtime cannot run a variant, and record why: in CI
+        # that must be exactly the int8-I/O variants on the float-only CompiledModel (CPU and GPU)
+        expected = {"litert-compiled-cpu", "litert-gpu"} if name in ("int8", "qat", "pruned-int8", "pruned-qat") else set()
+        assert {u["runtime"] for u in v["unavailable"]} == expected, v["unavailable"]
+        assert all("CompiledModel backend runs float-I/O models only" in u["reason"] for u in v["unavailable"])
         carries = Classifier(tiny_run / "tflite" / f"{name}.tflite", accelerator="cpu").info["ood_warning"]
         assert v["ood"]["carried"] is carries
         if carries:
