@@ -107,3 +107,20 @@ def test_cohort_metrics_by_hand():
     assert m["adult normal"]["figure"] == "specificity" and m["adult normal"]["value"] == 0.5
     assert m["child normal"] == {"n": 1, "figure": "specificity", "value": 1.0,
                                  "ci95": list(metrics.wilson_interval(1, 1))}
+
+
+def test_every_cohort_threshold_reaches_the_target_in_the_small_cohort_too():
+    # 20 child pneumonias scored high, 10 adult pneumonias scored low, 10 normals in between
+    scores = np.r_[np.linspace(0.8, 0.99, 20), np.linspace(0.2, 0.6, 10), np.linspace(0.1, 0.5, 10)]
+    y = np.r_[np.ones(30, int), np.zeros(10, int)]
+    cohorts = ["child pneumonia"] * 20 + ["adult pneumonia"] * 10 + ["adult normal"] * 10
+    overall = metrics.operating_threshold(y, scores, cohorts, 0.9)
+    every = metrics.operating_threshold(y, scores, cohorts, 0.9, rule="every_cohort")
+    assert overall == metrics.threshold_for_sensitivity(y != 0, scores, 0.9)
+    adult = scores[20:30]
+    assert (adult >= overall).mean() < 0.9 and (adult >= every).mean() >= 0.9
+    assert every == metrics.threshold_for_sensitivity(np.ones(10, bool), adult, 0.9)
+    # a cohort below min_cohort images does not move the threshold
+    assert metrics.operating_threshold(y, scores, cohorts, 0.9, rule="every_cohort", min_cohort=11) == overall
+    with pytest.raises(ValueError, match="unknown threshold rule"):
+        metrics.operating_threshold(y, scores, cohorts, 0.9, rule="worst")

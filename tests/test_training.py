@@ -43,6 +43,13 @@ def test_missing_weights_file_says_how_to_provide_it(tmp_path):
         models.build("cnn", 3, weights="imagenet")
 
 
+def test_imagenet_weights_are_never_downloaded(tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "KERAS_CACHE", tmp_path / "keras-cache")
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded") as refused:
+        models.build("mobilenet_v2", 3, image_size=96, alpha=0.35, weights="imagenet", weights_dirs=[tmp_path])
+    assert "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5" in str(refused.value)
+
+
 def _trainable(model):
     return {l.name for l in model.layers if l.trainable and l.weights}
 

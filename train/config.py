@@ -13,6 +13,7 @@ from pathlib import Path
 
 STRATEGIES = ("frozen", "finetune", "full")
 LOSSES = ("crossentropy", "focal")
+THRESHOLD_RULES = ("overall", "every_cohort")
 
 
 @dataclass
@@ -65,6 +66,8 @@ class TrainConfig:
     early_stopping_patience: int = 4
     holdout_source: str = ""              # leave this data source out of training; evaluate on it
     target_sensitivity: float = 0.95      # abnormal sensitivity the operating threshold must reach on val
+    threshold_rule: str = "overall"       # overall | every_cohort: reach it in every abnormal population
+                                          # of val too (adult pneumonia; train.metrics.operating_threshold)
     bootstrap: int = 1000                 # bootstrap resamples for AUC intervals (0: none)
     mixed_precision: bool = True          # float16 compute on GPU (ignored on CPU)
     xla: bool = False
@@ -78,6 +81,8 @@ class TrainConfig:
         if self.weights == "none" and self.strategy != "full":
             raise ValueError(f"strategy {self.strategy!r} freezes a backbone, but with weights 'none' it "
                              "is random: use --strategy full to train from scratch, or pretrained weights")
+        if self.threshold_rule not in THRESHOLD_RULES:
+            raise ValueError(f"threshold_rule must be one of {THRESHOLD_RULES}, got {self.threshold_rule!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
 

@@ -101,6 +101,26 @@ def threshold_for_sensitivity(positive, scores, target: float) -> float:
     return float(pos_scores[max(needed, 1) - 1])
 
 
+def operating_threshold(y_true, scores, cohorts, target: float, rule: str = "overall",
+                        min_cohort: int = 10) -> float:
+    """The threshold on P(abnormal) fitted on validation. "overall": the highest that reaches
+    `target` sensitivity over all abnormal images. "every_cohort": the highest that reaches it in
+    every abnormal cohort of at least `min_cohort` images too (train.data.sources.cohort_of), so a
+    population the set holds few of (adult pneumonia) is not sacrificed to one it holds many of."""
+    y_true, scores = np.asarray(y_true), np.asarray(scores)
+    threshold = threshold_for_sensitivity(y_true != 0, scores, target)
+    if rule == "overall":
+        return threshold
+    if rule != "every_cohort":
+        raise ValueError(f"unknown threshold rule {rule!r}: overall or every_cohort")
+    cohorts = np.array(cohorts, dtype=object)
+    for cohort in {c for c in cohorts.tolist() if c}:
+        inside = (cohorts == cohort) & (y_true != 0)
+        if inside.sum() >= min_cohort and inside.sum() == (cohorts == cohort).sum():
+            threshold = min(threshold, threshold_for_sensitivity(np.ones(inside.sum(), bool), scores[inside], target))
+    return threshold
+
+
 def calibration_bins(probabilities, y_true, bins: int = 15) -> list[tuple[float, float, float]]:
     """(mean confidence, accuracy, share of images) of each non-empty equal-width confidence bin."""
     probabilities = np.asarray(probabilities)

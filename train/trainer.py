@@ -289,8 +289,10 @@ def evaluate_and_card(model, config, dataset, spec, split_data, reports, history
     y_val = split_data["val"][1]
     temperature = metrics.fit_temperature(logits["val"], y_val)
     val_probs = decision.calibrated_probabilities(logits["val"], temperature)
-    threshold = metrics.threshold_for_sensitivity(y_val != 0, decision.abnormal_probability(val_probs),
-                                                  config.target_sensitivity)
+    threshold = metrics.operating_threshold(
+        y_val, decision.abnormal_probability(val_probs),
+        [sources.cohort_of(r.source, r.label) for r in split_data["val"][2]], config.target_sensitivity,
+        config.threshold_rule)
     results = {}
     for split in evaluated:
         _, y, records = split_data[split]
