@@ -97,7 +97,11 @@ class Classifier:
             self.backend, self.backend_attempts = runtime(data), []
         self._check_card_matches_model()
         self.spec = self.card.input
-        self.predict_array(np.zeros((self.spec.size, self.spec.size), np.float32))  # warm-up
+        try:
+            self.predict_array(np.zeros((self.spec.size, self.spec.size), np.float32))  # warm-up
+        except ModelError as exc:
+            raise ModelError("model_invalid", f"the model cannot be prepared or run; the file may be "
+                             f"damaged: {exc.message}", self.model_path) from exc
 
     def _check_card_matches_model(self):
         spec, labels = self.card.input, self.card.labels
@@ -147,6 +151,10 @@ class Classifier:
         t_preprocessed = time.perf_counter()
         outputs = self.backend.run(x[None])
         t_inferred = time.perf_counter()
+        broken = sorted(name for name, value in outputs.items() if not np.isfinite(value).all())
+        if broken:   # a damaged model: NaN logits would otherwise read as "no abnormality"
+            raise ModelError("inference_failed", f"the model's outputs {broken} are not finite "
+                             "(NaN or inf): the model file is damaged", self.model_path)
         probs = decision.calibrated_probabilities(outputs[LOGITS][0], self.card.temperature)
         p_abnormal = float(decision.abnormal_probability(probs))
         ood_score = ood_score_of(outputs)
