@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 
 from edge_app.preprocess import PREPROCESSING_VERSION, InputSpec
 
@@ -45,7 +45,10 @@ class ModelCard:
     def __post_init__(self):
         self.labels = tuple(self.labels) if isinstance(self.labels, (list, tuple)) else self.labels
         if isinstance(self.input, dict):
-            self.input = InputSpec.from_dict(self.input)
+            try:
+                self.input = InputSpec.from_dict(self.input)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"model card input: {exc}") from exc
         validate(self)
 
     @property
@@ -69,8 +72,7 @@ class ModelCard:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"model card has unknown fields: {sorted(unknown)}")
-        missing = [f.name for f in fields(cls)
-                   if f.name not in d and f.default is MISSING and f.default_factory is MISSING]
+        missing = [f.name for f in fields(cls) if f.name not in d]   # to_json writes every field
         if missing:
             raise ValueError(f"model card lacks the field(s) {missing}")
         return cls(**d)
@@ -121,5 +123,5 @@ def validate(card: ModelCard) -> None:
             raise ValueError(f"model card thresholds.{key} is unknown; known: {sorted(THRESHOLD_RANGES)}")
         low, high = THRESHOLD_RANGES[key]
         if not (_number(value) and math.isfinite(value) and low <= value <= high):
-            raise ValueError(f"model card thresholds.{key} must be a finite number in [{low}, {high}], "
-                             f"got {value!r}")
+            allowed = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
+            raise ValueError(f"model card thresholds.{key} must be a finite number {allowed}, got {value!r}")
