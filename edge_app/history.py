@@ -114,9 +114,9 @@ class History:
             self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10)
             self._conn.row_factory = sqlite3.Row
             check = self._conn.execute("PRAGMA quick_check").fetchone()[0]  # before anything writes
-            if check != "ok":
-                raise HistoryError("history_corrupt", f"the history failed SQLite's integrity check "
-                                   f"({check[:200]}); it was left untouched", self.path)
+            if check != "ok":   # its first line names the database, the next the first fault
+                raise _failure("history_corrupt", "open the screening history",
+                               f"integrity check: {' '.join(check.splitlines()[1:2]) or check}", self.path)
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.execute("BEGIN IMMEDIATE")      # a read-only file or folder fails here, at open
@@ -208,11 +208,12 @@ def beside(path: str | os.PathLike) -> Path:
 
 
 _ADVICE = {
-    "history_corrupt": "it is damaged. Keep the file for your IT support, and start a new history",
+    "history_corrupt": "it is damaged. It is left as it was: keep it for your IT support, and start a new history",
     "history_read_only": "it cannot be written (read-only file, folder or storage). Make it writable, "
                          "or start a new history in a writable place",
     "history_disk_full": "the storage is full. Free some space (export and move old files), then try again",
-    "history_unavailable": "it cannot be opened. Check the storage and the history path in the settings",
+    "history_unavailable": "the file or its storage cannot be reached. Check the storage and the history path "
+                           "in the settings",
 }
 
 
@@ -225,8 +226,11 @@ def _history_error(exc: sqlite3.Error, action: str, path: Path) -> HistoryError:
     if code == "history_unavailable" and primary == sqlite3.SQLITE_CANTOPEN and path.exists() \
             and not os.access(path.parent, os.W_OK):
         code = "history_read_only"
-    return HistoryError(code, f"cannot {action}: {_ADVICE[code]} "
-                              f"(SQLite: {exc})", path)
+    return _failure(code, action, str(exc), path)
+
+
+def _failure(code: str, action: str, detail: str, path: Path) -> HistoryError:
+    return HistoryError(code, f"Cannot {action}: {_ADVICE[code]}. (SQLite: {detail[:120]})", path)
 
 
 def export_csv(screenings: list[Screening], path: str | os.PathLike) -> Path:
