@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, run_module, with_card
-from edge_app.history import History, Screening, file_sha256, now
+from edge_app.history import file_sha256
+from test_history import corrupt_middle_page, filled
 from test_preprocess import write_dicom
 
 DRIVER = REPO / "tests" / "gui_driver.py"
@@ -113,17 +114,8 @@ def test_app_withholds_the_label_of_an_image_unlike_the_training_images(tmp_path
 
 
 def test_app_on_a_damaged_history_stops_screening_until_a_new_one_is_started(tmp_path, tiny_run, images):
-    damaged = tmp_path / "history.sqlite3"   # where drive() points the app
-    history = History(damaged)
-    for i in range(200):
-        history.add(Screening(now(), f"/clinic/{i}.jpg", "ab" * 32, "cd" * 32, "cpu", label="normal",
-                              probabilities={"normal": 0.9}, abnormal_probability=0.1,
-                              decision="no_abnormality", threshold=0.5, latency_ms=9.0))
-    history.close()
-    data = bytearray(damaged.read_bytes())
-    middle = (len(data) // 4096 // 2) * 4096
-    data[middle + 100: middle + 400] = bytes(range(256)) + bytes(44)   # a bad sector in the middle
-    damaged.write_bytes(bytes(data))
+    damaged = filled(tmp_path / "history.sqlite3", rows=200)   # where drive() points the app
+    corrupt_middle_page(damaged)
     before = file_sha256(damaged)
 
     seen = drive("broken_history", tmp_path, images, "--model", tiny_run / "tflite" / "int8.tflite",

@@ -137,12 +137,24 @@ def _row(i: int) -> Screening:
                      decision="no_abnormality", threshold=0.5, latency_ms=9.0)
 
 
-def _filled(path, rows: int = 300):
+def filled(path, rows: int = 300):
+    """A real history at `path` with `rows` screenings."""
     history = History(path)
     for i in range(rows):
         history.add(_row(i))
     history.close()
     return path
+
+
+def corrupt_middle_page(path) -> int:
+    """Overwrites 300 bytes of the page in the middle of the file, as a bad sector would; returns
+    the number of pages."""
+    data = bytearray(path.read_bytes())
+    pages = len(data) // 4096
+    middle = (pages // 2) * 4096
+    data[middle + 100: middle + 400] = random.Random(7).randbytes(300)
+    path.write_bytes(bytes(data))
+    return pages
 
 
 def _refused(path, code: str):
@@ -167,12 +179,8 @@ def test_a_file_that_is_not_a_database_is_refused_untouched(tmp_path):
 
 
 def test_a_page_corrupted_in_the_middle_is_refused_untouched(tmp_path):
-    path = _filled(tmp_path / "history.sqlite3")
-    data = bytearray(path.read_bytes())
-    pages = len(data) // 4096
-    middle = (pages // 2) * 4096
-    data[middle + 100: middle + 400] = random.Random(7).randbytes(300)   # a bad sector, say
-    path.write_bytes(bytes(data))
+    path = filled(tmp_path / "history.sqlite3")
+    pages = corrupt_middle_page(path)
     exc = _refused(path, "history_corrupt")
     assert "integrity check" in exc.message and pages > 10
 
@@ -217,7 +225,7 @@ def _open_unprivileged(path) -> dict:
 @pytest.mark.parametrize("read_only", ["file", "folder"])
 def test_a_read_only_history_is_refused_untouched(tmp_path, read_only):
     folder = tmp_path / "data"
-    path = _filled(folder / "history.sqlite3", rows=20)
+    path = filled(folder / "history.sqlite3", rows=20)
     before = file_sha256(path)
     target = path if read_only == "file" else folder
     mode = target.stat().st_mode

@@ -39,9 +39,8 @@ def damaged_copies(model: Path, folder: Path, count: int, seed: int) -> list[Pat
     return paths
 
 
-def wrong_filter_shape(model: Path, dest: Path) -> Path:
-    """A copy whose first convolution's filter takes twice the input channels (its weights
-    doubled to match): the flatbuffer parses and verifies, the convolution fails to prepare."""
+def first_conv_changed(model: Path, dest: Path, change) -> Path:
+    """A copy of the model where `change(tensor, buffer)` edits its first convolution's filter."""
     import flatbuffers
     from ai_edge_litert import schema_py_generated as schema
 
@@ -50,13 +49,27 @@ def wrong_filter_shape(model: Path, dest: Path) -> Path:
     conv = next(op for op in graph.operators
                 if m.operatorCodes[op.opcodeIndex].builtinCode == schema.BuiltinOperator.CONV_2D)
     weights = graph.tensors[conv.inputs[1]]
-    weights.shape = np.array([*weights.shape[:3], 2 * weights.shape[3]], np.int32)
-    buffer = m.buffers[weights.buffer]
-    buffer.data = np.concatenate([buffer.data, buffer.data])
+    change(weights, m.buffers[weights.buffer])
     builder = flatbuffers.Builder(0)
     builder.Finish(m.Pack(builder), file_identifier=b"TFL3")
     dest.write_bytes(bytes(builder.Output()))
     return dest
+
+
+def wrong_filter_shape(model: Path, dest: Path) -> Path:
+    """The filter takes twice the input channels (its weights doubled to match): the flatbuffer
+    parses and verifies, the convolution fails to prepare."""
+    def change(weights, buffer):
+        weights.shape = np.array([*weights.shape[:3], 2 * weights.shape[3]], np.int32)
+        buffer.data = np.concatenate([buffer.data, buffer.data])
+    return first_conv_changed(model, dest, change)
+
+
+def nan_weights(model: Path, dest: Path) -> Path:
+    """A float model whose first convolution's weights are all NaN."""
+    def change(_weights, buffer):
+        buffer.data = np.full(len(buffer.data) // 4, np.nan, np.float32).view(np.uint8)
+    return first_conv_changed(model, dest, change)
 
 
 def outcome(model: Path, image: Path) -> str:
@@ -104,23 +117,6 @@ def test_damaged_models_are_refused_with_a_code_or_give_a_sound_result(tmp_path,
             assert entry["decision"] in DECISIONS
         else:
             assert result.returncode == 2 and "error [" in result.stderr and not result.stdout
-
-
-def nan_weights(model: Path, dest: Path) -> Path:
-    """A copy of a float model whose first convolution's weights are all NaN."""
-    import flatbuffers
-    from ai_edge_litert import schema_py_generated as schema
-
-    m = schema.ModelT.InitFromPackedBuf(bytearray(model.read_bytes()), 0)
-    graph = m.subgraphs[0]
-    conv = next(op for op in graph.operators
-                if m.operatorCodes[op.opcodeIndex].builtinCode == schema.BuiltinOperator.CONV_2D)
-    buffer = m.buffers[graph.tensors[conv.inputs[1]].buffer]
-    buffer.data = np.full(len(buffer.data) // 4, np.nan, np.float32).view(np.uint8)
-    builder = flatbuffers.Builder(0)
-    builder.Finish(m.Pack(builder), file_identifier=b"TFL3")
-    dest.write_bytes(bytes(builder.Output()))
-    return dest
 
 
 def test_a_model_giving_nan_is_refused_not_read_as_no_abnormality(tmp_path, tiny_run):
