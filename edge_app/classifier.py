@@ -54,7 +54,10 @@ def load_model_file(path: str | Path) -> tuple[bytes, ModelCard]:
     path = Path(path)
     if not path.is_file():
         raise ModelError("model_not_found", f"model file not found: {path}", path)
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelError("model_invalid", f"the model file cannot be read ({exc.strerror or exc})", path) from exc
     release.verify(path, data)  # a released model must match its SHA256SUMS
     if len(data) < 8 or data[4:8] != b"TFL3":
         raise ModelError("model_invalid", "not a TFLite model (no TFL3 identifier)", path)

@@ -106,8 +106,8 @@ class History:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise HistoryError("history_read_only" if exc.errno in (errno.EACCES, errno.EROFS) else "history_unavailable",
-                               f"cannot create the history's folder ({exc.strerror or exc})", self.path) from exc
+            code = "history_read_only" if exc.errno in (errno.EACCES, errno.EROFS) else "history_unavailable"
+            raise _failure(code, "create the history's folder", exc.strerror or str(exc), self.path) from exc
         self._conn = None
         with self._typed("open the screening history"):
             # autocommit mode: every transaction below is explicit, BEGIN ... COMMIT
@@ -116,7 +116,7 @@ class History:
             check = self._conn.execute("PRAGMA quick_check").fetchone()[0]  # before anything writes
             if check != "ok":   # its first line names the database, the next the first fault
                 raise _failure("history_corrupt", "open the screening history",
-                               f"integrity check: {' '.join(check.splitlines()[1:2]) or check}", self.path)
+                               f"SQLite's integrity check: {' '.join(check.splitlines()[1:2]) or check}", self.path)
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.execute("BEGIN IMMEDIATE")      # a read-only file or folder fails here, at open
@@ -226,11 +226,11 @@ def _history_error(exc: sqlite3.Error, action: str, path: Path) -> HistoryError:
     if code == "history_unavailable" and primary == sqlite3.SQLITE_CANTOPEN and path.exists() \
             and not os.access(path.parent, os.W_OK):
         code = "history_read_only"
-    return _failure(code, action, str(exc), path)
+    return _failure(code, action, f"SQLite: {exc}", path)
 
 
 def _failure(code: str, action: str, detail: str, path: Path) -> HistoryError:
-    return HistoryError(code, f"Cannot {action}: {_ADVICE[code]}. (SQLite: {detail[:120]})", path)
+    return HistoryError(code, f"Cannot {action}: {_ADVICE[code]}. ({detail[:120]})", path)
 
 
 def export_csv(screenings: list[Screening], path: str | os.PathLike) -> Path:

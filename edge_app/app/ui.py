@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import glob
-import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,11 +34,10 @@ from edge_app import decision
 from edge_app.app.config import AppConfig
 from edge_app.app.overlay import display_square, heatmap_rgba
 from edge_app.classifier import Classifier
-from edge_app.errors import CxrEdgeError, HistoryError, InputError
+from edge_app.errors import CxrEdgeError, HistoryError, InputError, log_unexpected
 from edge_app.history import History, beside, export_csv
 from edge_app.screening import screen
 
-log = logging.getLogger("cxr-edge")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".dcm", ".dicom")
 DISPLAY_SIZE = 512
 COLOURS = {decision.REFER: (0.72, 0.14, 0.14, 1), decision.NO_ABNORMALITY: (0.10, 0.45, 0.25, 1),
@@ -365,9 +363,9 @@ class CxrApp(App):
             self.error = "This screening could not be recorded, so it is not shown."
             self.sm.current = "screening"
             return
-        if not isinstance(exc, CxrEdgeError):
-            log.error("cxr-edge: unexpected error", exc_info=exc)
         self.error = _error_message(exc)
+        if not isinstance(exc, CxrEdgeError):   # a bug: its traceback goes to the error log
+            self.error += f" ({log_unexpected(exc, 'app')})"
         if not isinstance(exc, InputError) and self.classifier is None:
             self.model_status = f"Model not loaded: {_error_message(exc)}"
 
