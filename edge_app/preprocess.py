@@ -44,7 +44,7 @@ import numbers
 import os
 import stat
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -74,8 +74,9 @@ MIN_SIDE = 64                 # shorter side below this -> too_small
 MAX_PIXELS = 50_000_000       # more pixels -> too_large, from the header: ~7070², 2.7x a 4300²
                               # flat-panel detector; below Pillow's bomb warning (89.5 MP), so its
                               # warning only ever fires for images refused anyway. Peak memory of
-                              # `load` at the limit: ~0.25 GB for a 16-bit PNG (Pillow's image plus
-                              # one numpy copy; reduced before any float step; JPEGs are drafted).
+                              # `load` at the limit: ~0.15 GB for a 16-bit PNG (Pillow's image, read
+                              # into numpy in strips, reduced before any float step; JPEGs drafted).
+DEEP_STRIP_ROWS = 512        # deep (16-bit) images are read into numpy this many rows at a time
 STRETCH_PERCENTILES = (0.5, 99.5)  # deep images without a VOI window: these -> 0 and 255 (robust to
                                    # hot/dead pixels and burnt-in labels)
 STRETCH_SAMPLE_PIXELS = 1 << 16    # the percentiles are taken on a fixed grid of about this many pixels
@@ -303,10 +304,7 @@ def _pillow_to_gray(im: Image.Image, path, strict: bool, factor: int):
     """(grey uint8 reduced by `factor`, RGB uint8 array of the same when strict and the image
     has colour, else None)."""
     if im.mode in _DEEP_MODES:
-        values = np.asarray(im)
-        if values.dtype.kind == "f" and not np.isfinite(values).all():
-            raise InputError("corrupt", "the image has non-finite pixel values (NaN or infinity)", path)
-        return _stretch(_block_mean(values, factor), path), None
+        return _stretch(_deep_block_mean(im, factor, path), path), None
     if im.mode in ("1", "L"):
         return np.asarray(_reduce(im.convert("L"), factor)), None
     if im.mode == "YCbCr":   # a colour JPEG from _draft_jpeg: Y is the luma
@@ -327,6 +325,21 @@ def _pillow_to_gray(im: Image.Image, path, strict: bool, factor: int):
 def _reduce(im: Image.Image, factor: int) -> Image.Image:
     """Pillow's integer box reduction (exact integer arithmetic, the same on every CPU)."""
     return im if factor == 1 else im.reduce(factor)
+
+
+def _deep_block_mean(im: Image.Image, factor: int, path) -> np.ndarray:
+    """`_block_mean` of a deep Pillow image, read in strips of rows so that no second
+    full-size copy of a 49 MP, 16-bit image is ever made."""
+    w, h = im.size
+    step = factor * max(1, DEEP_STRIP_ROWS // factor)
+    end = h - h % factor
+    strips = []
+    for top in range(0, end, step):
+        strip = np.asarray(im.crop((0, top, w, min(top + step, end))))
+        if strip.dtype.kind == "f" and not np.isfinite(strip).all():
+            raise InputError("corrupt", "the image has non-finite pixel values (NaN or infinity)", path)
+        strips.append(_block_mean(strip, factor))
+    return np.concatenate(strips)
 
 
 def _block_mean(values: np.ndarray, factor: int) -> np.ndarray:
@@ -387,6 +400,7 @@ def _decode_dicom(stream, path, strict: bool, keep: int | None):
                              "Columns)", path)
         rows, cols = int(ds.Rows), int(ds.Columns)
         _check_geometry(cols, rows, path)
+        _default_transfer_syntax(ds)
         pixels = _dicom_first_frame(ds, path)
         factor = _reduction(cols, rows, keep)
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
@@ -397,6 +411,7 @@ def _decode_dicom(stream, path, strict: bool, keep: int | None):
         if samples != 1 or pixels.ndim != 2:
             raise InputError("unsupported_mode", f"DICOM images with {samples} samples per pixel are "
                              "not supported", path)
+        _check_dicom_numbers(ds, path)
         stored = _block_mean(pixels, factor)
         values = apply_modality_lut(stored, ds)
         if "WindowCenter" in ds or "VOILUTSequence" in ds:
@@ -422,6 +437,42 @@ def _decode_dicom(stream, path, strict: bool, keep: int | None):
     if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
         gray = np.uint8(255) - gray
     return gray, None
+
+
+def _default_transfer_syntax(ds) -> None:
+    """A dataset without file meta (no preamble, no group 0002) is uncompressed: its transfer
+    syntax is the encoding pydicom read it with."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is None:
+        meta = ds.file_meta = FileMetaDataset()
+    if "TransferSyntaxUID" not in meta:
+        implicit, little = ds.original_encoding
+        meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                  ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+
+
+_DICOM_NUMBERS = ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth")
+
+
+def _check_dicom_numbers(ds, path) -> None:
+    """The rescale and window attributes, when present, must be finite numbers."""
+    for keyword in _DICOM_NUMBERS:
+        if keyword not in ds:
+            continue
+        value = ds[keyword].value
+        multiple = isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+        for item in value if multiple else [value]:
+            try:
+                number = float(item)
+            except (TypeError, ValueError):
+                raise InputError("corrupt", f"the DICOM attribute {keyword} is not a number "
+                                 f"({item!r})", path) from None
+            if not math.isfinite(number):
+                raise InputError("corrupt", f"the DICOM attribute {keyword} is not finite ({item!r})",
+                                 path)
 
 
 def _dicom_first_frame(ds, path) -> np.ndarray:

@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import resource
+import socket
 import struct
+import subprocess
 import sys
+import threading
 import warnings
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -419,6 +424,133 @@ def test_huge_images_are_refused_from_the_header_without_decoding(tmp_path):
     assert warnings.filters == filters_before
     grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024  # KiB on Linux
     assert grown_mib < 40, f"peak memory grew by {grown_mib:.0f} MiB"
+
+
+# --- defects found by an outside attack ---------------------------------------------------------
+
+def decode_within(seconds: float, source):
+    """decode in a daemon thread: a hang fails the test instead of blocking the suite."""
+    result = {}
+
+    def run():
+        try:
+            result["value"] = pp.decode(source)
+        except Exception as e:  # noqa: BLE001 - handed to the test
+            result["error"] = e
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"decode({source}) hangs"
+    return result
+
+
+def test_pipes_sockets_and_devices_are_refused_before_opening(tmp_path):
+    fifo = tmp_path / "image.png"
+    os.mkfifo(fifo)                                   # opening it for reading would block forever
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(tmp_path / "image.sock"))
+    try:
+        for path in (fifo, tmp_path / "image.sock", Path("/dev/zero")):
+            error = decode_within(10, path).get("error")
+            assert isinstance(error, InputError) and error.code == "not_an_image", path
+            assert "not a regular file" in error.message and error.path == str(path)
+    finally:
+        server.close()
+
+
+def dicom_patched(tmp_path, old: bytes, new: bytes, **attrs):
+    """A valid DICOM whose bytes `old` (present once) are replaced by `new` of the same length."""
+    data = write_dicom(tmp_path / "valid.dcm", dicom_ramp(), **attrs).read_bytes()
+    assert data.count(old) == 1 and len(old) == len(new)
+    path = tmp_path / "patched.dcm"
+    path.write_bytes(data.replace(old, new))
+    return path
+
+
+@pytest.mark.parametrize("old, new, message", [
+    (b"12345", b"abc  ", "WindowCenter is not a number"),
+    (b"1.0 ", b"abc ", "RescaleSlope is not a number"),
+    (b"1.0 ", b"nan ", "RescaleSlope is not finite"),
+    (b"1.0 ", b"inf ", "RescaleSlope is not finite"),
+    (b"1.0 ", b"-inf", "RescaleSlope is not finite"),
+    (b"\x28\x00\x50\x10DS", b"\x28\x00\x50\x10ZZ", "Unknown Value Representation"),   # WindowCenter's VR
+    (b"\x28\x00\x01\x01US", b"\x28\x00\x01\x01ZZ", "Unknown Value Representation"),   # BitsStored's VR
+    (b"1.2.840.10008.1.2.1\x00", b"1.2.840.10008.5.1.1\x00", "not supported"),  # a UID, not a syntax
+])
+def test_malformed_dicom_attributes_are_corrupt_not_tracebacks(tmp_path, old, new, message):
+    path = dicom_patched(tmp_path, old, new, WindowCenter="12345", WindowWidth="3000",
+                         RescaleSlope="1.0", RescaleIntercept="0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)        # no NaN arithmetic on the way
+        with pytest.raises(InputError) as info:
+            pp.decode(path)
+    assert info.value.code == "corrupt" and message in info.value.message
+
+
+def test_dicom_without_preamble_or_file_meta_reads_the_same_as_path_and_bytes(tmp_path):
+    values = dicom_ramp()
+    data = write_dicom(tmp_path / "full.dcm", values).read_bytes()
+    expected = pp.decode(data)
+    from pydicom import dcmread
+    ds = dcmread(tmp_path / "full.dcm")
+    del ds.file_meta                                  # a bare dataset, implicit VR little endian
+    ds.save_as(tmp_path / "bare.raw", enforce_file_format=False, implicit_vr=True, little_endian=True)
+    for name, body in (("no_preamble.img", data[132:]), ("bare.raw", (tmp_path / "bare.raw").read_bytes())):
+        path = tmp_path / name
+        path.write_bytes(body)
+        np.testing.assert_array_equal(pp.decode(path), expected, err_msg=name)
+        np.testing.assert_array_equal(pp.decode(body), expected, err_msg=name)
+
+
+def jpeg_ended_early(xray, share: float, progressive: bool = False) -> bytes:
+    """A 1024 px JPEG of the film cut after `share` of its bytes, with an end-of-image marker."""
+    buffer = io.BytesIO()
+    Image.fromarray(xray).resize((1024, 1024)).save(buffer, "JPEG", quality=95, progressive=progressive)
+    data = buffer.getvalue()
+    return data[: int(len(data) * share)] + b"\xff\xd9"
+
+
+@pytest.mark.parametrize("share", [0.6, 0.3, 0.95])
+def test_jpeg_ended_early_is_truncated_not_screened(xray, share):
+    """Outside attack (6): libjpeg fills the missing rows with grey and only warns."""
+    data = jpeg_ended_early(xray, share)
+    with Image.open(io.BytesIO(data)) as im:
+        assert (np.asarray(im)[-8:] == 128).all()     # the decoder's fill, decoded without an error
+    for draft_size in (None, 224, 64):
+        with pytest.raises(InputError) as info:
+            pp.decode(data, draft_size=draft_size)
+        assert info.value.code == "truncated" and "grey fill" in info.value.message
+
+
+def test_films_with_a_grey_or_black_bottom_edge_are_not_truncated(tmp_path, xray):
+    film = np.asarray(Image.fromarray(xray).resize((512, 512))).copy()
+    for value in (0, 127, 255):
+        film[-40:] = value                            # a uniform band, not the decoder's fill
+        path = save(tmp_path / f"band{value}.jpg", Image.fromarray(film), quality=100)
+        pp.decode(path, strict=True)
+    film[-3:] = 128                                   # the fill value, but fewer rows than a block
+    pp.decode(save(tmp_path / "thin.png", Image.fromarray(film)), strict=True)
+
+
+def test_16bit_png_at_the_pixel_limit_stays_within_its_documented_memory(tmp_path):
+    """MAX_PIXELS's comment promises ~0.15 GB at the limit (it was 660 MiB): measured in a fresh process."""
+    z = zlib.compressobj(6)
+    side = 7000                                       # 49 MP, under MAX_PIXELS
+    row = bytes(2 * side + 1)
+    ihdr = struct.pack(">IIBBBBB", side, side, 16, 0, 0, 0, 0)
+    data = (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr)
+            + png_chunk(b"IDAT", b"".join(z.compress(row) for _ in range(side)) + z.flush())
+            + png_chunk(b"IEND", b""))
+    path = tmp_path / "big16.png"
+    path.write_bytes(data)
+    code = ("import resource, sys; from edge_app import preprocess as pp; "
+            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+            "pp.load(sys.argv[1], pp.InputSpec(size=224)); "
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                         check=True, cwd=Path(pp.__file__).parents[1])
+    grown_mib = float(out.stdout)
+    assert grown_mib < 0.15 * 1024, f"peak memory grew by {grown_mib:.0f} MiB"
 
 
 # --- draft / determinism ----------------------------------------------------------------------------
