@@ -179,7 +179,9 @@ def decode(source, *, strict: bool = False, draft_size: int | None = None) -> np
         head = stream.read(132)
         stream.seek(0)
         if _is_dicom(head):
-            gray, rgb = _decode_dicom(stream, path, strict, keep)
+            # from memory: pydicom reads an element's claimed length at once, and a file's
+            # read(n) allocates n bytes first (GBs for a broken length) where bytes' does not
+            gray, rgb = _decode_dicom(io.BytesIO(stream.read()), path, strict, keep)
         else:
             gray, rgb = _decode_pillow(stream, path, head, strict, keep)
     if strict:
