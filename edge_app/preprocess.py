@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import io
 import math
+import mmap
 import numbers
 import os
 import stat
@@ -179,9 +180,8 @@ def decode(source, *, strict: bool = False, draft_size: int | None = None) -> np
         head = stream.read(132)
         stream.seek(0)
         if _is_dicom(head):
-            # from memory: pydicom reads an element's claimed length at once, and a file's
-            # read(n) allocates n bytes first (GBs for a broken length) where bytes' does not
-            gray, rgb = _decode_dicom(io.BytesIO(stream.read()), path, strict, keep)
+            with _memory_view(stream) as view:
+                gray, rgb = _decode_dicom(view, path, strict, keep)
         else:
             gray, rgb = _decode_pillow(stream, path, head, strict, keep)
     if strict:
@@ -214,6 +214,15 @@ def _open(source) -> tuple[Path | None, io.BufferedIOBase]:
         stream.close()
         raise InputError("empty", "the file is empty (0 bytes)", path)
     return path, stream
+
+
+def _memory_view(stream):
+    """A file as a read-only memory map (bytes stay as they are). pydicom reads an element's
+    claimed length at once, and a file's read(n) allocates n bytes first: GBs for a broken
+    length, a MemoryError where memory is limited; a map's read(n), like bytes', does not."""
+    if isinstance(stream, io.BytesIO):
+        return stream
+    return mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ)
 
 
 def _is_dicom(head: bytes) -> bool:
@@ -316,7 +325,7 @@ def _pillow_to_gray(im: Image.Image, path, strict: bool, factor: int):
         black = Image.new("RGBA", im.size, (0, 0, 0, 255))
         rgb = Image.alpha_composite(black, im.convert("RGBA")).convert("RGB")
     elif im.mode in _COLOUR_MODES:
-        rgb = im.convert("RGB")
+        rgb = im if im.mode == "RGB" else im.convert("RGB")
     else:
         raise InputError("unsupported_mode", f"images in Pillow mode {im.mode!r} are not supported",
                          path)
@@ -346,15 +355,28 @@ def _deep_block_mean(im: Image.Image, factor: int, path) -> np.ndarray:
 
 def _block_mean(values: np.ndarray, factor: int) -> np.ndarray:
     """Means of factor x factor blocks (a partial last block is dropped), same dtype: integer
-    images are summed exactly in int64 and rounded, so the result is the same on every CPU."""
+    images are summed exactly (16-bit ones in 32 bits: the sum of up to 256^2 values fits)
+    and rounded, so the result is the same on every CPU."""
     if factor == 1:
         return values
     h, w = values.shape[0] // factor, values.shape[1] // factor
-    acc = np.float64 if values.dtype.kind == "f" else np.int64
-    sums = values[:h * factor, :w * factor].reshape(h, factor, w * factor).sum(axis=1, dtype=acc)
-    sums = sums.reshape(h, w, factor).sum(axis=2)
+    if values.dtype.kind == "f":
+        acc = np.float64
+    elif values.dtype.itemsize <= 2:
+        acc = np.uint32 if values.dtype.kind in "ub" else np.int32
+    else:
+        acc = np.int64
+    # rows first, on whole rows (cutting the columns first would copy the image), then the
+    # columns: factor strided adds (a sum over a short last axis is slow in numpy)
+    rows = values[:h * factor].reshape(h, factor, values.shape[1]).sum(axis=1, dtype=acc)
+    sums = rows[:, 0:w * factor:factor].copy()
+    for k in range(1, factor):
+        sums += rows[:, k:w * factor:factor]
     n = factor * factor
-    return (sums / n if acc is np.float64 else (sums + n // 2) // n).astype(values.dtype)
+    if acc is np.float64:
+        return (sums / n).astype(values.dtype)
+    # rounded integer mean; float64 division is exact here (sums < 2^53) and faster than //
+    return np.floor((sums + n // 2) / n).astype(values.dtype)
 
 
 def _stretch(values: np.ndarray, path) -> np.ndarray:
@@ -517,9 +539,9 @@ def _check_plausible(gray: np.ndarray, rgb: np.ndarray | None, path) -> None:
 def _mean_chroma(rgb: np.ndarray) -> float:
     """Mean of max(R,G,B) - min(R,G,B) in [0, 1], on a fixed grid of ~CHROMA_SAMPLE_PIXELS."""
     step = max(1, int(math.sqrt(rgb.shape[0] * rgb.shape[1] / CHROMA_SAMPLE_PIXELS)))
-    sample = rgb[::step, ::step]
-    chroma = sample.max(axis=2) - sample.min(axis=2)   # never negative, so uint8 cannot wrap
-    return float(chroma.mean()) / 255.0
+    red, green, blue = (rgb[::step, ::step, c] for c in range(3))   # (not max(axis=2): slow in numpy)
+    chroma = np.maximum(np.maximum(red, green), blue) - np.minimum(np.minimum(red, green), blue)
+    return float(chroma.mean()) / 255.0   # max - min is never negative, so uint8 cannot wrap
 
 
 # ---------------------------------------------------------------------------------------------
