@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import io
 import math
-import mmap
 import numbers
 import os
 import stat
@@ -180,8 +179,8 @@ def decode(source, *, strict: bool = False, draft_size: int | None = None) -> np
         head = stream.read(132)
         stream.seek(0)
         if _is_dicom(head):
-            with _memory_view(stream) as view:
-                gray, rgb = _decode_dicom(view, path, strict, keep)
+            dicom = stream if isinstance(stream, io.BytesIO) else _CappedReads(stream)
+            gray, rgb = _decode_dicom(dicom, path, strict, keep)
         else:
             gray, rgb = _decode_pillow(stream, path, head, strict, keep)
     if strict:
@@ -216,13 +215,22 @@ def _open(source) -> tuple[Path | None, io.BufferedIOBase]:
     return path, stream
 
 
-def _memory_view(stream):
-    """A file as a read-only memory map (bytes stay as they are). pydicom reads an element's
-    claimed length at once, and a file's read(n) allocates n bytes first: GBs for a broken
-    length, a MemoryError where memory is limited; a map's read(n), like bytes', does not."""
-    if isinstance(stream, io.BytesIO):
-        return stream
-    return mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ)
+class _CappedReads:
+    """A file whose read(n) asks for no more than what is left of it. pydicom reads an
+    element's claimed length at once, and a file's read(n) allocates n bytes first: GBs for a
+    broken length, a MemoryError where memory is limited (bytes' read(n) does not)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._size = os.fstat(stream.fileno()).st_size
+
+    def read(self, n: int | None = -1) -> bytes:
+        if n is None or n < 0:
+            return self._stream.read()
+        return self._stream.read(min(n, max(0, self._size - self._stream.tell())))
+
+    def __getattr__(self, name):      # seek, tell, name...: the file's own
+        return getattr(self._stream, name)
 
 
 def _is_dicom(head: bytes) -> bool:
@@ -353,10 +361,11 @@ def _deep_block_mean(im: Image.Image, factor: int, path) -> np.ndarray:
     return np.concatenate(strips)
 
 
-def _block_mean(values: np.ndarray, factor: int) -> np.ndarray:
+def _block_mean(values: np.ndarray, factor: int, bits: int = 16) -> np.ndarray:
     """Means of factor x factor blocks (a partial last block is dropped), same dtype: integer
-    images are summed exactly (16-bit ones in 32 bits: the sum of up to 256^2 values fits)
-    and rounded, so the result is the same on every CPU."""
+    images are summed exactly (16-bit ones in 32 bits: the sum of up to 256^2 values fits;
+    the rows of `bits`-deep data in 16 bits where factor of them fit, twice as fast) and
+    rounded, so the result is the same on every CPU."""
     if factor == 1:
         return values
     h, w = values.shape[0] // factor, values.shape[1] // factor
@@ -368,8 +377,10 @@ def _block_mean(values: np.ndarray, factor: int) -> np.ndarray:
         acc = np.int64
     # rows first, on whole rows (cutting the columns first would copy the image), then the
     # columns: factor strided adds (a sum over a short last axis is slow in numpy)
-    rows = values[:h * factor].reshape(h, factor, values.shape[1]).sum(axis=1, dtype=acc)
-    sums = rows[:, 0:w * factor:factor].copy()
+    narrow = values.dtype == np.uint16 and factor * (2 ** bits - 1) < 2 ** 16
+    rows = values[:h * factor].reshape(h, factor, values.shape[1]).sum(axis=1, dtype=values.dtype
+                                                                       if narrow else acc)
+    sums = rows[:, 0:w * factor:factor].astype(acc)
     for k in range(1, factor):
         sums += rows[:, k:w * factor:factor]
     n = factor * factor
@@ -380,13 +391,18 @@ def _block_mean(values: np.ndarray, factor: int) -> np.ndarray:
 
 
 def _stretch(values: np.ndarray, path) -> np.ndarray:
-    """Robust stretch to uint8: the STRETCH_PERCENTILES of a subsample -> 0 and 255, clipped
-    beyond, so one hot or dead pixel cannot squash the film; a constant image -> zeros."""
+    """Robust stretch to uint8: see `_robust_range`; a constant image -> zeros."""
+    return _to_uint8(values, *_robust_range(values, path))
+
+
+def _robust_range(values: np.ndarray, path) -> tuple[float, float]:
+    """The STRETCH_PERCENTILES of a 2-D image, on a grid of about STRETCH_SAMPLE_PIXELS: the
+    values that become 0 and 255, so that one hot or dead pixel cannot squash the film."""
     step = max(1, int(math.sqrt(values.size / STRETCH_SAMPLE_PIXELS)))
     lo, hi = (float(v) for v in np.percentile(values[::step, ::step], STRETCH_PERCENTILES))
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise InputError("corrupt", "the image has non-finite pixel values (NaN or infinity)", path)
-    return _to_uint8(values, lo, hi)
+    return lo, hi
 
 
 def _to_uint8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -436,23 +452,22 @@ def _decode_dicom(stream, path, strict: bool, keep: int | None):
             raise InputError("unsupported_mode", f"DICOM images with {samples} samples per pixel are "
                              "not supported", path)
         _check_dicom_numbers(ds, path)
-        stored = _block_mean(pixels, factor)
-        values = apply_modality_lut(stored, ds)
+        bits = int(ds.BitsStored)
+        if not 1 <= bits <= 16:
+            raise InputError("dicom_unsupported", f"DICOM images with {bits} bits stored are not "
+                             "supported (1 to 16)", path)
+        low = -(2 ** (bits - 1)) if int(ds.get("PixelRepresentation", 0)) == 1 else 0
+        index = _block_mean(pixels, factor, bits) - np.int32(low)   # pydicom masks unused bits
+        # the modality and VOI stages of every possible stored value, then one lookup per pixel
+        table = apply_modality_lut(np.arange(low, low + 2 ** bits, dtype=np.int32), ds)
         if "WindowCenter" in ds or "VOILUTSequence" in ds:
-            bits = int(ds.BitsStored)
-            low = -(2 ** (bits - 1)) if int(ds.get("PixelRepresentation", 0)) == 1 else 0
-            extremes = np.array([low, low + 2 ** bits - 1], pixels.dtype)   # what the window can output
-            lo, hi = sorted(float(v) for v in apply_voi_lut(apply_modality_lut(extremes, ds), ds))
-            values = apply_voi_lut(values, ds)
-            if not (np.isfinite(values).all() and math.isfinite(lo) and math.isfinite(hi)):
-                raise InputError("corrupt", "the DICOM rescale or window gives non-finite values",
-                                 path)
-            gray = _to_uint8(values, lo, hi)
+            table = apply_voi_lut(table, ds)
+            lo, hi = float(table.min()), float(table.max())    # what the window can output
         else:
-            gray = _stretch(values, path)
-        if not np.isfinite(values).all():
-            raise InputError("corrupt", "the DICOM rescale gives non-finite values (NaN or "
-                             "infinity)", path)
+            lo, hi = _robust_range(table[index], path)
+        if not np.isfinite(table).all():
+            raise InputError("corrupt", "the DICOM rescale or window gives non-finite values", path)
+        gray = _to_uint8(table, lo, hi)[index]
     except InputError:
         raise
     except Exception as e:  # noqa: BLE001 - a malformed attribute can raise anything in pydicom
