@@ -99,7 +99,7 @@ REDUCING_GAP = 3.0            # big downscales: integer box-reduce first, then r
 FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "GIF")  # what Pillow may try (JPEG includes MPO): no EPS, PDF...
 _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00",
                b"MM\x00*")    # files that claim to be a supported image: undecodable -> corrupt
-_DEEP_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # stretched over their own range
+_DEEP_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # stretched robustly (STRETCH_PERCENTILES)
 _ALPHA_MODES = ("P", "PA", "LA", "La", "RGBA", "RGBa")       # composited on black
 _COLOUR_MODES = ("RGB", "RGBX", "CMYK")
 
@@ -445,8 +445,9 @@ def _decode_dicom(stream, path, strict: bool, keep: int | None):
         factor = _reduction(cols, rows, keep)
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
         if samples == 3 and pixels.ndim == 3:
-            scale = 255.0 / (2 ** int(ds.get("BitsStored", 8)) - 1)
-            rgb = _reduce(Image.fromarray(_to_uint8(pixels * scale, 0.0, 255.0), "RGB"), factor)
+            top = 2 ** int(ds.get("BitsStored", 8)) - 1
+            rgb8 = pixels if pixels.dtype == np.uint8 else _to_uint8(pixels, 0.0, top)
+            rgb = _reduce(Image.fromarray(rgb8, "RGB"), factor)
             return np.asarray(rgb.convert("L")), (np.asarray(rgb) if strict else None)
         if samples != 1 or pixels.ndim != 2:
             raise InputError("unsupported_mode", f"DICOM images with {samples} samples per pixel are "
