@@ -38,6 +38,7 @@ Conventions worth knowing:
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
 import numbers
@@ -644,24 +645,33 @@ def clahe(image: np.ndarray, tiles: int = CLAHE_TILES, clip_limit: float = CLAHE
     hist = np.minimum(hist, limit) + excess / bins
     mapping = (np.cumsum(hist, axis=1) / (th * tw)).astype(np.float32).ravel()   # [tile row, tile col, bin]
 
+    corners, weights = _clahe_blend(h, w, tiles)
+    blended = (mapping[corners + q[:h, :w]] * weights).sum(axis=0)   # the 4 in order: same bits
+    return np.clip(blended, 0.0, 1.0, out=blended)
+
+
+@functools.lru_cache(maxsize=8)
+def _clahe_blend(h: int, w: int, tiles: int) -> tuple[np.ndarray, np.ndarray]:
+    """For every pixel of an h x w image, its four nearest tiles (flat offsets into CLAHE's
+    [tile row, tile col, 256 bins] mapping) and their bilinear weights, each (4, h, w): they
+    depend on the shape only, so a model's input size computes them once."""
     def neighbours(n, tile):   # per pixel: lower and upper tile index, weight of the upper one
         centre = np.arange(n, dtype=np.float32) / tile - np.float32(0.5)   # OpenCV's convention
         low = np.floor(centre).astype(np.intp)
         weight = np.where((low >= 0) & (low < tiles - 1), centre - low, np.float32(0)).astype(np.float32)
         return np.clip(low, 0, tiles - 1), np.clip(low + 1, 0, tiles - 1), weight
 
-    y0, y1, wy = neighbours(h, th)
-    x0, x1, wx = neighbours(w, tw)
-    # flat indices into mapping [tile row, tile col, bin]: the top-left tile's, then offsets
-    top_left = q[:h, :w] + (x0 * bins)[None, :] + (y0 * (tiles * bins))[:, None]
-    right, down = ((x1 - x0) * bins)[None, :], ((y1 - y0) * (tiles * bins))[:, None]
-    top = mapping[top_left]
-    top += (mapping[top_left + right] - top) * wx
-    top_left += down
-    bottom = mapping[top_left]
-    bottom += (mapping[top_left + right] - bottom) * wx
-    top += (bottom - top) * wy[:, None]
-    return np.clip(top, 0.0, 1.0, out=top)
+    y0, y1, wy = neighbours(h, -(-h // tiles))
+    x0, x1, wx = neighbours(w, -(-w // tiles))
+    rows = [(y0 * tiles * 256)[:, None], (y1 * tiles * 256)[:, None]]
+    cols = [(x0 * 256)[None, :], (x1 * 256)[None, :]]
+    row_weights = [(np.float32(1) - wy)[:, None], wy[:, None]]
+    col_weights = [(np.float32(1) - wx)[None, :], wx[None, :]]
+    corners = np.stack([rows[i] + cols[j] for i in (0, 1) for j in (0, 1)])
+    weights = np.stack([row_weights[i] * col_weights[j] for i in (0, 1) for j in (0, 1)])
+    for array in (corners, weights):
+        array.flags.writeable = False     # shared by every call
+    return corners, weights
 
 
 def trim_borders(gray: np.ndarray) -> np.ndarray:
