@@ -738,7 +738,9 @@ def normalise(images: np.ndarray, spec: InputSpec) -> np.ndarray:
         x = x * np.float32(255)
     elif spec.normalisation != "unit":
         raise ValueError(f"unknown normalisation {spec.normalisation!r}; known: {NORMALISATIONS}")
-    return np.repeat(x, spec.channels, axis=-1)   # grey: the same value in every channel
+    out = np.empty(x.shape[:-1] + (spec.channels,), np.float32)
+    out[...] = x                                  # grey: the same value in every channel
+    return out
 
 
 def load(source, spec: InputSpec, *, strict: bool = False) -> np.ndarray:
