@@ -11,6 +11,7 @@
 #   make release RUN=mobilenet_v2-cxr      dist/<model>-<version>/, only when every gate passes
 #   make bundle-pi RUN=mobilenet_v2-cxr    dist/ folder + tarball for 64-bit Raspberry Pi OS
 #   sudo make verify-pi RUN=...            install it on an emulated aarch64 Debian 12, compare with x86
+#   make fuzz FUZZ_N=20000                 mutation fuzz of the image decoder (failing files: build/fuzz-failures)
 #
 # Variables: DATA (dataset folder; empty = the generated synthetic set), MODEL, RUN (run name,
 # the folder under artifacts/), CONFIG (a TOML file of training settings), WEIGHTS, WEIGHTS_DIR,
@@ -24,6 +25,7 @@
 # Pi variables: PI_VARIANT (tflite variant, default int8), PI_WHEELS (0: no vendored wheels),
 # PI_IMAGES (test split for verify-pi), PI_PER_CLASS, PI_ROOTFS (cached emulated rootfs),
 # PI_CPU (pi4: Cortex-A72, pi5: Cortex-A76), PI_TOLERANCE (largest |probability difference|).
+# Fuzz variables: FUZZ_N (mutants), FUZZ_JOBS (worker processes), FUZZ_SEED (mutant i of a seed is reproducible).
 
 PYTHON      ?= python3
 VENV        := .venv
@@ -50,6 +52,9 @@ COMPARE     ?=
 RESULTS     ?=
 VERSION     ?=
 BENCH_ARGS  ?=
+FUZZ_N      ?= 5000
+FUZZ_JOBS   ?= 2
+FUZZ_SEED   ?= 0
 SITE        ?=
 SITE_PER_CLASS ?= 0
 # LiteRT's GPU accelerator runs on SwiftShader (Chromium's software Vulkan) where it is installed.
@@ -65,7 +70,7 @@ PI_TOLERANCE ?= 0.05
 PI_BUNDLE   := dist/cxr-edge-pi-$(RUN)-$(PI_VARIANT)
 PREDICT_IMAGE = $(firstword $(wildcard $(DATASET)/test/covid/* $(DATASET)/test/pneumonia/*))
 
-.PHONY: all setup data train adapt convert benchmark release predict app bundle-pi verify-pi test clean
+.PHONY: all setup data train adapt convert benchmark release predict app bundle-pi verify-pi test fuzz clean
 
 CONVERT      = $(PY) -m convert $(RUN_DIR) $(if $(PRUNE),--prune $(PRUNE)) $(CONVERT_ARGS)
 
@@ -127,6 +132,10 @@ verify-pi: bundle-pi
 
 test: setup
 	$(PY) -m pytest
+
+fuzz: setup
+	FUZZ_N=$(FUZZ_N) FUZZ_JOBS=$(FUZZ_JOBS) FUZZ_SEED=$(FUZZ_SEED) $(PY) -m pytest tests/test_image_fuzz.py \
+		-q -p no:cacheprovider -k mutated
 
 clean:
 	rm -rf artifacts data/synthetic benchmarks/results dist .pytest_cache .benchmarks
