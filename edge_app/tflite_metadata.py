@@ -1,4 +1,4 @@
-"""Read and write the model card embedded in a `.tflite` file.
+"""Read and write the model card embedded in a `.tflite` file; read its signature's I/O types.
 
 A TFLite flatbuffer has a `metadata` list of (name, buffer index) pairs; the card is stored
 there as UTF-8 JSON under CARD_METADATA_NAME, so the file alone describes itself. The schema
@@ -33,6 +33,20 @@ def read_metadata(model_bytes: bytes) -> dict[str, bytes]:
             data = bytes(model_bytes[buffer.Offset(): buffer.Offset() + buffer.Size()])
         entries[meta.Name().decode()] = data
     return entries
+
+
+def float_io(model_bytes: bytes) -> bool:
+    """Whether every input and output of the model's default signature is float32 (what the
+    CompiledModel API runs), read from the flatbuffer without loading a runtime."""
+    schema = _schema()
+    model = schema.Model.GetRootAs(model_bytes, 0)
+    if not model.SignatureDefsLength():
+        return False
+    signature = model.SignatureDefs(0)
+    tensors = model.Subgraphs(signature.SubgraphIndex())
+    ends = [signature.Inputs(i) for i in range(signature.InputsLength())]
+    ends += [signature.Outputs(i) for i in range(signature.OutputsLength())]
+    return all(tensors.Tensors(end.TensorIndex()).Type() == schema.TensorType.FLOAT32 for end in ends)
 
 
 def write_metadata(model_bytes: bytes, name: str, data: bytes) -> bytes:
