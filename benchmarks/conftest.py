@@ -16,7 +16,7 @@ import pytest
 
 from benchmarks import results as results_mod
 from benchmarks.gates import GATES_FILE, load_gates
-from benchmarks.runtimes import RUNTIMES, import_error
+from benchmarks.runtimes import RUNTIMES, gpu_error, import_error
 from benchmarks.testset import Split
 
 RESULTS_KEY = pytest.StashKey[results_mod.Collector]()
@@ -58,8 +58,12 @@ def pytest_configure(config):
     load_gates(Path(config.getoption("gates")))  # a bad gates file fails now, not after the run
     collector = results_mod.Collector(run_dir(config), threads=threads(config),
                                       device=config.getoption("device"))
+    fp32 = run_dir(config) / "tflite" / "fp32.tflite"
     for runtime in RUNTIMES.values():
-        collector.runtime(runtime.name, runtime.label, import_error(runtime.module))
+        reason = import_error(runtime.module)
+        if reason is None and runtime.name == "litert-gpu" and fp32.is_file():
+            reason = gpu_error(fp32)   # LiteRT imports on any machine; the GPU may not be there
+        collector.runtime(runtime.name, runtime.label, reason)
     collector.runtime("keras", "Keras on TensorFlow (the baseline), a process per thread count",
                       import_error("tensorflow"))
     config.stash[RESULTS_KEY] = collector
