@@ -130,7 +130,8 @@ def write_kind(source, kind: Kind, path: Path, rng: np.random.Generator) -> Path
 
 
 def write(sources, out_dir: Path, *, seed: int = 0, kinds=None) -> dict[str, Path]:
-    """{kind: file} in out_dir, the kinds' sources taken in turn from `sources` (image paths)."""
+    """{kind: file} in out_dir, the kinds' sources taken in turn from `sources` (image paths); a
+    kind's file depends only on the seed and the sources, not on which other kinds are made."""
     sources = list(sources)
     names = list(kinds or KINDS)
     unknown = sorted(set(names) - set(KINDS))
@@ -139,9 +140,10 @@ def write(sources, out_dir: Path, *, seed: int = 0, kinds=None) -> dict[str, Pat
                          else "no source images to make clinic files from")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return {name: write_kind(sources[i % len(sources)], KINDS[name], out_dir / f"{name}{KINDS[name].suffix}",
-                             np.random.default_rng([seed, i]))
-            for i, name in enumerate(names)}
+    order = list(KINDS)
+    return {name: write_kind(sources[order.index(name) % len(sources)], KINDS[name],
+                             out_dir / f"{name}{KINDS[name].suffix}", np.random.default_rng([seed, order.index(name)]))
+            for name in names}
 
 
 def library_decode(path: Path) -> np.ndarray:
