@@ -3,9 +3,9 @@
 Options (besides pytest-benchmark's own --benchmark-max-time / --benchmark-min-rounds, which the
 Keras and memory probes follow too): --run (default $CXR_RUN), --threads, --device, --gates,
 --variants (the ones to ship and gate), --compare EARLIER.json, --results-dir.
-At the end the results JSON, report.md and Pareto plot are written (benchmarks/results/), the
-gates are printed as a table, and the session fails when a gate fails or --compare flags a
-regression.
+At the end the results JSON, report.md, Pareto plot and per-stage plot of the full-size clinic
+files (test_clinic.py) are written (benchmarks/results/), the gates are printed as a table, and
+the session fails when a gate fails or --compare flags a regression.
 """
 from __future__ import annotations
 
