@@ -83,14 +83,14 @@ def test_clinic_peak_memory(pytestconfig, results, variant, clinic_set, ratio_th
 
 
 @pytest.mark.parametrize("what", ["cli", "app"])
-def test_cold_start(pytestconfig, results, what, clinic_set):
+def test_cold_start(pytestconfig, results, what, clinic_set, timing):
     """Launch to first result with the int8 model, on the development-set image (the start-up,
-    not the decode of a big file, is what this measures)."""
+    not the decode of a big file, is what this measures); --benchmark-min-rounds runs, at least 3."""
     model = run_dir(pytestconfig) / "tflite" / f"{COLD_START_VARIANT}.tflite"
     if not model.is_file():
         results.clinic["cold_start"][what] = {"available": False, "reason": f"the run has no {model.name}"}
         return   # recorded: its gate fails as not measured
     measure = cold_start.measure_cli if what == "cli" else cold_start.measure_app
-    measured = {**measure(model, clinic_set[DEVSET]), "variant": COLD_START_VARIANT, "image": str(clinic_set[DEVSET])}
+    measured = {**measure(model, clinic_set[DEVSET], runs=max(3, timing["min_rounds"])), "variant": COLD_START_VARIANT, "image": str(clinic_set[DEVSET])}
     results.clinic["cold_start"][what] = measured
     assert not measured["available"] or measured["median_s"] > 0
