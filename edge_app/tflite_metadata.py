@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 CARD_METADATA_NAME = "cxr_edge_model_card"
+MAX_SIGNATURE_TENSORS = 64   # far above this project's (one input, four outputs)
 
 
 def _schema():
@@ -35,18 +36,24 @@ def read_metadata(model_bytes: bytes) -> dict[str, bytes]:
     return entries
 
 
-def float_io(model_bytes: bytes) -> bool:
+def float_io(model_bytes: bytes) -> bool | None:
     """Whether every input and output of the model's default signature is float32 (what the
-    CompiledModel API runs), read from the flatbuffer without loading a runtime."""
-    schema = _schema()
-    model = schema.Model.GetRootAs(model_bytes, 0)
-    if not model.SignatureDefsLength():
-        return False
-    signature = model.SignatureDefs(0)
-    tensors = model.Subgraphs(signature.SubgraphIndex())
-    ends = [signature.Inputs(i) for i in range(signature.InputsLength())]
-    ends += [signature.Outputs(i) for i in range(signature.OutputsLength())]
-    return all(tensors.Tensors(end.TensorIndex()).Type() == schema.TensorType.FLOAT32 for end in ends)
+    CompiledModel API runs), read from the flatbuffer without loading a runtime; None when the
+    flatbuffer cannot tell (no signature, or damaged): the runtimes then say what is wrong."""
+    try:
+        schema = _schema()
+        model = schema.Model.GetRootAs(model_bytes, 0)
+        if not model.SignatureDefsLength():
+            return None
+        signature = model.SignatureDefs(0)
+        tensors = model.Subgraphs(signature.SubgraphIndex())
+        inputs, outputs = signature.InputsLength(), signature.OutputsLength()
+        if inputs + outputs > MAX_SIGNATURE_TENSORS:   # a damaged length: not worth walking
+            return None
+        ends = [signature.Inputs(i) for i in range(inputs)] + [signature.Outputs(i) for i in range(outputs)]
+        return all(tensors.Tensors(end.TensorIndex()).Type() == schema.TensorType.FLOAT32 for end in ends)
+    except Exception:  # noqa: BLE001 - a damaged flatbuffer raises anything; None = cannot tell
+        return None
 
 
 def write_metadata(model_bytes: bytes, name: str, data: bytes) -> bytes:
