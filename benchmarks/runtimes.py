@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from edge_app.runtime import CompiledModelBackend, InterpreterBackend
@@ -77,3 +78,18 @@ def import_error(module: str) -> str | None:
         return None
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
     return lines[-1] if lines else f"import {module} exited {result.returncode}"
+
+
+def gpu_error(model) -> str | None:
+    """Why LiteRT's GPU accelerator cannot run `model` (a float-I/O .tflite) on this machine, tried
+    in a fresh process: no adapter (no GPU, no Vulkan driver), or ops left to the CPU; None when
+    it runs every op. An importable LiteRT says nothing about whether a GPU is there."""
+    code = ("import sys; from benchmarks.runtimes import RUNTIMES; "
+            "RUNTIMES['litert-gpu'].make(open(sys.argv[1], 'rb').read(), 1)")
+    result = subprocess.run([sys.executable, "-c", code, str(model)], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    if result.returncode == 0:
+        return None
+    lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
+    native = [line for line in lines if "No adapters found" in line or "Couldn't load" in line]
+    return f"GPU not available: {(native or lines or [f'exit {result.returncode}'])[-1]}"

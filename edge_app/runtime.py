@@ -24,6 +24,7 @@ import threading
 import numpy as np
 
 from edge_app.errors import ModelError
+from edge_app.tflite_metadata import float_io
 
 ACCELERATORS = ("auto", "gpu", "cpu")
 FLOAT_IO_ONLY = "CompiledModel backend runs float-I/O models only"  # int8-I/O models use the Interpreter
@@ -165,9 +166,12 @@ def open_backend(model_bytes: bytes, *, accelerator: str = "auto", num_threads: 
     if gpu_delegate:
         candidates += [(f"{name}+gpu-delegate", _interpreter_factory(module, model_bytes, num_threads, gpu_delegate))
                        for name, module in interpreters]
-    if accelerator in ("auto", "gpu"):
-        candidates.append(("litert-compiled-gpu", lambda: CompiledModelBackend(model_bytes, "gpu", num_threads)))
-    candidates.append(("litert-compiled-cpu", lambda: CompiledModelBackend(model_bytes, "cpu", num_threads)))
+    compiled = ["gpu", "cpu"] if accelerator in ("auto", "gpu") else ["cpu"]
+    if float_io(model_bytes) is False:   # known from the file: not worth importing CompiledModel (seconds)
+        attempts += [(f"litert-compiled-{a}", f"ModelError: {FLOAT_IO_ONLY}") for a in compiled]
+        compiled = []
+    candidates += [(f"litert-compiled-{a}", lambda a=a: CompiledModelBackend(model_bytes, a, num_threads))
+                   for a in compiled]
     cpu_interpreters = interpreters + (("tf.lite", "tensorflow"),)
     refusal_means_invalid = {name for name, _ in cpu_interpreters}
     candidates += [(name, _interpreter_factory(module, model_bytes, num_threads, None))
