@@ -20,7 +20,8 @@ def parse_args(argv=None):
     p.add_argument("--model", help="registered model name (train.models.REGISTRY)")
     p.add_argument("--data", help="dataset folder (any supported layout)")
     p.add_argument("--task", choices=["3class", "pneumonia", "covid"])
-    p.add_argument("--weights", help="imagenet | none | path to a .h5 weights file")
+    p.add_argument("--weights", help="imagenet | none | path to a .h5 weights file (default: none for "
+                   "models without ImageNet weights, e.g. cnn; imagenet for the others)")
     p.add_argument("--weights-dir", dest="weights_dirs", action="append",
                    help="folder holding Keras weight files (repeatable); ~/.keras/models is always searched")
     p.add_argument("--alpha", type=float, help="MobileNetV2 width (0.35, 0.5, 1.0, ...)")
