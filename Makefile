@@ -12,7 +12,7 @@
 #   make bundle-pi RUN=mobilenet_v2-cxr    dist/ folder + tarball for 64-bit Raspberry Pi OS
 #   sudo make verify-pi RUN=...            install it on an emulated aarch64 Debian 12, compare with x86
 #
-# Variables: DATA (dataset folder; empty = the generated synthetic set), MODEL, RUN (run name,
+# Variables: SYSTEM_DEPS (0: do not check the Debian packages in `make setup`), DATA (dataset folder; empty = the generated synthetic set), MODEL, RUN (run name,
 # the folder under artifacts/), CONFIG (a TOML file of training settings), WEIGHTS, WEIGHTS_DIR,
 # APP_MODEL (the app's .tflite), APP_ARGS (more `python -m edge_app app` flags),
 # PRUNE (target sparsity of pruned variants, e.g. 0.5; empty, the default: none), CONVERT_ARGS (more `python -m convert` flags).
@@ -62,10 +62,11 @@ PI_PER_CLASS ?= 4
 PI_ROOTFS   ?= build/pi-rootfs
 PI_CPU      ?= pi4
 PI_TOLERANCE ?= 0.05
+SYSTEM_DEPS ?= 1
 PI_BUNDLE   := dist/cxr-edge-pi-$(RUN)-$(PI_VARIANT)
 PREDICT_IMAGE = $(firstword $(wildcard $(DATASET)/test/covid/* $(DATASET)/test/pneumonia/*))
 
-.PHONY: all setup data train adapt convert benchmark release predict app bundle-pi verify-pi test clean
+.PHONY: all setup system-deps data train adapt convert benchmark release predict app bundle-pi verify-pi test clean
 
 CONVERT      = $(PY) -m convert $(RUN_DIR) $(if $(PRUNE),--prune $(PRUNE)) $(CONVERT_ARGS)
 
@@ -76,13 +77,19 @@ all: data train
 	-$(MAKE) --no-print-directory benchmark
 	$(MAKE) --no-print-directory predict
 
+# The Debian packages (GUI, GPU, bundle checks): installed as root, else the command is printed.
+system-deps:
+ifneq ($(SYSTEM_DEPS),0)
+	@scripts/install-system-deps.sh
+endif
+
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[edge,train,dev]"
 	touch $@
 
-setup: $(VENV)/.installed
+setup: system-deps $(VENV)/.installed
 
 data: setup
 ifeq ($(DATA),)
