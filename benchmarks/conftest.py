@@ -16,8 +16,9 @@ import pytest
 
 from benchmarks import results as results_mod
 from benchmarks.gates import GATES_FILE, load_gates
-from benchmarks.runtimes import RUNTIMES, import_error
+from benchmarks.runtimes import RUNTIMES, import_error, no_gpu_adapter
 from benchmarks.testset import Split
+from edge_app.runtime import REQUIRE_GPU_ENV, gpu_required
 
 RESULTS_KEY = pytest.StashKey[results_mod.Collector]()
 OUTCOME_KEY = pytest.StashKey[results_mod.Outcome]()
@@ -59,7 +60,12 @@ def pytest_configure(config):
     collector = results_mod.Collector(run_dir(config), threads=threads(config),
                                       device=config.getoption("device"))
     for runtime in RUNTIMES.values():
-        collector.runtime(runtime.name, runtime.label, import_error(runtime.module))
+        reason = import_error(runtime.module)
+        if reason is None and runtime.name == "litert-gpu" and variants(config):
+            reason = no_gpu_adapter(run_dir(config) / "tflite" / f"{variants(config)[0]}.tflite")
+            if reason and gpu_required():
+                raise pytest.UsageError(f"{REQUIRE_GPU_ENV}=1 but litert-gpu cannot run: {reason}")
+        collector.runtime(runtime.name, runtime.label, reason)
     collector.runtime("keras", "Keras on TensorFlow (the baseline), a process per thread count",
                       import_error("tensorflow"))
     config.stash[RESULTS_KEY] = collector

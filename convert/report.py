@@ -16,6 +16,8 @@ def _gpu_cell(v: dict) -> str:
     g = v.get("gpu")
     if g is None:
         return "not run"
+    if g.get("no_adapter"):
+        return "not checked: no GPU adapter"
     if not g.get("applicable"):
         return "n/a (int I/O)"
     if not g.get("loaded"):
