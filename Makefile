@@ -1,4 +1,5 @@
-# cxr-edge: `make all` sets everything up and runs the whole pipeline; `make test` runs the tests.
+# cxr-edge: `make all` sets everything up and runs the whole pipeline; `make test` runs the tests
+# (`make test-device`: the device side's tests only, in minutes).
 #
 #   make all                               synthetic data (generated here, no downloads)
 #   make all DATA=../shared/data/cxr       the real chest X-ray set
@@ -66,7 +67,7 @@ SYSTEM_DEPS ?= 1
 PI_BUNDLE   := dist/cxr-edge-pi-$(RUN)-$(PI_VARIANT)
 PREDICT_IMAGE = $(firstword $(wildcard $(DATASET)/test/covid/* $(DATASET)/test/pneumonia/*))
 
-.PHONY: all setup system-deps data train adapt convert benchmark release predict app bundle-pi verify-pi test clean
+.PHONY: all setup system-deps data train adapt convert benchmark release predict app bundle-pi verify-pi test test-device clean
 
 CONVERT      = $(PY) -m convert $(RUN_DIR) $(if $(PRUNE),--prune $(PRUNE)) $(CONVERT_ARGS)
 
@@ -134,6 +135,10 @@ verify-pi: bundle-pi
 
 test: setup
 	$(PY) -m pytest
+
+# The device side only (edge_app, history, app, runtimes) on one small converted run: minutes.
+test-device: setup
+	$(PY) -m pytest -m device
 
 clean:
 	rm -rf artifacts data/synthetic benchmarks/results dist .pytest_cache .benchmarks
