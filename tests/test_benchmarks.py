@@ -177,6 +177,8 @@ def test_benchmark_suite_measures_every_variant(suite, tiny_run):
     results = json.loads(path.read_text())
     results_mod.validate(results)
     assert set(results["variants"]) == {"keras", *VARIANTS}
+    gpu = results["runtimes"]["litert-gpu"]
+    assert gpu["available"] or gpu["reason"].startswith("no GPU adapter on this machine"), gpu
     for name in VARIANTS:
         v = results["variants"][name]
         assert v["sha256"] == hashlib.sha256((tiny_run / "tflite" / f"{name}.tflite").read_bytes()).hexdigest()
@@ -187,8 +189,10 @@ def test_benchmark_suite_measures_every_variant(suite, tiny_run):
         assert v["load_ms"]["median_ms"] > 0 and 0 <= v["metrics"]["macro_f1"] <= 1
         assert v["metrics"]["n"] == results["test_split"]["n"] == 18
         # the benchmarks skip a latency only where a runtime cannot run a variant, and record why: in CI
-        # that must be exactly the int8-I/O variants on the float-only CompiledModel (CPU and GPU)
-        expected = {"litert-compiled-cpu", "litert-gpu"} if name in ("int8", "qat", "pruned-int8", "pruned-qat") else set()
+        # that must be exactly the int8-I/O variants on the float-only CompiledModel (CPU, and GPU
+        # where this machine has a GPU adapter: else litert-gpu is unavailable as a whole, below)
+        compiled = {"litert-compiled-cpu"} | ({"litert-gpu"} if gpu["available"] else set())
+        expected = compiled if name in ("int8", "qat", "pruned-int8", "pruned-qat") else set()
         assert {u["runtime"] for u in v["unavailable"]} == expected, v["unavailable"]
         assert all("CompiledModel backend runs float-I/O models only" in u["reason"] for u in v["unavailable"])
         carries = Classifier(tiny_run / "tflite" / f"{name}.tflite", accelerator="cpu").info["ood_warning"]
