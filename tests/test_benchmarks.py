@@ -16,7 +16,7 @@ import pytest
 from benchmarks import compare, gates, results as results_mod
 from benchmarks.release import main as release_main
 from edge_app.classifier import Classifier
-from tests.conftest import REPO
+from tests.conftest import REPO, run_module
 
 VARIANTS = ("dynamic", "fp16", "fp32", "int8", "pruned-fp32", "pruned-int8", "pruned-qat", "qat")  # tiny_run's
 PERMISSIVE = """
@@ -210,6 +210,19 @@ def test_benchmark_suite_measures_every_variant(suite, tiny_run):
     assert path.with_suffix(".md").read_text().startswith("# Benchmark: tiny")
     assert path.with_name(path.stem + "-pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert (tiny_run / "reports" / "benchmark.json").is_file()
+
+
+@pytest.mark.slow
+def test_summary_shows_latency_gates_and_the_failed_gate(suite, tiny_run):
+    proc, path = suite
+    results = json.loads(path.read_text())
+    out = run_module("benchmarks.summary", tiny_run).stdout
+    for name in VARIANTS:
+        row = next(line for line in out.splitlines() if line.startswith(f"{name} "))
+        assert f"{gates.latency(results['variants'][name], 'pipeline', 2):.1f}" in row
+    total = len(results["gates"]["rows"])
+    assert f"release gates: {total - len(results['gates']['failed'])} of {total} passed" in out
+    assert "  size.max_mib[fp32]: " in out and "limit <= 0.0001 MiB" in out
 
 
 @pytest.mark.slow
