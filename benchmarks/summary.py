@@ -12,22 +12,11 @@ import sys
 from pathlib import Path
 
 from benchmarks import gates as gates_mod
+from convert.report import gpu_cell
 
 
 def _load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _gpu(verdict: dict | None) -> str:
-    if verdict is None:
-        return "not checked"
-    if verdict.get("no_adapter"):
-        return "no GPU here"
-    if not verdict.get("applicable"):
-        return "n/a (int I/O)"
-    if not verdict.get("loaded"):
-        return "failed to load"
-    return "full" if verdict["fully_accelerated"] else "partial"
 
 
 def _threads(bench: dict) -> int:
@@ -58,7 +47,7 @@ def variant_lines(conversion: dict | None, bench: dict | None) -> tuple[list[str
         return ["variants  not converted yet (make convert)"], []
     threads = _threads(bench) if bench else None
     rows = bench["gates"]["rows"] if bench else []
-    header = (f"{'variant':12s} {'KiB':>7s}  {'parity (test F1 drop)':24s} {'GPU':14s} "
+    header = (f"{'variant':12s} {'KiB':>7s}  {'parity (test F1 drop)':24s} {'GPU (max |GPU - CPU|)':27s} "
               f"{f'ms ({threads} thr)' if threads else 'ms':>11s}  gates")
     lines, failed = [header], []
     for name, v in conversion["variants"].items():
@@ -71,7 +60,7 @@ def variant_lines(conversion: dict | None, bench: dict | None) -> tuple[list[str
             latency = "—" if ms is None else f"{ms:.1f}"
             mine = [r for r in rows if r["variant"] == name]
             gates = f"{sum(r['passed'] for r in mine)}/{len(mine)}" if mine else "—"
-        lines.append(f"{name:12s} {v['bytes'] / 1024:7.0f}  {parity:24s} {_gpu(v.get('gpu')):14s} {latency:>11s}  {gates}")
+        lines.append(f"{name:12s} {v['bytes'] / 1024:7.0f}  {parity:24s} {gpu_cell(v):27s} {latency:>11s}  {gates}")
     for name, why in conversion.get("refused", {}).items():
         lines.append(f"{name:12s} refused: {why.splitlines()[0][:100]}")
     for r in rows:
