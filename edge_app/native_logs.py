@@ -13,6 +13,7 @@ import os
 import re
 import select
 import signal
+import sys
 
 VERBOSE_ENV = "CXR_EDGE_VERBOSE"
 VERBOSE_HELP = "show the native libraries' logs (LiteRT, TensorFlow); also CXR_EDGE_VERBOSE=1"
@@ -41,6 +42,8 @@ def quiet(verbose_flag: bool = False) -> None:
     """Filter this process's fd 2 (and its children's) from now on, unless verbose. Call it first
     thing in an entry point, before TensorFlow or LiteRT load."""
     if verbose(verbose_flag) or os.environ.get("_CXR_EDGE_QUIET") == "1":
+        return
+    if not hasattr(os, "fork") or hasattr(sys, "getandroidapilevel"):  # no fork in an Android app
         return
     os.environ["_CXR_EDGE_QUIET"] = "1"  # child processes inherit the filtered fd 2 already
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
