@@ -63,11 +63,15 @@ def variant_lines(conversion: dict | None, bench: dict | None) -> tuple[list[str
         lines.append(f"{name:12s} {v['bytes'] / 1024:7.0f}  {parity:24s} {gpu_cell(v):27s} {latency:>11s}  {gates}")
     for name, why in conversion.get("refused", {}).items():
         lines.append(f"{name:12s} refused: {why.splitlines()[0][:100]}")
+    by_gate: dict[str, list[dict]] = {}
     for r in rows:
         if not r["passed"]:
-            measured = "not measured" if r["measured"] is None else f"{r['measured']:.4g} {r['unit']}"
-            failed.append(f"{r['name']}: {measured}, limit {r['op']} {r['limit']:g} {r['unit']}"
-                          + (f" ({r['note']})" if r["note"] else ""))
+            by_gate.setdefault(r["gate"], []).append(r)
+    for gate, failures in by_gate.items():  # one line per gate, however many variants failed it
+        unit = f" {failures[0]['unit']}" if failures[0]["unit"] else ""
+        measured = ", ".join(" ".join(filter(None, (r["variant"], "not measured" if r["measured"] is None
+                                                     else f"{r['measured']:.4g}"))) for r in failures)
+        failed.append(f"{gate} (limit {failures[0]['op']} {failures[0]['limit']:g}{unit}): {measured}")
     if bench is None:
         lines.append("benchmark not run yet (make benchmark)")
     return lines, failed
