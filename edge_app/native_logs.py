@@ -26,7 +26,8 @@ NATIVE_LINE = re.compile(
     rb"|[IWE]\d{4} [\d:.]+ +\d+ [\w./-]+:\d+\]"
     rb"|\xe2\x94\x94 |WARNING: All log messages before absl::InitializeLog"
     rb"|WARNING: Logging before InitGoogle|Warning: (?:loader_|vkCreateInstance)"
-    rb"|=== Source Location Trace|third_party/|\s+at \S+ \(third_party/")
+    rb"|=== Source Location Trace|third_party/|\s+at \S+ \(third_party/"
+    rb"|INFO: Created TensorFlow Lite|fully_quantize: \d")
 
 
 def verbose(flag: bool = False) -> bool:

@@ -19,6 +19,8 @@ NATIVE = [  # as LiteRT, absl/TensorFlow, the Vulkan loader and Dawn print them
     "E0000 00:00:1796221177.628030   10423 cuda_platform.cc:52] failed call to cuInit: INTERNAL",
     "Warning: vkCreateInstance: Found no drivers!",
     "    at CheckVkSuccessImpl (third_party/dawn/src/dawn/native/vulkan/VulkanError.cpp:88)",
+    "INFO: Created TensorFlow Lite XNNPACK delegate for CPU.",
+    "fully_quantize: 0, inference_type: 6, input_inference_type: INT8, output_inference_type: INT8",
 ]
 OURS = ["error: the model could not be used", "Traceback (most recent call last):", "  File \"x.py\", line 1"]
 SCRIPT = """
