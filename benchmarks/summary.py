@@ -7,6 +7,7 @@ Reads only the run folder, the contract between the steps: model_card.json, repo
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -17,6 +18,13 @@ from convert.report import gpu_cell
 
 def _load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _stale(run: Path, bench: dict) -> bool:
+    """Whether the benchmark measured other .tflite files than the run's current ones."""
+    return any(v["kind"] == "tflite" and (not (run / "tflite" / f"{name}.tflite").is_file() or hashlib.sha256(
+               (run / "tflite" / f"{name}.tflite").read_bytes()).hexdigest() != v["sha256"])
+               for name, v in bench["variants"].items())
 
 
 def _threads(bench: dict) -> int:
@@ -86,6 +94,8 @@ def summary(run: Path) -> str:
     lines = [f"== cxr-edge: {run} ==", *data_lines(run, card, _load(reports / "metrics.json")), ""]
     table, failed = variant_lines(_load(reports / "conversion.json"), bench)
     lines += table
+    if bench and _stale(run, bench):
+        lines += ["", "reports/benchmark.json measured other .tflite files than these: make benchmark again"]
     if bench:
         total = len(bench["gates"]["rows"])
         lines += ["", f"release gates: {total - len(bench['gates']['failed'])} of {total} passed"
