@@ -14,7 +14,8 @@
 #   make bundle-pi RUN=mobilenet_v2-cxr    dist/ folder + tarball for 64-bit Raspberry Pi OS
 #   sudo make verify-pi RUN=...            install it on an emulated aarch64 Debian 12, compare with x86
 #
-# Variables: VERBOSE (1: the native libraries' logs and pytest-benchmark's tables too), SYSTEM_DEPS (0: do not check the Debian packages in `make setup`), DATA (dataset folder; empty = the generated synthetic set), MODEL, RUN (run name,
+# Variables: VERBOSE (1: the native libraries' logs and pytest-benchmark's tables too), SYSTEM_DEPS
+# (0: do not check the Debian packages in `make setup`), DATA (dataset folder; empty = the generated synthetic set), MODEL, RUN (run name,
 # the folder under artifacts/), CONFIG (a TOML file of training settings), WEIGHTS, WEIGHTS_DIR,
 # APP_MODEL (the app's .tflite), APP_ARGS (more `python -m edge_app app` flags),
 # PRUNE (target sparsity of pruned variants, e.g. 0.5; empty, the default: none), CONVERT_ARGS (more `python -m convert` flags).
@@ -76,7 +77,8 @@ endif
 PI_BUNDLE   := dist/cxr-edge-pi-$(RUN)-$(PI_VARIANT)
 PREDICT_IMAGE = $(firstword $(wildcard $(DATASET)/test/covid/* $(DATASET)/test/pneumonia/*))
 
-.PHONY: all summary setup system-deps data train adapt convert benchmark release predict app bundle-pi verify-pi test test-device clean
+.PHONY: all summary setup system-deps data train adapt convert benchmark release predict app bundle-pi verify-pi \
+        test test-device clean
 
 CONVERT      = $(PY) -m convert $(RUN_DIR) $(if $(PRUNE),--prune $(PRUNE)) $(CONVERT_ARGS)
 

@@ -90,7 +90,8 @@ def test_conversion_gpu_check_without_an_adapter_is_not_run_unless_required(devi
     assert results["variants"]["fp16"]["gate"] == {"passed": True, "failures": []}
     monkeypatch.setenv(REQUIRE_GPU_ENV, "1")
     gate = check()["variants"]["fp16"]["gate"]
-    assert not gate["passed"] and gate["failures"][0].startswith(f"gpu: {REQUIRE_GPU_ENV}=1 but this machine has no GPU adapter")
+    assert not gate["passed"]
+    assert gate["failures"][0].startswith(f"gpu: {REQUIRE_GPU_ENV}=1 but this machine has no GPU adapter")
 
 
 def test_benchmarks_without_an_adapter_record_the_gpu_unavailable_unless_required(device_run, tmp_path):

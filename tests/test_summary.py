@@ -14,7 +14,8 @@ def test_summary_of_a_converted_run_not_yet_benchmarked(device_run):
     conversion = json.loads((device_run / "reports" / "conversion.json").read_text())
     assert f"test: macro-F1 {metrics['test']['macro_f1']:.3f}" in out
     assert "data      " in out and "train 36, val 18, test 18" in out
-    rows = {line.split()[0]: line for line in out.splitlines() if line.split()[:1] and line.split()[0] in conversion["variants"]}
+    rows = {line.split()[0]: line for line in out.splitlines()
+            if line.split()[:1] and line.split()[0] in conversion["variants"]}
     assert set(rows) == set(conversion["variants"]) == {"fp32", "dynamic", "fp16", "int8"}
     for name, v in conversion["variants"].items():
         assert f"{v['bytes'] / 1024:.0f}" in rows[name] and ("pass" if v["gate"]["passed"] else "FAIL") in rows[name]
