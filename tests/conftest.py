@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from edge_app.runtime import REQUIRE_GPU_ENV, gpu_required
+
 REPO = Path(__file__).resolve().parents[1]
+SWIFTSHADER = {"VK_ICD_FILENAMES": "/usr/lib/chromium/vk_swiftshader_icd.json", "XDG_RUNTIME_DIR": "/tmp"}
 
 
 def shared_dir() -> Path:
@@ -31,6 +34,19 @@ def shared_weights() -> Path:
     if not path.is_dir():
         pytest.fail(f"the shared Keras weights are missing at {path}; set CXR_SHARED")
     return path
+
+
+@pytest.fixture(scope="session")
+def swiftshader():
+    """SwiftShader's Vulkan, where chromium is installed. Without it the GPU path has nothing to
+    run on: skipped with the reason, unless CXR_EDGE_REQUIRE_GPU=1 (CI) makes that a failure."""
+    if not Path(SWIFTSHADER["VK_ICD_FILENAMES"]).is_file():
+        why = f"no GPU adapter: SwiftShader is not installed ({SWIFTSHADER['VK_ICD_FILENAMES']}; " \
+              "scripts/install-system-deps.sh installs chromium)"
+        if gpu_required():
+            pytest.fail(f"{REQUIRE_GPU_ENV}=1 but {why}")
+        pytest.skip(why)
+    return SWIFTSHADER
 
 
 def run_module(*args, check=True, env=None, timeout=900) -> subprocess.CompletedProcess:

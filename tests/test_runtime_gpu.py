@@ -2,35 +2,19 @@
 and every way it falls back. Each case runs the CLI in a fresh process: the Vulkan driver is
 chosen from the environment when LiteRT first creates its GPU environment, once per process."""
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import REPO, run_module
-from edge_app.runtime import REQUIRE_GPU_ENV, gpu_required
+from conftest import REPO, SWIFTSHADER, run_module
+from edge_app.runtime import REQUIRE_GPU_ENV
 
 pytestmark = pytest.mark.device  # make test-device: no training beyond device_run
 
-SWIFTSHADER = {"VK_ICD_FILENAMES": "/usr/lib/chromium/vk_swiftshader_icd.json", "XDG_RUNTIME_DIR": "/tmp"}
 NO_GPU = {**SWIFTSHADER, "VK_ICD_FILENAMES": "/nonexistent/vk_icd.json"}
 
 
 NO_ADAPTER = "no GPU adapter on this machine (LiteRT: No adapters found)"
-
-
-@pytest.fixture(scope="module")
-def swiftshader():
-    """SwiftShader's Vulkan, where chromium is installed. Without it the GPU path has nothing to
-    run on: skipped with the reason, unless CXR_EDGE_REQUIRE_GPU=1 (CI) makes that a failure."""
-    if not Path(SWIFTSHADER["VK_ICD_FILENAMES"]).is_file():
-        why = f"no GPU adapter: SwiftShader is not installed ({SWIFTSHADER['VK_ICD_FILENAMES']}; " \
-              "scripts/install-system-deps.sh installs chromium)"
-        if gpu_required():
-            pytest.fail(f"{REQUIRE_GPU_ENV}=1 but {why}")
-        pytest.skip(why)
-    return SWIFTSHADER
 
 
 def _json(*args, env):
@@ -42,7 +26,7 @@ def _images(tiny_dataset):
 
 
 @pytest.mark.parametrize("variant", ["fp32", "fp16"])
-def test_gpu_backend_runs_every_op_and_matches_cpu(device_run, tiny_dataset, variant, swiftshader):
+def test_gpu_backend_runs_every_op_and_matches_cpu(swiftshader, device_run, tiny_dataset, variant):
     model = device_run / "tflite" / f"{variant}.tflite"
     info = _json("info", "--model", model, "--accelerator", "gpu", env=SWIFTSHADER)
     assert info["backend"] == "litert-compiled-gpu", info["backends_tried"]
