@@ -16,8 +16,9 @@ import pytest
 
 from benchmarks import results as results_mod
 from benchmarks.gates import GATES_FILE, load_gates
-from benchmarks.runtimes import RUNTIMES, gpu_error, import_error
+from benchmarks.runtimes import RUNTIMES, import_error, no_gpu_adapter
 from benchmarks.testset import Split
+from edge_app.runtime import REQUIRE_GPU_ENV, gpu_required
 
 RESULTS_KEY = pytest.StashKey[results_mod.Collector]()
 OUTCOME_KEY = pytest.StashKey[results_mod.Outcome]()
@@ -61,8 +62,13 @@ def pytest_configure(config):
     fp32 = run_dir(config) / "tflite" / "fp32.tflite"
     for runtime in RUNTIMES.values():
         reason = import_error(runtime.module)
-        if reason is None and runtime.name == "litert-gpu" and fp32.is_file():
-            reason = gpu_error(fp32)   # LiteRT imports on any machine; the GPU may not be there
+        if reason is None and runtime.name == "litert-gpu" and variants(config):
+            # LiteRT imports on any machine; the GPU may not be there. Asked with a float-I/O model
+            # (fp32) where there is one: the GPU refuses int8 I/O whatever the machine.
+            probe = fp32 if fp32.is_file() else run_dir(config) / "tflite" / f"{variants(config)[0]}.tflite"
+            reason = no_gpu_adapter(probe)
+            if reason and gpu_required():
+                raise pytest.UsageError(f"{REQUIRE_GPU_ENV}=1 but litert-gpu cannot run: {reason}")
         collector.runtime(runtime.name, runtime.label, reason)
     collector.runtime("keras", "Keras on TensorFlow (the baseline), a process per thread count",
                       import_error("tensorflow"))

@@ -85,7 +85,7 @@ def markdown(results: dict, plot_name: str, clinic_plot: str | None = None) -> s
     lines += ["", f"![Pareto plot]({plot_name})", "", "## Runtimes", "",
               "| runtime | what | available |", "|---|---|---|"]
     for name, r in results["runtimes"].items():
-        lines.append(f"| {name} | {r['label']} | {'yes' if r['available'] else 'unavailable: ' + r['reason']} |")
+        lines.append(f"| {name} | {r['label']} | {'yes' if r['available'] else 'no: ' + r['reason']} |")
     lines += ["", "| variant | runtime | threads | raw ms | pipeline ms |", "|---|---|---|---|---|"]
     for name, v in results["variants"].items():
         seen = sorted({(r["runtime"], r["threads"] or 0) for r in v["latency"] if r["runtime"] != ref})

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from edge_app.runtime import CompiledModelBackend, InterpreterBackend
+from edge_app.errors import ModelError
+from edge_app.runtime import CompiledModelBackend, InterpreterBackend, NoGpuAdapter, open_gpu
 
 
 def _interpreter(module: str, name: str):
@@ -31,7 +32,7 @@ def _interpreter(module: str, name: str):
 
 def _compiled(accelerator: str):
     def make(data: bytes, threads: int):
-        backend = CompiledModelBackend(data, accelerator, threads)
+        backend = open_gpu(data, threads) if accelerator == "gpu" else CompiledModelBackend(data, accelerator, threads)
         if accelerator == "gpu" and not backend.fully_accelerated:
             raise RuntimeError("the GPU accelerator did not take every op (part would run on the CPU)")
         return backend
@@ -80,16 +81,13 @@ def import_error(module: str) -> str | None:
     return lines[-1] if lines else f"import {module} exited {result.returncode}"
 
 
-def gpu_error(model) -> str | None:
-    """Why LiteRT's GPU accelerator cannot run `model` (a float-I/O .tflite) on this machine, tried
-    in a fresh process: no adapter (no GPU, no Vulkan driver), or ops left to the CPU; None when
-    it runs every op. An importable LiteRT says nothing about whether a GPU is there."""
-    code = ("import sys; from benchmarks.runtimes import RUNTIMES; "
-            "RUNTIMES['litert-gpu'].make(open(sys.argv[1], 'rb').read(), 1)")
-    result = subprocess.run([sys.executable, "-c", code, str(model)], capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
-    if result.returncode == 0:
-        return None
-    lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
-    native = [line for line in lines if "No adapters found" in line or "Couldn't load" in line]
-    return f"GPU not available: {(native or lines or [f'exit {result.returncode}'])[-1]}"
+def no_gpu_adapter(model: Path) -> str | None:
+    """Why LiteRT's GPU accelerator has nothing to run on here, tried with `model`; None where it has
+    an adapter (then the model's own failures on it are the benchmarks' to report)."""
+    try:
+        open_gpu(model.read_bytes(), 1)
+    except NoGpuAdapter as exc:
+        return exc.message
+    except (ModelError, RuntimeError):
+        pass
+    return None

@@ -15,6 +15,7 @@ import tf_keras as keras
 from convert import compress, export, gpu, parity, report
 from convert.config import ConvertConfig
 from edge_app.preprocess import normalise
+from edge_app.runtime import REQUIRE_GPU_ENV, gpu_required
 from train import ood
 from train.data import load_dataset
 from train.pipeline import load_images
@@ -219,9 +220,16 @@ def _gpu_check(results: dict, splits: dict, cfg: ConvertConfig) -> None:
     for name, path in paths.items():
         verdict = probe["models"][path]
         results["variants"][name]["gpu"] = verdict
+        if verdict.get("no_adapter"):  # this machine has no GPU: nothing was run, nothing failed
+            results["gpu"]["not_checked"] = verdict["why"]
         if name == "fp16":
             diff = verdict.get("max_abs_diff", {}).get("logits")
-            if not verdict.get("fully_accelerated"):
+            if verdict.get("no_adapter") and not gpu_required():
+                print(f"GPU accelerator check: not checked: {verdict['why']}")
+            elif verdict.get("no_adapter"):
+                results["variants"][name]["gate"]["failures"].append(
+                    f"gpu: {REQUIRE_GPU_ENV}=1 but this machine has no GPU adapter ({verdict['why']})")
+            elif not verdict.get("fully_accelerated"):
                 results["variants"][name]["gate"]["failures"].append(
                     f"gpu: not fully accelerated on the GPU accelerator ({verdict})")
             elif diff is None or diff > cfg.gpu_tolerance:

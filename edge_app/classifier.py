@@ -11,7 +11,7 @@ import numpy as np
 from edge_app import decision, preprocess, release
 from edge_app.errors import ModelError
 from edge_app.model_card import ModelCard
-from edge_app.runtime import open_backend
+from edge_app.runtime import NoGpuAdapter, open_backend
 from edge_app.tflite_metadata import CARD_METADATA_NAME, read_metadata
 
 LOGITS = "logits"
@@ -127,10 +127,22 @@ class Classifier:
             "model_sha256": self.model_sha256,
             "backend": self.backend.name,
             "gpu_fully_accelerated": self.backend.fully_accelerated,
+            "gpu": self._gpu_status(),
             "ood_warning": all(part in self.backend.output_shapes for part in OOD_PARTS),
             "backends_tried": [{"backend": n, "error": why} for n, why in self.backend_attempts],
             "card": self.card.to_dict(),
         }
+
+    def _gpu_status(self) -> str:
+        """The GPU path in one line: run, not run (and why), or not tried."""
+        if self.backend.fully_accelerated is not None:
+            return "run: every op on the GPU" if self.backend.fully_accelerated else "run: some ops on the CPU"
+        error = dict(self.backend_attempts).get("litert-compiled-gpu")
+        if error is None:
+            return "not tried (accelerator cpu)"
+        if error.startswith(NoGpuAdapter.__name__):
+            return "not run: " + error.removeprefix(NoGpuAdapter.__name__ + ": ").split(" [native log:")[0]
+        return f"failed: {error}"
 
     def predict(self, source) -> Prediction:
         """Classify an image file (or its bytes): decoding is strict, as at a clinic."""

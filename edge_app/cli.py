@@ -21,7 +21,7 @@ import json
 import statistics
 import sys
 
-from edge_app import decision
+from edge_app import decision, native_logs
 from edge_app.errors import CxrEdgeError, InputError, ModelError, log_unexpected
 
 EXIT_OK, EXIT_REFUSED, EXIT_MODEL, EXIT_INTERNAL = 0, 1, 2, 3
@@ -152,6 +152,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--image")
     sp.add_argument("--runs", type=_at_least_one, default=20)
     sp.set_defaults(func=cmd_bench)
+    for sp in sub.choices.values():
+        sp.add_argument("--verbose", action="store_true", help=native_logs.VERBOSE_HELP)
     return p
 
 
@@ -160,6 +162,7 @@ def main(argv=None) -> int:
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["app", *argv]
     args = parser().parse_args(argv)
+    native_logs.quiet(args.verbose)
     try:
         return args.func(args)
     except ModelError as exc:

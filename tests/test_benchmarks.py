@@ -16,7 +16,7 @@ import pytest
 from benchmarks import clinic_files, compare, gates, results as results_mod
 from benchmarks.release import main as release_main
 from edge_app.classifier import Classifier
-from tests.conftest import REPO
+from tests.conftest import REPO, run_module
 
 VARIANTS = ("dynamic", "fp16", "fp32", "int8", "pruned-fp32", "pruned-int8", "pruned-qat", "qat")  # tiny_run's
 PERMISSIVE = """
@@ -217,6 +217,8 @@ def test_benchmark_suite_measures_every_variant(suite, tiny_run):
     results = json.loads(path.read_text())
     results_mod.validate(results)
     assert set(results["variants"]) == {"keras", *VARIANTS}
+    gpu = results["runtimes"]["litert-gpu"]
+    assert gpu["available"] or gpu["reason"].startswith("no GPU adapter on this machine"), gpu
     for name in VARIANTS:
         v = results["variants"][name]
         assert v["sha256"] == hashlib.sha256((tiny_run / "tflite" / f"{name}.tflite").read_bytes()).hexdigest()
@@ -227,10 +229,10 @@ def test_benchmark_suite_measures_every_variant(suite, tiny_run):
         assert v["load_ms"]["median_ms"] > 0 and 0 <= v["metrics"]["macro_f1"] <= 1
         assert v["metrics"]["n"] == results["test_split"]["n"] == 18
         # the benchmarks skip a latency only where a runtime cannot run a variant, and record why: in CI
-        # that must be exactly the int8-I/O variants on the float-only CompiledModel (CPU and GPU)
-        # (litert-gpu only where a GPU adapter is there: SwiftShader in CI; else the runtime is unavailable)
-        float_only = {"litert-compiled-cpu"} | ({"litert-gpu"} if results["runtimes"]["litert-gpu"]["available"] else set())
-        expected = float_only if name in ("int8", "qat", "pruned-int8", "pruned-qat") else set()
+        # that must be exactly the int8-I/O variants on the float-only CompiledModel (CPU, and GPU
+        # where this machine has a GPU adapter: else litert-gpu is unavailable as a whole, below)
+        compiled = {"litert-compiled-cpu"} | ({"litert-gpu"} if gpu["available"] else set())
+        expected = compiled if name in ("int8", "qat", "pruned-int8", "pruned-qat") else set()
         assert {u["runtime"] for u in v["unavailable"]} == expected, v["unavailable"]
         assert all("CompiledModel backend runs float-I/O models only" in u["reason"] for u in v["unavailable"])
         carries = Classifier(tiny_run / "tflite" / f"{name}.tflite", accelerator="cpu").info["ood_warning"]
@@ -253,8 +255,6 @@ def test_benchmark_suite_measures_every_variant(suite, tiny_run):
         assert memory["kind"] == "dicom-3k" and memory["peak_rss_mib"] > memory["rss_before_load_mib"] > 0
     assert clinic["cold_start"]["cli"]["median_s"] > 0 and clinic["cold_start"]["cli"]["imports_ms"] > 0
     assert clinic["cold_start"]["app"]["median_s"] > 0   # xvfb is installed wherever the GUI tests run
-    gpu = results["runtimes"]["litert-gpu"]
-    assert gpu["available"] or gpu["reason"].startswith("GPU not available"), gpu
     assert results["ratios"]["int8_speedup"] == results["speedup_vs_fp32"]["int8"]["speedup"]
     keras = results["variants"]["keras"]
     assert keras["metrics"]["n"] == 18 and gates.latency(keras, "pipeline", 2, "keras") > 0
@@ -265,6 +265,20 @@ def test_benchmark_suite_measures_every_variant(suite, tiny_run):
     assert path.with_name(path.stem + "-clinic.png").read_bytes()[:4] == b"\x89PNG"
     assert "## Full-size clinic files" in path.with_suffix(".md").read_text()
     assert (tiny_run / "reports" / "benchmark.json").is_file()
+
+
+@pytest.mark.slow
+def test_summary_shows_latency_gates_and_the_failed_gate(suite, tiny_run):
+    proc, path = suite
+    results = json.loads(path.read_text())
+    out = run_module("benchmarks.summary", tiny_run).stdout
+    for name in VARIANTS:
+        row = next(line for line in out.splitlines() if line.startswith(f"{name} "))
+        assert f"{gates.latency(results['variants'][name], 'pipeline', 2):.1f}" in row
+    total = len(results["gates"]["rows"])
+    assert f"release gates: {total - len(results['gates']['failed'])} of {total} passed" in out
+    size = next(line for line in out.splitlines() if line.startswith("  size.max_mib (limit <= 0.0001 MiB): "))
+    assert all(f"{name} " in size for name in VARIANTS)  # one line for every variant that failed it
 
 
 @pytest.mark.slow

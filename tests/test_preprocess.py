@@ -26,6 +26,8 @@ from PIL import Image, ImageDraw, ImageFile
 from edge_app import preprocess as pp
 from edge_app.errors import InputError
 
+pytestmark = pytest.mark.device  # make test-device: no TensorFlow
+
 
 # --- helpers ----------------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 STRATEGIES = ("frozen", "finetune", "full")
+SCRATCH_MODELS = ("cnn",)  # models with no ImageNet weights (train.models: weights_file None)
 LOSSES = ("crossentropy", "focal")
 THRESHOLD_RULES = ("overall", "every_cohort")
 
@@ -20,7 +21,8 @@ THRESHOLD_RULES = ("overall", "every_cohort")
 class TrainConfig:
     model: str = "mobilenet_v2"
     alpha: float | None = None            # MobileNetV2 width; None -> the registry's default
-    weights: str = "imagenet"             # imagenet | none | path to a .h5 file
+    weights: str | None = None            # imagenet | none | path to a .h5 file; None -> "none" for
+                                          # SCRATCH_MODELS, "imagenet" for the others
     weights_dirs: list[str] = field(default_factory=list)  # where to look for Keras weight files
     data: str = ""
     task: str = "3class"                  # 3class | pneumonia | covid
@@ -74,6 +76,8 @@ class TrainConfig:
     seed: int = 42
 
     def __post_init__(self):
+        if self.weights is None:
+            self.weights = "none" if self.model in SCRATCH_MODELS else "imagenet"
         if self.strategy is None:
             self.strategy = "full" if self.weights == "none" else "finetune"
         if self.strategy not in STRATEGIES:
