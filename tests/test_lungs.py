@@ -1,0 +1,101 @@
+"""The lung field: regions, plausibility checks, the box and the crop, and the preprocessing's step."""
+import hashlib
+
+import numpy as np
+import pytest
+
+from edge_app import lungs, preprocess
+from edge_app.errors import InputError, ModelError
+
+
+def two_lungs(size=96, speck=False):
+    mask = np.zeros((size, size), bool)
+    mask[20:70, 15:40] = True       # the image's right lung
+    mask[22:75, 55:82] = True       # the left one
+    if speck:
+        mask[5, 5] = True
+    return mask
+
+
+def test_regions_are_8_connected_and_largest_first():
+    mask = two_lungs(speck=True)
+    mask[70, 40] = True             # touches the first lung only diagonally
+    found = lungs.regions(mask)
+    assert [int(r.sum()) for r in found] == [53 * 27, 50 * 25 + 1, 1]
+    assert not found[0][20:70, 15:40].any()
+
+
+def test_box_has_the_margin_and_is_mapped_onto_the_image():
+    # a 200 x 300 image is fitted with pad onto 96 px: scale 0.32, 16 rows of black above
+    field = lungs.LungField.of(two_lungs(speck=True), (200, 300))
+    rows, cols = (20, 75), (15, 82)
+    dy, dx = 0.1 * (rows[1] - rows[0]), 0.1 * (cols[1] - cols[0])
+    expected = ((rows[0] - dy - 16) / 0.32, (cols[0] - dx) / 0.32, (rows[1] + dy - 16) / 0.32, (cols[1] + dx) / 0.32)
+    np.testing.assert_allclose(field.box, [max(0, expected[0]), expected[1], min(200, expected[2]), expected[3]])
+    assert field.lungs_found == 2
+
+
+def test_one_lung_only_keeps_the_full_width_and_does_not_blank():
+    mask = np.zeros((96, 96), bool)
+    mask[20:80, 50:85] = True
+    field = lungs.LungField.of(mask, (96, 96))
+    assert field.lungs_found == 1 and field.mask is None
+    assert field.box[1] == 0.0 and field.box[3] == 96.0
+    gray = np.random.default_rng(0).random((96, 96)).astype(np.float32)
+    np.testing.assert_array_equal(field.crop(gray, blank=True), field.crop(gray, blank=False))
+
+
+@pytest.mark.parametrize("mask, words", [
+    (np.zeros((96, 96), bool), "no lung field"),
+    (np.ones((96, 96), bool), "implausible lung field"),
+])
+def test_no_or_implausible_lungs_are_refused(mask, words):
+    with pytest.raises(InputError) as e:
+        lungs.LungField.of(mask, (500, 400))
+    assert e.value.code == "no_chest_found" and words in e.value.message
+
+
+def test_crop_is_a_square_on_the_image_and_mask_blanks_outside_the_lungs():
+    gray = np.random.default_rng(1).uniform(0.2, 1.0, (300, 240)).astype(np.float32)
+    field = lungs.LungField.of(two_lungs(), gray.shape)
+    box_crop = field.crop(gray, blank=False)
+    assert box_crop.shape[0] == box_crop.shape[1]
+    assert (box_crop > 0).mean() > 0.9           # the square stays on the image where it can
+    masked = field.crop(gray, blank=True)
+    assert masked.shape == box_crop.shape
+    blanked = (masked == 0) & (box_crop > 0)
+    assert 0.1 < blanked.mean() < 0.8            # the gap between and around the lungs is black
+    np.testing.assert_array_equal(masked[~blanked], box_crop[~blanked])
+
+
+def test_spec_needs_the_segmenter_hash():
+    with pytest.raises(ValueError, match="lung_model"):
+        preprocess.InputSpec(size=96, lung_crop="box")
+    with pytest.raises(ValueError, match="lung_crop"):
+        preprocess.InputSpec(size=96, lung_crop="lungs", lung_model="0" * 64)
+
+
+def test_crop_without_the_segmenter_loaded_is_a_model_error(shared_data):
+    spec = preprocess.InputSpec(size=96, lung_crop="box", lung_model="f" * 64)
+    image = sorted((shared_data / "val" / "normal").iterdir())[0]
+    with pytest.raises(ModelError) as e:
+        preprocess.load(image, spec)
+    assert e.value.code == "lung_model_missing"
+
+
+def test_segmenter_file_crops_real_images(lung_segmenter, shared_data):
+    segmenter = lungs.use(lung_segmenter, sha256=hashlib.sha256(lung_segmenter.read_bytes()).hexdigest())
+    assert segmenter.card.name == "test-prior"
+    with pytest.raises(ModelError) as e:
+        lungs.use(lung_segmenter, sha256="0" * 64)
+    assert e.value.code == "card_mismatch"
+    box = preprocess.InputSpec(size=64, lung_crop="box", lung_model=segmenter.sha256)
+    none = preprocess.InputSpec(size=64)
+    for image in sorted((shared_data / "val" / "covid").iterdir())[:3]:
+        gray = preprocess.decode(image)
+        field = segmenter.find(gray)
+        top, left, bottom, right = field.box
+        assert 0 <= top < bottom <= gray.shape[0] and 0 <= left < right <= gray.shape[1]
+        cropped = preprocess.load(image, box)
+        assert cropped.shape == (64, 64)
+        assert not np.array_equal(cropped, preprocess.load(image, none))
