@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_app import decision, preprocess, release
+from edge_app import decision, lungs, preprocess, release
 from edge_app.errors import ModelError
 from edge_app.model_card import ModelCard
 from edge_app.runtime import open_backend
@@ -97,6 +97,7 @@ class Classifier:
             self.backend, self.backend_attempts = runtime(data), []
         self._check_card_matches_model()
         self.spec = self.card.input
+        lungs.use_embedded(data, self.spec, self.model_path)   # the lung crop's segmenter, if the spec crops
         self.predict_array(np.zeros((self.spec.size, self.spec.size), np.float32))  # warm-up
 
     def _check_card_matches_model(self):

@@ -5,8 +5,9 @@ LUNG_CARD_METADATA_NAME). It gets the grey image padded to its small square inpu
 lung probability per pixel; `LungField` turns that into a box on the image, checked for
 plausibility. `preprocess.square` calls `crop` when a classifier's InputSpec asks for
 `lung_crop` ("box": the lung box; "mask": the box, and black outside the lungs), so training and
-the device crop alike. The spec names the segmenter by SHA-256; a process makes it available with
-`use(path)` (training: TrainConfig.lung_model; the device: `lungs.tflite` beside the classifier).
+the device crop alike. The spec names the segmenter by SHA-256. Training opens it with `use(path)`
+(TrainConfig.lung_model); conversion embeds it in every classifier file (`embed`), so a released
+model needs no second file, and the device opens it from there (`use_embedded`).
 
 The masks it learnt cover the aerated lung only (heart, the lung behind it and below the domes,
 white-out regions left out), so the box gets a margin, and a film on which only one lung is found
@@ -28,8 +29,8 @@ from edge_app.errors import InputError, ModelError
 from edge_app.runtime import open_backend
 from edge_app.tflite_metadata import read_metadata, write_metadata
 
-LUNG_CARD_METADATA_NAME = "cxr_edge_lung_card"
-FILE_NAME = "lungs.tflite"       # the segmenter's name beside a classifier that crops with it
+LUNG_CARD_METADATA_NAME = "cxr_edge_lung_card"         # in the segmenter's file
+SEGMENTER_METADATA_NAME = "cxr_edge_lung_segmenter"    # the segmenter's file, in a classifier's
 OUTPUT = "lung_logits"
 MARGIN = 0.10                    # of the box's width and height, added on every side
 MIN_AREA = 0.03                  # lung share of the (padded) segmenter input below this: no lungs
@@ -74,28 +75,32 @@ def resize(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 class Segmenter:
-    """A lung segmenter file, its card checked against the model; thread-safe."""
+    """A lung segmenter (`.tflite` bytes), its card checked against the model; thread-safe."""
 
-    def __init__(self, path: str | Path, *, num_threads: int = 2):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise ModelError("model_not_found", f"lung segmenter not found: {self.path}", self.path)
-        data = self.path.read_bytes()
+    def __init__(self, data: bytes, *, source=None, num_threads: int = 2):
+        self.data, self.source = data, source
         self.sha256 = hashlib.sha256(data).hexdigest()
         try:
             self.card = LungCard.from_json(read_metadata(data)[LUNG_CARD_METADATA_NAME])
         except KeyError:
             raise ModelError("card_missing", "not a lung segmenter: no lung card embedded "
-                             "(train one with `python -m train.lungs`)", self.path) from None
+                             "(train one with `python -m train.lungs`)", source) from None
         except Exception as exc:
-            raise ModelError("card_invalid", f"unreadable lung segmenter or card: {exc}", self.path) from exc
+            raise ModelError("card_invalid", f"unreadable lung segmenter or card: {exc}", source) from exc
         self.spec = self.card.input
         self.backend, _ = open_backend(data, accelerator="cpu", num_threads=num_threads)
         expected = (1, self.spec.size, self.spec.size, self.spec.channels)
         if self.backend.input_shape != expected or OUTPUT not in self.backend.output_shapes:
             raise ModelError("card_mismatch", f"the segmenter takes {self.backend.input_shape} and gives "
                              f"{sorted(self.backend.output_shapes)}; its card describes {expected} -> "
-                             f"{OUTPUT!r}", self.path)
+                             f"{OUTPUT!r}", source)
+
+    @classmethod
+    def open(cls, path: str | Path, **kwargs) -> "Segmenter":
+        path = Path(path)
+        if not path.is_file():
+            raise ModelError("model_not_found", f"lung segmenter not found: {path}", path)
+        return cls(path.read_bytes(), source=path, **kwargs)
 
     def probabilities(self, square: np.ndarray) -> np.ndarray:
         """(s, s) lung probabilities of a (s, s) [0, 1] square prepared with `self.spec`."""
@@ -222,23 +227,49 @@ _opened: dict[str, Segmenter] = {}
 _lock = threading.Lock()
 
 
-def use(path: str | Path, *, sha256: str | None = None) -> Segmenter:
-    """Open the segmenter at `path` (once per file) and make it the one `crop` uses for specs that
-    name its SHA-256; with `sha256`, the file must be that one."""
+def use(path: str | Path) -> Segmenter:
+    """Open the segmenter file at `path` (once per file content) and make it the one `crop` uses
+    for specs that name its SHA-256 (training: TrainConfig.lung_model)."""
+    return _register(Segmenter.open(path))
+
+
+def use_embedded(model_bytes: bytes, spec: preprocess.InputSpec, path=None) -> Segmenter | None:
+    """The segmenter embedded in a classifier file whose spec crops to the lung field, opened for
+    `crop` (the device); None when the spec does not crop."""
+    if spec.lung_crop == "none":
+        return None
+    data = read_metadata(model_bytes).get(SEGMENTER_METADATA_NAME)
+    if data is None:
+        raise ModelError("lung_model_missing", "the model crops to the lung field but carries no lung "
+                         "segmenter; convert its run again (with the run's lung_model)", path)
+    if hashlib.sha256(data).hexdigest() != spec.lung_model:
+        raise ModelError("card_mismatch", "the embedded lung segmenter is not the one the model was "
+                         f"trained with (sha256 {spec.lung_model[:16]}...)", path)
+    return _register(Segmenter(data, source=path))
+
+
+def embed(model_bytes: bytes, spec: preprocess.InputSpec) -> bytes:
+    """The classifier file with the segmenter its spec crops with embedded (conversion); as it is
+    when the spec does not crop."""
+    if spec.lung_crop == "none":
+        return model_bytes
+    return write_metadata(model_bytes, SEGMENTER_METADATA_NAME, _registered(spec).data)
+
+
+def _register(segmenter: Segmenter) -> Segmenter:
     with _lock:
-        segmenter = Segmenter(path)
-        if sha256 is not None and segmenter.sha256 != sha256:
-            raise ModelError("card_mismatch", f"the classifier was trained with lung segmenter "
-                             f"{sha256[:16]}..., but {path} is {segmenter.sha256[:16]}...; use the "
-                             "segmenter released with the classifier", path)
         return _opened.setdefault(segmenter.sha256, segmenter)
+
+
+def _registered(spec: preprocess.InputSpec) -> Segmenter:
+    segmenter = _opened.get(spec.lung_model)
+    if segmenter is None:
+        raise ModelError("lung_model_missing", f"this model crops to the lung field with segmenter "
+                         f"{spec.lung_model[:16]}..., which is not loaded (training and conversion: the run's "
+                         "lung_model; the device: the segmenter embedded in the model file)")
+    return segmenter
 
 
 def crop(gray: np.ndarray, spec: preprocess.InputSpec) -> np.ndarray:
     """The preprocessing's lung step: `gray` cropped to its lung field as `spec.lung_crop` says."""
-    segmenter = _opened.get(spec.lung_model)
-    if segmenter is None:
-        raise ModelError("lung_model_missing", f"this model crops to the lung field with segmenter "
-                         f"{spec.lung_model[:16]}..., which is not loaded: put its {FILE_NAME} beside the "
-                         "model (training: set lung_model)")
-    return segmenter.find(gray).crop(gray, blank=spec.lung_crop == "mask")
+    return _registered(spec).find(gray).crop(gray, blank=spec.lung_crop == "mask")

@@ -84,11 +84,9 @@ def test_crop_without_the_segmenter_loaded_is_a_model_error(shared_data):
 
 
 def test_segmenter_file_crops_real_images(lung_segmenter, shared_data):
-    segmenter = lungs.use(lung_segmenter, sha256=hashlib.sha256(lung_segmenter.read_bytes()).hexdigest())
+    segmenter = lungs.use(lung_segmenter)
+    assert segmenter.sha256 == hashlib.sha256(lung_segmenter.read_bytes()).hexdigest()
     assert segmenter.card.name == "test-prior"
-    with pytest.raises(ModelError) as e:
-        lungs.use(lung_segmenter, sha256="0" * 64)
-    assert e.value.code == "card_mismatch"
     box = preprocess.InputSpec(size=64, lung_crop="box", lung_model=segmenter.sha256)
     none = preprocess.InputSpec(size=64)
     for image in sorted((shared_data / "val" / "covid").iterdir())[:3]:
@@ -99,3 +97,41 @@ def test_segmenter_file_crops_real_images(lung_segmenter, shared_data):
         cropped = preprocess.load(image, box)
         assert cropped.shape == (64, 64)
         assert not np.array_equal(cropped, preprocess.load(image, none))
+
+
+def test_classifier_file_carries_its_segmenter_and_the_device_crops_with_it(lung_segmenter, shared_data, tmp_path,
+                                                                            monkeypatch):
+    import train  # noqa: F401
+    import tf_keras as keras
+
+    from convert import export
+    from edge_app import decision
+    from edge_app.classifier import Classifier
+    from edge_app.model_card import ModelCard
+    from edge_app.tflite_metadata import CARD_METADATA_NAME, write_metadata
+
+    spec = preprocess.InputSpec(size=64, channels=3, normalisation="symmetric", lung_crop="box",
+                                lung_model=lungs.use(lung_segmenter).sha256)
+    image = keras.Input((64, 64, 3), name="image")
+    logits = keras.layers.Dense(3, name="logits")(keras.layers.GlobalAveragePooling2D()(image))
+    flatbuffer = export.convert(keras.Model(image, logits), "fp32")
+    card = ModelCard(name="tiny", task="3class", labels=("normal", "pneumonia", "covid"), input=spec)
+    path = tmp_path / "fp32.tflite"
+    path.write_bytes(export.with_card(flatbuffer, card, "fp32"))
+    assert path.stat().st_size > len(flatbuffer) + lung_segmenter.stat().st_size
+
+    monkeypatch.setattr(lungs, "_opened", {})      # the device has only the classifier file
+    classifier = Classifier(path, accelerator="cpu")
+    xray = sorted((shared_data / "val" / "normal").iterdir())[0]
+    prediction = classifier.predict(xray)            # the device's path: decode, square (lung crop), normalise
+    expected = decision.calibrated_probabilities(classifier.logits(preprocess.preprocess(xray, spec)[None])[0])
+    np.testing.assert_array_equal(list(prediction.probabilities.values()), expected)
+    with pytest.raises(InputError) as e:           # no lungs on a blank film: refused, not scored
+        classifier.predict_array(np.full((300, 300), 0.9, np.float32))
+    assert e.value.code == "no_chest_found"
+
+    bare = tmp_path / "bare.tflite"                 # the card asks for a crop, the file lacks the segmenter
+    bare.write_bytes(write_metadata(flatbuffer, CARD_METADATA_NAME, card.to_json().encode()))
+    with pytest.raises(ModelError) as e:
+        Classifier(bare, accelerator="cpu")
+    assert e.value.code == "lung_model_missing"

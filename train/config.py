@@ -30,6 +30,8 @@ class TrainConfig:
                                           # clahe + trim: held-out adults' specificity 0.098 -> 0.254,
                                           # held-out children's 0.385 -> 0.261 (README, mixed evidence)
     input_borders: str = "trim"           # keep | trim: cut uniform frames off first (InputSpec.borders)
+    lung_crop: str = "none"               # none | box | mask: crop to the lung field (InputSpec.lung_crop)
+    lung_model: str = ""                  # the lung segmenter .tflite it crops with (python -m train.lungs)
     strategy: str | None = None           # frozen | finetune | full; None -> finetune from
                                           # pretrained weights, full from scratch (weights "none")
     epochs: int = 8                       # head epochs (frozen/finetune) or all epochs (full)

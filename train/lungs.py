@@ -266,7 +266,7 @@ def _evaluate_and_export(model, cfg, out, history, minutes, x_train, x_val, m_va
         flatbuffer = export.convert(model, recipe, x_train[pick][..., None], progress=progress)
         path = out / "tflite" / f"lungs-{recipe}.tflite"
         path.write_bytes(lungs.with_card(flatbuffer, dataclasses.replace(card, variant=recipe)))
-        segmenter = lungs.Segmenter(path, num_threads=2)
+        segmenter = lungs.Segmenter.open(path)
         probs = np.stack([segmenter.probabilities(x) for x in x_val])
         d, j = scores(probs, full_val)
         data = path.read_bytes()

@@ -5,6 +5,7 @@ the resolved config, per-epoch checkpoints (for `--resume`), logs and `reports/`
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ import train  # noqa: F401
 import tensorflow as tf
 import tf_keras as keras
 
-from edge_app import decision
+from edge_app import decision, lungs
 from edge_app.model_card import ModelCard
 from train import gradcam, metrics, models, ood, report, shortcuts
 from train.config import TrainConfig
@@ -125,6 +126,8 @@ def load_run(run_dir: str | Path) -> tuple[keras.Model, ModelCard, TrainConfig]:
     model = keras.models.load_model(run_dir / "model.keras", compile=False)
     card = ModelCard.from_json((run_dir / "model_card.json").read_text())
     config = TrainConfig.from_file(run_dir / "config.json")
+    if card.input.lung_crop != "none":
+        lungs.use(config.lung_model)   # the preprocessing crops with it (conversion embeds it)
     return model, card, config
 
 
@@ -155,6 +158,8 @@ def run(config: TrainConfig, out: str | Path, *, resume: bool = False, progress:
     labels = dataset.labels
     spec = models.input_spec(config.model, config.image_size, config.fit, config.input_contrast,
                              config.input_borders)
+    if config.lung_crop != "none":
+        spec = dataclasses.replace(spec, lung_crop=config.lung_crop, lung_model=lungs.use(config.lung_model).sha256)
     split_data = {}
     for split, records in [(s, dataset.split(s)) for s in SPLITS] + [("holdout", held_out)] * bool(held_out):
         y = np.array([labels.index(r.label) for r in records], dtype=np.int32)
