@@ -38,6 +38,8 @@ MAX_AREA = 0.70                  # above this: not a chest radiograph as the seg
                                  # (cxr-lungs: 0.045-0.55 of the image; padding only lowers it)
 MIN_SECOND_LUNG = 0.15           # the second-largest region must be this share of the largest
 MIN_REGION = 0.002               # regions smaller than this share of the input are specks
+MAX_SIDES_CUT = 2                # lungs touching more image sides than this: not a whole chest (tightly
+                                 # cropped films touch one or two; the crop is then clipped to the image)
 
 
 @dataclass
@@ -181,6 +183,10 @@ class LungField:
         union = np.logical_or.reduce(found)
         rows, cols = np.flatnonzero(union.any(axis=1)), np.flatnonzero(union.any(axis=0))
         y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+        cut = sum(map(bool, (y0 <= top, y1 >= top + new_h, x0 <= left, x1 >= left + new_w)))
+        if cut > MAX_SIDES_CUT:
+            raise InputError("no_chest_found", f"the lung field runs off the image on {cut} sides: this is "
+                             "not a whole chest X-ray (a detail or a zoomed crop?)", path)
         dy, dx = MARGIN * (y1 - y0), MARGIN * (x1 - x0)
         box = ((y0 - dy - top) / scale, (x0 - dx - left) / scale, (y1 + dy - top) / scale, (x1 + dx - left) / scale)
         if len(lungs) == 1:

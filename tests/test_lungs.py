@@ -25,6 +25,13 @@ def test_regions_are_8_connected_and_largest_first():
     assert not found[0][20:70, 15:40].any()
 
 
+def test_lungs_cut_off_at_one_or_two_sides_are_cropped_within_the_image():
+    mask = two_lungs()
+    mask[:30] |= two_lungs()[20:50]          # the apices run off the top edge
+    field = lungs.LungField.of(mask, (96, 96))
+    assert field.box[0] == 0.0 and field.lungs_found == 2
+
+
 def test_box_has_the_margin_and_is_mapped_onto_the_image():
     # a 200 x 300 image is fitted with pad onto 96 px: scale 0.32, 16 rows of black above
     field = lungs.LungField.of(two_lungs(speck=True), (200, 300))
@@ -45,9 +52,16 @@ def test_one_lung_only_keeps_the_full_width_and_does_not_blank():
     np.testing.assert_array_equal(field.crop(gray, blank=True), field.crop(gray, blank=False))
 
 
+def zoomed_in():
+    mask = np.zeros((96, 96), bool)
+    mask[:, :30] = mask[:50, 60:] = True     # runs off the top, bottom, left and right edges
+    return mask
+
+
 @pytest.mark.parametrize("mask, words", [
     (np.zeros((96, 96), bool), "no lung field"),
     (np.ones((96, 96), bool), "implausible lung field"),
+    (zoomed_in(), "runs off the image on 4 sides"),
 ])
 def test_no_or_implausible_lungs_are_refused(mask, words):
     with pytest.raises(InputError) as e:
