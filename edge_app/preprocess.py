@@ -13,7 +13,8 @@ The steps, each one function:
 * `normalise`: [0, 1] squares -> what the network expects, (..., size, size, channels).
 
 `square` = the optional border trim (`InputSpec.borders`) + the optional lung crop
-(`InputSpec.lung_crop`, edge_app.lungs) + fit_square + the optional contrast step (`InputSpec.contrast`); `load` = decode + `square` (what training caches); `preprocess` =
+(`InputSpec.lung_crop`, edge_app.lungs) + fit_square + the optional contrast step
+(`InputSpec.contrast`); `load` = decode + `square` (what training caches); `preprocess` =
 load + normalise.
 
 Conventions worth knowing:

@@ -78,6 +78,9 @@ class TrainConfig:
         if self.weights == "none" and self.strategy != "full":
             raise ValueError(f"strategy {self.strategy!r} freezes a backbone, but with weights 'none' it "
                              "is random: use --strategy full to train from scratch, or pretrained weights")
+        if self.lung_crop != "none" and not self.lung_model:
+            raise ValueError(f"lung_crop {self.lung_crop!r} needs lung_model, the lung segmenter's .tflite "
+                             "(python -m train.lungs)")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
 

@@ -32,6 +32,7 @@ import tf_keras as keras
 
 from convert import export
 from edge_app import lungs, preprocess
+from edge_app.errors import InputError
 from edge_app.runtime import InterpreterBackend
 
 
@@ -40,7 +41,7 @@ class LungsConfig:
     data: str = ""
     image_size: int = 96            # segmenter input; its output has the same size (a box needs no more)
     width: int = 16                 # filters of the first stage; x2 per stage down to 1/16
-    epochs: int = 24
+    epochs: int = 5                 # ~4 CPU-min each on 2 idle cores
     batch_size: int = 32
     learning_rate: float = 3e-3     # cosine decay to 0 over all epochs
     rotation_degrees: float = 10.0
@@ -238,7 +239,9 @@ def run(cfg: LungsConfig, out: Path, progress: bool = True, export_only: bool = 
     print(f"{model.name}: {model.count_params():,} parameters; {len(x_train)} train, {len(x_val)} val images")
     started = time.time()
     history = model.fit(make_dataset(x_train, m_train, cfg, True), epochs=cfg.epochs,
-                        validation_data=make_dataset(x_val, m_val, cfg, False), verbose=2 if progress else 0)
+                        validation_data=make_dataset(x_val, m_val, cfg, False), verbose=2,
+                        callbacks=[keras.callbacks.ModelCheckpoint(str(out / "model.keras"))])  # each epoch:
+                        # an interrupted run can still be evaluated and exported (--export-only)
     minutes = (time.time() - started) / 60
     model.save(out / "model.keras")
     (out / "reports" / "metrics.json").write_text(json.dumps(
@@ -279,6 +282,27 @@ def _evaluate_and_export(model, cfg, out, history, minutes, x_train, x_val, m_va
     return results
 
 
+def survey(model_path: Path, data: str, spec: preprocess.InputSpec, progress: bool = True) -> dict:
+    """What the lung step makes of a classification set, per source / class: how many images it
+    refuses (by InputError code) and on how many it finds one lung or two. `spec`: the classifier's
+    preprocessing before the lung step (decoded at its size, borders trimmed as it says)."""
+    from train.data import load_dataset
+
+    segmenter = lungs.use(model_path)
+    dataset = load_dataset(data, check_readable=False, progress=progress)
+    outcomes: dict[str, dict[str, int]] = {}
+    for record in tqdm(dataset.records, desc="lung fields", unit="img", disable=not progress):
+        gray = preprocess.decode(record.path, draft_size=spec.size)
+        gray = preprocess.trim_borders(gray) if spec.borders == "trim" else gray
+        try:
+            outcome = f"{segmenter.find(gray).lungs_found} lung(s)"
+        except InputError as e:
+            outcome = e.code
+        group = outcomes.setdefault(f"{record.source or 'unknown'} / {record.label}", {})
+        group[outcome] = group.get(outcome, 0) + 1
+    return {"model": str(model_path), "sha256": segmenter.sha256, "data": data, "outcomes": outcomes}
+
+
 def report_md(results: dict) -> str:
     lines = ["# Lung-field segmenter", "",
              f"{results['parameters']:,} parameters; trained in {results['train_minutes']:.1f} min.", "",
@@ -303,10 +327,23 @@ def main(argv=None):
         if f.name != "data":
             p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), dest=f.name)
     p.add_argument("--export-only", action="store_true", help="evaluate and export the run's trained model")
+    p.add_argument("--survey", metavar="DATA", help="instead: run the run's int8 segmenter over a classification "
+                   "set (the default recipe's decode and border trim) and write reports/survey.json")
     p.add_argument("--no-progress", action="store_true")
     args = vars(p.parse_args(argv))
     out, progress, export_only = Path(args.pop("out")), not args.pop("no_progress"), args.pop("export_only")
+    survey_data = args.pop("survey")
     cfg = LungsConfig(**{k: v for k, v in args.items() if v is not None})
+    if survey_data:
+        from train.config import TrainConfig
+        from train.models import input_spec
+
+        default = TrainConfig()
+        spec = input_spec(default.model, default.image_size, default.fit, default.input_contrast, default.input_borders)
+        result = survey(out / "tflite" / "lungs-int8.tflite", survey_data, spec, progress)
+        (out / "reports" / "survey.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result["outcomes"], indent=1))
+        return
     results = run(cfg, out, progress, export_only)
     print(report_md(results))
 
