@@ -98,7 +98,8 @@ class Classifier:
         self._check_card_matches_model()
         self.spec = self.card.input
         lungs.use_embedded(data, self.spec, self.model_path)   # the lung crop's segmenter, if the spec crops
-        self.predict_array(np.zeros((self.spec.size, self.spec.size), np.float32))  # warm-up
+        self.logits(np.zeros((1, self.spec.size, self.spec.size, self.spec.channels), np.float32))  # warm-up
+        # (the model alone: a black image has no lung field for a lung-cropping spec)
 
     def _check_card_matches_model(self):
         spec, labels = self.card.input, self.card.labels

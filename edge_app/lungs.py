@@ -96,6 +96,7 @@ class Segmenter:
             raise ModelError("card_mismatch", f"the segmenter takes {self.backend.input_shape} and gives "
                              f"{sorted(self.backend.output_shapes)}; its card describes {expected} -> "
                              f"{OUTPUT!r}", source)
+        self.backend.run(np.zeros(expected, np.float32))   # warm-up
 
     @classmethod
     def open(cls, path: str | Path, **kwargs) -> "Segmenter":
