@@ -41,7 +41,7 @@ class LungsConfig:
     data: str = ""
     image_size: int = 96            # segmenter input; its output has the same size (a box needs no more)
     width: int = 16                 # filters of the first stage; x2 per stage down to 1/16
-    epochs: int = 5                 # ~4 CPU-min each on 2 idle cores
+    epochs: int = 5
     batch_size: int = 32
     learning_rate: float = 3e-3     # cosine decay to 0 over all epochs
     rotation_degrees: float = 10.0
@@ -90,7 +90,7 @@ def _pointwise(x, filters: int, name: str):
 
 def build_model(size: int, width: int) -> keras.Model:
     """Encoder of depthwise-separable blocks (1/2 .. 1/16 of the input), decoder of bilinear
-    upsampling + skip connections back to full size; one logit per pixel ("lung_logits")."""
+    upsampling + skip connections back to 1/2, then to full size; one logit per pixel ("lung_logits")."""
     layers = keras.layers
     inputs = keras.Input((size, size, 1), name="image")
     x = layers.Conv2D(width, 3, strides=2, padding="same", use_bias=False, name="stem")(inputs)
@@ -101,12 +101,15 @@ def build_model(size: int, width: int) -> keras.Model:
             x = _separable(x, filters, 2, f"down{i}")
         x = _separable(x, filters, 1, f"enc{i}")
         skips.append(x)
-    for i, skip in reversed(list(enumerate([inputs] + skips[:-1]))):
-        filters = max(width // 2, width * 2 ** (i - 1))
+    for i, skip in reversed(list(enumerate(skips[:-1], start=1))):
+        filters = width * 2 ** (i - 1)
         x = layers.UpSampling2D(2, interpolation="bilinear", name=f"up{i}")(x)
         x = layers.Concatenate(name=f"skip{i}")([x, skip])
         x = _pointwise(x, filters, f"fuse{i}")
         x = _separable(x, filters, 1, f"dec{i}")
+    # full size: only a 1x1 convolution over the upsampled features and the image itself (its
+    # edges place the outline), as convolutions at full size cost most of the time
+    x = layers.Concatenate(name="skip0")([layers.UpSampling2D(2, interpolation="bilinear", name="up0")(x), inputs])
     logits = layers.Conv2D(1, 1, name="lung_logits", dtype="float32")(x)
     return keras.Model(inputs, logits, name=f"lung-unet-{width}")
 
@@ -229,8 +232,9 @@ def run(cfg: LungsConfig, out: Path, progress: bool = True, export_only: bool = 
 
     if export_only:
         model = keras.models.load_model(out / "model.keras", compile=False)
-        previous = json.loads((out / "reports" / "metrics.json").read_text()) if (out / "reports" / "metrics.json").is_file() else {}
-        return _evaluate_and_export(model, cfg, out, previous.get("history", {}), previous.get("train_minutes", 0.0),
+        metrics = out / "reports" / "metrics.json"
+        previous = json.loads(metrics.read_text()) if metrics.is_file() else {}   # none: training was interrupted
+        return _evaluate_and_export(model, cfg, out, previous.get("history", {}), previous.get("train_minutes"),
                                     x_train, x_val, m_val, full_val, val_rows, progress)
     model = build_model(spec.size, cfg.width)
     steps = -(-len(x_train) // cfg.batch_size) * cfg.epochs
@@ -305,7 +309,9 @@ def survey(model_path: Path, data: str, spec: preprocess.InputSpec, progress: bo
 
 def report_md(results: dict) -> str:
     lines = ["# Lung-field segmenter", "",
-             f"{results['parameters']:,} parameters; trained in {results['train_minutes']:.1f} min.", "",
+             f"{results['parameters']:,} parameters; " + (
+                 f"trained in {results['train_minutes']:.1f} min." if results["train_minutes"] is not None else
+                 "training interrupted: exported from its last epoch's checkpoint (--export-only)."), "",
              "Dice / IoU on cxr-lungs val at 256 px (mean per image; images with Dice < 0.9)", "",
              "| model | group | images | Dice | IoU | min Dice | < 0.9 |", "|---|---|---|---|---|---|---|"]
     for model, groups in results["val"].items():
