@@ -163,10 +163,8 @@ class LungField:
     @classmethod
     def of(cls, mask: np.ndarray, shape: tuple[int, int], path=None) -> "LungField":
         """The checked lung field of a (s, s) lung mask of an image of `shape` fitted with pad."""
-        size, (h, w) = mask.shape[0], shape
-        scale = size / max(h, w)
-        new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
-        top, left = (size - new_h) // 2, (size - new_w) // 2
+        h, w = shape
+        scale, top, left, new_h, new_w = _padded(mask.shape[0], shape)
         found = [r for r in regions(mask) if r.sum() >= MIN_REGION * new_h * new_w]
         area = sum(int(r.sum()) for r in found) / (new_h * new_w)
         if area < MIN_AREA:
@@ -214,7 +212,6 @@ class LungField:
 
     def _full_mask(self, shape: tuple[int, int]) -> np.ndarray:
         """The lung mask, widened by the margin, on the image's own pixels."""
-        size, (h, w) = self.mask.shape[0], shape
         grown = self.mask.copy()
         rows, cols = np.flatnonzero(grown.any(axis=1)), np.flatnonzero(grown.any(axis=0))
         for _ in range(max(1, round(MARGIN * max(rows[-1] - rows[0], cols[-1] - cols[0])))):
@@ -224,10 +221,17 @@ class LungField:
             step[:, 1:] |= grown[:, :-1]
             step[:, :-1] |= grown[:, 1:]
             grown = step
-        scale = size / max(h, w)
-        new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
-        top, left = (size - new_h) // 2, (size - new_w) // 2
-        return (resize(grown[top:top + new_h, left:left + new_w].astype(np.float32), (h, w)) > 0.5).astype(np.float32)
+        _, top, left, new_h, new_w = _padded(self.mask.shape[0], shape)
+        return (resize(grown[top:top + new_h, left:left + new_w].astype(np.float32), shape) > 0.5).astype(np.float32)
+
+
+def _padded(size: int, shape: tuple[int, int]) -> tuple[float, int, int, int, int]:
+    """(scale, top, left, height, width) of an image of `shape` on a square of `size` fitted with
+    pad, as `preprocess.fit_square` places it."""
+    h, w = shape
+    scale = size / max(h, w)
+    new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+    return scale, (size - new_h) // 2, (size - new_w) // 2, new_h, new_w
 
 
 _opened: dict[str, Segmenter] = {}
