@@ -154,7 +154,10 @@ def regions(mask: np.ndarray) -> list[np.ndarray]:
 class LungField:
     """Where the lungs are on an image: `box` = (top, left, bottom, right) in its pixels, with
     the margin, clipped to it; `mask` = the lungs on the segmenter's square, None when only one
-    lung was found (the box then spans the image's full width, to keep the lung not found)."""
+    lung was found (the box then spans the image's full width, to keep the lung not found).
+
+    The lungs are the two largest regions when they lie side by side and the smaller is at least
+    MIN_SECOND_LUNG of the larger; otherwise the largest alone."""
 
     box: tuple[float, float, float, float]
     mask: np.ndarray | None
@@ -179,7 +182,7 @@ class LungField:
             side_by_side = abs(centres[0] - centres[1]) > 0.15 * new_w
             if not side_by_side or lungs[1].sum() < MIN_SECOND_LUNG * lungs[0].sum():
                 lungs = lungs[:1]
-        union = np.logical_or.reduce(found)
+        union = np.logical_or.reduce(lungs)     # smaller regions (specks, dark air outside the body) left out
         rows, cols = np.flatnonzero(union.any(axis=1)), np.flatnonzero(union.any(axis=0))
         y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
         cut = sum(map(bool, (y0 <= top, y1 >= top + new_h, x0 <= left, x1 >= left + new_w)))

@@ -42,6 +42,12 @@ def test_box_has_the_margin_and_is_mapped_onto_the_image():
     assert field.lungs_found == 2
 
 
+def test_the_box_spans_the_two_lungs_not_smaller_regions():
+    mask = two_lungs()
+    mask[85:95, 0:12] = True                 # dark air outside the body, taken for lung
+    assert lungs.LungField.of(mask, (96, 96)).box == lungs.LungField.of(two_lungs(), (96, 96)).box
+
+
 def test_one_lung_only_keeps_the_full_width_and_does_not_blank():
     mask = np.zeros((96, 96), bool)
     mask[20:80, 50:85] = True
