@@ -220,6 +220,23 @@ def latency_ms(model_bytes: bytes, threads: int, runs: int = 200) -> float:
     return float(np.median(times) * 1000)
 
 
+def latency_against(run_dir: Path, classifier: Path, rounds: int = 5) -> dict:
+    """The run's segmenters and a classifier file timed in alternation (`rounds` x 100 runs each,
+    the median of the rounds' medians), at 1 and 2 threads: a busy machine slows them alike, so the
+    ratio holds better than the milliseconds."""
+    files = {p.stem: p.read_bytes() for p in sorted((run_dir / "tflite").glob("lungs-*.tflite"))}
+    files["classifier"] = Path(classifier).read_bytes()
+    out = {"classifier": str(classifier)}
+    for threads in (1, 2):
+        times = {name: [] for name in files}
+        for _ in range(rounds):
+            for name, data in files.items():
+                times[name].append(latency_ms(data, threads, runs=100))
+        ms = {name: float(np.median(t)) for name, t in times.items()}
+        out[f"{threads}_threads"] = {"ms": ms, "vs_classifier": {n: ms[n] / ms["classifier"] for n in ms if n != "classifier"}}
+    return out
+
+
 def run(cfg: LungsConfig, out: Path, progress: bool = True, export_only: bool = False) -> dict:
     """Train (or, with export_only, load the run's trained model), evaluate, export, report."""
     out.mkdir(parents=True, exist_ok=True)
@@ -335,11 +352,18 @@ def main(argv=None):
     p.add_argument("--export-only", action="store_true", help="evaluate and export the run's trained model")
     p.add_argument("--survey", metavar="DATA", help="instead: run the run's int8 segmenter over a classification "
                    "set (the default recipe's decode and border trim) and write reports/survey.json")
+    p.add_argument("--latency-against", metavar="TFLITE", help="instead: time the run's segmenters against this "
+                   "classifier file (e.g. artifacts/RUN/tflite/int8.tflite) and write reports/latency.json")
     p.add_argument("--no-progress", action="store_true")
     args = vars(p.parse_args(argv))
     out, progress, export_only = Path(args.pop("out")), not args.pop("no_progress"), args.pop("export_only")
-    survey_data = args.pop("survey")
+    survey_data, classifier = args.pop("survey"), args.pop("latency_against")
     cfg = LungsConfig(**{k: v for k, v in args.items() if v is not None})
+    if classifier:
+        result = latency_against(out, Path(classifier))
+        (out / "reports" / "latency.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=1))
+        return
     if survey_data:
         from train.config import TrainConfig
         from train.models import input_spec
