@@ -156,3 +156,19 @@ def test_classifier_file_carries_its_segmenter_and_the_device_crops_with_it(lung
     with pytest.raises(ModelError) as e:
         Classifier(bare, accelerator="cpu")
     assert e.value.code == "lung_model_missing"
+
+
+def test_training_leaves_out_what_the_lung_step_refuses(lung_segmenter, shared_data, tmp_path):
+    from PIL import Image
+
+    from train.data.records import Record
+    from train.pipeline import lung_refusals
+
+    white = tmp_path / "white.png"
+    Image.new("L", (300, 300), 240).save(white)
+    files = sorted((shared_data / "val" / "normal").iterdir())[:2] + [white]
+    records = [Record(path=f, label="normal", split="val", patient_id=None, source=None) for f in files]
+    spec = preprocess.InputSpec(size=64, lung_crop="box", lung_model=lungs.use(lung_segmenter).sha256)
+    refused = lung_refusals(records, spec, progress=False)
+    assert [(r["file"], r["code"]) for r in refused] == [(str(white), "no_chest_found")]
+    assert lung_refusals(records, preprocess.InputSpec(size=64), progress=False) == []

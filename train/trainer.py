@@ -27,7 +27,7 @@ from train.config import TrainConfig
 from train.data import load_dataset
 from train.data.leakage import check_leakage
 from train.data.records import SPLITS
-from train.pipeline import load_images, make_dataset, source_class_weights
+from train.pipeline import load_images, lung_refusals, make_dataset, source_class_weights
 from edge_app.preprocess import normalise
 
 MONITOR = "val_abnormal_auc"
@@ -160,6 +160,12 @@ def run(config: TrainConfig, out: str | Path, *, resume: bool = False, progress:
                              config.input_borders)
     if config.lung_crop != "none":
         spec = dataclasses.replace(spec, lung_crop=config.lung_crop, lung_model=lungs.use(config.lung_model).sha256)
+        refused = lung_refusals(dataset.records + held_out, spec, progress=progress)
+        (reports / "lung_refusals.json").write_text(json.dumps(refused, indent=2))
+        gone = {r["file"] for r in refused}
+        dataset = dataclasses.replace(dataset, records=[r for r in dataset.records if str(r.path) not in gone])
+        held_out = [r for r in held_out if str(r.path) not in gone]
+        print(f"lung crop: {len(refused)} images refused by the lung step are left out (reports/lung_refusals.json)")
     split_data = {}
     for split, records in [(s, dataset.split(s)) for s in SPLITS] + [("holdout", held_out)] * bool(held_out):
         y = np.array([labels.index(r.label) for r in records], dtype=np.int32)
