@@ -18,7 +18,7 @@ from edge_app.preprocess import normalise
 from edge_app.runtime import REQUIRE_GPU_ENV, gpu_required
 from train import ood
 from train.data import load_dataset
-from train.pipeline import load_images
+from train.pipeline import load_images, lung_refusals
 from train.trainer import load_run
 
 
@@ -136,6 +136,8 @@ def _prepare(run_dir: Path, cfg: ConvertConfig, progress: bool):
                            progress=progress)
     if card.dataset.get("holdout_source"):  # gate on the in-distribution splits, as training reported
         dataset, _ = dataset.without_source(card.dataset["holdout_source"])
+    gone = {r["file"] for r in lung_refusals(dataset.records, card.input, progress=progress)}  # as training left out
+    dataset = dataclasses.replace(dataset, records=[r for r in dataset.records if str(r.path) not in gone])
     if dataset.fingerprint() != card.dataset.get("fingerprint"):
         print("WARNING: the dataset changed since training (fingerprint differs); "
               "parity is measured on the data as it is now")

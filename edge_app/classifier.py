@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_app import decision, preprocess, release
+from edge_app import decision, lungs, preprocess, release
 from edge_app.errors import ModelError
 from edge_app.model_card import ModelCard
 from edge_app.runtime import NoGpuAdapter, open_backend
@@ -100,8 +100,9 @@ class Classifier:
             self.backend, self.backend_attempts = runtime(data), []
         self._check_card_matches_model()
         self.spec = self.card.input
-        try:
-            self.predict_array(np.zeros((self.spec.size, self.spec.size), np.float32))  # warm-up
+        lungs.use_embedded(data, self.spec, self.model_path)   # the lung crop's segmenter, if the spec crops
+        try:   # warm-up: the model alone (a black image has no lung field for a lung-cropping spec)
+            self._run(np.zeros((1, self.spec.size, self.spec.size, self.spec.channels), np.float32))
         except ModelError as exc:
             raise ModelError("model_invalid", f"the model cannot be prepared or run; the file may be "
                              f"damaged: {exc.message}", self.model_path) from exc
@@ -158,18 +159,24 @@ class Classifier:
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """Raw logits for a batch of model inputs, one image per call (the model's batch is 1)."""
-        return np.concatenate([self.backend.run(x[None])[LOGITS] for x in batch])
+        return np.concatenate([self._run(x[None])[LOGITS] for x in batch])
+
+    def _run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """The model's outputs for one input; a model that answers NaN or inf is damaged (NaN
+        logits would otherwise read as "no abnormality")."""
+        outputs = self.backend.run(x)
+        broken = sorted(name for name, value in outputs.items() if not np.isfinite(value).all())
+        if broken:
+            raise ModelError("inference_failed", f"the model's outputs {broken} are not finite "
+                             "(NaN or inf): the model file is damaged", self.model_path)
+        return outputs
 
     def _predict_gray(self, gray: np.ndarray, t0: float) -> Prediction:
         t_decoded = time.perf_counter()
         x = preprocess.normalise(preprocess.square(gray, self.spec), self.spec)
         t_preprocessed = time.perf_counter()
-        outputs = self.backend.run(x[None])
+        outputs = self._run(x[None])
         t_inferred = time.perf_counter()
-        broken = sorted(name for name, value in outputs.items() if not np.isfinite(value).all())
-        if broken:   # a damaged model: NaN logits would otherwise read as "no abnormality"
-            raise ModelError("inference_failed", f"the model's outputs {broken} are not finite "
-                             "(NaN or inf): the model file is damaged", self.model_path)
         probs = decision.calibrated_probabilities(outputs[LOGITS][0], self.card.temperature)
         p_abnormal = float(decision.abnormal_probability(probs))
         ood_score = ood_score_of(outputs)

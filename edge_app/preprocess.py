@@ -13,9 +13,10 @@ The steps, each one function:
   black, with Pillow's fixed-point 8-bit resize.
 * `normalise`: [0, 1] squares -> what the network expects, (..., size, size, channels).
 
-`square` = the optional border trim (`InputSpec.borders`) + fit_square8 + the optional contrast
-step (`InputSpec.contrast`) -> float32 [0, 1]; `load` = decode + `square` (what training
-caches); `preprocess` = load + normalise.
+`square` = the optional border trim (`InputSpec.borders`) + the optional lung crop
+(`InputSpec.lung_crop`, edge_app.lungs) + fit_square8 + the optional contrast step
+(`InputSpec.contrast`) -> float32 [0, 1]; `load` = decode + `square` (what training caches);
+`preprocess` = load + normalise.
 
 Conventions worth knowing:
 
@@ -62,6 +63,8 @@ FITS = ("crop", "pad")
 CONTRASTS = ("none", "equalize", "clahe")  # equalize: global histogram equalisation of the square,
                                   # which removes each scanner's own windowing/post-processing curve;
                                   # clahe: the same per tile, clipped (CLAHE), local contrast alike everywhere
+LUNG_CROPS = ("none", "box", "mask")  # box: crop to the lung field found by a segmenter (edge_app.lungs);
+                                  # mask: that box, black outside the lungs (see `lung_step`)
 BORDERS = ("keep", "trim")        # trim: uniform rows/columns at the edges (scanner frames, letterboxing)
                                   # are cut off before fitting, so they neither shrink the anatomy nor
                                   # tell the model which scanner it was
@@ -119,6 +122,8 @@ class InputSpec:
     fit: str = "crop"         # crop: shorter side -> size, centre crop; pad: longer side -> size, black pad
     contrast: str = "none"    # none | equalize | clahe (see CONTRASTS)
     borders: str = "keep"     # keep | trim (see BORDERS)
+    lung_crop: str = "none"   # none | box | mask (see LUNG_CROPS)
+    lung_model: str = ""      # SHA-256 of the lung segmenter that lung_crop uses
 
     def __post_init__(self):
         if isinstance(self.size, bool) or not isinstance(self.size, numbers.Integral) or self.size < 1:
@@ -138,6 +143,12 @@ class InputSpec:
             raise ValueError(f"InputSpec.contrast must be one of {CONTRASTS}, got {self.contrast!r}")
         if self.borders not in BORDERS:
             raise ValueError(f"InputSpec.borders must be one of {BORDERS}, got {self.borders!r}")
+        if self.lung_crop not in LUNG_CROPS:
+            raise ValueError(f"InputSpec.lung_crop must be one of {LUNG_CROPS}, got {self.lung_crop!r}")
+        if self.lung_crop != "none" and not (len(self.lung_model) == 64
+                                             and all(c in "0123456789abcdef" for c in self.lung_model)):
+            raise ValueError(f"InputSpec.lung_crop {self.lung_crop!r} needs lung_model, the segmenter's "
+                             f"SHA-256 (64 lower-case hex digits), got {self.lung_model!r}")
         object.__setattr__(self, "size", int(self.size))        # numpy ints -> JSON-able ints
         object.__setattr__(self, "channels", int(self.channels))
 
@@ -702,11 +713,29 @@ def trim_borders(gray: np.ndarray) -> np.ndarray:
     return gray[rows, cols]
 
 
+# ---------------------------------------------------------------------------------------------
+# lung step (InputSpec.lung_crop): the logic lives in edge_app.lungs, this is its place in `square`
+
+def lung_step(gray: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """The image cropped to its lung field (after the border trim, before fitting the square).
+
+    Refuses with InputError `no_chest_found` when no plausible lung field is found; needs the
+    segmenter named by spec.lung_model to be opened first (`edge_app.lungs.use`)."""
+    if spec.lung_crop == "none":
+        return gray
+    from edge_app import lungs   # lazily: lungs imports this module
+
+    return lungs.crop(gray, spec)
+
+
+# ---------------------------------------------------------------------------------------------
+
 def square(gray: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """[border trim], fit_square, [contrast]: the (size, size) float32 [0, 1] image before
-    normalise, from any grey image (see `grey8`)."""
+    """[border trim], [lung crop], fit_square, [contrast]: the (size, size) float32 [0, 1] image
+    before normalise, from any grey image (see `grey8`)."""
     if spec.borders == "trim":
         gray = trim_borders(gray)
+    gray = lung_step(grey8(gray), spec)
     out = fit_square8(gray, spec.size, spec.fit)
     if spec.contrast == "equalize":
         return equalize(out)

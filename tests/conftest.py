@@ -129,3 +129,31 @@ def with_card(model: Path, dest: Path, **changes) -> Path:
     dest.write_bytes(write_metadata(data, CARD_METADATA_NAME,
                                     dataclasses.replace(card, **changes).to_json().encode()))
     return dest
+
+
+@pytest.fixture(scope="session")
+def lung_segmenter(tmp_path_factory) -> Path:
+    """A stand-in lung segmenter `.tflite` (96 px, card embedded): lung where the image is neither
+    black nor white inside two lung-shaped ellipses (a black or a white film: no lungs). Not trained: it exercises the
+    pipeline, not the segmentation (train.lungs trains the real one)."""
+    import numpy as np
+
+    import train  # noqa: F401
+    import tensorflow as tf
+    import tf_keras as keras
+
+    from convert.export import convert
+    from edge_app import lungs, preprocess
+
+    size = 96
+    yy, xx = np.mgrid[:size, :size] / size
+    prior = np.full((size, size), -15.0, np.float32)
+    for cx in (0.3, 0.7):
+        prior[((xx - cx) / 0.14) ** 2 + ((yy - 0.5) / 0.3) ** 2 < 1] = 1.0
+    image = keras.Input((size, size, 1), name="image")   # lung: inside an ellipse, grey 0.05-0.8
+    logits = keras.layers.Lambda(lambda x: prior[None, ..., None] + 20.0 * tf.minimum(x - 0.05, 0.8 - x),
+                                 name="lung_logits")(image)
+    card = lungs.LungCard(name="test-prior", input=preprocess.InputSpec(size=size, fit="pad"), variant="fp32")
+    path = tmp_path_factory.mktemp("lungs") / "lungs.tflite"
+    path.write_bytes(lungs.with_card(convert(keras.Model(image, logits), "fp32"), card))
+    return path

@@ -1,4 +1,6 @@
 """Training and the device must feed the model identical tensors for the same file."""
+import dataclasses
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -123,3 +125,26 @@ def test_the_preprocessing_never_resizes_in_float(shared_data, tmp_path, monkeyp
     for path in films + [deep, rgb]:
         preprocess.preprocess(path, spec, strict=True)
     assert modes and set(modes) <= {"L", "RGB"}, modes
+
+
+@pytest.mark.parametrize("lung_crop", ["box", "mask"])
+def test_lung_crop_gives_identical_tensors_in_training_and_on_the_device(shared_data, lung_segmenter, lung_crop):
+    """The lung step runs inside the one preprocessing, so training (load_images -> make_dataset)
+    and the device's Classifier path (decode -> square -> normalise) crop alike."""
+    from edge_app import lungs
+    from train.pipeline import load_images, make_dataset
+
+    sha = lungs.use(lung_segmenter).sha256
+    spec = preprocess.InputSpec(size=96, channels=3, normalisation="symmetric", contrast="clahe", borders="trim",
+                                lung_crop=lung_crop, lung_model=sha)
+    files = sorted((shared_data / "val" / "pneumonia").iterdir())[:3] + sorted((shared_data / "val" / "normal").iterdir())[:3]
+    records = [Record(path=f, label=f.parent.name, split="val", patient_id=None, source=None) for f in files]
+    ds = make_dataset(load_images(records, spec, progress=False), np.zeros(len(files), np.int32), spec,
+                      batch_size=4, training=False)
+    training_tensors = np.concatenate([x.numpy() for x, _ in ds])
+    device_tensors = np.stack([preprocess.normalise(preprocess.square(preprocess.decode(f, strict=True, draft_size=96),
+                                                                      spec), spec) for f in files])
+    np.testing.assert_array_equal(training_tensors, device_tensors)
+    uncropped = np.stack([preprocess.preprocess(f, dataclasses.replace(spec, lung_crop="none", lung_model=""))
+                          for f in files])
+    assert not np.array_equal(device_tensors, uncropped)

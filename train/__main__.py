@@ -7,7 +7,7 @@ import sys
 from dataclasses import fields, replace
 
 from edge_app import native_logs
-from edge_app.preprocess import BORDERS, CONTRASTS
+from edge_app.preprocess import BORDERS, CONTRASTS, LUNG_CROPS
 from train.config import STRATEGIES, AdaptConfig, TrainConfig
 
 
@@ -30,6 +30,8 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=int)
     p.add_argument("--input-contrast", choices=CONTRASTS, help="contrast step of the preprocessing")
     p.add_argument("--input-borders", choices=BORDERS, help="trim uniform borders first, or keep them")
+    p.add_argument("--lung-crop", choices=LUNG_CROPS, help="crop to the lung field found by --lung-model")
+    p.add_argument("--lung-model", help="lung segmenter .tflite (python -m train.lungs)")
     p.add_argument("--strategy", choices=STRATEGIES)
     p.add_argument("--epochs", type=int)
     p.add_argument("--fine-tune-epochs", type=int)

@@ -33,6 +33,8 @@ class TrainConfig:
                                           # clahe + trim: held-out adults' specificity 0.098 -> 0.254,
                                           # held-out children's 0.385 -> 0.261 (README, mixed evidence)
     input_borders: str = "trim"           # keep | trim: cut uniform frames off first (InputSpec.borders)
+    lung_crop: str = "none"               # none | box | mask: crop to the lung field (InputSpec.lung_crop)
+    lung_model: str = ""                  # the lung segmenter .tflite it crops with (python -m train.lungs)
     strategy: str | None = None           # frozen | finetune | full; None -> finetune from
                                           # pretrained weights, full from scratch (weights "none")
     epochs: int = 8                       # head epochs (frozen/finetune) or all epochs (full)
@@ -87,6 +89,9 @@ class TrainConfig:
                              "is random: use --strategy full to train from scratch, or pretrained weights")
         if self.threshold_rule not in THRESHOLD_RULES:
             raise ValueError(f"threshold_rule must be one of {THRESHOLD_RULES}, got {self.threshold_rule!r}")
+        if self.lung_crop != "none" and not self.lung_model:
+            raise ValueError(f"lung_crop {self.lung_crop!r} needs lung_model, the lung segmenter's .tflite "
+                             "(python -m train.lungs)")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
 

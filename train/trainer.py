@@ -5,6 +5,7 @@ the resolved config, per-epoch checkpoints (for `--resume`), logs and `reports/`
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ import train  # noqa: F401
 import tensorflow as tf
 import tf_keras as keras
 
-from edge_app import decision
+from edge_app import decision, lungs
 from edge_app.model_card import ModelCard
 from train import gradcam, metrics, models, ood, report, shortcuts
 from train.config import TrainConfig
@@ -27,7 +28,7 @@ from train.data import load_dataset
 from train.data import sources
 from train.data.leakage import check_leakage
 from train.data.records import SPLITS
-from train.pipeline import image_weights, load_images, make_dataset
+from train.pipeline import image_weights, load_images, lung_refusals, make_dataset
 from edge_app.preprocess import normalise
 
 MONITOR = "val_abnormal_auc"
@@ -137,6 +138,8 @@ def load_run(run_dir: str | Path) -> tuple[keras.Model, ModelCard, TrainConfig]:
     model = keras.models.load_model(run_dir / "model.keras", compile=False)
     card = ModelCard.from_json((run_dir / "model_card.json").read_text())
     config = TrainConfig.from_file(run_dir / "config.json")
+    if card.input.lung_crop != "none":
+        lungs.use(config.lung_model)   # the preprocessing crops with it (conversion embeds it)
     return model, card, config
 
 
@@ -167,6 +170,14 @@ def run(config: TrainConfig, out: str | Path, *, resume: bool = False, progress:
     labels = dataset.labels
     spec = models.input_spec(config.model, config.image_size, config.fit, config.input_contrast,
                              config.input_borders)
+    if config.lung_crop != "none":
+        spec = dataclasses.replace(spec, lung_crop=config.lung_crop, lung_model=lungs.use(config.lung_model).sha256)
+        refused = lung_refusals(dataset.records + held_out, spec, progress=progress)
+        (reports / "lung_refusals.json").write_text(json.dumps(refused, indent=2))
+        gone = {r["file"] for r in refused}
+        dataset = dataclasses.replace(dataset, records=[r for r in dataset.records if str(r.path) not in gone])
+        held_out = [r for r in held_out if str(r.path) not in gone]
+        print(f"lung crop: {len(refused)} images refused by the lung step are left out (reports/lung_refusals.json)")
     split_data = {}
     for split, records in [(s, dataset.split(s)) for s in SPLITS] + [("holdout", held_out)] * bool(held_out):
         y = np.array([labels.index(r.label) for r in records], dtype=np.int32)
