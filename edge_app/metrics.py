@@ -1,9 +1,12 @@
-"""Screening metrics in plain numpy, computed the same way for Keras and every TFLite variant.
+"""Screening metrics in plain numpy, computed the same way for Keras, every TFLite variant and
+a site's own images on the device (`python -m edge_app validate`).
 
 Conventions: `y` holds class indices into the task's labels, labels[0] is "normal", and the
 "abnormal" score of an image is 1 - P(normal) (edge_app.decision.abnormal_probability).
 """
 from __future__ import annotations
+
+from statistics import NormalDist
 
 import numpy as np
 
@@ -83,6 +86,18 @@ def bootstrap_auc_ci(positive, scores, *, n: int = 1000, seed: int = 0, level: f
     return [float(lo), float(hi)]
 
 
+def wilson_interval(successes: int, n: int, level: float = 0.95) -> list[float]:
+    """Wilson score interval of a proportion successes / n (NaNs when n is 0): unlike the normal
+    approximation it stays inside [0, 1] and is honest at 0 % and 100 % with few images."""
+    if n == 0:
+        return [float("nan"), float("nan")]
+    z = NormalDist().inv_cdf((1 + level) / 2)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
+
+
 def sensitivity_specificity(positive, scores, threshold: float) -> tuple[float, float]:
     positive = np.asarray(positive, dtype=bool)
     flagged = np.asarray(scores) >= threshold
@@ -99,6 +114,23 @@ def threshold_for_sensitivity(positive, scores, target: float) -> float:
         raise ValueError("cannot choose a threshold: no positive images")
     needed = int(np.ceil(target * len(pos_scores)))
     return float(pos_scores[max(needed, 1) - 1])
+
+
+def bootstrap_threshold_ci(positive, scores, target: float, *, n: int = 1000, seed: int = 0,
+                           level: float = 0.95) -> list[float]:
+    """Percentile bootstrap interval of `threshold_for_sensitivity`, resampling images (resamples
+    without a positive image are left out)."""
+    rng = np.random.default_rng(seed)
+    positive, scores = np.asarray(positive, bool), np.asarray(scores, float)
+    values = []
+    for _ in range(n):
+        idx = rng.integers(0, len(scores), len(scores))
+        if positive[idx].any():
+            values.append(threshold_for_sensitivity(positive[idx], scores[idx], target))
+    if not values:
+        return [float("nan"), float("nan")]
+    lo, hi = np.percentile(values, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return [float(lo), float(hi)]
 
 
 def calibration_bins(probabilities, y_true, bins: int = 15) -> list[tuple[float, float, float]]:
