@@ -26,7 +26,8 @@ class InputError(CxrEdgeError, ValueError):
     """An image that cannot be screened.
 
     Codes: not_found, empty, not_an_image, corrupt, truncated, too_small, too_large,
-    unsupported_mode, dicom_unsupported, colour_photo, extreme_aspect_ratio, uniform_image.
+    unsupported_mode, dicom_unsupported, colour_photo, extreme_aspect_ratio, uniform_image;
+    for a folder or a labelled set: no_images, unknown_label, label_not_in_model, bad_csv.
     """
 
 
@@ -34,5 +35,5 @@ class ModelError(CxrEdgeError, RuntimeError):
     """A model file that cannot be used.
 
     Codes: model_not_found, model_invalid, card_missing, card_invalid, card_mismatch,
-    checksum_mismatch, no_runtime.
+    checksum_mismatch, no_runtime, site_config_invalid, site_config_mismatch.
     """
