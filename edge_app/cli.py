@@ -144,12 +144,8 @@ def cmd_validate(args) -> int:
         return 2
     labelled, left_out = validate.read_labelled(args.images)   # layout errors before the model loads
     classifier = _classifier(args, use_site_config=False)       # measured at the model card's threshold
-    records, unreadable = validate.classify(classifier, labelled)
-    summary = validate.summarise(records, classifier.card.labels, card_threshold=classifier.threshold,
-                                 ood_threshold=classifier.card.thresholds.get("ood"),
-                                 target_sensitivity=args.target_sensitivity, bootstrap=args.bootstrap,
-                                 site=validate.existing_site_config(classifier))
-    result = validate.report(classifier, args.images, labelled, left_out, records, unreadable, summary)
+    result = validate.validate(classifier, args.images, labelled, left_out,
+                               target_sensitivity=args.target_sensitivity, bootstrap=args.bootstrap)
     paths = validate.write_reports(result, args.out)
     print(validate.text_summary(result))
     print("Reports: " + ", ".join(map(str, paths)))
@@ -157,7 +153,7 @@ def cmd_validate(args) -> int:
         path = validate.write_site_config(classifier, result, args.site)
         print(f"Site config written: {path} (threshold {result['target']['threshold']:.3f}); "
               "predict and the app now use it.")
-    return 1 if unreadable else 0
+    return 1 if result["unreadable"] else 0
 
 
 def cmd_app(args) -> int:

@@ -174,8 +174,15 @@ def _target(positive, scores, target: float, bootstrap: int) -> dict | None:
             "method": f"percentile bootstrap over images, {bootstrap} resamples"}
 
 
-def report(classifier, source, labelled, left_out, records, unreadable, summary) -> dict:
-    """The JSON report: the figures, then every image and every file left out."""
+def validate(classifier, source, labelled, left_out, *, target_sensitivity: float, bootstrap: int) -> dict:
+    """The JSON report: the figures at the model card's threshold (the classifier is opened without
+    a site config) and at a site threshold already stored for this model, then every image and every
+    file left out."""
+    records, unreadable = classify(classifier, labelled)
+    summary = summarise(records, classifier.card.labels, card_threshold=classifier.card.abnormal_threshold,
+                        ood_threshold=classifier.card.thresholds.get("ood"),
+                        target_sensitivity=target_sensitivity, bootstrap=bootstrap,
+                        site=existing_site_config(classifier))
     return {
         "model": str(classifier.model_path), "model_sha256": classifier.model_sha256,
         "images": str(source), "date": datetime.date.today().isoformat(),
