@@ -228,3 +228,33 @@ def per_group_metrics(logits, y_true, groups, labels, *, temperature: float, thr
             "abnormal_specificity": rate(~flag[y == 0]),
         }
     return result
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion: honest at the small counts of a cohort (a
+    normal-approximation interval of 20/21 would pass 1.0)."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def cohort_metrics(logits, y_true, cohorts, labels, *, temperature: float, threshold: float) -> dict:
+    """Per cohort (e.g. 'adult pneumonia', train.data.sources.cohort_of): how many images and the
+    share decided correctly at the operating threshold with its Wilson interval, i.e. the
+    sensitivity of an abnormal cohort (referred) or the specificity of a normal one (not referred).
+    Images of no known cohort (None) are left out."""
+    y_true = np.asarray(y_true)
+    probs = decision.calibrated_probabilities(logits, temperature)
+    referred = decision.abnormal_probability(probs) >= threshold
+    result = {}
+    for cohort in sorted({c for c in cohorts if c}):
+        inside = np.array([c == cohort for c in cohorts])
+        normal = bool((y_true[inside] == 0).all())
+        correct = ~referred[inside] if normal else referred[inside]
+        k, n = int(correct.sum()), int(inside.sum())
+        result[cohort] = {"n": n, "figure": "specificity" if normal else "sensitivity",
+                          "value": k / n, "ci95": list(wilson_interval(k, n))}
+    return result

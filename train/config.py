@@ -44,6 +44,10 @@ class TrainConfig:
     class_weight_power: float = 0.5       # class weights (1/frequency)^power: 1 balances the classes,
                                           # 0.5 softens the balance (on the shared set: fewer
                                           # false COVID-19 calls, test macro-F1 0.864 -> 0.898), 0 off
+    source_weight_power: float = 0.0      # within a class, sources weigh (1/their images)^power, the class's
+                                          # total kept (train.pipeline.image_weights); 1: every source of a
+                                          # class weighs the same
+    label_smoothing: float = 0.0          # cross-entropy against (1 - e) one-hot + e / classes
     augment: bool = True
     rotation_degrees: float = 7.0
     zoom: float = 0.1
@@ -58,8 +62,6 @@ class TrainConfig:
     noise: float = 0.0                    # Gaussian noise, std uniform in [0, noise]
     min_resolution: float = 1.0           # down- and back up-sampled by a factor in [min_resolution, 1]
     jpeg_quality: int = 0                 # re-encoded as JPEG at a quality in [jpeg_quality, 95]
-    balance_sources: bool = False         # weigh images so every (source, class) has the same total
-                                          # weight (replaces class weights)
     early_stopping_patience: int = 4
     holdout_source: str = ""              # leave this data source out of training; evaluate on it
     target_sensitivity: float = 0.95      # abnormal sensitivity the operating threshold must reach on val
