@@ -6,8 +6,6 @@ Conventions: `y` holds class indices into the task's labels, labels[0] is "norma
 """
 from __future__ import annotations
 
-from statistics import NormalDist
-
 import numpy as np
 
 from edge_app import decision
@@ -84,18 +82,6 @@ def bootstrap_auc_ci(positive, scores, *, n: int = 1000, seed: int = 0, level: f
         return [float("nan"), float("nan")]
     lo, hi = np.percentile(values, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
     return [float(lo), float(hi)]
-
-
-def wilson_interval(successes: int, n: int, level: float = 0.95) -> list[float]:
-    """Wilson score interval of a proportion successes / n (NaNs when n is 0): unlike the normal
-    approximation it stays inside [0, 1] and is honest at 0 % and 100 % with few images."""
-    if n == 0:
-        return [float("nan"), float("nan")]
-    z = NormalDist().inv_cdf((1 + level) / 2)
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
 
 
 def sensitivity_specificity(positive, scores, threshold: float) -> tuple[float, float]:

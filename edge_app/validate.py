@@ -106,11 +106,11 @@ def classify(classifier, labelled: list[tuple[str, str]]) -> tuple[list[dict], l
     return records, unreadable
 
 
-def _rate(hits, level: float = 0.95) -> dict:
-    """A proportion with its Wilson interval and counts."""
+def _rate(hits) -> dict:
+    """A proportion with its 95 % Wilson interval and counts."""
     hits = np.asarray(hits, bool)
     k, n = int(hits.sum()), int(hits.size)
-    return {"value": k / n if n else None, "ci95": metrics.wilson_interval(k, n, level), "k": k, "n": n}
+    return {"value": k / n if n else None, "ci95": list(metrics.wilson_interval(k, n)), "k": k, "n": n}
 
 
 def at_threshold(positive, scores, threshold: float) -> dict:

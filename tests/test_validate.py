@@ -74,14 +74,6 @@ def wilson_by_hand(k: int, n: int) -> list[float]:
     return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
-def test_wilson_interval_by_hand():
-    assert metrics.wilson_interval(8, 10) == pytest.approx([0.4902, 0.9433], abs=1e-4)  # published values
-    assert metrics.wilson_interval(0, 10) == pytest.approx([0.0, 0.2775], abs=1e-4)
-    for k, n in [(0, 1), (3, 7), (57, 60), (460, 460)]:
-        assert metrics.wilson_interval(k, n) == pytest.approx(wilson_by_hand(k, n), abs=1e-6)
-    assert all(math.isnan(v) for v in metrics.wilson_interval(0, 0))
-
-
 def test_validate_equals_predict_image_for_image(model, site, tmp_path):
     result, report = _validate(model, site, tmp_path / "out")
     assert result.returncode == 1, result.stderr   # two images could not be read; the report is written
