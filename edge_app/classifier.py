@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from edge_app import decision, lungs, preprocess, release
+from edge_app import decision, lungs, preprocess, release, site_config
 from edge_app.errors import ModelError
 from edge_app.model_card import ModelCard
 from edge_app.runtime import NoGpuAdapter, open_backend
@@ -87,12 +87,16 @@ class Classifier:
     """Loads a model and its card, picks a runtime, warms it up; `predict` is thread-safe."""
 
     def __init__(self, model_path: str | Path, *, accelerator: str = "auto", num_threads: int = 2,
-                 gpu_delegate: str | None = None, runtime=None):
+                 gpu_delegate: str | None = None, runtime=None, use_site_config: bool = True):
         """`runtime`: a callable model bytes -> backend that pins one runtime (the benchmarks
-        time each one); by default the first that loads, in `open_backend`'s order."""
+        time each one); by default the first that loads, in `open_backend`'s order.
+        `use_site_config`: apply the site threshold stored beside the model (site_config), if
+        any; commissioning itself runs at the card's threshold."""
         self.model_path = Path(model_path)
         data, self.card = load_model_file(self.model_path)
         self.model_sha256 = hashlib.sha256(data).hexdigest()
+        self.site = site_config.load(self.model_path, self.model_sha256) if use_site_config else None
+        self.threshold = self.site.threshold if self.site else self.card.abnormal_threshold
         if runtime is None:
             self.backend, self.backend_attempts = open_backend(
                 data, accelerator=accelerator, num_threads=num_threads, gpu_delegate=gpu_delegate)
@@ -131,6 +135,9 @@ class Classifier:
             "gpu": self._gpu_status(),
             "ood_warning": all(part in self.backend.output_shapes for part in OOD_PARTS),
             "backends_tried": [{"backend": n, "error": why} for n, why in self.backend_attempts],
+            "threshold": self.threshold,
+            "threshold_note": self.threshold_note,
+            "site": None if self.site is None else asdict(self.site),
             "card": self.card.to_dict(),
         }
 
@@ -144,6 +151,13 @@ class Classifier:
         if error.startswith(NoGpuAdapter.__name__):
             return "not run: " + error.removeprefix(NoGpuAdapter.__name__ + ": ").split(" [native log:")[0]
         return f"failed: {error}"
+
+    @property
+    def threshold_note(self) -> str:
+        """Where the operating threshold comes from, for people."""
+        if self.site:
+            return f"threshold {self.threshold:.3f}, {self.site.describe()}"
+        return f"threshold {self.threshold:.3f} from the model card (not commissioned for a site)"
 
     def predict(self, source) -> Prediction:
         """Classify an image file (or its bytes): decoding is strict, as at a clinic."""
@@ -180,7 +194,7 @@ class Classifier:
         probs = decision.calibrated_probabilities(outputs[LOGITS][0], self.card.temperature)
         p_abnormal = float(decision.abnormal_probability(probs))
         ood_score = ood_score_of(outputs)
-        triage = decision.triage(p_abnormal, self.card.abnormal_threshold, ood_score,
+        triage = decision.triage(p_abnormal, self.threshold, ood_score,
                                  self.card.thresholds.get("ood"))
         heatmap = outputs.get(HEATMAP)
         if heatmap is not None:
@@ -194,7 +208,7 @@ class Classifier:
             abnormal_probability=p_abnormal,
             decision=triage,
             message=decision.TRIAGE_MESSAGES[triage],
-            threshold=self.card.abnormal_threshold,
+            threshold=self.threshold,
             timings_ms={"decode": ms(t0, t_decoded), "preprocess": ms(t_decoded, t_preprocessed),
                         "inference": ms(t_preprocessed, t_inferred),
                         "postprocess": ms(t_inferred, t_done), "total": ms(t0, t_done)},

@@ -28,8 +28,8 @@ import train  # noqa: F401
 import tensorflow as tf
 import tf_keras as keras
 
-from edge_app import decision
-from train import metrics, ood
+from edge_app import decision, metrics
+from train import ood
 from train.report import figure
 from train.config import AdaptConfig
 from train.data import load_dataset

@@ -20,9 +20,9 @@ import train  # noqa: F401
 import tensorflow as tf
 import tf_keras as keras
 
-from edge_app import decision, lungs
+from edge_app import decision, lungs, metrics
 from edge_app.model_card import ModelCard
-from train import gradcam, metrics, models, ood, report, shortcuts
+from train import gradcam, models, ood, report, shortcuts
 from train.config import TrainConfig
 from train.data import load_dataset
 from train.data import sources

@@ -37,9 +37,9 @@ from edge_app.app.overlay import display_square, heatmap_rgba
 from edge_app.classifier import Classifier
 from edge_app.errors import CxrEdgeError, HistoryError, InputError, log_unexpected
 from edge_app.history import History, beside, export_csv
+from edge_app.inputs import IMAGE_SUFFIXES
 from edge_app.screening import screen
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".dcm", ".dicom")
 DISPLAY_SIZE = 512
 COLOURS = {decision.REFER: (0.72, 0.14, 0.14, 1), decision.NO_ABNORMALITY: (0.10, 0.45, 0.25, 1),
            decision.UNRELIABLE: (0.80, 0.45, 0.05, 1)}
@@ -110,6 +110,7 @@ class ResultScreen(Screen):
         likely = ("No label: unlike the training images." if p.decision == decision.UNRELIABLE
                   else f"Most likely: {p.label}.")
         self.ids.details.text = (f"{likely} {Path(outcome.screening.image_path).name}\n"
+                                 f"Operating {App.get_running_app().classifier.threshold_note}.\n"
                                  f"{t['total']:.0f} ms (inference {t['inference']:.0f} ms) on {p.backend}")
 
     def clear(self) -> None:
@@ -351,7 +352,8 @@ class CxrApp(App):
         self.model_status = f"{Path(info['model']).name} on {info['backend']} ({gpu[info['gpu_fully_accelerated']]})"
         tried = "".join(f"\n  not used: {t['backend']}: {t['error'][:160]}" for t in info["backends_tried"])
         card = info["card"]
-        self.card_text = "\n".join([f"Model SHA-256: {info['model_sha256']}", f"Backend: {info['backend']}{tried}"]
+        self.card_text = "\n".join([f"Operating {info['threshold_note']}",
+                                    f"Model SHA-256: {info['model_sha256']}", f"Backend: {info['backend']}{tried}"]
                                    + [f"{k}: {_plain(v)}" for k, v in card.items()])
         self.status = f"{'Model loaded' if self.history_problem else 'Ready'}: {self.model_status}."
         if self.cfg.screen_and_exit:
