@@ -271,3 +271,14 @@ def test_label_smoothing_loss_by_hand():
     logits = np.log(np.array([[0.7, 0.2, 0.1]], dtype=np.float32))
     value = float(smoothed_crossentropy(0.1)(np.array([0]), logits)[0])
     assert value == pytest.approx(-(0.9 + 0.1 / 3) * np.log(0.7) - 0.1 / 3 * (np.log(0.2) + np.log(0.1)), rel=1e-5)
+
+
+def test_a_run_saved_before_source_weights_still_loads(tmp_path):
+    from train.config import TrainConfig
+
+    old = tmp_path / "config.json"
+    old.write_text('{"balance_sources": false, "seed": 3}')
+    assert TrainConfig.from_file(old).source_weight_power == 0.0
+    old.write_text('{"balance_sources": true}')
+    loaded = TrainConfig.from_file(old)
+    assert (loaded.class_weight_power, loaded.source_weight_power) == (1.0, 1.0)

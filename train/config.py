@@ -71,7 +71,7 @@ class TrainConfig:
     holdout_source: str = ""              # leave this data source out of training; evaluate on it
     target_sensitivity: float = 0.95      # abnormal sensitivity the operating threshold must reach on val
     threshold_rule: str = "overall"       # overall | every_cohort: reach it in every abnormal population
-                                          # of val too (adult pneumonia; train.metrics.operating_threshold)
+                                          # of val too (adult pneumonia; edge_app.metrics.operating_threshold)
     bootstrap: int = 1000                 # bootstrap resamples for AUC intervals (0: none)
     mixed_precision: bool = True          # float16 compute on GPU (ignored on CPU)
     xla: bool = False
@@ -100,6 +100,9 @@ class TrainConfig:
         path = Path(path)
         text = path.read_text()
         values = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        if "balance_sources" in values:   # runs made before source_weight_power replaced it
+            if values.pop("balance_sources"):
+                values.update(class_weight_power=1.0, source_weight_power=1.0)
         known = {f.name for f in fields(cls)}
         unknown = set(values) - known
         if unknown:
