@@ -26,8 +26,10 @@ SCHEMA = {
     "drop_vs_keras": {f"max_{m}" for m in ACCURACY_METRICS},
     "size": {"max_mib", "max_gzip_mib"},
     "ratios": {"threads", "max_pipeline_overhead", "min_int8_speedup"},
-    "ood": {"max_test_flagged", "min_nonradiograph_flagged"},
+    "ood": {"required", "max_test_flagged", "min_nonradiograph_flagged"},
 }
+# [conversion.VARIANT]: the parity budgets of python -m convert (convert/parity.py); pruned-* share "pruned"
+CONVERSION_KEYS = ("min_agreement", "max_flipped", "excused_margin", "max_drop_points", "max_covid_lost")
 OPS = {"min": (">=", operator.ge), "max": ("<=", operator.le)}
 
 
@@ -60,6 +62,11 @@ def load_gates(path: Path = GATES_FILE) -> dict:
                 if unknown or "threads" not in budget:
                     raise GateFileError(f"{path}: [devices.{device}] needs threads and knows only "
                                         f"{DEVICE_KEYS}; unknown: {sorted(unknown)}")
+            continue
+        if section == "conversion":
+            for variant, budget in keys.items():
+                if not isinstance(budget, dict) or set(budget) != set(CONVERSION_KEYS):
+                    raise GateFileError(f"{path}: [conversion.{variant}] needs exactly {CONVERSION_KEYS}")
             continue
         if section not in SCHEMA:
             raise GateFileError(f"{path}: unknown section [{section}]; known: {sorted(SCHEMA)} and devices")
@@ -151,9 +158,14 @@ def evaluate(results: dict, gates: dict, *, device: str | None = None,
             check("size.max_mib", name, v["bytes"] / 2**20, "max_mib", size["max_mib"], "MiB")
         if "max_gzip_mib" in size:
             check("size.max_gzip_mib", name, v["gzip_bytes"] / 2**20, "max_gzip_mib", size["max_gzip_mib"], "MiB")
-        ood = v.get("ood") or {}
-        if ood.get("carried", True):   # variants without the OOD output (int8) have nothing to gate
-            for key, limit in gates.get("ood", {}).items():
+        ood, ood_gates = v.get("ood") or {}, dict(gates.get("ood", {}))
+        carried = ood.get("carried") if ood else None
+        if ood_gates.pop("required", False):
+            rows.append(GateResult("ood.required", name, None if carried is None else float(carried), 1.0, "==", "",
+                                   bool(carried), {None: "not measured", False: "ships without the OOD warning"}
+                                   .get(carried, "")))
+        if carried is not False:      # a variant without the OOD output has no figures to gate
+            for key, limit in ood_gates.items():
                 check(f"ood.{key}", name, ood.get(key.split("_", 1)[1]), key, limit, "")
         if "max_pipeline_overhead" in gates.get("ratios", {}):
             check("ratios.max_pipeline_overhead", name, derived["pipeline_overhead"].get(name),

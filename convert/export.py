@@ -99,8 +99,8 @@ def with_heatmap(model):
 
     from train.models import FEATURES_LAYER, LOGITS_LAYER
 
-    kernel = kernel_of(_layer(model, LOGITS_LAYER))
-    features = _layer(model, FEATURES_LAYER).output
+    kernel = kernel_of(head_layer(model, LOGITS_LAYER))
+    features = head_layer(model, FEATURES_LAYER).output
     cam_conv = keras.layers.Conv2D(kernel.shape[1], 1, use_bias=False, dtype="float32", name="class_maps")
     class_maps = cam_conv(tf.cast(features, tf.float32))
     cam_conv.set_weights([kernel[None, None]])
@@ -134,7 +134,7 @@ def with_ood_parts(model, detector):
     """
     import tf_keras as keras
 
-    pooled = tf.cast(_layer(model, "pool").output, tf.float32)
+    pooled = tf.cast(head_layer(model, "pool").output, tf.float32)
     mean = detector.mean.astype(np.float32)
     std = np.sqrt(detector.variances).astype(np.float32)
     whitening = (detector.components / std).astype(np.float32)                  # (d, k): U / std
@@ -173,7 +173,7 @@ def kernel_of(layer) -> np.ndarray:
                 if w.name.split("/")[-1].split(":")[0] in ("kernel", "depthwise_kernel")).numpy()
 
 
-def _layer(model, name: str):
+def head_layer(model, name: str):
     """A head layer by name, also inside a tfmot-quantised model (`quant_<name>`, wrapped)."""
     names = {layer.name: layer for layer in model.layers}
     layer = names.get(name) or names.get(f"quant_{name}")

@@ -265,6 +265,17 @@ def _fit_ood(features, run_dir: Path) -> dict:
             "flagged": {split: float((s > threshold).mean()) for split, s in scores.items()}}
 
 
+def calibrate(val_logits, y_val, target_sensitivity: float) -> tuple[float, float]:
+    """(temperature, operating threshold) fitted on validation: the temperature by likelihood, the
+    threshold the highest whose abnormal sensitivity reaches the target (conversion refits
+    fine-tuned variants with this too)."""
+    temperature = metrics.fit_temperature(val_logits, y_val)
+    val_probs = decision.calibrated_probabilities(val_logits, temperature)
+    threshold = metrics.threshold_for_sensitivity(y_val != 0, decision.abnormal_probability(val_probs),
+                                                  target_sensitivity)
+    return temperature, threshold
+
+
 def evaluate_and_card(model, config, dataset, spec, split_data, reports, history, *,
                       train_seconds, replicas) -> ModelCard:
     """Temperature and operating threshold fitted on val; metrics on val and test; the model card."""
@@ -275,11 +286,7 @@ def evaluate_and_card(model, config, dataset, spec, split_data, reports, history
         x, y, _ = split_data[split]
         ds = make_dataset(x, y, spec, batch_size=64, training=False)
         logits[split] = model.predict(ds, verbose=0)
-    y_val = split_data["val"][1]
-    temperature = metrics.fit_temperature(logits["val"], y_val)
-    val_probs = decision.calibrated_probabilities(logits["val"], temperature)
-    threshold = metrics.threshold_for_sensitivity(y_val != 0, decision.abnormal_probability(val_probs),
-                                                  config.target_sensitivity)
+    temperature, threshold = calibrate(logits["val"], split_data["val"][1], config.target_sensitivity)
     results = {}
     for split in evaluated:
         _, y, records = split_data[split]
