@@ -200,6 +200,14 @@ def table(rows: list[GateResult]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4] for row in cells)
 
 
+def best_variant(rows: list[GateResult], results: dict) -> str | None:
+    """The variant to ship: the smallest file among those that passed every one of their gates
+    (None when none did)."""
+    failed = {r.variant for r in rows if not r.passed}
+    passed = {r.variant for r in rows if r.variant} - failed
+    return min(sorted(passed), key=lambda n: results["variants"][n]["bytes"], default=None)
+
+
 def summary(rows: list[GateResult]) -> str:
     failed = [r.name for r in rows if not r.passed]
     if failed:
@@ -219,9 +227,16 @@ def main(argv=None) -> int:
     p.add_argument("--gates", type=Path, default=GATES_FILE)
     p.add_argument("--device", help="a [devices.NAME] profile: check its absolute budgets")
     p.add_argument("--variants", help="comma-separated variants to ship (default: every benchmarked one)")
+    p.add_argument("--best", action="store_true",
+                   help="print only the variant to ship (the smallest that passed all its gates); exit 1 if none")
     args = p.parse_args(argv)
-    rows = evaluate(json.loads(args.results.read_text()), load_gates(args.gates), device=args.device,
+    results = json.loads(args.results.read_text())
+    rows = evaluate(results, load_gates(args.gates), device=args.device,
                     variants=args.variants.split(",") if args.variants else None)
+    if args.best:
+        best = best_variant(rows, results)
+        print(best or f"no variant passed every gate: {summary(rows)}", file=sys.stdout if best else sys.stderr)
+        return 0 if best else 1
     print(table(rows))
     print(summary(rows))
     return 0 if all(r.passed for r in rows) else 1

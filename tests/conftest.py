@@ -76,7 +76,7 @@ def gates_with_conversion_budgets(path: Path, **budget) -> Path:
 
     text = GATES_FILE.read_text()
     variants = tomllib.loads(text)["conversion"]
-    text = text[:text.index("[conversion.")]
+    text = text[:text.index("\n[conversion.") + 1]
     for variant in variants:
         text += f"[conversion.{variant}]\n" + "".join(f"{k} = {v}\n" for k, v in budget.items())
     path.write_text(text)
