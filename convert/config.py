@@ -17,7 +17,6 @@ class ConvertConfig:
     # post-training int8 calibration
     representative_per_class: int = 100   # calibration images per class, from the training split
     int8_io: str = "int8"                 # int8: integer input/output; float: float I/O, int8 inside
-    bias_correction: bool = True          # post-training int8: remove the mean logit shift (see export)
     # quantisation-aware training
     qat_epochs: int = 2
     qat_learning_rate: float = 1e-5

@@ -150,22 +150,6 @@ def with_ood_parts(model, detector):
     return keras.Model(model.input, [*model.outputs, whitened, residual], name=model.name)
 
 
-def with_logit_shift(model, shift: np.ndarray):
-    """A copy of a (plain Keras) model whose logits are `shift` lower: the bias correction of
-    post-training int8, where the quantised network's logits are off by a systematic amount
-    (measured on the calibration images, never on val or test)."""
-    import tf_keras as keras
-
-    from train.models import LOGITS_LAYER
-
-    copy = keras.models.clone_model(model)
-    copy.set_weights(model.get_weights())
-    dense = copy.get_layer(LOGITS_LAYER)
-    kernel, bias = dense.get_weights()
-    dense.set_weights([kernel, (bias - shift).astype(bias.dtype)])
-    return copy
-
-
 def kernel_of(layer) -> np.ndarray:
     """A layer's kernel variable, also through a tfmot wrapper (whose inner layer's `kernel`
     attribute is the fake-quantised tensor, not the variable)."""
