@@ -55,7 +55,8 @@ def main(argv=None) -> int:
     for name, v in results["variants"].items():
         figures = "  ".join(f"{split}: agreement {s['agreement']:.4f}, {s['decisions_flipped']} flipped, "
                             f"max |dp| {s['max_abs_dp_abnormal']:.3f}" for split, s in v["splits"].items())
-        print(f"{name:12s} {v['bytes'] / 1024:8.0f} KiB ({v['size_vs_fp32']:.3f}x)  {figures}  "
+        ratio = "" if v["size_vs_fp32"] is None else f" ({v['size_vs_fp32']:.3f}x)"
+        print(f"{name:12s} {v['bytes'] / 1024:8.0f} KiB{ratio}  {figures}  "
               f"{'pass' if v['gate']['passed'] else 'FAIL'}")
     for name, why in results["refused"].items():
         print(f"{name:12s} refused: {why}")
