@@ -308,3 +308,27 @@ def test_budgets_come_from_the_gates_file_and_a_missing_one_is_an_error():
     assert parity.budgets_of(gates, "int8")["max_flipped"] == 0.005
     with pytest.raises(ValueError, match=r"no \[conversion.int8\] budgets"):
         parity.budgets_of({"conversion": {"fp32": gates["conversion"]["fp32"]}}, "int8")
+
+
+def test_int8_mixed_keeps_depthwise_and_linear_bottleneck_convolutions_float():
+    """The int8-mixed recipe on a (small, untrained) MobileNetV2: every depthwise convolution and every
+    convolution without an activation (the linear-bottleneck projections) computes in float; the
+    expansions and the stem (ReLU6) stay int8."""
+    import train  # noqa: F401
+    from ai_edge_litert.interpreter import Interpreter
+
+    from convert import export
+    from train import models
+
+    model = models.build("mobilenet_v2", 3, image_size=32, alpha=0.35)
+    x = np.random.default_rng(0).uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32)
+    interpreter = Interpreter(model_content=export.convert(model, "int8-mixed", x))
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    kinds = {}
+    for op in interpreter._get_ops_details():
+        if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D"):
+            out = tensors[op["outputs"][0]]["name"]
+            kind = ("depthwise" if op["op_name"] == "DEPTHWISE_CONV_2D" else
+                    "projection" if "_project_BN/" in out else "other conv")
+            kinds.setdefault(kind, set()).add(np.dtype(tensors[op["inputs"][0]]["dtype"]).name)
+    assert kinds == {"depthwise": {"float32"}, "projection": {"float32"}, "other conv": {"int8"}}, kinds
