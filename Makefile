@@ -6,7 +6,7 @@
 #   make train MODEL=cnn DATA=...          any registered model (train/models.py)
 #
 #   make adapt RUN=... SITE=DIR            fit a run to a hospital's own labelled images -> artifacts/RUN-site
-#   make app                               the screening app (Kivy) on the run's int8 model
+#   make app                               the screening app (Kivy) on the run's shipped variant (SHIPPED)
 #   make app APP_ARGS="--kiosk --pin 2468" the screening kiosk
 #   make benchmark RUN=mobilenet_v2-cxr    latency, memory, size, accuracy of every variant + the gates
 #   make summary RUN=mobilenet_v2-cxr      the run on one screen (what `make all` ends with)
@@ -25,7 +25,7 @@
 # that device only), VARIANTS (comma-separated, the ones to ship and gate), COMPARE (an earlier
 # results JSON), RESULTS (release from these results instead of benchmarking again), VERSION,
 # BENCH_ARGS (more pytest / pytest-benchmark options).
-# Pi variables: PI_VARIANT (tflite variant, default int8), PI_WHEELS (0: no vendored wheels),
+# Pi variables: PI_VARIANT (tflite variant, default SHIPPED: the smallest that passed every gate), PI_WHEELS (0: no vendored wheels),
 # PI_IMAGES (test split for verify-pi), PI_PER_CLASS, PI_ROOTFS (cached emulated rootfs),
 # PI_CPU (pi4: Cortex-A72, pi5: Cortex-A76), PI_TOLERANCE (largest |probability difference|).
 # Fuzz variables: FUZZ_N (mutants), FUZZ_JOBS (worker processes), FUZZ_SEED (mutant i of a seed is reproducible).
@@ -46,7 +46,10 @@ WEIGHTS     ?= $(if $(filter cnn,$(MODEL)),none,$(if $(wildcard $(WEIGHTS_DIR)/*
 TRAIN_ARGS  ?=
 PRUNE       ?=
 CONVERT_ARGS ?=
-APP_MODEL   ?= $(RUN_DIR)/tflite/int8.tflite
+# The variant that ships: the smallest that passed every gate of the run's benchmark
+# (python -m benchmarks.gates --best); int8, said out loud, when the run has no passing benchmark.
+SHIPPED      = $(or $(shell $(PY) -m benchmarks.gates $(RUN_DIR)/reports/benchmark.json --best 2>/dev/null),$(warning no variant of $(RUN) passed every gate of a recorded benchmark (make benchmark): using int8)int8)
+APP_MODEL   ?= $(RUN_DIR)/tflite/$(SHIPPED).tflite
 APP_ARGS    ?=
 GATES       ?= benchmarks/gates.toml
 DEVICE      ?=
@@ -63,7 +66,7 @@ SITE_PER_CLASS ?= 0
 # LiteRT's GPU accelerator runs on SwiftShader (Chromium's software Vulkan) where it is installed.
 SWIFTSHADER := $(wildcard /usr/lib/chromium/vk_swiftshader_icd.json)
 BENCH_ENV   := $(if $(SWIFTSHADER),VK_ICD_FILENAMES=$(SWIFTSHADER) XDG_RUNTIME_DIR=$${XDG_RUNTIME_DIR:-/tmp})
-PI_VARIANT  ?= int8
+PI_VARIANT  ?= $(SHIPPED)
 PI_WHEELS   ?= 1
 PI_IMAGES   ?= $(if $(DATA),$(DATA),../shared/data/cxr)/test
 PI_PER_CLASS ?= 4
@@ -79,7 +82,7 @@ BENCH_QUIET :=
 else
 BENCH_QUIET := --benchmark-quiet -rfE
 endif
-PI_BUNDLE   := dist/cxr-edge-pi-$(RUN)-$(PI_VARIANT)
+PI_BUNDLE    = dist/cxr-edge-pi-$(RUN)-$(PI_VARIANT)
 PREDICT_IMAGE = $(firstword $(wildcard $(DATASET)/test/covid/* $(DATASET)/test/pneumonia/*))
 
 .PHONY: all summary setup system-deps data train adapt convert benchmark release predict app bundle-pi verify-pi \
@@ -141,7 +144,7 @@ release: setup $(if $(RESULTS),,benchmark)
 		$(if $(DEVICE),--device $(DEVICE)) $(if $(VARIANTS),--variants $(VARIANTS)) $(if $(VERSION),--version $(VERSION))
 
 predict: setup
-	$(PY) -m edge_app predict $(PREDICT_IMAGE) --model $(RUN_DIR)/tflite/int8.tflite
+	$(PY) -m edge_app predict $(PREDICT_IMAGE) --model $(APP_MODEL)
 
 app: setup
 	$(PY) -m edge_app app $(if $(wildcard $(APP_MODEL)),--model $(APP_MODEL)) $(APP_ARGS)

@@ -26,7 +26,7 @@ SCHEMA = {
     "drop_vs_keras": {f"max_{m}" for m in ACCURACY_METRICS},
     "size": {"max_mib", "max_gzip_mib"},
     "ratios": {"threads", "max_pipeline_overhead", "min_int8_speedup"},
-    "ood": {"max_test_flagged", "min_nonradiograph_flagged"},
+    "ood": {"required", "max_test_flagged", "min_nonradiograph_flagged"},
     "clinic": {"max_decode_vs_library", "max_preprocess_vs_inference", "max_pipeline_vs_library_and_inference",
                "max_peak_rss_mib", "max_cold_start_s"},
 }
@@ -36,6 +36,8 @@ CLINIC_RATIOS = {"max_decode_vs_library": ("decode_vs_library", "decode", "libra
                  "max_pipeline_vs_library_and_inference": ("pipeline_vs_library_and_inference", "total",
                                                            "library decode + inference")}
 COLD_START_VARIANT = "int8"
+# [conversion.VARIANT]: the parity budgets of python -m convert (convert/parity.py); pruned-* share "pruned"
+CONVERSION_KEYS = ("min_agreement", "max_flipped", "excused_margin", "max_drop_points", "max_covid_lost")
 OPS = {"min": (">=", operator.ge), "max": ("<=", operator.le)}
 
 
@@ -68,6 +70,11 @@ def load_gates(path: Path = GATES_FILE) -> dict:
                 if unknown or "threads" not in budget:
                     raise GateFileError(f"{path}: [devices.{device}] needs threads and knows only "
                                         f"{DEVICE_KEYS}; unknown: {sorted(unknown)}")
+            continue
+        if section == "conversion":
+            for variant, budget in keys.items():
+                if not isinstance(budget, dict) or set(budget) != set(CONVERSION_KEYS):
+                    raise GateFileError(f"{path}: [conversion.{variant}] needs exactly {CONVERSION_KEYS}")
             continue
         if section not in SCHEMA:
             raise GateFileError(f"{path}: unknown section [{section}]; known: {sorted(SCHEMA)} and devices")
@@ -159,9 +166,14 @@ def evaluate(results: dict, gates: dict, *, device: str | None = None,
             check("size.max_mib", name, v["bytes"] / 2**20, "max_mib", size["max_mib"], "MiB")
         if "max_gzip_mib" in size:
             check("size.max_gzip_mib", name, v["gzip_bytes"] / 2**20, "max_gzip_mib", size["max_gzip_mib"], "MiB")
-        ood = v.get("ood") or {}
-        if ood.get("carried", True):   # variants without the OOD output (int8) have nothing to gate
-            for key, limit in gates.get("ood", {}).items():
+        ood, ood_gates = v.get("ood") or {}, dict(gates.get("ood", {}))
+        carried = ood.get("carried") if ood else None
+        if ood_gates.pop("required", False):
+            rows.append(GateResult("ood.required", name, None if carried is None else float(carried), 1.0, "==", "",
+                                   bool(carried), {None: "not measured", False: "ships without the OOD warning"}
+                                   .get(carried, "")))
+        if carried is not False:      # a variant without the OOD output has no figures to gate
+            for key, limit in ood_gates.items():
                 check(f"ood.{key}", name, ood.get(key.split("_", 1)[1]), key, limit, "")
         if "max_pipeline_overhead" in gates.get("ratios", {}):
             check("ratios.max_pipeline_overhead", name, derived["pipeline_overhead"].get(name),
@@ -252,6 +264,14 @@ def table(rows: list[GateResult]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4] for row in cells)
 
 
+def best_variant(rows: list[GateResult], results: dict) -> str | None:
+    """The variant to ship: the smallest file among those that passed every one of their gates
+    (None when none did)."""
+    failed = {r.variant for r in rows if not r.passed}
+    passed = {r.variant for r in rows if r.variant} - failed
+    return min(sorted(passed), key=lambda n: results["variants"][n]["bytes"], default=None)
+
+
 def summary(rows: list[GateResult]) -> str:
     failed = [r.name for r in rows if not r.passed]
     if failed:
@@ -271,9 +291,16 @@ def main(argv=None) -> int:
     p.add_argument("--gates", type=Path, default=GATES_FILE)
     p.add_argument("--device", help="a [devices.NAME] profile: check its absolute budgets")
     p.add_argument("--variants", help="comma-separated variants to ship (default: every benchmarked one)")
+    p.add_argument("--best", action="store_true",
+                   help="print only the variant to ship (the smallest that passed all its gates); exit 1 if none")
     args = p.parse_args(argv)
-    rows = evaluate(json.loads(args.results.read_text()), load_gates(args.gates), device=args.device,
+    results = json.loads(args.results.read_text())
+    rows = evaluate(results, load_gates(args.gates), device=args.device,
                     variants=args.variants.split(",") if args.variants else None)
+    if args.best:
+        best = best_variant(rows, results)
+        print(best or f"no variant passed every gate: {summary(rows)}", file=sys.stdout if best else sys.stderr)
+        return 0 if best else 1
     print(table(rows))
     print(summary(rows))
     return 0 if all(r.passed for r in rows) else 1

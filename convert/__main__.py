@@ -1,4 +1,4 @@
-"""python -m convert artifacts/RUN [--variants fp32 int8 ...] [--prune 0.5] [--budget int8=1.0 ...]"""
+"""python -m convert artifacts/RUN [--variants fp32 int8 ...] [--prune 0.5] [--gates FILE]"""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +13,7 @@ PARITY_FAILED = 3   # exit status of a conversion whose parity gate failed (make
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     native_logs.quiet("--verbose" in argv)  # before TensorFlow loads
+    from benchmarks.gates import GATES_FILE
     from convert.config import INT8_IO, ConvertConfig
     from convert.export import VARIANTS
 
@@ -24,12 +25,10 @@ def main(argv=None) -> int:
     p.add_argument("--variants", nargs="+", choices=VARIANTS,
                    help="default: fp32 dynamic fp16 int8 qat, and the pruned ones with --prune")
     p.add_argument("--prune", type=float, metavar="SPARSITY", help="target sparsity of the pruned variants, e.g. 0.5")
-    p.add_argument("--budget", action="append", default=[], metavar="VARIANT=POINTS",
-                   help="largest allowed macro-F1 drop in points (VARIANT: a variant, or 'pruned')")
+    p.add_argument("--gates", default=str(GATES_FILE),
+                   help="gates file whose [conversion.VARIANT] tables hold the parity budgets")
     p.add_argument("--int8-io", choices=INT8_IO, default=defaults.int8_io,
                    help="input/output type of the full-integer variants")
-    p.add_argument("--no-bias-correction", action="store_true",
-                   help="keep the post-training int8 variants' mean logit shift")
     p.add_argument("--representative-per-class", type=int, default=defaults.representative_per_class)
     p.add_argument("--qat-epochs", type=int, default=defaults.qat_epochs)
     p.add_argument("--prune-epochs", type=int, default=defaults.prune_epochs)
@@ -39,25 +38,18 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--verbose", action="store_true", help=native_logs.VERBOSE_HELP)
     args = p.parse_args(argv)
-    budgets = dict(defaults.budgets)
-    for item in args.budget:
-        name, _, points = item.partition("=")
-        try:
-            budgets[name] = float(points)
-        except ValueError:
-            p.error(f"--budget wants VARIANT=POINTS, got {item!r}")
     try:
         cfg = ConvertConfig(representative_per_class=args.representative_per_class, int8_io=args.int8_io,
-                            bias_correction=not args.no_bias_correction,
                             qat_epochs=args.qat_epochs, prune_sparsity=args.prune, prune_epochs=args.prune_epochs,
-                            pqat_epochs=args.pqat_epochs, steps_per_epoch=args.steps_per_epoch, budgets=budgets)
+                            pqat_epochs=args.pqat_epochs, steps_per_epoch=args.steps_per_epoch)
     except ValueError as exc:
         p.error(str(exc))
 
     from convert.conversion import ParityError, convert_run
 
     try:
-        results = convert_run(args.run, variants=args.variants, cfg=cfg, progress=not args.no_progress,
+        results = convert_run(args.run, variants=args.variants, cfg=cfg, gates_file=args.gates,
+                              progress=not args.no_progress,
                               gpu_check=not args.no_gpu)
     except ParityError as exc:       # every file and report is written: they can be read
         print(f"error: {exc}", file=sys.stderr)
@@ -66,9 +58,10 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     for name, v in results["variants"].items():
-        test = v["splits"].get("test", next(iter(v["splits"].values())))
-        print(f"{name:12s} {v['bytes'] / 1024:8.0f} KiB ({v['size_vs_fp32']:.3f}x, gzip {v['gzip_vs_fp32']:.3f}x)  "
-              f"macro-F1 {test['metrics']['macro_f1']:.4f}  agreement {test['agreement']:.4f}  "
+        figures = "  ".join(f"{split}: agreement {s['agreement']:.4f}, {s['decisions_flipped']} flipped, "
+                            f"max |dp| {s['max_abs_dp_abnormal']:.3f}" for split, s in v["splits"].items())
+        ratio = "" if v["size_vs_fp32"] is None else f" ({v['size_vs_fp32']:.3f}x)"
+        print(f"{name:12s} {v['bytes'] / 1024:8.0f} KiB{ratio}  {figures}  "
               f"{'pass' if v['gate']['passed'] else 'FAIL'}")
     for name, why in results["refused"].items():
         print(f"{name:12s} refused: {why}")

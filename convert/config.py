@@ -7,7 +7,7 @@ pruning mask.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 INT8_IO = ("int8", "float")
 
@@ -17,7 +17,6 @@ class ConvertConfig:
     # post-training int8 calibration
     representative_per_class: int = 100   # calibration images per class, from the training split
     int8_io: str = "int8"                 # int8: integer input/output; float: float I/O, int8 inside
-    bias_correction: bool = True          # post-training int8: remove the mean logit shift (see export)
     # quantisation-aware training
     qat_epochs: int = 2
     qat_learning_rate: float = 1e-5
@@ -31,9 +30,8 @@ class ConvertConfig:
     # shared by the fine-tunes
     batch_size: int = 32
     steps_per_epoch: int | None = None    # None: the whole training split per epoch
-    # parity gate: largest allowed macro-F1 drop in points, per variant (pruned-*: "pruned")
-    budgets: dict = field(default_factory=lambda: {"fp32": 0.2, "fp16": 0.2, "dynamic": 1.0,
-                                                   "int8": 1.0, "qat": 1.0, "pruned": 2.0})
+    # parity gate (its budgets: benchmarks/gates.toml [conversion.*])
+    bootstrap: int = 2000                 # paired bootstrap resamples of the metric differences' CIs
     splits: tuple[str, ...] = ("val", "test")
     # GPU check: images run on both the GPU accelerator and the CPU, and the largest allowed
     # |GPU - CPU| logit difference of a fully accelerated fp16 model (SwiftShader computes in
@@ -47,7 +45,3 @@ class ConvertConfig:
             raise ValueError(f"int8_io must be one of {INT8_IO}, got {self.int8_io!r}")
         if self.prune_sparsity is not None and not 0.0 < self.prune_sparsity < 1.0:
             raise ValueError(f"prune sparsity must be in (0, 1), got {self.prune_sparsity}")
-
-    def budget(self, variant: str) -> float:
-        key = "pruned" if variant.startswith("pruned") else variant
-        return float(self.budgets.get(key, self.budgets.get("int8", 1.0)))

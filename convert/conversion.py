@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import json
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +12,15 @@ import train  # noqa: F401
 import tf_keras as keras
 
 from convert import compress, export, gpu, parity, report
+from benchmarks.gates import GATES_FILE, load_gates
 from convert.config import ConvertConfig
+from edge_app.classifier import load_model_file
 from edge_app.preprocess import normalise
 from edge_app.runtime import REQUIRE_GPU_ENV, gpu_required
 from train import ood
-from train.data import load_dataset
+from train.data import load_dataset, sources
 from train.pipeline import load_images, lung_refusals
-from train.trainer import load_run
+from train.trainer import calibrate, load_run
 
 
 class ParityError(RuntimeError):
@@ -43,55 +44,55 @@ def balanced_sample(records, labels, per_class: int, seed: int) -> list:
 
 
 def convert_run(run_dir: str | Path, *, variants=None, cfg: ConvertConfig | None = None,
-                progress: bool = True, gpu_check: bool = True) -> dict:
+                gates_file: str | Path = GATES_FILE, progress: bool = True, gpu_check: bool = True) -> dict:
+    """Every variant in one straight line: convert -> run on val and test -> OOD threshold ->
+    write the file once -> gate on parity. Each step's figures go into reports/conversion.json."""
     run_dir = Path(run_dir)
     cfg = cfg or ConvertConfig()
     variants = tuple(variants or default_variants(cfg))
     if any(v.startswith("pruned") for v in variants) and not cfg.prune_sparsity:
         raise ValueError(f"pruned variants need a target sparsity: pass --prune 0.5 (asked for {variants})")
+    gates = load_gates(gates_file)
+    budgets = {v: parity.budgets_of(gates, v) for v in variants}   # a missing budget fails before any work
     model, card, config, dataset, splits = _prepare(run_dir, cfg, progress)
     spec, labels = card.input, card.labels
     train_records = dataset.split("train")
     representative = normalise(load_images(
         balanced_sample(train_records, labels, cfg.representative_per_class, cfg.seed), spec,
         desc="representative", progress=progress), spec)
-    sources, refused = _keras_sources(model, variants, cfg, train_records, labels, spec, config, progress)
     detector = ood.OodModel.load(run_dir / "ood.npz") if (run_dir / "ood.npz").is_file() else None
-    reference_quantile = _keras_ood_quantile(model, detector, splits["val"]["x"]) if detector else None
+    sources, refused = _keras_sources(model, card, detector, variants, cfg, train_records, splits, config, progress)
     out_dir = run_dir / "tflite"
     out_dir.mkdir(exist_ok=True)
     for stale in sorted(p for p in out_dir.glob("*.tflite") if p.stem not in variants):
         print(f"removing {stale}: not a variant of this conversion (the benchmarks take every file here)")
         stale.unlink()
     results = {"run": str(run_dir), "model": card.name, "labels": list(labels),
-               "config": dataclasses.asdict(cfg),
-               "keras": {s: parity.headline(d["keras"]) for s, d in splits.items()},
+               "config": dataclasses.asdict(cfg), "gates_file": str(gates_file),
+               "keras": {s: d["keras"] for s, d in splits.items()},
+               "calibration": {name: s["calibration"] for name, s in sources.items() if "calibration" in s},
                "variants": {}, "refused": refused}
     for variant in variants:
-        source, recipe = export.VARIANT_SOURCES[variant]
-        if source not in sources:
+        source_name, recipe = export.VARIANT_SOURCES[variant]
+        if source_name not in sources:
             continue
+        source = sources[source_name]
         print(f"converting {variant} ...", flush=True)
-        keras_model = sources[source]["model"]
-        # The OOD score is fitted on the trained model's features: fine-tuned variants (qat, pruned)
-        # have other features, so they get no OOD outputs rather than miscalibrated ones.
-        variant_detector = detector if source == "trained" else None
-        path = out_dir / f"{variant}.tflite"
-        flatbuffer = export.convert(export.device_model(keras_model, variant_detector), recipe, representative,
+        flatbuffer = export.convert(export.device_model(source["model"], source["detector"]), recipe, representative,
                                     int8_io=cfg.int8_io, progress=progress)
-        path.write_bytes(export.with_card(flatbuffer, card, variant))
-        shift = None
-        if recipe == "int8" and source in ("trained", "pruned") and cfg.bias_correction:
-            shift = (parity.variant_logits(path, representative, desc=f"bias of {variant}", progress=progress)
-                     - keras_model.predict(representative, batch_size=64, verbose=0)).mean(axis=0)
-            flatbuffer = export.convert(export.device_model(export.with_logit_shift(keras_model, shift), variant_detector),
-                                        recipe, representative, int8_io=cfg.int8_io, progress=progress)
-            path.write_bytes(export.with_card(flatbuffer, card, variant))
-        ood_entry = (_variant_ood_threshold(path, flatbuffer, card, variant, splits, reference_quantile, progress)
-                     if variant_detector is not None else None)
-        entry = _check_variant(path, variant, splits, card, cfg, progress, sources[source].get("sparsity"))
+        outputs = {split: parity.run_variant(flatbuffer, d["x"], desc=f"{variant} on {split}", progress=progress)
+                   for split, d in splits.items()}
+        variant_card, ood_entry = source["card"], None
+        if source["detector"] is not None:
+            variant_card, ood_entry = _variant_ood_threshold(source, {s: o["ood"] for s, o in outputs.items()})
+        path = out_dir / f"{variant}.tflite"
+        data = export.with_card(flatbuffer, variant_card, variant)
+        path.write_bytes(data)
+        entry = _check_variant(data, path, variant, splits, {s: o["logits"] for s, o in outputs.items()},
+                               card, variant_card, budgets[variant], cfg, source.get("sparsity"))
         entry["ood"] = ood_entry
-        entry["bias_correction"] = None if shift is None else shift.tolist()
+        entry["card"] = {"temperature": variant_card.temperature, "thresholds": variant_card.thresholds,
+                         "calibrated_on": "keras" if source_name == "trained" else source_name}
         analyzer_report = run_dir / "reports" / f"gpu_analyzer_{variant}.txt"
         analyzer_report.parent.mkdir(parents=True, exist_ok=True)
         analyzer_report.write_text(entry["analyzer"].pop("report"))
@@ -107,26 +108,23 @@ def convert_run(run_dir: str | Path, *, variants=None, cfg: ConvertConfig | None
     return results
 
 
-def _keras_ood_quantile(model, detector, x_val) -> float:
-    """The validation quantile of the Keras model's own OOD scores (train.ood, in float)."""
-    pooled = keras.Model(model.input, model.get_layer("pool").output)
-    return ood.threshold(ood.score(detector, pooled.predict(x_val, batch_size=64, verbose=0)))
+def _pooled(model, x: np.ndarray, batch: int = 256) -> np.ndarray:
+    """The pooled penultimate features (train.ood's input) of model inputs, in chunks."""
+    pooled = keras.Model(model.input, export.head_layer(model, "pool").output)
+    return np.concatenate([pooled.predict(x[i:i + batch], batch_size=64, verbose=0) for i in range(0, len(x), batch)])
 
 
-def _variant_ood_threshold(path: Path, flatbuffer: bytes, card, variant: str, splits: dict,
-                           reference_quantile: float, progress: bool) -> dict:
-    """The card's OOD threshold scaled by how far this variant's validation scores run from the
-    Keras model's (quantisation moves the features: an int8 model's scores run higher), written
-    into the variant's card. The card's threshold stays the calibration (training fits it on
-    validation, adaptation on the site's images too); the variant only corrects its drift."""
-    scores = {split: parity.variant_ood_scores(path, s["x"], desc=f"OOD scores of {variant} ({split})",
-                                               progress=progress) for split, s in splits.items()}
-    drift = ood.threshold(scores["val"]) / reference_quantile
+def _variant_ood_threshold(source: dict, scores: dict) -> tuple:
+    """The source card's OOD threshold scaled by how far this variant's validation scores run
+    from its Keras model's (quantisation moves the features: an int8 model's scores run
+    higher). The card's threshold stays the calibration (training fits it on validation,
+    adaptation on the site's images too); the variant only corrects its drift."""
+    card = source["card"]
+    drift = ood.threshold(scores["val"]) / source["ood_quantile"]
     threshold = card.thresholds["ood"] * drift
     variant_card = dataclasses.replace(card, thresholds={**card.thresholds, "ood": threshold})
-    path.write_bytes(export.with_card(flatbuffer, variant_card, variant))
-    return {"threshold": threshold, "run_threshold": card.thresholds.get("ood"), "drift": drift,
-            "flagged": {split: float((s > threshold).mean()) for split, s in scores.items()}}
+    return variant_card, {"threshold": threshold, "run_threshold": card.thresholds.get("ood"), "drift": drift,
+                          "flagged": {split: float((s > threshold).mean()) for split, s in scores.items()}}
 
 
 def _prepare(run_dir: Path, cfg: ConvertConfig, progress: bool):
@@ -147,64 +145,99 @@ def _prepare(run_dir: Path, cfg: ConvertConfig, progress: bool):
         x = normalise(load_images(records, card.input, desc=split, progress=progress), card.input)
         y = np.array([card.labels.index(r.label) for r in records])
         logits = model.predict(x, batch_size=64, verbose=0)
-        splits[split] = {"x": x, "y": y, "keras_logits": logits, "keras": parity.evaluate(logits, y, card)}
+        splits[split] = {"x": x, "y": y, "keras_logits": logits, "files": [r.path.name for r in records],
+                         "cohorts": [sources.cohort_of(r.source, r.label) for r in records],
+                         "keras": parity.headline(parity.evaluate(logits, y, card))}
     return model, card, config, dataset, splits
 
 
 def check_file(run_dir: str | Path, model_path: str | Path, variant: str, *, cfg: ConvertConfig | None = None,
-               progress: bool = True) -> dict:
-    """Gate one .tflite file, made by any means, against the run's Keras model (no GPU check)."""
+               gates_file: str | Path = GATES_FILE, progress: bool = True) -> dict:
+    """Gate one .tflite file, made by any means, against the run's Keras model (no GPU check),
+    at the calibration its own card carries."""
     cfg = cfg or ConvertConfig()
+    budget = parity.budgets_of(load_gates(gates_file), variant)
     _, card, _, _, splits = _prepare(Path(run_dir), cfg, progress)
-    return _check_variant(Path(model_path), variant, splits, card, cfg, progress, None)
+    data, variant_card = load_model_file(model_path)
+    logits = {split: parity.run_variant(data, d["x"], desc=f"{variant} on {split}", progress=progress)["logits"]
+              for split, d in splits.items()}
+    return _check_variant(data, Path(model_path), variant, splits, logits, card, variant_card, budget, cfg, None)
 
 
-def _keras_sources(model, variants, cfg, train_records, labels, spec, config, progress):
-    """The Keras models the variants are converted from: trained, and where asked for,
-    quantisation-aware-trained, pruned, pruned + pruning-preserving QAT. A refusal of QAT for
-    this architecture is recorded, not fatal: the other variants still come out."""
+def _keras_sources(model, card, detector, variants, cfg, train_records, splits, config, progress):
+    """The Keras models the variants are converted from, each with the card and OOD detector it
+    ships with: trained (the run's own), and where asked for, quantisation-aware-trained,
+    pruned, pruned + pruning-preserving QAT, each refitted on val (`_refit`). A refusal of QAT
+    for this architecture is recorded, not fatal: the other variants still come out."""
     needed = {export.VARIANT_SOURCES[v][0] for v in variants}
-    sources, refused = {"trained": {"model": model}}, {}
+    quantile = ood.threshold(ood.score(detector, _pooled(model, splits["val"]["x"]))) if detector else None
+    sources = {"trained": {"model": model, "card": card, "detector": detector, "ood_quantile": quantile}}
+    refused = {}
     if needed <= {"trained"}:
         return sources, refused
+    labels, spec = card.labels, card.input
     data = compress.FineTuneData(load_images(train_records, spec, desc="train (fine-tune)", progress=progress),
                                  np.array([labels.index(r.label) for r in train_records], np.int32),
                                  spec, config)
+    refit = lambda m: _refit(m, card, detector is not None, data, splits, config)
     if "qat" in needed:
         try:
             print("quantisation-aware training ...", flush=True)
-            sources["qat"] = {"model": compress.qat(model, data, cfg, progress=progress)}
+            sources["qat"] = refit(compress.qat(model, data, cfg, progress=progress))
         except compress.QATUnsupported as exc:
             refused["qat"] = str(exc)
             print(f"qat refused: {exc}")
     if needed & {"pruned", "pqat"}:
         print(f"pruning to {cfg.prune_sparsity:.0%} sparsity ...", flush=True)
         pruned = compress.prune(model, data, cfg, progress=progress)
-        sources["pruned"] = {"model": pruned, "sparsity": compress.sparsity(pruned)}
+        sources["pruned"] = {**refit(pruned), "sparsity": compress.sparsity(pruned)}
         if "pqat" in needed:
             try:
                 print("pruning-preserving quantisation-aware training ...", flush=True)
                 pq = compress.pqat(pruned, data, cfg, progress=progress)
-                sources["pqat"] = {"model": pq, "sparsity": compress.sparsity(pq)}
+                sources["pqat"] = {**refit(pq), "sparsity": compress.sparsity(pq)}
             except compress.QATUnsupported as exc:
                 refused["pruned-qat"] = str(exc)
                 print(f"pruned-qat refused: {exc}")
     return sources, refused
 
 
-def _check_variant(path: Path, variant: str, splits: dict, card, cfg: ConvertConfig, progress: bool,
-                   sparsity: dict | None) -> dict:
-    data = path.read_bytes()
+def _refit(model, card, with_ood: bool, data: compress.FineTuneData, splits: dict, config) -> dict:
+    """A fine-tuned model's own calibration, fitted as training fits the Keras model's: the
+    temperature and operating threshold on val (train.trainer.calibrate), the OOD detector on
+    the training split's features and its threshold on val (train.ood). Fine-tuning moved the
+    weights, so the trained model's figures no longer describe this model."""
+    val = splits["val"]
+    temperature, threshold = calibrate(model.predict(val["x"], batch_size=64, verbose=0), val["y"], config,
+                                       val.get("cohorts"))
+    thresholds = {**card.thresholds, "abnormal": threshold}
+    detector = quantile = None
+    if with_ood:
+        chunks = range(0, len(data.images), 256)
+        detector = ood.fit(np.concatenate([_pooled(model, normalise(data.images[i:i + 256], data.spec))
+                                           for i in chunks]))
+        quantile = thresholds["ood"] = ood.threshold(ood.score(detector, _pooled(model, val["x"])))
+    calibration = {"temperature": {"trained": card.temperature, "refitted": temperature},
+                   "abnormal_threshold": {"trained": card.abnormal_threshold, "refitted": threshold},
+                   "ood_threshold": {"trained": card.thresholds.get("ood"), "refitted": quantile}}
+    return {"model": model, "card": dataclasses.replace(card, temperature=temperature, thresholds=thresholds),
+            "detector": detector, "ood_quantile": quantile, "calibration": calibration}
+
+
+def _check_variant(data: bytes, path: Path, variant: str, splits: dict, logits: dict, keras_card, variant_card,
+                   budget: dict, cfg: ConvertConfig, sparsity: dict | None) -> dict:
     entry = {"file": str(path), "bytes": len(data), "gzip_bytes": len(gzip.compress(data, 9)),
              "weight_sparsity": export.weight_sparsity(data), "keras_sparsity": sparsity,
              "analyzer": gpu.analyze(data), "splits": {}}
-    budget = cfg.budget(variant)
     for split, d in splits.items():
-        logits = parity.variant_logits(path, d["x"], desc=f"evaluating {variant} on {split}", progress=progress)
-        metrics = parity.evaluate(logits, d["y"], card)
-        entry["splits"][split] = {"metrics": parity.headline(metrics),
-                                  **parity.compare(d["keras"], metrics, d["keras_logits"], logits, budget,
-                                                   split=split, temperature=card.temperature)}
+        metrics = parity.headline(parity.evaluate(logits[split], d["y"], variant_card))
+        drops = {k: 100.0 * (d["keras"][k] - metrics[k]) for k in parity.DROP_METRICS if d["keras"][k] is not None}
+        entry["splits"][split] = {"metrics": metrics, "drops_points": drops,
+                                  **parity.compare(d["y"], keras_card.labels, d["keras_logits"], keras_card,
+                                                   logits[split], variant_card, budget, split=split,
+                                                   resamples=cfg.bootstrap, seed=cfg.seed)}
+        for flip in entry["splits"][split]["flips"]:
+            flip["file"] = d["files"][flip["index"]]
     entry["gate"] = parity.gate(entry["splits"])
     return entry
 

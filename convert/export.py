@@ -5,6 +5,8 @@ dynamic      dynamic-range quantisation: int8 weights, float activations
 fp16         float16 weights: the GPU-delegate variant
 int8         full integer: int8 weights and activations, calibrated on a class-balanced sample
              of the training split; int8 input and output (or float, ConvertConfig.int8_io)
+int8-mixed   int8 as above except the ops whose int8 rounding moves the decisions (`_mixed`);
+             float input and output (not a default variant: `--variants int8-mixed`)
 qat          full integer from the quantisation-aware-trained model (convert.compress.qat)
 pruned-fp32  the magnitude-pruned model (convert.compress.prune), float32
 pruned-int8  the pruned model, full integer (post-training)
@@ -27,12 +29,12 @@ from edge_app.tflite_metadata import CARD_METADATA_NAME, write_metadata
 # variant -> (Keras model it is converted from, conversion recipe)
 VARIANT_SOURCES = {
     "fp32": ("trained", "fp32"), "dynamic": ("trained", "dynamic"), "fp16": ("trained", "fp16"),
-    "int8": ("trained", "int8"), "qat": ("qat", "int8"),
+    "int8": ("trained", "int8"), "int8-mixed": ("trained", "int8-mixed"), "qat": ("qat", "int8"),
     "pruned-fp32": ("pruned", "fp32"), "pruned-int8": ("pruned", "int8"), "pruned-qat": ("pqat", "int8"),
 }
 VARIANTS = tuple(VARIANT_SOURCES)
 BASE_VARIANTS = ("fp32", "dynamic", "fp16", "int8", "qat")
-RECIPES = ("fp32", "dynamic", "fp16", "int8")
+RECIPES = ("fp32", "dynamic", "fp16", "int8", "int8-mixed")
 
 
 def convert(model, recipe: str, representative: np.ndarray | None = None, *, int8_io: str = "int8",
@@ -50,18 +52,56 @@ def convert(model, recipe: str, representative: np.ndarray | None = None, *, int
     elif recipe == "fp16":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]
-    elif recipe == "int8":
+    elif recipe in ("int8", "int8-mixed"):
         if representative is None or not len(representative):
             raise ValueError("int8 conversion needs a representative sample of model inputs")
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = lambda: (
             [x[None].astype(np.float32)]
             for x in tqdm(representative, desc="calibrating", unit="img", disable=not progress))
+        if recipe == "int8-mixed":
+            return _mixed(converter)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         if int8_io == "int8":
             converter.inference_input_type = tf.int8
             converter.inference_output_type = tf.int8
     return converter.convert()
+
+
+FLOAT_OPS = ("DEPTHWISE_CONV_2D",)   # kept float in int8-mixed, with every activation-free convolution
+
+
+def _mixed(converter) -> bytes:
+    """int8, calibrated once, except depthwise convolutions and convolutions without an activation
+    (MobileNetV2's linear-bottleneck projections), which run in float.
+
+    Why (TFLite's QuantizationDebugger and per-layer float fallbacks on the trained MobileNetV2 0.5):
+    the projections' outputs have no ReLU6 to bound them, so their int8 ranges are 30-155 wide and
+    their rounding has a bias that adds up to a systematic logit shift (-0.73 on `normal`); the
+    depthwise layers have the largest rounding error per scale step (2-3x the rounding floor).
+    The classifier head, the heat map and the OOD outputs are not the cause: keeping them float,
+    or dropping them, changes nothing.
+    """
+    debugger = tf.lite.experimental.QuantizationDebugger(converter=converter,
+                                                         debug_dataset=converter.representative_dataset)
+    linear = linear_conv_outputs(debugger.get_nondebug_quantized_model())
+    debugger.options = tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=list(FLOAT_OPS),
+                                                                     denylisted_nodes=linear)
+    return debugger.get_nondebug_quantized_model()
+
+
+def linear_conv_outputs(model_bytes: bytes) -> list[str]:
+    """Names of the output tensors of the CONV_2D ops that have no fused activation."""
+    from edge_app.tflite_metadata import _schema
+
+    schema = _schema()
+    model = schema.ModelT.InitFromPackedBuf(bytearray(model_bytes), 0)
+    graph = model.subgraphs[0]
+    conv = schema.BuiltinOperator.CONV_2D
+    return [graph.tensors[int(op.outputs[0])].name.decode() for op in graph.operators
+            if max(model.operatorCodes[op.opcodeIndex].builtinCode,
+                   model.operatorCodes[op.opcodeIndex].deprecatedBuiltinCode) == conv
+            and op.builtinOptions.fusedActivationFunction == schema.ActivationFunctionType.NONE]
 
 
 def _converter(model) -> tf.lite.TFLiteConverter:
@@ -102,8 +142,8 @@ def with_heatmap(model):
 
     from train.models import FEATURES_LAYER, LOGITS_LAYER
 
-    kernel = kernel_of(_layer(model, LOGITS_LAYER))
-    features = _layer(model, FEATURES_LAYER).output
+    kernel = kernel_of(head_layer(model, LOGITS_LAYER))
+    features = head_layer(model, FEATURES_LAYER).output
     cam_conv = keras.layers.Conv2D(kernel.shape[1], 1, use_bias=False, dtype="float32", name="class_maps")
     class_maps = cam_conv(tf.cast(features, tf.float32))
     cam_conv.set_weights([kernel[None, None]])
@@ -137,7 +177,7 @@ def with_ood_parts(model, detector):
     """
     import tf_keras as keras
 
-    pooled = tf.cast(_layer(model, "pool").output, tf.float32)
+    pooled = tf.cast(head_layer(model, "pool").output, tf.float32)
     mean = detector.mean.astype(np.float32)
     std = np.sqrt(detector.variances).astype(np.float32)
     whitening = (detector.components / std).astype(np.float32)                  # (d, k): U / std
@@ -153,22 +193,6 @@ def with_ood_parts(model, detector):
     return keras.Model(model.input, [*model.outputs, whitened, residual], name=model.name)
 
 
-def with_logit_shift(model, shift: np.ndarray):
-    """A copy of a (plain Keras) model whose logits are `shift` lower: the bias correction of
-    post-training int8, where the quantised network's logits are off by a systematic amount
-    (measured on the calibration images, never on val or test)."""
-    import tf_keras as keras
-
-    from train.models import LOGITS_LAYER
-
-    copy = keras.models.clone_model(model)
-    copy.set_weights(model.get_weights())
-    dense = copy.get_layer(LOGITS_LAYER)
-    kernel, bias = dense.get_weights()
-    dense.set_weights([kernel, (bias - shift).astype(bias.dtype)])
-    return copy
-
-
 def kernel_of(layer) -> np.ndarray:
     """A layer's kernel variable, also through a tfmot wrapper (whose inner layer's `kernel`
     attribute is the fake-quantised tensor, not the variable)."""
@@ -176,7 +200,7 @@ def kernel_of(layer) -> np.ndarray:
                 if w.name.split("/")[-1].split(":")[0] in ("kernel", "depthwise_kernel")).numpy()
 
 
-def _layer(model, name: str):
+def head_layer(model, name: str):
     """A head layer by name, also inside a tfmot-quantised model (`quant_<name>`, wrapped)."""
     names = {layer.name: layer for layer in model.layers}
     layer = names.get(name) or names.get(f"quant_{name}")

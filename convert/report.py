@@ -29,32 +29,44 @@ def _ratio(x) -> str:
     return "" if x is None else f"{x:.3f}"
 
 
+def _ci(c: dict | None) -> str:
+    if c is None:
+        return ""
+    low, high = c["ci95_points"]
+    return f"{c['diff_points']:+.2f} [{low:+.2f}, {high:+.2f}]"
+
+
 def markdown(results: dict) -> str:
     splits = list(results["keras"])
+    labels = results["labels"]
     lines = ["# Conversion report", "",
              f"Model {results['model']}. Every variant run through LiteRT on the CPU on "
-             f"{' and '.join(splits)}; drops are in points against the Keras model; the gate is on "
-             "macro-F1. `GPU`: LiteRT GPU accelerator (full or partial acceleration, max |GPU - CPU| "
-             "logit difference); `analyzer`: TFLite's static GPU-compatibility check.", "",
-             "| variant | KiB | gzip KiB | × fp32 | gzip × fp32 | sparsity | analyzer | GPU | split "
-             "| accuracy | macro-F1 | abn. sens. | abn. spec. | AUC | agreement | F1 drop | budget | gate |",
-             "|" + "---|" * 18]
+             f"{' and '.join(splits)} and compared with the Keras model on the same images, each at its "
+             "own card's calibration. `agree`: share of images whose class stays the Keras model's; "
+             "`flipped`: referral decisions (P(abnormal) >= threshold) that changed (counted against the "
+             "budget / all); `|dp|`: |delta P(abnormal)|, max and mean; the differences (variant - Keras, "
+             "points) carry their paired bootstrap 95 % CI. Budgets: "
+             f"`{results.get('gates_file', 'benchmarks/gates.toml')}` [conversion.*]. `GPU`: LiteRT GPU "
+             "accelerator (full or partial, max |GPU - CPU| logit difference); `analyzer`: TFLite's static "
+             "GPU-compatibility check.", "",
+             "| variant | KiB | × fp32 | sparsity | analyzer | GPU | split | macro-F1 | agree | flipped "
+             "| max / mean \\|dp\\| | macro-F1 diff | abn. sens. diff | COVID sens. diff | COVID lost | gate |",
+             "|" + "---|" * 16]
     for split in splits:
         k = results["keras"][split]
-        lines.append(f"| keras | | | | | | | | {split} | {k['accuracy']:.4f} | {k['macro_f1']:.4f} "
-                     f"| {k['abnormal_sensitivity']:.4f} | {k['abnormal_specificity']:.4f} "
-                     f"| {k['abnormal_auc']:.4f} | | | | |")
+        lines.append(f"| keras | | | | | | {split} | {k['macro_f1']:.4f} | | | | | | | | |")
     for name, v in results["variants"].items():
         for i, (split, s) in enumerate(v["splits"].items()):
-            m = s["metrics"]
-            head = (f"| {name} | {v['bytes'] / 1024:.0f} | {v['gzip_bytes'] / 1024:.0f} | {_ratio(v['size_vs_fp32'])} "
-                    f"| {_ratio(v['gzip_vs_fp32'])} | {v['weight_sparsity']:.3f} "
+            ci = s["bootstrap_ci95"]
+            head = (f"| {name} | {v['bytes'] / 1024:.0f} | {_ratio(v['size_vs_fp32'])} | {v['weight_sparsity']:.3f} "
                     f"| {'compatible' if v['analyzer']['gpu_compatible'] else 'flagged'} | {gpu_cell(v)} "
-                    if i == 0 else "| | | | | | | | ")
-            lines.append(head + f"| {split} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} "
-                         f"| {m['abnormal_sensitivity']:.4f} | {m['abnormal_specificity']:.4f} "
-                         f"| {m['abnormal_auc']:.4f} | {s['agreement']:.4f} | {s['drops_points']['macro_f1']:+.2f} "
-                         f"| {s['budget_points']:.1f} | {'pass' if v['gate']['passed'] else 'FAIL'} |")
+                    if i == 0 else "| | | | | | ")
+            lines.append(head + f"| {split} | {s['metrics']['macro_f1']:.4f} | {s['agreement']:.4f} "
+                         f"| {s['decisions_flipped_counted']} / {s['decisions_flipped']} "
+                         f"| {s['max_abs_dp_abnormal']:.3f} / {s['mean_abs_dp_abnormal']:.4f} "
+                         f"| {_ci(ci['macro_f1'])} | {_ci(ci['abnormal_sensitivity'])} "
+                         f"| {_ci(ci.get('covid_sensitivity'))} | {len(s['covid_lost'])} "
+                         f"| {'pass' if v['gate']['passed'] else 'FAIL'} |")
     for name, why in results.get("refused", {}).items():
         lines += ["", f"**{name} refused**: {why}"]
     pruned = {n: v["keras_sparsity"] for n, v in results["variants"].items() if v.get("keras_sparsity")}
@@ -63,13 +75,21 @@ def markdown(results: dict) -> str:
                   f"{s['overall']:.4f} over all kernels (depthwise kept dense). Per layer: "
                   + ", ".join(f"{layer} {x:.3f}" for layer, x in s["per_layer"].items())]
         break  # the same mask in every pruned variant
-    lines += ["", "Out-of-distribution warning: each variant that carries it gets the card's threshold scaled by "
-              "how far its validation scores run from the Keras model's (quantisation moves the features).", "",
-              "| variant | OOD threshold | run's threshold | " + " | ".join(f"{s} flagged" for s in splits) + " |",
+    if results.get("calibration"):
+        lines += ["", "Fine-tuned models, refitted on val as training fits the Keras model (trained -> refitted):", "",
+                  "| model | temperature | abnormal threshold | OOD threshold |", "|---|---|---|---|"]
+        for source, c in results["calibration"].items():
+            cells = [f"{c[k]['trained']:.4g} -> {c[k]['refitted']:.4g}" if c[k]["refitted"] is not None else "none"
+                     for k in ("temperature", "abnormal_threshold", "ood_threshold")]
+            lines.append(f"| {source} | " + " | ".join(cells) + " |")
+    lines += ["", "Out-of-distribution warning: each variant's threshold is its card's (refitted for fine-tuned "
+              "models) scaled by how far its validation scores run from its Keras model's.", "",
+              "| variant | OOD threshold | card's threshold | " + " | ".join(f"{s} flagged" for s in splits) + " |",
               "|---" * (3 + len(splits)) + "|"]
     for name, v in results["variants"].items():
         o = v.get("ood")
-        lines.append(f"| {name} | " + ("not carried (its features moved in fine-tuning) |  | " + " | ".join("" for _ in splits)
+        lines.append(f"| {name} | " + ("**not carried** (the run has no OOD detector) |  | "
+                                       + " | ".join("" for _ in splits)
                                        if o is None else f"{o['threshold']:.1f} | {o['run_threshold']:.1f} | "
                                        + " | ".join(f"{o['flagged'][s]:.3f}" for s in splits)) + " |")
     failures = [f"{n}: {f}" for n, v in results["variants"].items() for f in v["gate"]["failures"]]
@@ -77,15 +97,18 @@ def markdown(results: dict) -> str:
     flips = [(n, split, f) for n, v in results["variants"].items() for split, s in v["splits"].items()
              for f in s["flips"]]
     if flips:
-        lines += ["", "Flipped images (Keras margin = its own top-1 minus top-2 probability):", ""]
-        lines += [f"- {n} {split} #{f['index']}: {results['labels'][f['keras']]} -> "
-                  f"{results['labels'][f['variant']]} (Keras margin {f['keras_margin']:.3f})"
-                  for n, split, f in flips[:60]]
+        lines += ["", "Changed images (class: top-1 changed, Keras margin = its top-1 minus top-2 probability; "
+                  "referral: the decision at the threshold changed, Keras margin = |P(abnormal) - threshold|):", ""]
+        lines += [f"- {n} {split} {f['kind']} `{f.get('file', f['index'])}` (true {labels[f['true']]}): "
+                  f"{labels[f['keras']]} -> {labels[f['variant']]}, P(abnormal) {f['keras_p_abnormal']:.3f} -> "
+                  f"{f['variant_p_abnormal']:.3f} (Keras margin "
+                  f"{f['keras_class_margin'] if f['kind'] == 'class' else f['keras_decision_margin']:.3f})"
+                  for n, split, f in flips[:80]]
     return "\n".join(lines) + "\n"
 
 
 def plot(results: dict, path: Path) -> None:
-    """Size against macro-F1 drop per variant, on the test split (else the first split)."""
+    """Size against the referral decisions flipped per variant, on the test split (else the first)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -93,13 +116,13 @@ def plot(results: dict, path: Path) -> None:
     split = "test" if "test" in results["keras"] else next(iter(results["keras"]))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, v in results["variants"].items():
-        drop = v["splits"][split]["drops_points"]["macro_f1"]
+        drop = 100.0 * v["splits"][split]["decisions_flipped"] / v["splits"][split]["n"]
         ax.scatter(v["bytes"] / 1024, drop, s=40, color="C3" if not v["gate"]["passed"] else "C0")
         ax.scatter(v["gzip_bytes"] / 1024, drop, s=40, marker="x", color="C7")
         ax.annotate(name, (v["bytes"] / 1024, drop), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.axhline(0, color="k", lw=0.5)
     ax.set_xlabel("file size, KiB (x: gzip-compressed)")
-    ax.set_ylabel(f"macro-F1 drop on {split}, points")
+    ax.set_ylabel(f"referral decisions flipped on {split}, %")
     ax.set_title(f"{results['model']}: size against parity (red: gate failed)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -84,7 +84,30 @@ def tiny_dataset(tmp_path_factory, shared_data) -> Path:
     return copy_subset(shared_data, tmp_path_factory.mktemp("tiny_cxr"), {"train": 12, "val": 6, "test": 6})
 
 
-def _train_and_convert(run: Path, tiny_dataset: Path, *convert_args) -> Path:
+def gates_with_conversion_budgets(path: Path, **budget) -> Path:
+    """A copy of benchmarks/gates.toml whose [conversion.*] tables all hold `budget`."""
+    import tomllib
+
+    from benchmarks.gates import GATES_FILE
+
+    text = GATES_FILE.read_text()
+    variants = tomllib.loads(text)["conversion"]
+    text = text[:text.index("\n[conversion.") + 1]
+    for variant in variants:
+        text += f"[conversion.{variant}]\n" + "".join(f"{k} = {v}\n" for k, v in budget.items())
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="session")
+def loose_gates(tmp_path_factory) -> Path:
+    """Parity budgets that let any variant through: for runs that prove the pipeline, not accuracy."""
+    return gates_with_conversion_budgets(tmp_path_factory.mktemp("gates") / "loose.toml", min_agreement=0.0,
+                                         max_flipped=1.0, excused_margin=0.0, max_drop_points=100.0,
+                                         max_covid_lost=10_000)
+
+
+def _train_and_convert(run: Path, tiny_dataset: Path, gates: Path, *convert_args) -> Path:
     """A small CNN trained for two epochs at 64 px and converted with `convert_args`.
 
     The parity budgets are opened wide here: a two-epoch model on 18 test images proves the
@@ -95,26 +118,25 @@ def _train_and_convert(run: Path, tiny_dataset: Path, *convert_args) -> Path:
     run_module("train", "--model", "cnn", "--data", tiny_dataset, "--out", run,
                "--image-size", "64", "--epochs", "2", "--batch-size", "8",
                "--input-contrast", "none", "--bootstrap", "0", "--no-progress")
-    run_module("convert", run, "--no-progress", *convert_args, *[f"--budget={v}=100" for v in
-                                                  ("fp32", "dynamic", "fp16", "int8", "qat", "pruned")])
+    run_module("convert", run, "--no-progress", *convert_args, "--gates", gates)
     return run
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory, tiny_dataset) -> Path:
+def tiny_run(tmp_path_factory, tiny_dataset, loose_gates) -> Path:
     """The small CNN converted to every TFLite variant (quantisation-aware and 50 % pruned ones
     included, each fine-tuned for one short epoch)."""
-    return _train_and_convert(tmp_path_factory.mktemp("runs") / "tiny", tiny_dataset, "--prune", "0.5")
+    return _train_and_convert(tmp_path_factory.mktemp("runs") / "tiny", tiny_dataset, loose_gates, "--prune", "0.5")
 
 
 @pytest.fixture(scope="session")
-def device_run(request, tmp_path_factory, tiny_dataset) -> Path:
+def device_run(request, tmp_path_factory, tiny_dataset, loose_gates) -> Path:
     """A run with the post-training variants only (fp32, dynamic, fp16, int8), for the device
     tests (`pytest -m device`, `make test-device`): no fine-tuned variant, so it is built in a
     fraction of tiny_run's time. Where this session needs tiny_run anyway, that one is used."""
     if any("tiny_run" in getattr(item, "fixturenames", ()) for item in request.session.items):
         return request.getfixturevalue("tiny_run")
-    return _train_and_convert(tmp_path_factory.mktemp("runs") / "device", tiny_dataset,
+    return _train_and_convert(tmp_path_factory.mktemp("runs") / "device", tiny_dataset, loose_gates,
                               "--variants", "fp32", "dynamic", "fp16", "int8")
 
 

@@ -73,7 +73,8 @@ def measured() -> dict:
             "variants": {"keras": variant("keras", 0.90, 30.0, 34.0, 8.0),
                          "fp32": {**variant("tflite", 0.90, 20.0, 24.0, 8.0),
                                   "ood": {"carried": True, "test_flagged": 0.01, "nonradiograph_flagged": 1.0}},
-                         "int8": {**variant("tflite", 0.895, 10.0, 14.0, 2.0), "ood": {"carried": False}}},
+                         "int8": {**variant("tflite", 0.895, 10.0, 14.0, 2.0),
+                                  "ood": {"carried": True, "test_flagged": 0.02, "nonradiograph_flagged": 0.95}}},
             "clinic": clinic}
 
 
@@ -86,6 +87,18 @@ def test_healthy_measurements_pass_every_gate(measured):
     assert ratios["int8_speedup"] == pytest.approx(2.0)
     assert ratios["pipeline_overhead"]["fp32"] == pytest.approx(1.2)
     assert ratios["drop_vs_keras_points"]["int8"]["macro_f1"] == pytest.approx(0.5)
+
+
+def test_a_variant_without_the_ood_warning_fails_the_release_and_the_smallest_passing_one_ships(measured):
+    assert gates.best_variant(gates.evaluate(measured, gates.load_gates()), measured) == "int8"
+    measured["variants"]["int8"]["ood"] = {"carried": False}
+    rows = gates.evaluate(measured, gates.load_gates())
+    (row,) = [r for r in rows if r.gate == "ood.required" and r.variant == "int8"]
+    assert not row.passed and row.note == "ships without the OOD warning"
+    assert not any(r.gate.startswith("ood.m") and r.variant == "int8" for r in rows)  # nothing else to measure
+    assert gates.best_variant(rows, measured) == "fp32"
+    measured["variants"]["fp32"]["metrics"]["macro_f1"] = 0.5
+    assert gates.best_variant(gates.evaluate(measured, gates.load_gates()), measured) is None
 
 
 def test_ratios_prefer_one_paired_measurement_over_two_medians(measured):

@@ -287,6 +287,19 @@ def _fit_ood(features, run_dir: Path) -> dict:
             "flagged": {split: float((s > threshold).mean()) for split, s in scores.items()}}
 
 
+def calibrate(val_logits, y_val, config: TrainConfig, cohorts=None) -> tuple[float, float]:
+    """(temperature, operating threshold) fitted on validation: the temperature by likelihood, the
+    threshold the highest that reaches config.target_sensitivity as config.threshold_rule says
+    (metrics.operating_threshold; `cohorts` of the val images, see train.data.sources). Conversion
+    refits fine-tuned variants with this too."""
+    temperature = metrics.fit_temperature(val_logits, y_val)
+    val_probs = decision.calibrated_probabilities(val_logits, temperature)
+    threshold = metrics.operating_threshold(y_val, decision.abnormal_probability(val_probs),
+                                            cohorts if cohorts is not None else [None] * len(y_val),
+                                            config.target_sensitivity, config.threshold_rule)
+    return temperature, threshold
+
+
 def evaluate_and_card(model, config, dataset, spec, split_data, reports, history, *,
                       train_seconds, replicas) -> ModelCard:
     """Temperature and operating threshold fitted on val; metrics on val and test; the model card."""
@@ -297,13 +310,8 @@ def evaluate_and_card(model, config, dataset, spec, split_data, reports, history
         x, y, _ = split_data[split]
         ds = make_dataset(x, y, spec, batch_size=64, training=False)
         logits[split] = model.predict(ds, verbose=0)
-    y_val = split_data["val"][1]
-    temperature = metrics.fit_temperature(logits["val"], y_val)
-    val_probs = decision.calibrated_probabilities(logits["val"], temperature)
-    threshold = metrics.operating_threshold(
-        y_val, decision.abnormal_probability(val_probs),
-        [sources.cohort_of(r.source, r.label) for r in split_data["val"][2]], config.target_sensitivity,
-        config.threshold_rule)
+    temperature, threshold = calibrate(logits["val"], split_data["val"][1], config,
+                                       [sources.cohort_of(r.source, r.label) for r in split_data["val"][2]])
     results = {}
     for split in evaluated:
         _, y, records = split_data[split]
