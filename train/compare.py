@@ -12,6 +12,9 @@ import statistics
 import sys
 from pathlib import Path
 
+from dataclasses import asdict
+
+from train.config import TrainConfig
 from train.report import interval
 
 COLUMNS = ("run", "model", "size", "strategy", "seed", "shortcut measures", "macro-F1", "abn. sens.", "abn. spec.",
@@ -70,8 +73,10 @@ def row(run: Path) -> list[str]:
 
 
 def recipe(config: dict) -> str:
-    """A recipe's key: its config without seed and paths (runs of one recipe differ only in seed)."""
-    return json.dumps({k: v for k, v in config.items() if k not in NOT_RECIPE}, sort_keys=True)
+    """A recipe's key: its config, settings it lacks at their defaults (a run saved before a setting
+    existed trained with its default), without seed and paths (runs of one recipe differ only in seed)."""
+    full = asdict(TrainConfig.from_dict(config))
+    return json.dumps({k: v for k, v in full.items() if k not in NOT_RECIPE}, sort_keys=True)
 
 
 def mean_sd_range(values: list[float]) -> str:

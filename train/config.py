@@ -100,13 +100,21 @@ class TrainConfig:
         path = Path(path)
         text = path.read_text()
         values = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        try:
+            return cls.from_dict(values, **overrides)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+
+    @classmethod
+    def from_dict(cls, values: dict, **overrides) -> "TrainConfig":
+        values = dict(values)
         if "balance_sources" in values:   # runs made before source_weight_power replaced it
             if values.pop("balance_sources"):
                 values.update(class_weight_power=1.0, source_weight_power=1.0)
         known = {f.name for f in fields(cls)}
         unknown = set(values) - known
         if unknown:
-            raise ValueError(f"{path}: unknown settings {sorted(unknown)}; known: {sorted(known)}")
+            raise ValueError(f"unknown settings {sorted(unknown)}; known: {sorted(known)}")
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
