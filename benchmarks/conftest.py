@@ -27,6 +27,8 @@ def pytest_addoption(parser):
     g = parser.getgroup("cxr-edge benchmarks")
     g.addoption("--run", default=os.environ.get("CXR_RUN", "artifacts/mobilenet_v2-synthetic"),
                 help="converted run folder (default: $CXR_RUN)")
+    g.addoption("--data-root", default=None, help="the run's data folder, where it is not where training "
+                "found it (default: the model card's, relative to the run folder)")
     g.addoption("--threads", default="1,2,4", help="CPU thread counts, comma-separated (default 1,2,4)")
     g.addoption("--device", default=None, help="a device profile of the gates file (pi4, pi5, tablet): "
                 "check its absolute budgets; only on that device")
@@ -93,8 +95,8 @@ def results(pytestconfig) -> results_mod.Collector:
 
 @pytest.fixture(scope="session")
 def split(pytestconfig, results) -> Split:
-    split = Split.of_run(run_dir(pytestconfig))
-    results.test_split = {"n": len(split.paths), "root": split.card.dataset["root"],
+    split = Split.of_run(run_dir(pytestconfig), pytestconfig.getoption("data_root"))
+    results.test_split = {"n": len(split.paths), "root": str(split.root),
                           "fingerprint_matches": split.fingerprint_matches}
     return split
 

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 
 import train  # noqa: F401
-import tf_keras as keras
 
 from convert import compress, export, gpu, parity, report
 from convert.config import ConvertConfig
 from edge_app.preprocess import normalise
-from train import ood
-from train.data import load_dataset
+from train import evaluate, ood
+from train.data import run_splits
+from train.data.records import label_indices
 from train.pipeline import load_images
 from train.trainer import load_run
 
@@ -42,13 +42,13 @@ def balanced_sample(records, labels, per_class: int, seed: int) -> list:
 
 
 def convert_run(run_dir: str | Path, *, variants=None, cfg: ConvertConfig | None = None,
-                progress: bool = True, gpu_check: bool = True) -> dict:
+                progress: bool = True, gpu_check: bool = True, data_root: str | Path | None = None) -> dict:
     run_dir = Path(run_dir)
     cfg = cfg or ConvertConfig()
     variants = tuple(variants or default_variants(cfg))
     if any(v.startswith("pruned") for v in variants) and not cfg.prune_sparsity:
         raise ValueError(f"pruned variants need a target sparsity: pass --prune 0.5 (asked for {variants})")
-    model, card, config, dataset, splits = _prepare(run_dir, cfg, progress)
+    model, card, config, dataset, splits = _prepare(run_dir, cfg, progress, data_root)
     spec, labels = card.input, card.labels
     train_records = dataset.split("train")
     representative = normalise(load_images(
@@ -108,7 +108,7 @@ def convert_run(run_dir: str | Path, *, variants=None, cfg: ConvertConfig | None
 
 def _keras_ood_quantile(model, detector, x_val) -> float:
     """The validation quantile of the Keras model's own OOD scores (train.ood, in float)."""
-    pooled = keras.Model(model.input, model.get_layer("pool").output)
+    pooled = evaluate.pooled_model(model)
     return ood.threshold(ood.score(detector, pooled.predict(x_val, batch_size=64, verbose=0)))
 
 
@@ -128,13 +128,10 @@ def _variant_ood_threshold(path: Path, flatbuffer: bytes, card, variant: str, sp
             "flagged": {split: float((s > threshold).mean()) for split, s in scores.items()}}
 
 
-def _prepare(run_dir: Path, cfg: ConvertConfig, progress: bool):
+def _prepare(run_dir: Path, cfg: ConvertConfig, progress: bool, data_root: str | Path | None = None):
     """The run, its dataset, and per gated split: model inputs, labels, Keras logits and metrics."""
     model, card, config = load_run(run_dir)
-    dataset = load_dataset(card.dataset["root"], task=card.task, seed=card.dataset.get("seed", config.seed),
-                           progress=progress)
-    if card.dataset.get("holdout_source"):  # gate on the in-distribution splits, as training reported
-        dataset, _ = dataset.without_source(card.dataset["holdout_source"])
+    dataset, _ = run_splits.load(run_dir, data_root)   # in-distribution splits, as training reported
     if dataset.fingerprint() != card.dataset.get("fingerprint"):
         print("WARNING: the dataset changed since training (fingerprint differs); "
               "parity is measured on the data as it is now")
@@ -142,17 +139,17 @@ def _prepare(run_dir: Path, cfg: ConvertConfig, progress: bool):
     for split in cfg.splits:
         records = dataset.split(split)
         x = normalise(load_images(records, card.input, desc=split, progress=progress), card.input)
-        y = np.array([card.labels.index(r.label) for r in records])
+        y = label_indices(records, card.labels)
         logits = model.predict(x, batch_size=64, verbose=0)
         splits[split] = {"x": x, "y": y, "keras_logits": logits, "keras": parity.evaluate(logits, y, card)}
     return model, card, config, dataset, splits
 
 
 def check_file(run_dir: str | Path, model_path: str | Path, variant: str, *, cfg: ConvertConfig | None = None,
-               progress: bool = True) -> dict:
+               progress: bool = True, data_root: str | Path | None = None) -> dict:
     """Gate one .tflite file, made by any means, against the run's Keras model (no GPU check)."""
     cfg = cfg or ConvertConfig()
-    _, card, _, _, splits = _prepare(Path(run_dir), cfg, progress)
+    _, card, _, _, splits = _prepare(Path(run_dir), cfg, progress, data_root)
     return _check_variant(Path(model_path), variant, splits, card, cfg, progress, None)
 
 

@@ -49,6 +49,8 @@ def parse_adapt_args(argv):
     p.add_argument("--per-class", type=int, nargs="+", default=[0],
                    help="local training images per class (0: all); several values: a learning curve, "
                    "one adapted run per value under --out")
+    p.add_argument("--data-root", help="the run's own data folder, where it is not where training found it "
+                   "(default: the model card's, relative to the run folder)")
     p.add_argument("--source", dest="sources", action="append",
                    help="use only this data source of --data (repeatable)")
     p.add_argument("--epochs", type=int)
@@ -68,10 +70,11 @@ def adapt_main(argv) -> int:
     from train import adapt  # imports TensorFlow
 
     if len(args.per_class) > 1:
-        adapt.learning_curve(args.run, args.data, args.out, args.per_class, cfg, progress=not args.no_progress)
+        adapt.learning_curve(args.run, args.data, args.out, args.per_class, cfg, data_root=args.data_root,
+                             progress=not args.no_progress)
     else:
         adapt.adapt(args.run, args.data, args.out, replace(cfg, per_class=args.per_class[0]),
-                    progress=not args.no_progress)
+                    data_root=args.data_root, progress=not args.no_progress)
     return 0
 
 
