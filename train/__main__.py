@@ -8,6 +8,7 @@ from dataclasses import fields, replace
 
 from edge_app.preprocess import BORDERS, CONTRASTS
 from train.config import STRATEGIES, AdaptConfig, TrainConfig
+from train.data.labels import TASKS
 
 
 def parse_args(argv=None):
@@ -19,7 +20,8 @@ def parse_args(argv=None):
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--model", help="registered model name (train.models.REGISTRY)")
     p.add_argument("--data", help="dataset folder (any supported layout)")
-    p.add_argument("--task", choices=["3class", "pneumonia", "covid"])
+    p.add_argument("--task", choices=list(TASKS), help="the classes: " +
+                   "; ".join(f"{task}: {', '.join(labels)}" for task, labels in TASKS.items()))
     p.add_argument("--weights", help="imagenet | none | path to a .h5 weights file")
     p.add_argument("--weights-dir", dest="weights_dirs", action="append",
                    help="folder holding Keras weight files (repeatable); ~/.keras/models is always searched")
