@@ -27,6 +27,7 @@ SCHEMA = {
     "size": {"max_mib", "max_gzip_mib"},
     "ratios": {"threads", "max_pipeline_overhead", "min_int8_speedup"},
     "ood": {"max_test_flagged", "min_nonradiograph_flagged"},
+    "regression": {"latency_floor", "max_metric_drop", "max_size_growth", "max_rss_growth", "max_rss_growth_mib"},
 }
 OPS = {"min": (">=", operator.ge), "max": ("<=", operator.le)}
 

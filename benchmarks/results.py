@@ -144,7 +144,8 @@ def finish(collector: Collector, *, gates_file: Path, results_dir: Path, shipped
                                                               if v["kind"] == "tflite"])
     changes = []
     if compare:
-        changes = compare_mod.regressions(json.loads(Path(compare).read_text()), results)
+        changes = compare_mod.regressions(json.loads(Path(compare).read_text()), results,
+                                          compare_mod.tolerances(gates))
         results["compare"] = {"against": str(compare), "regressions": [str(c) for c in changes]}
     results["pytest_benchmark_json"] = str(pytest_benchmark_json) if pytest_benchmark_json else None
     validate(results)
