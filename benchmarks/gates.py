@@ -71,6 +71,11 @@ def load_gates(path: Path = GATES_FILE) -> dict:
     return gates
 
 
+def ratio_threads(gates: dict) -> int:
+    """The thread count the ratio gates are read at: [ratios] threads, else the device default (2)."""
+    return gates.get("ratios", {}).get("threads", 2)
+
+
 def latency(variant: dict, stage: str, threads: int, runtime: str = "litert-cpu") -> float | None:
     """The median latency (ms) of one stage of a variant, or None when it was not measured."""
     for row in variant.get("latency", []):
@@ -119,7 +124,7 @@ def evaluate(results: dict, gates: dict, *, device: str | None = None,
     """Every gate that applies to the shipped variants, in the order of the gates file."""
     measured = {n: v for n, v in results["variants"].items() if v["kind"] == "tflite"}
     shipped = list(variants) if variants else list(measured)
-    derived = ratios(results, gates.get("ratios", {}).get("threads", 2))
+    derived = ratios(results, ratio_threads(gates))
     rows: list[GateResult] = []
 
     def check(gate, variant, value, key, limit, unit, note=""):
