@@ -16,7 +16,6 @@ from convert.config import ConvertConfig
 from edge_app.preprocess import normalise
 from train import evaluate, ood
 from train.data import run_splits
-from train.data.records import label_indices
 from train.pipeline import load_images
 from train.trainer import load_run
 
@@ -137,9 +136,8 @@ def _prepare(run_dir: Path, cfg: ConvertConfig, progress: bool, data_root: str |
               "parity is measured on the data as it is now")
     splits = {}
     for split in cfg.splits:
-        records = dataset.split(split)
-        x = normalise(load_images(records, card.input, desc=split, progress=progress), card.input)
-        y = label_indices(records, card.labels)
+        grey, y, _ = evaluate.load_split(dataset.split(split), card.labels, card.input, desc=split, progress=progress)
+        x = normalise(grey, card.input)
         logits = model.predict(x, batch_size=64, verbose=0)
         splits[split] = {"x": x, "y": y, "keras_logits": logits, "keras": parity.evaluate(logits, y, card)}
     return model, card, config, dataset, splits
