@@ -66,3 +66,15 @@ def test_a_run_without_splits_or_with_unknown_labels_is_refused(run_and_data):
     (run / run_splits.SPLITS_FILE).unlink()
     with pytest.raises(FileNotFoundError, match="splits.csv"):
         run_splits.load(run)
+
+
+def test_a_trained_run_records_its_splits_and_ships_no_build_machine_path(tiny_run, tiny_dataset):
+    from edge_app.classifier import load_model_file
+
+    dataset, held_out = run_splits.load(tiny_run)
+    card = json.loads((tiny_run / "model_card.json").read_text())
+    assert dataset.root == tiny_dataset.resolve() and not held_out
+    assert dataset.fingerprint() == card["dataset"]["fingerprint"] == load_dataset(tiny_dataset, progress=False).fingerprint()
+    _, shipped = load_model_file(tiny_run / "tflite" / "int8.tflite")
+    assert not Path(shipped.dataset["root"]).is_absolute()
+    assert str(tiny_dataset.resolve()) not in json.dumps(shipped.to_dict())

@@ -19,10 +19,10 @@ from train.pipeline import load_images, make_dataset
 
 BATCH = 64
 
-Split = tuple[np.ndarray, np.ndarray, list[Record]]   # (grey images, class indices, records)
+SplitArrays = tuple[np.ndarray, np.ndarray, list[Record]]   # (grey images, class indices, records)
 
 
-def load_split(records: list[Record], labels, spec: InputSpec, *, desc: str, progress: bool = True) -> Split:
+def load_split(records: list[Record], labels, spec: InputSpec, *, desc: str, progress: bool = True) -> SplitArrays:
     """The records' images decoded as the device decodes them, with their class indices."""
     return load_images(records, spec, desc=desc, progress=progress), label_indices(records, labels), records
 
