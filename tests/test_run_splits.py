@@ -78,3 +78,19 @@ def test_a_trained_run_records_its_splits_and_ships_no_build_machine_path(tiny_r
     _, shipped = load_model_file(tiny_run / "tflite" / "int8.tflite")
     assert not Path(shipped.dataset["root"]).is_absolute()
     assert str(tiny_dataset.resolve()) not in json.dumps(shipped.to_dict())
+
+
+def test_a_run_trained_before_splits_were_recorded_gets_them_once_and_only_from_its_own_data(tmp_path, shared_data):
+    data = copy_subset(shared_data, tmp_path / "cxr", {"train": 4, "val": 2, "test": 2})
+    dataset = load_dataset(data, progress=False)
+    run = tmp_path / "old-run"
+    run.mkdir()
+    card = ModelCard(name="m", task=dataset.task, labels=dataset.labels, input=InputSpec(size=64),   # as cards were
+                     dataset={"root": str(data.resolve()), "fingerprint": dataset.fingerprint(), "seed": 42})
+    (run / "model_card.json").write_text(card.to_json())
+    assert run_splits.main([str(run)]) == 0
+    assert run_splits.load(run)[0].records == dataset.records
+    assert run_splits.main([str(run)]) == 1                        # written once, never rewritten
+    (run / run_splits.SPLITS_FILE).unlink()
+    next((data / "test").rglob("*.*")).unlink()                    # not the data it was trained on
+    assert run_splits.main([str(run)]) == 1 and not (run / run_splits.SPLITS_FILE).exists()

@@ -8,15 +8,22 @@ re-reading the data folder or re-drawing its splits.
 gave it. The data root is the model card's `dataset.root`, relative to the run folder (a card is
 embedded in every shipped model: it names no folder of the build machine); a run copied elsewhere
 reads its images from a data folder given with `data_root`.
+
+A run trained before runs recorded their splits gets its `splits.csv` once with
+
+    python -m train.data.run_splits artifacts/RUN [--data-root DIR]
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import os
+import sys
 from pathlib import Path
 
 from edge_app.model_card import ModelCard
-from train.data.dataset import Dataset
+from train.config import TrainConfig
+from train.data.dataset import Dataset, load_dataset
 from train.data.records import SPLITS, Record
 
 SPLITS_FILE = "splits.csv"
@@ -51,7 +58,7 @@ def load(run_dir: str | Path, data_root: str | Path | None = None) -> tuple[Data
     path = run_dir / SPLITS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} has no {SPLITS_FILE}: the run was trained before runs recorded "
-                                f"their splits; train it again with `python -m train ... --out {run_dir}`")
+                                f"their splits; write it with `python -m train.data.run_splits {run_dir}`")
     card = ModelCard.from_json((run_dir / "model_card.json").read_text())
     root = Path(data_root) if data_root is not None else run_dir / card.dataset["root"]
     root = root.resolve()
@@ -71,3 +78,41 @@ def load(run_dir: str | Path, data_root: str | Path | None = None) -> tuple[Data
             f"{', '.join(missing[:MISSING_SHOWN])}): give the run's data folder with --data-root")
     dataset = Dataset([r for r in records if r.split != HOLDOUT], card.task, card.labels, root, SPLITS_FILE)
     return dataset, [r for r in records if r.split == HOLDOUT]
+
+
+def recover(run_dir: str | Path, data_root: str | Path | None = None) -> Path:
+    """`splits.csv` of a run trained before runs recorded their splits: its data folder split again
+    as training split it (the card's seed and held-out source), refused unless the result has the
+    card's dataset fingerprint."""
+    run_dir = Path(run_dir)
+    card = ModelCard.from_json((run_dir / "model_card.json").read_text())
+    seed = card.dataset["seed"] if "seed" in card.dataset else TrainConfig.from_file(run_dir / "config.json").seed
+    dataset = load_dataset(data_root or run_dir / card.dataset["root"], task=card.task, seed=seed)
+    held_out = []
+    if card.dataset.get("holdout_source"):
+        dataset, held_out = dataset.without_source(card.dataset["holdout_source"])
+    if dataset.fingerprint() != card.dataset.get("fingerprint"):
+        raise ValueError(f"{dataset.root} is not the data {run_dir} was trained on (its fingerprint differs "
+                         "from the model card's): its splits cannot be recovered")
+    return write(run_dir, dataset, held_out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.data.run_splits", description="Writes splits.csv for a "
+                                "run trained before runs recorded their splits.")
+    p.add_argument("run", type=Path, help="the run folder")
+    p.add_argument("--data-root", type=Path, help="its data folder (default: the model card's)")
+    args = p.parse_args(argv)
+    if (args.run / SPLITS_FILE).exists():
+        print(f"error: {args.run / SPLITS_FILE} exists: a run's splits are written once", file=sys.stderr)
+        return 1
+    try:
+        print(f"wrote {recover(args.run, args.data_root)}")
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
