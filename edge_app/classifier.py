@@ -51,7 +51,10 @@ def load_model_file(path: str | Path) -> tuple[bytes, ModelCard]:
     path = Path(path)
     if not path.is_file():
         raise ModelError("model_not_found", f"model file not found: {path}", path)
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelError("model_invalid", f"the model file cannot be read ({exc.strerror or exc})", path) from exc
     release.verify(path, data)  # a released model must match its SHA256SUMS
     if len(data) < 8 or data[4:8] != b"TFL3":
         raise ModelError("model_invalid", "not a TFLite model (no TFL3 identifier)", path)
@@ -94,7 +97,11 @@ class Classifier:
             self.backend, self.backend_attempts = runtime(data), []
         self._check_card_matches_model()
         self.spec = self.card.input
-        self.predict_array(np.zeros((self.spec.size, self.spec.size), np.float32))  # warm-up
+        try:
+            self.predict_array(np.zeros((self.spec.size, self.spec.size), np.float32))  # warm-up
+        except ModelError as exc:
+            raise ModelError("model_invalid", f"the model cannot be prepared or run; the file may be "
+                             f"damaged: {exc.message}", self.model_path) from exc
 
     def _check_card_matches_model(self):
         spec, labels = self.card.input, self.card.labels
@@ -144,6 +151,10 @@ class Classifier:
         t_preprocessed = time.perf_counter()
         outputs = self.backend.run(x[None])
         t_inferred = time.perf_counter()
+        broken = sorted(name for name, value in outputs.items() if not np.isfinite(value).all())
+        if broken:   # a damaged model: NaN logits would otherwise read as "no abnormality"
+            raise ModelError("inference_failed", f"the model's outputs {broken} are not finite "
+                             "(NaN or inf): the model file is damaged", self.model_path)
         probs = decision.calibrated_probabilities(outputs[LOGITS][0], self.card.temperature)
         p_abnormal = float(decision.abnormal_probability(probs))
         ood_score = ood_score_of(outputs)

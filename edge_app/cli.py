@@ -5,8 +5,14 @@
   python -m edge_app info --model M
   python -m edge_app bench --model M [--image IMAGE] [--runs N]
 
-Never imports TensorFlow. Exit codes: 0 all images classified, 1 an image could not be
-screened (the others still are), 2 the model could not be used.
+Never imports TensorFlow, never prints a traceback. `predict` prints every result it has, one
+entry per image, whatever happened to the others. Exit codes (the highest that applies):
+
+  0  every image was screened
+  1  an image was refused (its entry names why: not_an_image, corrupt, ...); the others were screened
+  2  the model could not be used (model_invalid, card_invalid, ...: at start, or on an image)
+  3  an unexpected error (a bug): that image's entry is internal_error, its traceback is appended
+     to $XDG_STATE_HOME/cxr-edge/errors.log (~/.local/state/cxr-edge/errors.log), not the screen
 """
 from __future__ import annotations
 
@@ -16,7 +22,9 @@ import statistics
 import sys
 
 from edge_app import decision
-from edge_app.errors import CxrEdgeError, ModelError
+from edge_app.errors import CxrEdgeError, InputError, ModelError, log_unexpected
+
+EXIT_OK, EXIT_REFUSED, EXIT_MODEL, EXIT_INTERNAL = 0, 1, 2, 3
 
 
 def _classifier(args):
@@ -37,15 +45,16 @@ def _format(prediction) -> str:
 
 def cmd_predict(args) -> int:
     classifier = _classifier(args)
-    results, failed = [], False
+    results, status = [], EXIT_OK
     for image in args.images:
         try:
             prediction = classifier.predict(image)
-        except CxrEdgeError as exc:
-            failed = True
-            results.append({"source": image, "error": exc.as_dict()})
+        except Exception as exc:  # noqa: BLE001 - one image's failure must not lose the batch
+            error, code = _image_error(exc, image)
+            status = max(status, code)
+            results.append({"source": image, "error": error})
             if not args.json:
-                print(f"{image}\n  CANNOT SCREEN [{exc.code}]: {exc.message}", file=sys.stderr)
+                print(f"{image}\n  CANNOT SCREEN [{error['code']}]: {error['message']}", file=sys.stderr)
             continue
         results.append(prediction.to_dict())
         if not args.json:
@@ -55,7 +64,18 @@ def cmd_predict(args) -> int:
                           "results": results}, indent=2))
     else:
         print("Screening aid, not a diagnosis.")
-    return 1 if failed else 0
+    return status
+
+
+def _image_error(exc: Exception, image: str) -> tuple[dict, int]:
+    """An image's error entry and exit status; an unexpected error is logged, not shown."""
+    if isinstance(exc, InputError):
+        return exc.as_dict(), EXIT_REFUSED
+    if isinstance(exc, CxrEdgeError):
+        return exc.as_dict(), EXIT_MODEL
+    where = log_unexpected(exc, f"predict {image}")
+    return {"code": "internal_error", "message": f"unexpected error {type(exc).__name__}: {exc} ({where})",
+            "path": image}, EXIT_INTERNAL
 
 
 def cmd_info(args) -> int:
@@ -95,6 +115,17 @@ def cmd_app(args) -> int:
     return run(cfg)
 
 
+def _at_least_one(text: str) -> int:
+    """argparse type: a whole number >= 1 (0 runs has no latency, 0 threads no runtime)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m edge_app", description="cxr-edge on the device (no TensorFlow).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -108,7 +139,7 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--model", required=True, help=".tflite model exported by `python -m convert`")
         sp.add_argument("--accelerator", choices=("auto", "gpu", "cpu"), default="cpu",
                         help="auto/gpu try LiteRT's GPU accelerator first (default: cpu)")
-        sp.add_argument("--threads", type=int, default=2)
+        sp.add_argument("--threads", type=_at_least_one, default=2, help="CPU threads (default: 2)")
         sp.add_argument("--gpu-delegate", help="path of a TFLite GPU delegate library to load")
         return sp
 
@@ -119,7 +150,7 @@ def parser() -> argparse.ArgumentParser:
     with_model(sub.add_parser("info", help="model card, runtime and GPU status")).set_defaults(func=cmd_info)
     sp = with_model(sub.add_parser("bench", help="latency of each pipeline stage"))
     sp.add_argument("--image")
-    sp.add_argument("--runs", type=int, default=20)
+    sp.add_argument("--runs", type=_at_least_one, default=20)
     sp.set_defaults(func=cmd_bench)
     return p
 
@@ -133,10 +164,14 @@ def main(argv=None) -> int:
         return args.func(args)
     except ModelError as exc:
         print(f"error [{exc.code}]: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_MODEL
     except CxrEdgeError as exc:
         print(f"error [{exc.code}]: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_REFUSED
+    except Exception as exc:  # noqa: BLE001 - a bug: logged with its traceback, not shown
+        print(f"error [internal_error]: unexpected {type(exc).__name__}: {exc} "
+              f"({log_unexpected(exc, ' '.join(argv))})", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -6,6 +6,11 @@ screening history can rely on, and a message a clinic user can act on.
 """
 from __future__ import annotations
 
+import datetime
+import os
+import traceback
+from pathlib import Path
+
 
 class CxrEdgeError(Exception):
     """Base class: `code` is stable across releases, `message` is for people."""
@@ -33,6 +38,35 @@ class InputError(CxrEdgeError, ValueError):
 class ModelError(CxrEdgeError, RuntimeError):
     """A model file that cannot be used.
 
-    Codes: model_not_found, model_invalid, card_missing, card_invalid, card_mismatch,
+    Codes: model_not_found, model_invalid (cannot be opened or prepared, or gives NaN/inf),
+    inference_failed (a prepared model failed to run), card_missing, card_invalid, card_mismatch,
     checksum_mismatch, no_runtime.
     """
+
+
+class HistoryError(CxrEdgeError, RuntimeError):
+    """The screening history cannot record screenings: the app stops screening until it can.
+
+    Codes: history_corrupt, history_read_only, history_disk_full, history_unavailable.
+    """
+
+
+def error_log_path() -> Path:
+    """Where unexpected errors are logged with their traceback ($XDG_STATE_HOME/cxr-edge/errors.log)."""
+    state = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(state) / "cxr-edge" / "errors.log"
+
+
+def log_unexpected(exc: BaseException, context: str) -> str:
+    """Appends an unexpected error's traceback to the error log, not the screen; returns a line
+    for people that says where the details are (or why they could not be written)."""
+    path = error_log_path()
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    text = "".join(traceback.format_exception(exc))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as log:
+            log.write(f"--- {stamp} {context}\n{text}")
+    except OSError as log_exc:
+        return f"details could not be logged ({log_exc.strerror or log_exc})"
+    return f"details in {path}"

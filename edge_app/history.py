@@ -12,11 +12,17 @@ nothing that anyone saw, and never leaves a half-written row.
   inference), which is nothing at clinic rates.
 
 Times are UTC ISO-8601 strings, so they sort and compare as text.
+
+Every SQLite failure becomes a `HistoryError` whose code says what a clinic can do about it
+(`_typed`). A history that fails SQLite's quick check at open is refused and left untouched:
+screening without a record is worse than not screening; `beside` names a fresh file to go on with.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
+import errno
 import hashlib
 import json
 import os
@@ -24,6 +30,8 @@ import sqlite3
 import threading
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+
+from edge_app.errors import HistoryError
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -94,15 +102,44 @@ class History:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # autocommit mode: every transaction below is explicit, BEGIN ... COMMIT
-        self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10)
-        self._conn.row_factory = sqlite3.Row
         self._lock = threading.Lock()
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.executescript(_SCHEMA)
-        self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            code = "history_read_only" if exc.errno in (errno.EACCES, errno.EROFS) else "history_unavailable"
+            raise _failure(code, "create the history's folder", exc.strerror or str(exc), self.path) from exc
+        self._conn = None
+        with self._typed("open the screening history"):
+            # autocommit mode: every transaction below is explicit, BEGIN ... COMMIT
+            self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10)
+            self._conn.row_factory = sqlite3.Row
+            check = self._conn.execute("PRAGMA quick_check").fetchone()[0]  # before anything writes
+            if check != "ok":   # its first line names the database, the next the first fault
+                raise _failure("history_corrupt", "open the screening history",
+                               f"SQLite's integrity check: {' '.join(check.splitlines()[1:2]) or check}", self.path)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.execute("BEGIN IMMEDIATE")      # a read-only file or folder fails here, at open
+            for statement in filter(str.strip, _SCHEMA.split(";")):   # executescript would COMMIT
+                self._conn.execute(statement)
+            self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self._conn.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def _typed(self, action: str):
+        """SQLite's errors as HistoryError (a failed transaction rolled back, and the connection
+        of a history that could not be opened closed)."""
+        try:
+            yield
+        except (sqlite3.Error, HistoryError) as exc:
+            if self._conn is not None and self._conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):   # SQLite may have rolled back already
+                    self._conn.execute("ROLLBACK")
+            if action.startswith("open") and self._conn is not None:
+                self._conn.close()
+            if isinstance(exc, (HistoryError, sqlite3.IntegrityError)):   # the latter: a caller's bug
+                raise
+            raise _history_error(exc, action, self.path) from exc
 
     def close(self) -> None:
         with self._lock:
@@ -115,15 +152,11 @@ class History:
         if row["probabilities"] is not None:
             row["probabilities"] = json.dumps(row["probabilities"])
         columns = ", ".join(row)
-        with self._lock:
+        with self._lock, self._typed("record the screening in the history"):
             self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                cursor = self._conn.execute(f"INSERT INTO screenings ({columns}) VALUES "
-                                            f"({', '.join('?' * len(row))})", tuple(row.values()))
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
+            cursor = self._conn.execute(f"INSERT INTO screenings ({columns}) VALUES "
+                                        f"({', '.join('?' * len(row))})", tuple(row.values()))
+            self._conn.execute("COMMIT")
         screening.id = cursor.lastrowid
         return screening
 
@@ -147,19 +180,57 @@ class History:
             params.append(_day_after(until) if len(until) == 10 else until)
         sql = "SELECT * FROM screenings" + (" WHERE " + " AND ".join(where) if where else "")
         sql += " ORDER BY id DESC" + (f" LIMIT {int(limit)}" if limit else "")
-        with self._lock:
+        with self._lock, self._typed("search the history"):
             rows = self._conn.execute(sql, params).fetchall()
         return [_screening(r) for r in rows]
 
     def get(self, screening_id: int) -> Screening | None:
-        with self._lock:
+        with self._lock, self._typed("read the history"):
             row = self._conn.execute("SELECT * FROM screenings WHERE id = ?", (screening_id,)).fetchone()
         return None if row is None else _screening(row)
 
     def integrity(self) -> str:
         """SQLite's own check of the whole file: "ok" when intact."""
-        with self._lock:
+        with self._lock, self._typed("check the history"):
             return self._conn.execute("PRAGMA integrity_check").fetchone()[0]
+
+
+def beside(path: str | os.PathLike) -> Path:
+    """A new history file's name beside `path` (history-20261202-141500.sqlite3): where to go on
+    when `path` cannot be used, which stays as it is."""
+    path = Path(path)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    candidate, n = path.with_name(f"{path.stem}-{stamp}{path.suffix}"), 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{stamp}-{n}{path.suffix}")
+    return candidate
+
+
+_ADVICE = {
+    "history_corrupt": "it is damaged. It is left as it was: keep it for your IT support, and start a new history",
+    "history_read_only": "it cannot be written (read-only file, folder or storage). Make it writable, "
+                         "or start a new history in a writable place",
+    "history_disk_full": "the storage is full. Free some space (export and move old files), then try again",
+    "history_unavailable": "the file or its storage cannot be reached. Check the storage and the history path "
+                           "in the settings",
+}
+
+
+def _history_error(exc: sqlite3.Error, action: str, path: Path) -> HistoryError:
+    """The code of SQLite's (primary) result code; the message says what to do."""
+    primary = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    code = {sqlite3.SQLITE_CORRUPT: "history_corrupt", sqlite3.SQLITE_NOTADB: "history_corrupt",
+            sqlite3.SQLITE_READONLY: "history_read_only", sqlite3.SQLITE_PERM: "history_read_only",
+            sqlite3.SQLITE_FULL: "history_disk_full"}.get(primary, "history_unavailable")
+    if code == "history_unavailable" and primary == sqlite3.SQLITE_CANTOPEN and path.exists() \
+            and not os.access(path.parent, os.W_OK):
+        code = "history_read_only"
+    return _failure(code, action, f"SQLite: {exc}", path)
+
+
+def _failure(code: str, action: str, detail: str, path: Path) -> HistoryError:
+    return HistoryError(code, f"Cannot {action}: {_ADVICE[code]}. ({detail[:120]})", path)
 
 
 def export_csv(screenings: list[Screening], path: str | os.PathLike) -> Path:

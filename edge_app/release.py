@@ -19,8 +19,15 @@ _LINE = re.compile(r"^([0-9a-fA-F]{64}) [ *](.+)$")
 
 def read_sums(path: Path) -> dict[str, str]:
     """File name -> sha256 hex digest, from a SHA256SUMS file."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ModelError("checksum_mismatch", f"{SUMS_FILE} cannot be read: {exc.strerror or exc}", path) from exc
+    except UnicodeDecodeError as exc:
+        raise ModelError("checksum_mismatch", f"{SUMS_FILE} is not a text file (byte {exc.start} is not "
+                         "UTF-8): it is damaged; reinstall the release", path) from exc
     sums = {}
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         match = _LINE.match(line)

@@ -51,7 +51,7 @@ class InterpreterBackend:
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         x = _quantize(np.asarray(batch, dtype=np.float32), self._input)
-        with self._lock:
+        with self._lock, _run_failure():
             raw = self._runner(**{self._input_name: x})
         return {n: _dequantize(v, self._outputs[n]) for n, v in raw.items()}
 
@@ -91,11 +91,21 @@ class CompiledModelBackend:
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         x = np.ascontiguousarray(batch, dtype=np.float32)
         shapes = self.output_shapes
-        with self._lock:
+        with self._lock, _run_failure():
             self._inputs[0].write(x)
             self._model.run_by_index(0, self._inputs, self._outputs)
             return {n: buf.read(int(np.prod(shapes[n])), np.float32).reshape(shapes[n])
                     for n, buf in zip(self._output_names, self._outputs)}
+
+
+@contextlib.contextmanager
+def _run_failure():
+    """A runtime's failure to run the model ("failed to prepare", a bad tensor) as a ModelError."""
+    try:
+        yield
+    except Exception as exc:
+        raise ModelError("inference_failed", f"the model failed to run ({type(exc).__name__}: "
+                         f"{str(exc).strip()[:300]})") from exc
 
 
 def _quantize(x: np.ndarray, detail: dict) -> np.ndarray:
@@ -131,6 +141,8 @@ def open_backend(model_bytes: bytes, *, accelerator: str = "auto", num_threads: 
     """
     if accelerator not in ACCELERATORS:
         raise ValueError(f"accelerator must be one of {ACCELERATORS}, got {accelerator!r}")
+    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
+        raise ValueError(f"num_threads must be a whole number >= 1, got {num_threads!r}")
     attempts: list[tuple[str, str]] = []
 
     def attempt(name, make):
@@ -138,8 +150,13 @@ def open_backend(model_bytes: bytes, *, accelerator: str = "auto", num_threads: 
         try:
             with _native_log(native):
                 return make()
-        except Exception as exc:  # every runtime failure here means "try the next one"
+        except Exception as exc:  # every runtime failure here means "try the next one" ...
             attempts.append((name, _reason(exc, native)))
+            if name in refusal_means_invalid and not isinstance(exc, ImportError):
+                # ... except a plain CPU Interpreter's: the others read the same flatbuffer
+                detail = "; ".join(f"{n}: {why}" for n, why in attempts)
+                raise ModelError("model_invalid", f"the model cannot be loaded; the file may be damaged "
+                                 f"({detail})") from exc
             return None
 
     interpreters = (("litert-interpreter", "ai_edge_litert.interpreter"),
@@ -151,8 +168,10 @@ def open_backend(model_bytes: bytes, *, accelerator: str = "auto", num_threads: 
     if accelerator in ("auto", "gpu"):
         candidates.append(("litert-compiled-gpu", lambda: CompiledModelBackend(model_bytes, "gpu", num_threads)))
     candidates.append(("litert-compiled-cpu", lambda: CompiledModelBackend(model_bytes, "cpu", num_threads)))
+    cpu_interpreters = interpreters + (("tf.lite", "tensorflow"),)
+    refusal_means_invalid = {name for name, _ in cpu_interpreters}
     candidates += [(name, _interpreter_factory(module, model_bytes, num_threads, None))
-                   for name, module in interpreters + (("tf.lite", "tensorflow"),)]
+                   for name, module in cpu_interpreters]
     for name, make in candidates:
         backend = attempt(name, make)
         if backend is not None:

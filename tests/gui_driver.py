@@ -103,6 +103,31 @@ def scenario_screen(app, out, images, seen):
     app.stop()
 
 
+def scenario_broken_history(app, out, images, seen):
+    """Opens on a history that cannot record: screening refused, then a new history started."""
+    screening = app.sm.get_screen("screening")
+    yield idle(app)
+    yield 0.3
+    seen["problem"] = app.history_problem
+    seen["visible"] = texts(app.root)
+    seen["files_disabled"] = screening.ids.files.disabled
+    seen["new_history_button"] = not screening.ids.history_problem.disabled
+    seen["screenshots"] = {"broken": shot(out, "broken_history")}
+    screening.pick(images["good"][0], False)                            # what the file list calls
+    yield 0.3
+    seen["refused"] = {"error": app.error, "busy": app.busy, "outcome": app.last_outcome is not None}
+    app.start_new_history()                                             # the button's handler
+    yield 0.3
+    seen["after_new"] = {"problem": app.history_problem, "history": app.cfg.history, "status": app.status,
+                         "error": app.error,
+                         "files_disabled": screening.ids.files.disabled}
+    seen["screenshots"]["new"] = shot(out, "new_history")
+    screening.pick(images["good"][0], False)
+    yield idle(app)
+    seen["screened"] = {"screen": app.sm.current, "id": app.last_outcome.screening.id}
+    app.stop()
+
+
 def scenario_kiosk(app, out, images, seen):
     from kivy.core.window import Window
 

@@ -14,6 +14,7 @@ from PIL import Image
 
 from conftest import REPO, run_module, with_card
 from edge_app.history import file_sha256
+from test_history import corrupt_middle_page, filled
 from test_preprocess import write_dicom
 
 DRIVER = REPO / "tests" / "gui_driver.py"
@@ -111,6 +112,30 @@ def test_app_withholds_the_label_of_an_image_unlike_the_training_images(tmp_path
     assert shown["prediction"]["decision"] == "unreliable"
     assert shown["message"].startswith("This image is unlike the images the model was trained on")
     assert (tmp_path / "app" / "result.png").stat().st_size > 10_000
+
+
+def test_app_on_a_damaged_history_stops_screening_until_a_new_one_is_started(tmp_path, tiny_run, images):
+    damaged = filled(tmp_path / "history.sqlite3", rows=200)   # where drive() points the app
+    corrupt_middle_page(damaged)
+    before = file_sha256(damaged)
+
+    seen = drive("broken_history", tmp_path, images, "--model", tiny_run / "tflite" / "int8.tflite",
+                 "--accelerator", "cpu", "--start-dir", images["good"][0].parent, "--size", "800x480",
+                 screen="800x480")
+    assert seen["problem"].startswith("Screening is stopped") and "[history_corrupt]" in seen["problem"]
+    assert seen["problem"] in seen["visible"] and "Start a new history" in seen["visible"]
+    assert seen["files_disabled"] is True and seen["new_history_button"] is True
+    assert seen["refused"] == {"error": "Screening is stopped until the history can record results (see below).",
+                               "busy": False, "outcome": False}
+    new = seen["after_new"]["history"]
+    assert new != str(damaged) and os.path.dirname(new) == str(tmp_path)
+    assert seen["after_new"]["problem"] == seen["after_new"]["error"] == ""
+    assert seen["after_new"]["files_disabled"] is False
+    assert str(damaged) in seen["after_new"]["status"]
+    assert seen["screened"] == {"screen": "result", "id": 1}
+    assert file_sha256(damaged) == before                                   # kept as it was
+    assert json.loads((tmp_path / "app.json").read_text())["history"] == new   # and used from now on
+    assert (tmp_path / "broken_history.png").stat().st_size > 10_000
 
 
 def test_kiosk_is_fullscreen_needs_the_pin_and_resets_when_idle(tmp_path, tiny_run, images):

@@ -89,8 +89,13 @@ def test_device_matches_keras_on_the_same_file(tiny_run, tiny_dataset):
 def test_runs_compare_as_one_table(tiny_run, tmp_path):
     metrics = json.loads((tiny_run / "reports" / "metrics.json").read_text())
     out = run_module("train.compare", tiny_run).stdout.splitlines()
-    assert out[0].startswith("| run | model | size | strategy | shortcut measures | macro-F1")
-    assert out[2].startswith(f"| {tiny_run.name} | cnn | 64 | full | input_borders trim | "
+    config = json.loads((tiny_run / "config.json").read_text())
+    assert out[0].startswith("| run | model | size | strategy | seed | shortcut measures | macro-F1")
+    assert out[2].startswith(f"| {tiny_run.name} | cnn | 64 | full | {config['seed']} | input_borders trim | "
                              f"{metrics['test']['macro_f1']:.3f} |")
+    recipes = out[out.index("| runs | seeds | shortcut measures | macro-F1 | abn. sens. | abn. spec. | abn. AUC "
+                            "| COVID sens. | adult pneumonia sens. | adult normal spec. | holdout sens. "
+                            "| holdout spec. | holdout AUC |") + 2]
+    assert recipes.startswith(f"| {tiny_run.name} | 1 | input_borders trim | {metrics['test']['macro_f1']:.3f} |")
     refused = run_module("train.compare", tmp_path, check=False)
     assert refused.returncode == 2 and "not a finished training run" in refused.stderr

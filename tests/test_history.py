@@ -1,5 +1,6 @@
 """The screening history: what a row holds, search, CSV export, and surviving kill -9."""
 import csv
+import json
 import os
 import random
 import signal
@@ -13,7 +14,8 @@ import pytest
 
 from conftest import REPO
 from edge_app.classifier import Classifier
-from edge_app.history import History, Screening, export_csv, file_sha256
+from edge_app.errors import HistoryError
+from edge_app.history import History, Screening, beside, export_csv, file_sha256, now
 from edge_app.screening import screen
 
 
@@ -126,3 +128,112 @@ def test_history_survives_kill_9_at_random_moments(tmp_path, tiny_run, tiny_data
     errors = [r for r in stored.values() if r[2] is not None]
     assert errors and all(r[2] == "truncated" for r in errors)
     print(f"{kills} kills, {len(shown)} screenings shown, {len(stored)} stored, integrity ok")
+
+
+# -- a history that cannot record: typed errors, the file left as it was, a fresh one beside it --
+def _row(i: int) -> Screening:
+    return Screening(now(), f"/clinic/{i}.jpg", "ab" * 32, "cd" * 32, "litert-interpreter", label="normal",
+                     probabilities={"normal": 0.9, "pneumonia": 0.06, "covid": 0.04}, abnormal_probability=0.1,
+                     decision="no_abnormality", threshold=0.5, latency_ms=9.0)
+
+
+def filled(path, rows: int = 300):
+    """A real history at `path` with `rows` screenings."""
+    history = History(path)
+    for i in range(rows):
+        history.add(_row(i))
+    history.close()
+    return path
+
+
+def corrupt_middle_page(path) -> int:
+    """Overwrites 300 bytes of the page in the middle of the file, as a bad sector would; returns
+    the number of pages."""
+    data = bytearray(path.read_bytes())
+    pages = len(data) // 4096
+    middle = (pages // 2) * 4096
+    data[middle + 100: middle + 400] = random.Random(7).randbytes(300)
+    path.write_bytes(bytes(data))
+    return pages
+
+
+def _refused(path, code: str):
+    """History(path) fails with `code`, leaves the file's bytes as they were, and a fresh history
+    beside it records."""
+    before = file_sha256(path)
+    with pytest.raises(HistoryError) as err:
+        History(path)
+    assert err.value.code == code and err.value.path == str(path)
+    assert file_sha256(path) == before
+    fresh = History(beside(path))
+    assert fresh.path.parent == path.parent and fresh.path != path
+    assert fresh.add(_row(0)).id == 1 and fresh.integrity() == "ok"
+    return err.value
+
+
+def test_a_file_that_is_not_a_database_is_refused_untouched(tmp_path):
+    path = tmp_path / "history.sqlite3"
+    path.write_text("screenings were kept in a notebook\n" * 200)
+    exc = _refused(path, "history_corrupt")
+    assert "damaged" in exc.message and "start a new history" in exc.message
+
+
+def test_a_page_corrupted_in_the_middle_is_refused_untouched(tmp_path):
+    path = filled(tmp_path / "history.sqlite3")
+    pages = corrupt_middle_page(path)
+    exc = _refused(path, "history_corrupt")
+    assert "integrity check" in exc.message and pages > 10
+
+
+def test_a_full_disk_reports_the_real_cause_and_loses_nothing(tmp_path):
+    history = History(tmp_path / "history.sqlite3")
+    pages = history._conn.execute("PRAGMA page_count").fetchone()[0]
+    history._conn.execute(f"PRAGMA max_page_count={pages + 3}")   # a disk with three pages left
+    stored = []
+    with pytest.raises(HistoryError) as err:
+        for i in range(1000):
+            stored.append(history.add(_row(i)).id)
+    assert err.value.code == "history_disk_full"
+    assert "storage is full" in err.value.message and "database or disk is full" in err.value.message
+    assert "cannot rollback" not in str(err.value)
+    assert len(stored) > 10 and [s.id for s in history.search(limit=None)] == stored[::-1]
+    history._conn.execute(f"PRAGMA max_page_count={pages + 1000}")  # space freed: records again
+    assert history.add(_row(-1)).id == stored[-1] + 1 and history.integrity() == "ok"
+
+
+# As root (CI), file modes bind nobody: the child drops the capabilities that bypass them.
+UNPRIVILEGED = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+OPEN = """
+import json, sys
+from edge_app.errors import HistoryError
+from edge_app.history import History
+try:
+    History(sys.argv[1])
+    print(json.dumps({"opened": True}))
+except HistoryError as exc:
+    print(json.dumps(exc.as_dict()))
+"""
+
+
+def _open_unprivileged(path) -> dict:
+    result = subprocess.run([*UNPRIVILEGED, sys.executable, "-c", OPEN, str(path)], capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("read_only", ["file", "folder"])
+def test_a_read_only_history_is_refused_untouched(tmp_path, read_only):
+    folder = tmp_path / "data"
+    path = filled(folder / "history.sqlite3", rows=20)
+    before = file_sha256(path)
+    target = path if read_only == "file" else folder
+    mode = target.stat().st_mode
+    target.chmod(0o444 if read_only == "file" else 0o555)
+    try:
+        seen = _open_unprivileged(path)
+    finally:
+        target.chmod(mode)
+    assert seen.get("code") == "history_read_only", seen
+    assert "cannot be written" in seen["message"]
+    assert file_sha256(path) == before and History(path).search(limit=None)[0].image_path == "/clinic/19.jpg"

@@ -80,3 +80,47 @@ def test_per_source_metrics_by_hand():
     assert m["b"]["accuracy"] == 0.5 and m["b"]["abnormal_specificity"] is None
     assert m["b"]["abnormal_sensitivity"] == 0.5
     assert m["b"]["per_class"] == {"pneumonia": {"n": 1, "recall": 0.0}, "covid": {"n": 1, "recall": 1.0}}
+
+
+def test_wilson_interval_matches_published_values():
+    # Newcombe (1998), Statistics in Medicine 17:857, table I: 81/263 -> 0.2553-0.3662, 15/148 -> 0.0624-0.1605
+    assert metrics.wilson_interval(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)
+    assert metrics.wilson_interval(15, 148) == pytest.approx((0.0624, 0.1605), abs=1e-4)
+    low, high = metrics.wilson_interval(0, 10)
+    assert low == 0.0 and high == pytest.approx(0.2775, abs=1e-4)   # never below 0, unlike the Wald interval
+    assert metrics.wilson_interval(0, 0) != metrics.wilson_interval(0, 0)  # no images: no interval (nan)
+
+
+def test_cohort_metrics_by_hand():
+    from train.data import sources
+    # two adult pneumonias (one referred), two adult normals (one referred), a child normal, an unknown source
+    logits = np.log(np.array([[0.2, 0.7, 0.1], [0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.95, 0.03, 0.02],
+                              [0.97, 0.02, 0.01], [0.1, 0.1, 0.8]]))
+    y = np.array([1, 1, 0, 0, 0, 2])
+    rsna, kermany = "jas127/PS_Covid19", "lecuong1502/BTL_Machine_Learning"
+    cohorts = [sources.cohort_of(rsna, "pneumonia")] * 2 + [sources.cohort_of("rsna-normal", "normal")] * 2 \
+        + [sources.cohort_of(kermany, "normal"), sources.cohort_of("my-hospital", "covid")]
+    assert cohorts[0] == "adult pneumonia" and cohorts[4] == "child normal" and cohorts[5] is None
+    m = metrics.cohort_metrics(logits, y, cohorts, ("normal", "pneumonia", "covid"), temperature=1.0, threshold=0.5)
+    assert set(m) == {"adult pneumonia", "adult normal", "child normal"}
+    assert m["adult pneumonia"]["figure"] == "sensitivity" and m["adult pneumonia"]["value"] == 0.5
+    assert m["adult normal"]["figure"] == "specificity" and m["adult normal"]["value"] == 0.5
+    assert m["child normal"] == {"n": 1, "figure": "specificity", "value": 1.0,
+                                 "ci95": list(metrics.wilson_interval(1, 1))}
+
+
+def test_every_cohort_threshold_reaches_the_target_in_the_small_cohort_too():
+    # 20 child pneumonias scored high, 10 adult pneumonias scored low, 10 normals in between
+    scores = np.r_[np.linspace(0.8, 0.99, 20), np.linspace(0.2, 0.6, 10), np.linspace(0.1, 0.5, 10)]
+    y = np.r_[np.ones(30, int), np.zeros(10, int)]
+    cohorts = ["child pneumonia"] * 20 + ["adult pneumonia"] * 10 + ["adult normal"] * 10
+    overall = metrics.operating_threshold(y, scores, cohorts, 0.9)
+    every = metrics.operating_threshold(y, scores, cohorts, 0.9, rule="every_cohort")
+    assert overall == metrics.threshold_for_sensitivity(y != 0, scores, 0.9)
+    adult = scores[20:30]
+    assert (adult >= overall).mean() < 0.9 and (adult >= every).mean() >= 0.9
+    assert every == metrics.threshold_for_sensitivity(np.ones(10, bool), adult, 0.9)
+    # a cohort below min_cohort images does not move the threshold
+    assert metrics.operating_threshold(y, scores, cohorts, 0.9, rule="every_cohort", min_cohort=11) == overall
+    with pytest.raises(ValueError, match="unknown threshold rule"):
+        metrics.operating_threshold(y, scores, cohorts, 0.9, rule="worst")

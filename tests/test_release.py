@@ -3,6 +3,7 @@ import shutil
 
 import pytest
 
+from conftest import run_module
 from edge_app import release
 from edge_app.classifier import Classifier
 from edge_app.errors import ModelError
@@ -41,6 +42,16 @@ def test_a_model_missing_from_the_sums_or_a_garbled_sums_file_is_refused(release
     with pytest.raises(ModelError, match="line 1") as info:
         Classifier(released / "fp32.tflite", accelerator="cpu")
     assert info.value.code == "checksum_mismatch"
+
+
+def test_a_binary_sums_file_is_refused_without_a_traceback(released):
+    (released / release.SUMS_FILE).write_bytes(b"\xff\xd8\xff\xe0 a JPEG, not checksums \x00\x9c")
+    with pytest.raises(ModelError, match="not a text file") as info:
+        Classifier(released / "int8.tflite", accelerator="cpu")
+    assert info.value.code == "checksum_mismatch"
+    result = run_module("edge_app", "predict", "x.jpg", "--model", released / "int8.tflite", check=False)
+    assert result.returncode == 2 and "error [checksum_mismatch]" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_a_model_outside_a_release_loads_without_sums(tiny_run):

@@ -44,6 +44,13 @@ def test_missing_weights_file_says_how_to_provide_it(tmp_path):
         models.build("cnn", 3, weights="imagenet")
 
 
+def test_imagenet_weights_are_never_downloaded(tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "KERAS_CACHE", tmp_path / "keras-cache")
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded") as refused:
+        models.build("mobilenet_v2", 3, image_size=96, alpha=0.35, weights="imagenet", weights_dirs=[tmp_path])
+    assert "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5" in str(refused.value)
+
+
 def _trainable(model):
     return {l.name for l in model.layers if l.trainable and l.weights}
 
@@ -210,17 +217,56 @@ def test_blur_keeps_flat_grey_and_spreads_a_point():
     assert spread[8, 9] == pytest.approx(spread[9, 8]) and spread[8, 9] < spread[8, 8]
 
 
-def test_source_class_weights_give_every_pair_the_same_total():
+def _records(pairs):
     from pathlib import Path
 
     from train.data.records import Record
-    from train.pipeline import source_class_weights
+    return [Record(Path(f"{i}.png"), label, "train", None, source) for i, (source, label) in enumerate(pairs)]
 
-    pairs = [("kermany", "normal")] * 6 + [("rsna", "normal")] * 2 + [("kermany", "pneumonia")] * 4
-    records = [Record(Path(f"{i}.png"), label, "train", None, source) for i, (source, label) in enumerate(pairs)]
-    w = source_class_weights(records, ("normal", "pneumonia", "covid"))
-    assert w.mean() == pytest.approx(1.0)
+
+def _totals(weights, pairs) -> dict:
     totals = {}
-    for weight, pair in zip(w, pairs):
-        totals[pair] = totals.get(pair, 0.0) + weight
-    assert list(totals.values()) == pytest.approx([4.0, 4.0, 4.0])
+    for weight, pair in zip(weights, pairs):
+        totals[pair] = totals.get(pair, 0.0) + float(weight)
+    return totals
+
+
+LABELS = ("normal", "pneumonia", "covid")
+PAIRS = [("kermany", "normal")] * 6 + [("rsna", "normal")] * 2 + [("kermany", "pneumonia")] * 4
+
+
+def test_image_weights_with_both_powers_one_balance_classes_then_sources():
+    from train.pipeline import image_weights
+
+    w = image_weights(_records(PAIRS), LABELS, class_power=1.0, source_power=1.0)
+    assert w.mean() == pytest.approx(1.0)
+    # two classes of 6 each; normal's 6 shared by its two sources, whatever their sizes (6 and 2 images)
+    assert _totals(w, PAIRS) == pytest.approx({("kermany", "normal"): 3.0, ("rsna", "normal"): 3.0,
+                                               ("kermany", "pneumonia"): 6.0})
+
+
+def test_image_weights_without_source_power_are_the_class_weights():
+    from train.pipeline import image_weights
+
+    w = image_weights(_records(PAIRS), LABELS, class_power=0.5, source_power=0.0)
+    by_class = class_weights(np.array([LABELS.index(c) for _, c in PAIRS]), 3, power=0.5)
+    assert w == pytest.approx([by_class[LABELS.index(c)] for _, c in PAIRS])
+
+
+def test_source_power_lifts_a_small_source_within_its_class_and_keeps_the_class_total():
+    from train.pipeline import image_weights
+
+    w = image_weights(_records(PAIRS), LABELS, class_power=0.0, source_power=0.5)
+    totals = _totals(w, PAIRS)
+    # normal keeps 8 of 12 images' weight; within it, 6 and 2 images weigh 6 ** -0.5 and 2 ** -0.5 each
+    assert totals[("kermany", "normal")] + totals[("rsna", "normal")] == pytest.approx(8.0)
+    assert totals[("kermany", "pneumonia")] == pytest.approx(4.0)
+    assert totals[("rsna", "normal")] / totals[("kermany", "normal")] == pytest.approx((2 * 2 ** -0.5) / (6 * 6 ** -0.5))
+
+
+def test_label_smoothing_loss_by_hand():
+    from train.trainer import smoothed_crossentropy
+
+    logits = np.log(np.array([[0.7, 0.2, 0.1]], dtype=np.float32))
+    value = float(smoothed_crossentropy(0.1)(np.array([0]), logits)[0])
+    assert value == pytest.approx(-(0.9 + 0.1 / 3) * np.log(0.7) - 0.1 / 3 * (np.log(0.2) + np.log(0.1)), rel=1e-5)

@@ -35,8 +35,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int)
     p.add_argument("--learning-rate", type=float)
     p.add_argument("--loss", choices=["crossentropy", "focal"])
-    p.add_argument("--holdout-source", help="leave this data source (manifest source_repo) out of "
-                   "training and evaluate on all its images: leave-one-source-out")
+    p.add_argument("--holdout-source", help="leave this data source (manifest source_repo, or a short name "
+                   "of train/data/sources.py: kermany, ieee8023, rsna-normal, rsna-pneumonia) out of training "
+                   "and evaluate on all its images: leave-one-source-out")
     p.add_argument("--seed", type=int)
     p.add_argument("--bootstrap", type=int, help="bootstrap resamples for AUC intervals (0: none)")
     return p.parse_args(argv)

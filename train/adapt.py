@@ -130,6 +130,7 @@ def adapt(run_dir: str | Path, data: str | Path, out: str | Path, cfg: AdaptConf
                            seed=cfg.seed), epochs=cfg.epochs, verbose=1 if progress else 2)
 
     temperature, threshold = evaluate.calibrate(evaluate.predict(model, x_cal, y_cal, spec), y_cal,
+                                                [r for c in calibration for r in c[2]],
                                                 card.thresholds.get("target_sensitivity", config.target_sensitivity))
     after = _evaluate(model, card, sets, temperature, threshold, cfg.bootstrap)
 

@@ -1,16 +1,35 @@
-"""python -m train.compare artifacts/RUN ... : the headline figures of several runs as one Markdown table."""
+"""python -m train.compare artifacts/RUN ... : the headline figures of several runs as Markdown tables.
+
+One row per run, then (`--by-recipe`, the default when runs repeat a recipe with other seeds) one
+row per recipe: the mean ± sd and the range over its seeds, so that a choice between recipes rests
+on a difference larger than the run-to-run noise.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
-COLUMNS = ("run", "model", "size", "strategy", "shortcut measures", "macro-F1", "accuracy", "abn. sens.",
-           "abn. spec.", "abn. AUC", "COVID sens.", "COVID AUC", "ECE", "train min", "holdout sens.",
-           "holdout spec.", "holdout AUC", "holdout OOD flagged")
+from train.report import interval
+
+COLUMNS = ("run", "model", "size", "strategy", "seed", "shortcut measures", "macro-F1", "abn. sens.", "abn. spec.",
+           "abn. AUC", "COVID sens.", "ECE", "adult pneumonia sens.", "adult normal spec.", "train min",
+           "holdout sens.", "holdout spec.", "holdout AUC", "holdout OOD flagged")
 SHORTCUTS_OFF = {"input_contrast": "none", "input_borders": "keep", "crop_scale": 1.0, "gamma": 0.0, "blur": 0.0,
-                 "noise": 0.0, "min_resolution": 1.0, "jpeg_quality": 0, "balance_sources": False}
+                 "noise": 0.0, "min_resolution": 1.0, "jpeg_quality": 0, "source_weight_power": 0.0,
+                 "label_smoothing": 0.0, "lung_crop": "none"}
+# what a recipe is: the config without the settings that only say which repetition or where
+NOT_RECIPE = ("seed", "data", "weights_dirs")
+# the figures averaged over seeds: (column, path into reports/metrics.json)
+FIGURES = (("macro-F1", ("test", "macro_f1")), ("abn. sens.", ("test", "abnormal", "sensitivity")),
+           ("abn. spec.", ("test", "abnormal", "specificity")), ("abn. AUC", ("test", "abnormal", "auc")),
+           ("COVID sens.", ("test", "covid", "sensitivity")),
+           ("adult pneumonia sens.", ("test", "cohorts", "adult pneumonia", "value")),
+           ("adult normal spec.", ("test", "cohorts", "adult normal", "value")),
+           ("holdout sens.", ("holdout", "abnormal", "sensitivity")),
+           ("holdout spec.", ("holdout", "abnormal", "specificity")), ("holdout AUC", ("holdout", "abnormal", "auc")))
 
 
 def measures(config: dict) -> str:
@@ -19,20 +38,65 @@ def measures(config: dict) -> str:
     return ", ".join(on) or "none"
 
 
+def _get(d: dict, path) -> float | None:
+    for key in path:
+        if not isinstance(d, dict) or key not in d:
+            return None
+        d = d[key]
+    return None if d is None or d != d else float(d)
+
+
+def _fmt(v) -> str:
+    return "—" if v is None else f"{v:.3f}"
+
+
+def load(run: Path) -> tuple[dict, dict, dict]:
+    return tuple(json.loads(p.read_text()) for p in
+                 (run / "reports" / "metrics.json", run / "config.json", run / "model_card.json"))
+
+
 def row(run: Path) -> list[str]:
-    metrics = json.loads((run / "reports" / "metrics.json").read_text())
-    config = json.loads((run / "config.json").read_text())
-    card = json.loads((run / "model_card.json").read_text())
-    test = metrics["test"]
-    covid = test.get("covid", {})
-    holdout = metrics.get("holdout", {}).get("abnormal", {})
+    metrics, config, card = load(run)
+    cohorts = metrics["test"].get("cohorts", {})
+    cohort = lambda name: interval(cohorts[name]) if name in cohorts else "—"
     flagged = metrics.get("ood", {}).get("flagged", {}).get("holdout")
-    f = lambda v: "—" if v is None or v != v else f"{v:.3f}"
-    return [run.name, card["name"], str(card["input"]["size"]), config["strategy"], measures(config),
-            f(test["macro_f1"]), f(test["accuracy"]), f(test["abnormal"]["sensitivity"]),
-            f(test["abnormal"]["specificity"]), f(test["abnormal"]["auc"]), f(covid.get("sensitivity")),
-            f(covid.get("auc")), f(test["ece"]), f"{metrics['training_seconds'] / 60:.1f}",
-            f(holdout.get("sensitivity")), f(holdout.get("specificity")), f(holdout.get("auc")), f(flagged)]
+    f = lambda *path: _fmt(_get(metrics, path))
+    return [run.name, card["name"], str(card["input"]["size"]), config["strategy"], str(config["seed"]), measures(config),
+            f("test", "macro_f1"), f("test", "abnormal", "sensitivity"), f("test", "abnormal", "specificity"),
+            f("test", "abnormal", "auc"), f("test", "covid", "sensitivity"), f("test", "ece"),
+            cohort("adult pneumonia"), cohort("adult normal"), f"{metrics['training_seconds'] / 60:.1f}",
+            f("holdout", "abnormal", "sensitivity"), f("holdout", "abnormal", "specificity"),
+            f("holdout", "abnormal", "auc"), _fmt(flagged)]
+
+
+def recipe(config: dict) -> str:
+    """A recipe's key: its config without seed and paths (runs of one recipe differ only in seed)."""
+    return json.dumps({k: v for k, v in config.items() if k not in NOT_RECIPE}, sort_keys=True)
+
+
+def mean_sd_range(values: list[float]) -> str:
+    """'0.912 ± 0.008 (0.903–0.921)', or the value alone for one run."""
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return (f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f} "
+            f"({min(values):.3f}–{max(values):.3f})")
+
+
+def recipe_table(runs: list[Path]) -> str:
+    groups: dict[str, list[Path]] = {}
+    for run in runs:
+        groups.setdefault(recipe(load(run)[1]), []).append(run)
+    columns = ("runs", "seeds", "shortcut measures") + tuple(name for name, _ in FIGURES)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for members in groups.values():
+        loaded = [load(r) for r in members]
+        cells = [", ".join(r.name for r in members), str(len(members)), measures(loaded[0][1])]
+        cells += [mean_sd_range([v for m, _, _ in loaded if (v := _get(m, path)) is not None])
+                  for _, path in FIGURES]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def table(runs: list[Path]) -> str:
@@ -44,12 +108,16 @@ def table(runs: list[Path]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.compare", description=__doc__)
     p.add_argument("runs", nargs="+", type=Path)
+    p.add_argument("--runs-only", action="store_true", help="only the table of runs, no per-recipe means")
     args = p.parse_args(argv)
     missing = [str(r) for r in args.runs if not (r / "reports" / "metrics.json").is_file()]
     if missing:
         print(f"error: not a finished training run: {', '.join(missing)}", file=sys.stderr)
         return 2
     print(table(args.runs))
+    if not args.runs_only:
+        print("\nPer recipe (mean ± sd over seeds, range in brackets; adult cohorts on the test split):\n")
+        print(recipe_table(args.runs))
     return 0
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 STRATEGIES = ("frozen", "finetune", "full")
 LOSSES = ("crossentropy", "focal")
+THRESHOLD_RULES = ("overall", "every_cohort")
 
 
 @dataclass
@@ -44,6 +45,10 @@ class TrainConfig:
     class_weight_power: float = 0.5       # class weights (1/frequency)^power: 1 balances the classes,
                                           # 0.5 softens the balance (on the shared set: fewer
                                           # false COVID-19 calls, test macro-F1 0.864 -> 0.898), 0 off
+    source_weight_power: float = 0.0      # within a class, sources weigh (1/their images)^power, the class's
+                                          # total kept (train.pipeline.image_weights); 1: every source of a
+                                          # class weighs the same
+    label_smoothing: float = 0.0          # cross-entropy against (1 - e) one-hot + e / classes
     augment: bool = True
     rotation_degrees: float = 7.0
     zoom: float = 0.1
@@ -58,11 +63,11 @@ class TrainConfig:
     noise: float = 0.0                    # Gaussian noise, std uniform in [0, noise]
     min_resolution: float = 1.0           # down- and back up-sampled by a factor in [min_resolution, 1]
     jpeg_quality: int = 0                 # re-encoded as JPEG at a quality in [jpeg_quality, 95]
-    balance_sources: bool = False         # weigh images so every (source, class) has the same total
-                                          # weight (replaces class weights)
     early_stopping_patience: int = 4
     holdout_source: str = ""              # leave this data source out of training; evaluate on it
     target_sensitivity: float = 0.95      # abnormal sensitivity the operating threshold must reach on val
+    threshold_rule: str = "overall"       # overall | every_cohort: reach it in every abnormal population
+                                          # of val too (adult pneumonia; train.metrics.operating_threshold)
     bootstrap: int = 1000                 # bootstrap resamples for AUC intervals (0: none)
     mixed_precision: bool = True          # float16 compute on GPU (ignored on CPU)
     xla: bool = False
@@ -76,6 +81,8 @@ class TrainConfig:
         if self.weights == "none" and self.strategy != "full":
             raise ValueError(f"strategy {self.strategy!r} freezes a backbone, but with weights 'none' it "
                              "is random: use --strategy full to train from scratch, or pretrained weights")
+        if self.threshold_rule not in THRESHOLD_RULES:
+            raise ValueError(f"threshold_rule must be one of {THRESHOLD_RULES}, got {self.threshold_rule!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
 

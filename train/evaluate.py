@@ -14,6 +14,7 @@ from edge_app import decision
 from edge_app.graph_names import POOL
 from edge_app.preprocess import InputSpec
 from train import metrics
+from train.data import sources
 from train.data.records import Record, label_indices
 from train.pipeline import load_images, make_dataset
 
@@ -32,22 +33,31 @@ def predict(model, x: np.ndarray, y: np.ndarray, spec: InputSpec) -> np.ndarray:
     return model.predict(make_dataset(x, y, spec, batch_size=BATCH, training=False), verbose=0)
 
 
-def calibrate(logits: np.ndarray, y: np.ndarray, target_sensitivity: float) -> tuple[float, float]:
-    """(temperature, abnormal threshold reaching `target_sensitivity`), both fitted on these logits."""
+def calibrate(logits: np.ndarray, y: np.ndarray, records: list[Record], target_sensitivity: float,
+              rule: str = "overall") -> tuple[float, float]:
+    """(temperature, abnormal threshold reaching `target_sensitivity` by `rule`, metrics.operating_threshold),
+    both fitted on these logits."""
     temperature = metrics.fit_temperature(logits, y)
     probs = decision.calibrated_probabilities(logits, temperature)
-    threshold = metrics.threshold_for_sensitivity(y != 0, decision.abnormal_probability(probs), target_sensitivity)
+    threshold = metrics.operating_threshold(y, decision.abnormal_probability(probs), _cohorts(records),
+                                            target_sensitivity, rule)
     return temperature, threshold
 
 
 def split_metrics(logits: np.ndarray, y: np.ndarray, records: list[Record], labels, *, temperature: float,
                   threshold: float, bootstrap: int) -> dict:
-    """The screening metrics of one split, and the same per data source."""
+    """The screening metrics of one split, the same per data source, and per cohort."""
     result = metrics.screening_metrics(logits, y, labels, temperature=temperature, threshold=threshold,
                                        bootstrap=bootstrap)
     result["per_source"] = metrics.per_group_metrics(logits, y, [r.source or "unknown" for r in records], labels,
                                                      temperature=temperature, threshold=threshold)
+    result["cohorts"] = metrics.cohort_metrics(logits, y, _cohorts(records), labels,
+                                               temperature=temperature, threshold=threshold)
     return result
+
+
+def _cohorts(records: list[Record]) -> list[str | None]:
+    return [sources.cohort_of(r.source, r.label) for r in records]
 
 
 def card_metrics(test: dict) -> dict:

@@ -101,6 +101,26 @@ def threshold_for_sensitivity(positive, scores, target: float) -> float:
     return float(pos_scores[max(needed, 1) - 1])
 
 
+def operating_threshold(y_true, scores, cohorts, target: float, rule: str = "overall",
+                        min_cohort: int = 10) -> float:
+    """The threshold on P(abnormal) fitted on validation. "overall": the highest that reaches
+    `target` sensitivity over all abnormal images. "every_cohort": the highest that reaches it in
+    every abnormal cohort of at least `min_cohort` images too (train.data.sources.cohort_of), so a
+    population the set holds few of (adult pneumonia) is not sacrificed to one it holds many of."""
+    y_true, scores = np.asarray(y_true), np.asarray(scores)
+    threshold = threshold_for_sensitivity(y_true != 0, scores, target)
+    if rule == "overall":
+        return threshold
+    if rule != "every_cohort":
+        raise ValueError(f"unknown threshold rule {rule!r}: overall or every_cohort")
+    cohorts = np.array(cohorts, dtype=object)
+    for cohort in {c for c in cohorts.tolist() if c}:
+        inside = (cohorts == cohort) & (y_true != 0)
+        if inside.sum() >= min_cohort and inside.sum() == (cohorts == cohort).sum():
+            threshold = min(threshold, threshold_for_sensitivity(np.ones(inside.sum(), bool), scores[inside], target))
+    return threshold
+
+
 def calibration_bins(probabilities, y_true, bins: int = 15) -> list[tuple[float, float, float]]:
     """(mean confidence, accuracy, share of images) of each non-empty equal-width confidence bin."""
     probabilities = np.asarray(probabilities)
@@ -195,4 +215,34 @@ def per_group_metrics(logits, y_true, groups, labels, *, temperature: float, thr
             "abnormal_sensitivity": rate(flag[y != 0]),
             "abnormal_specificity": rate(~flag[y == 0]),
         }
+    return result
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion: honest at the small counts of a cohort (a
+    normal-approximation interval of 20/21 would pass 1.0)."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def cohort_metrics(logits, y_true, cohorts, labels, *, temperature: float, threshold: float) -> dict:
+    """Per cohort (e.g. 'adult pneumonia', train.data.sources.cohort_of): how many images and the
+    share decided correctly at the operating threshold with its Wilson interval, i.e. the
+    sensitivity of an abnormal cohort (referred) or the specificity of a normal one (not referred).
+    Images of no known cohort (None) are left out."""
+    y_true = np.asarray(y_true)
+    probs = decision.calibrated_probabilities(logits, temperature)
+    referred = decision.abnormal_probability(probs) >= threshold
+    result = {}
+    for cohort in sorted({c for c in cohorts if c}):
+        inside = np.array([c == cohort for c in cohorts])
+        normal = bool((y_true[inside] == 0).all())
+        correct = ~referred[inside] if normal else referred[inside]
+        k, n = int(correct.sum()), int(inside.sum())
+        result[cohort] = {"n": n, "figure": "specificity" if normal else "sensitivity",
+                          "value": k / n, "ci95": list(wilson_interval(k, n))}
     return result

@@ -103,12 +103,9 @@ def input_spec(name: str, image_size: int | None = None, fit: str = "crop", cont
                      normalisation=entry.normalisation, fit=fit, contrast=contrast, borders=borders)
 
 
-def resolve_weights(entry: ModelEntry, weights: str, alpha, weights_dirs=()) -> Path | str | None:
-    """What to load: None (random init), a local file, or "imagenet" (Keras's own download).
-
-    "imagenet" looks for Keras's cache file in `weights_dirs` and ~/.keras/models first, so
-    offline machines use local copies; only when none is found does Keras download it.
-    """
+def resolve_weights(entry: ModelEntry, weights: str, alpha, weights_dirs=()) -> Path | None:
+    """What to load: None (random init) or a local weights file. Nothing is ever downloaded:
+    "imagenet" means Keras's weight file found in `weights_dirs` or ~/.keras/models."""
     if weights == "none":
         return None
     if weights != "imagenet":
@@ -120,10 +117,14 @@ def resolve_weights(entry: ModelEntry, weights: str, alpha, weights_dirs=()) -> 
     if entry.weights_file is None:
         raise ValueError(f"{entry.name} has no ImageNet weights: use --weights none")
     file_name = entry.weights_file(alpha)
-    for folder in [*map(Path, weights_dirs), KERAS_CACHE]:
+    folders = [*map(Path, weights_dirs), KERAS_CACHE]
+    for folder in folders:
         if (folder / file_name).is_file():
             return folder / file_name
-    return "imagenet"
+    raise FileNotFoundError(
+        f"ImageNet weights for {entry.name} ({file_name}) are not on this machine (looked in "
+        f"{', '.join(map(str, folders))}); nothing is downloaded. Put the file in one of those folders "
+        f"or pass --weights-dir DIR, --weights PATH, or --weights none to train from scratch.")
 
 
 def build(name: str, num_classes: int, *, image_size: int | None = None, alpha: float | None = None,
@@ -134,17 +135,8 @@ def build(name: str, num_classes: int, *, image_size: int | None = None, alpha: 
     spec = input_spec(name, image_size)
     source = resolve_weights(entry, weights, alpha, weights_dirs)
     inputs = keras.Input((spec.size, spec.size, spec.channels), name="image")
-    try:
-        backbone = entry.build_backbone(inputs, "imagenet" if source == "imagenet" else None, alpha)
-    except Exception as exc:
-        if source != "imagenet":
-            raise
-        raise RuntimeError(
-            f"ImageNet weights for {name} are not on this machine and Keras could not download "
-            f"them ({exc}). Put {entry.weights_file(alpha)} in ~/.keras/models or a folder given "
-            f"with --weights-dir, pass its path with --weights PATH, or train with --weights none."
-        ) from exc
-    if isinstance(source, Path):
+    backbone = entry.build_backbone(inputs, None, alpha)
+    if source is not None:
         backbone.load_weights(str(source))
     features = keras.layers.Activation("linear", name=graph_names.FEATURES)(backbone.output)
     x = keras.layers.GlobalAveragePooling2D(name=graph_names.POOL)(features)

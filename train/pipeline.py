@@ -95,11 +95,19 @@ def _gaussian_blur(x, sigma, radius: int):
     return tf.nn.conv2d(x, tf.reshape(kernel, (1, -1, 1, 1)), strides=1, padding="VALID")
 
 
-def source_class_weights(records: list[Record], labels) -> np.ndarray:
-    """Per-image weights, averaging 1, that give every (source, class) pair the same total weight."""
-    keys = [(r.source or "unknown", r.label) for r in records]
-    counts = {k: keys.count(k) for k in set(keys)}
-    weights = np.array([1.0 / counts[k] for k in keys])
+def image_weights(records: list[Record], labels, *, class_power: float, source_power: float) -> np.ndarray:
+    """Per-image weights, averaging 1. Classes weigh (1/frequency) ** class_power (1 balances them);
+    within a class, each source weighs (1/its images) ** source_power with the class's total kept,
+    so that 101 adult pneumonias are not drowned by 699 children's (1: every source of a class
+    weighs the same). Both 1: every class has the same total weight, shared equally by its sources."""
+    y = [labels.index(r.label) for r in records]
+    keys = [(r.source or "unknown", c) for r, c in zip(records, y)]
+    pair = {k: keys.count(k) for k in set(keys)}
+    per_class = {c: y.count(c) for c in set(y)}
+    raw = np.array([pair[k] ** -source_power for k in keys])
+    raw_total = {c: sum(w for w, (_, kc) in zip(raw, keys) if kc == c) for c in per_class}
+    weights = np.array([w * per_class[c] / raw_total[c] * per_class[c] ** -class_power
+                        for w, (_, c) in zip(raw, keys)])
     return (weights * len(weights) / weights.sum()).astype(np.float32)
 
 

@@ -121,6 +121,25 @@ def _per_source_table(per_source: dict, labels) -> list[str]:
     return lines
 
 
+def interval(c: dict) -> str:
+    """'0.905 [0.773–0.962] (21)' for one cohort's figure."""
+    lo, hi = c["ci95"]
+    return f"{figure(c['value'])} [{figure(lo)}–{figure(hi)}] ({c['n']})"
+
+
+def _cohort_table(results: dict) -> list[str]:
+    splits = [s for s in ("val", "test", "holdout") if s in results and results[s].get("cohorts")]
+    if not splits:
+        return ["No image of a known source (train/data/sources.py): no cohort figures."]
+    cohorts = sorted({c for s in splits for c in results[s]["cohorts"]})
+    lines = ["| cohort | figure | " + " | ".join(splits) + " |", "|---" * (len(splits) + 2) + "|"]
+    for cohort in cohorts:
+        cells = [results[s]["cohorts"].get(cohort) for s in splits]
+        kind = next(c["figure"] for c in cells if c)
+        lines.append(f"| {cohort} | {kind} | " + " | ".join(interval(c) if c else "—" for c in cells) + " |")
+    return lines
+
+
 def write(reports: Path, results: dict, labels, logits: dict, ys: dict, history: list) -> None:
     reports = Path(reports)
     _training_curves(history, reports / "training_curves.png")
@@ -155,6 +174,10 @@ def write(reports: Path, results: dict, labels, logits: dict, ys: dict, history:
         lines += ["", f"**holdout**: every image of the source left out of training "
                   f"({', '.join(results['holdout']['per_source'])}): the score at a hospital the model never saw, "
                   "beside the in-distribution test split."]
+    lines += ["", "## Adults and children (decisions at the operating threshold, 95 % Wilson intervals)", "",
+              "The figures that decide the next hospital: the set's children and adults come from different "
+              "hospitals, so an overall score can hide a model that refers children and clears adults.", "",
+              *_cohort_table(results)]
     lines += ["", "## Per data source (test)", "",
               "A class drawn mostly from one hospital lets a model learn the hospital: read recall per "
               "source before trusting the overall score.", "",

@@ -24,10 +24,10 @@ from edge_app import decision
 from edge_app.model_card import ModelCard
 from train import evaluate, gradcam, metrics, models, ood, report, shortcuts
 from train.config import TrainConfig
-from train.data import load_dataset, run_splits
+from train.data import load_dataset, run_splits, sources
 from train.data.leakage import check_leakage
 from train.data.records import SPLITS
-from train.pipeline import make_dataset, source_class_weights
+from train.pipeline import image_weights, make_dataset
 from edge_app.preprocess import normalise
 
 MONITOR = "val_abnormal_auc"
@@ -54,6 +54,17 @@ def sparse_focal_loss(gamma: float):
         log_p = tf.nn.log_softmax(tf.cast(logits, tf.float32))
         log_pt = tf.gather(log_p, y_true, axis=1, batch_dims=1)
         return -tf.pow(1.0 - tf.exp(log_pt), gamma) * log_pt
+    return loss
+
+
+def smoothed_crossentropy(smoothing: float):
+    """Cross-entropy on logits against (1 - e) * one-hot + e / classes: the model is never pushed to
+    certainty on labels that are themselves noisy (a report's 'Infiltration', a squashed film)."""
+    def loss(y_true, logits):
+        y_true = tf.cast(tf.reshape(y_true, [-1]), tf.int32)
+        log_p = tf.nn.log_softmax(tf.cast(logits, tf.float32))
+        nll = -tf.gather(log_p, y_true, axis=1, batch_dims=1)
+        return (1.0 - smoothing) * nll - smoothing * tf.reduce_mean(log_p, axis=1)
     return loss
 
 
@@ -145,7 +156,7 @@ def run(config: TrainConfig, out: str | Path, *, resume: bool = False, progress:
     dataset = load_dataset(config.data, task=config.task, seed=config.seed, progress=progress)
     held_out = []
     if config.holdout_source:
-        dataset, held_out = dataset.without_source(config.holdout_source)
+        dataset, held_out = dataset.without_source(sources.resolve(config.holdout_source))
         print(f"holding out source {config.holdout_source!r}: {len(held_out)} images, evaluated as 'holdout'")
     print(dataset.summary())
     run_splits.write(out, dataset, held_out)
@@ -168,22 +179,21 @@ def run(config: TrainConfig, out: str | Path, *, resume: bool = False, progress:
     batch = config.batch_size * replicas
     x_train, y_train, train_records = split_data["train"]
     x_val, y_val, _ = split_data["val"]
-    weights, per_image = None, None
-    if config.balance_sources:
-        per_image = source_class_weights(train_records, labels)
-    elif config.class_weight_power:
-        weights = class_weights(y_train, len(labels), config.class_weight_power)
+    per_image = image_weights(train_records, labels, class_power=config.class_weight_power,
+                              source_power=config.source_weight_power)
     train_ds = make_dataset(x_train, y_train, spec, batch_size=batch, training=True, config=config,
                             seed=config.seed, sample_weights=per_image)
     val_ds = make_dataset(x_val, y_val, spec, batch_size=batch, training=False)
-    print(f"{replicas} replica(s) on {strategy.__class__.__name__}; global batch {batch}; "
-          + ("weights balanced over (source, class)" if per_image is not None else f"class weights {weights}"))
+    print(f"{replicas} replica(s) on {strategy.__class__.__name__}; global batch {batch}; image weights "
+          + ", ".join(f"{s} {c}: {per_image[[(r.source, r.label) == (s, c) for r in train_records]][0]:.2f}"
+                      for s, c in sorted({(r.source, r.label) for r in train_records}, key=str)))
 
     with strategy.scope():
         model = models.build(config.model, len(labels), image_size=spec.size, alpha=config.alpha,
                              weights=config.weights, weights_dirs=config.weights_dirs,
                              dropout=config.dropout)
     loss = (sparse_focal_loss(config.focal_gamma) if config.loss == "focal"
+            else smoothed_crossentropy(config.label_smoothing) if config.label_smoothing
             else keras.losses.SparseCategoricalCrossentropy(from_logits=True))
 
     phases = [(1, config.epochs, config.learning_rate)]
@@ -213,7 +223,7 @@ def run(config: TrainConfig, out: str | Path, *, resume: bool = False, progress:
             keras.callbacks.TensorBoard(str(out / "logs" / f"phase{phase}")),
             keras.callbacks.BackupAndRestore(str(checkpoints / f"backup_phase{phase}")),
         ]
-        fit = model.fit(train_ds, epochs=epochs, class_weight=weights,
+        fit = model.fit(train_ds, epochs=epochs,
                         callbacks=callbacks, verbose=1 if progress else 2)
         history.append({"phase": phase, **{k: [float(v) for v in vs] for k, vs in fit.history.items()}})
         model.load_weights(str(checkpoints / "best.weights.h5"))
@@ -265,7 +275,8 @@ def evaluate_and_card(model, config, dataset, spec, split_data, reports, history
     labels = dataset.labels
     evaluated = [s for s in ("val", "test", run_splits.HOLDOUT) if s in split_data]
     logits = {split: evaluate.predict(model, *split_data[split][:2], spec) for split in evaluated}
-    temperature, threshold = evaluate.calibrate(logits["val"], split_data["val"][1], config.target_sensitivity)
+    temperature, threshold = evaluate.calibrate(logits["val"], *split_data["val"][1:], config.target_sensitivity,
+                                                config.threshold_rule)
     results = {split: evaluate.split_metrics(logits[split], *split_data[split][1:], labels, temperature=temperature,
                                              threshold=threshold, bootstrap=config.bootstrap)
                for split in evaluated}

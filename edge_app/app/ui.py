@@ -3,13 +3,14 @@
 Everything slow (loading a model, screening an image) runs on a single worker thread, so the
 UI never freezes and screenings never overlap; results come back to the UI thread through
 `Clock`. Every image goes through `open_file` (file list, drag and drop, camera), which
-screens it with `edge_app.screening.screen`: committed to the history, then shown.
+screens it with `edge_app.screening.screen`: committed to the history, then shown. A history
+that cannot record (damaged, read-only, disk full) stops screening until staff start a new one
+beside it (the old file is kept as it is) or the cause is fixed.
 """
 from __future__ import annotations
 
 import datetime
 import glob
-import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,11 +34,10 @@ from edge_app import decision
 from edge_app.app.config import AppConfig
 from edge_app.app.overlay import display_square, heatmap_rgba
 from edge_app.classifier import Classifier
-from edge_app.errors import CxrEdgeError, InputError
-from edge_app.history import History, export_csv
+from edge_app.errors import CxrEdgeError, HistoryError, InputError, log_unexpected
+from edge_app.history import History, beside, export_csv
 from edge_app.screening import screen
 
-log = logging.getLogger("cxr-edge")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".dcm", ".dicom")
 DISPLAY_SIZE = 512
 COLOURS = {decision.REFER: (0.72, 0.14, 0.14, 1), decision.NO_ABNORMALITY: (0.10, 0.45, 0.25, 1),
@@ -123,14 +123,22 @@ class HistoryScreen(Screen):
 
     def search(self) -> list:
         app = App.get_running_app()
+        if app.history is None:
+            app.status = "No history is open."
+            return []
         since, until = self.ids.since.text.strip(), self.ids.until.text.strip()
         for day in (since, until):
             if day and not _is_date(day):
                 app.status = f"Dates are written YYYY-MM-DD (got {day!r})."
                 return []
         label = self.ids.label.text
-        self.rows = app.history.search(self.ids.text.text.strip(), label=None if label == "any result" else label,
-                                       since=since or None, until=until or None)
+        try:
+            self.rows = app.history.search(self.ids.text.text.strip(), label=None if label == "any result" else label,
+                                           since=since or None, until=until or None)
+        except HistoryError as exc:
+            app.history_failed(exc)
+            app.error = f"[{exc.code}] {exc.message}"
+            return []
         self.ids.list.data = [{"text": _history_line(s)} for s in self.rows]
         app.status = f"{len(self.rows)} screening(s) found."
         return self.rows
@@ -198,12 +206,14 @@ class CxrApp(App):
     notice = StringProperty(f"{decision.NOT_A_DIAGNOSIS}. Every result must be reviewed by a "
                             f"qualified clinician.")
     has_camera = BooleanProperty(False)
+    history_problem = StringProperty("")  # why the history cannot record: screening stops meanwhile
 
     def __init__(self, cfg: AppConfig, **kwargs):
         super().__init__(**kwargs)
         self.cfg = cfg
         self.classifier: Classifier | None = None
-        self.history = History(cfg.history)
+        self.history: History | None = None
+        self.open_history(cfg.history)
         self.last_outcome = None
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="screening")
         self._exit_allowed = not cfg.kiosk
@@ -236,7 +246,41 @@ class CxrApp(App):
 
     def on_stop(self):
         self._worker.shutdown(wait=True)
-        self.history.close()
+        if self.history is not None:
+            self.history.close()
+
+    # -- history -------------------------------------------------------------------------------
+    def open_history(self, path) -> bool:
+        """Opens (or creates) the history at `path`; on failure, screening stops with the reason."""
+        try:
+            history = History(path)
+        except HistoryError as exc:
+            self.history_failed(exc)
+            return False
+        if self.history is not None:
+            self.history.close()
+        self.history, self.history_problem, self.error = history, "", ""
+        return True
+
+    def history_failed(self, exc: HistoryError) -> None:
+        self.history_problem = f"Screening is stopped [{exc.code}]. {exc.message}\nFile: {exc.path}"
+
+    def start_new_history(self) -> None:
+        """Goes on with a fresh history file beside the configured one, which is kept as it is."""
+        old = self.cfg.history
+        new = beside(old)
+        if not self.open_history(new):
+            return
+        self.cfg.history = str(new)
+        try:
+            self.cfg.save()
+        except OSError as exc:
+            self.error = f"Settings not saved ({exc}); the app uses {new} until it closes."
+        self.status = f"New history started: {new}. The previous file was kept: {old}"
+
+    def retry_history(self) -> None:
+        if self.open_history(self.cfg.history):
+            self.status = "The history records again: screening can go on."
 
     # -- screening -----------------------------------------------------------------------------
     def open_file(self, path) -> None:
@@ -245,6 +289,9 @@ class CxrApp(App):
         path = os.fsdecode(path)
         if self.classifier is None:
             self.error = "No model is loaded: choose a model file in Settings."
+            return
+        if self.history_problem:
+            self.error = "Screening is stopped until the history can record results (see below)."
             return
         if self.busy:
             self.status = "Still working on the previous image; try again in a moment."
@@ -296,7 +343,7 @@ class CxrApp(App):
         card = info["card"]
         self.card_text = "\n".join([f"Model SHA-256: {info['model_sha256']}", f"Backend: {info['backend']}{tried}"]
                                    + [f"{k}: {_plain(v)}" for k, v in card.items()])
-        self.status = f"Ready: {self.model_status}."
+        self.status = f"{'Model loaded' if self.history_problem else 'Ready'}: {self.model_status}."
 
     def _run(self, job, done) -> None:
         """Runs `job` on the worker; `done(result)` or the error message on the UI thread."""
@@ -312,10 +359,15 @@ class CxrApp(App):
         if exc is None:
             done(future.result())
             return
-        if not isinstance(exc, CxrEdgeError):
-            log.error("cxr-edge: unexpected error", exc_info=exc)
-        self.error = _error_message(exc)
         self.status = ""
+        if isinstance(exc, HistoryError):   # nothing is shown that the history does not hold
+            self.history_failed(exc)
+            self.error = "This screening could not be recorded, so it is not shown."
+            self.sm.current = "screening"
+            return
+        self.error = _error_message(exc)
+        if not isinstance(exc, CxrEdgeError):   # a bug: its traceback goes to the error log
+            self.error += f" ({log_unexpected(exc, 'app')})"
         if not isinstance(exc, InputError) and self.classifier is None:
             self.model_status = f"Model not loaded: {_error_message(exc)}"
 

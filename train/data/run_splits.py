@@ -23,6 +23,7 @@ from pathlib import Path
 
 from edge_app.model_card import ModelCard
 from train.config import TrainConfig
+from train.data import sources
 from train.data.dataset import Dataset, load_dataset
 from train.data.records import SPLITS, Record
 
@@ -90,7 +91,7 @@ def recover(run_dir: str | Path, data_root: str | Path | None = None) -> Path:
     dataset = load_dataset(data_root or run_dir / card.dataset["root"], task=card.task, seed=seed)
     held_out = []
     if card.dataset.get("holdout_source"):
-        dataset, held_out = dataset.without_source(card.dataset["holdout_source"])
+        dataset, held_out = dataset.without_source(sources.resolve(card.dataset["holdout_source"]))
     if dataset.fingerprint() != card.dataset.get("fingerprint"):
         raise ValueError(f"{dataset.root} is not the data {run_dir} was trained on (its fingerprint differs "
                          "from the model card's): its splits cannot be recovered")
