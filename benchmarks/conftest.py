@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks import results as results_mod
-from benchmarks.gates import GATES_FILE, load_gates, ratio_threads
+from benchmarks import gates as gates_mod
+from benchmarks.gates import GATES_FILE, load_gates
 from benchmarks.runtimes import RUNTIMES, import_error
 from benchmarks.testset import Split
 
@@ -109,7 +110,7 @@ def test_images(split) -> list[Path]:
 @pytest.fixture(scope="session")
 def ratio_threads(pytestconfig) -> int:
     """The thread count the ratio gates are read at."""
-    return ratio_threads(load_gates(Path(pytestconfig.getoption("gates"))))
+    return gates_mod.ratio_threads(load_gates(Path(pytestconfig.getoption("gates"))))
 
 
 @pytest.fixture(scope="session")
