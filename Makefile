@@ -1,4 +1,5 @@
-# cxr-edge: `make all` sets everything up and runs the whole pipeline; `make test` runs the tests.
+# cxr-edge: `make all` sets everything up and runs the whole pipeline; `make test` runs the tests
+# (`make test-device`: the device side's tests only, in minutes).
 #
 #   make all                               synthetic data (generated here, no downloads)
 #   make all DATA=../shared/data/cxr       the real chest X-ray set
@@ -8,11 +9,14 @@
 #   make app                               the screening app (Kivy) on the run's int8 model
 #   make app APP_ARGS="--kiosk --pin 2468" the screening kiosk
 #   make benchmark RUN=mobilenet_v2-cxr    latency, memory, size, accuracy of every variant + the gates
+#   make summary RUN=mobilenet_v2-cxr      the run on one screen (what `make all` ends with)
 #   make release RUN=mobilenet_v2-cxr      dist/<model>-<version>/, only when every gate passes
 #   make bundle-pi RUN=mobilenet_v2-cxr    dist/ folder + tarball for 64-bit Raspberry Pi OS
 #   sudo make verify-pi RUN=...            install it on an emulated aarch64 Debian 12, compare with x86
+#   make fuzz FUZZ_N=20000                 mutation fuzz of the image decoder (failing files: build/fuzz-failures)
 #
-# Variables: DATA (dataset folder; empty = the generated synthetic set), MODEL, RUN (run name,
+# Variables: VERBOSE (1: the native libraries' logs and pytest-benchmark's tables too), SYSTEM_DEPS
+# (0: do not check the Debian packages in `make setup`), DATA (dataset folder; empty = the generated synthetic set), MODEL, RUN (run name,
 # the folder under artifacts/), CONFIG (a TOML file of training settings), WEIGHTS, WEIGHTS_DIR,
 # APP_MODEL (the app's .tflite), APP_ARGS (more `python -m edge_app app` flags),
 # PRUNE (target sparsity of pruned variants, e.g. 0.5; empty, the default: none), CONVERT_ARGS (more `python -m convert` flags).
@@ -24,6 +28,7 @@
 # Pi variables: PI_VARIANT (tflite variant, default int8), PI_WHEELS (0: no vendored wheels),
 # PI_IMAGES (test split for verify-pi), PI_PER_CLASS, PI_ROOTFS (cached emulated rootfs),
 # PI_CPU (pi4: Cortex-A72, pi5: Cortex-A76), PI_TOLERANCE (largest |probability difference|).
+# Fuzz variables: FUZZ_N (mutants), FUZZ_JOBS (worker processes), FUZZ_SEED (mutant i of a seed is reproducible).
 
 PYTHON      ?= python3
 VENV        := .venv
@@ -50,6 +55,9 @@ COMPARE     ?=
 RESULTS     ?=
 VERSION     ?=
 BENCH_ARGS  ?=
+FUZZ_N      ?= 5000
+FUZZ_JOBS   ?= 2
+FUZZ_SEED   ?= 0
 SITE        ?=
 SITE_PER_CLASS ?= 0
 # LiteRT's GPU accelerator runs on SwiftShader (Chromium's software Vulkan) where it is installed.
@@ -62,10 +70,20 @@ PI_PER_CLASS ?= 4
 PI_ROOTFS   ?= build/pi-rootfs
 PI_CPU      ?= pi4
 PI_TOLERANCE ?= 0.05
+SYSTEM_DEPS ?= 1
+VERBOSE     ?=
+# Native libraries' logs (LiteRT, TensorFlow) and pytest-benchmark's tables only with VERBOSE=1.
+ifeq ($(VERBOSE),1)
+export CXR_EDGE_VERBOSE := 1
+BENCH_QUIET :=
+else
+BENCH_QUIET := --benchmark-quiet -rfE
+endif
 PI_BUNDLE   := dist/cxr-edge-pi-$(RUN)-$(PI_VARIANT)
 PREDICT_IMAGE = $(firstword $(wildcard $(DATASET)/test/covid/* $(DATASET)/test/pneumonia/*))
 
-.PHONY: all setup data train adapt convert benchmark release predict app bundle-pi verify-pi test clean
+.PHONY: all summary setup system-deps data train adapt convert benchmark release predict app bundle-pi verify-pi \
+        test test-device fuzz clean
 
 CONVERT      = $(PY) -m convert $(RUN_DIR) $(if $(PRUNE),--prune $(PRUNE)) $(CONVERT_ARGS)
 
@@ -75,6 +93,13 @@ all: data train
 	$(CONVERT) || test $$? -eq 3
 	-$(MAKE) --no-print-directory benchmark
 	$(MAKE) --no-print-directory predict
+	@$(MAKE) --no-print-directory summary
+
+# The Debian packages (GUI, GPU, bundle checks): installed as root, else the command is printed.
+system-deps:
+ifneq ($(SYSTEM_DEPS),0)
+	@scripts/install-system-deps.sh
+endif
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -82,7 +107,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[edge,train,dev]"
 	touch $@
 
-setup: $(VENV)/.installed
+setup: system-deps $(VENV)/.installed
 
 data: setup
 ifeq ($(DATA),)
@@ -103,9 +128,13 @@ convert: setup
 	$(CONVERT)
 
 benchmark: setup
-	$(BENCH_ENV) $(PY) -m pytest benchmarks -q -p no:cacheprovider --run $(RUN_DIR) --gates $(GATES) \
+	$(BENCH_ENV) $(PY) -m benchmarks -q $(BENCH_QUIET) -p no:cacheprovider --run $(RUN_DIR) --gates $(GATES) \
 		$(if $(DEVICE),--device $(DEVICE)) $(if $(VARIANTS),--variants $(VARIANTS)) \
 		$(if $(COMPARE),--compare $(COMPARE)) --benchmark-json=$(RUN_DIR)/reports/pytest-benchmark.json $(BENCH_ARGS)
+
+# The run on one screen: data, Keras metrics, variants (size, parity, GPU, latency, gates), failures.
+summary: setup
+	@$(PY) -m benchmarks.summary $(RUN_DIR)
 
 release: setup $(if $(RESULTS),,benchmark)
 	$(PY) -m benchmarks.release $(RUN_DIR) --gates $(GATES) $(if $(RESULTS),--results $(RESULTS)) \
@@ -127,6 +156,14 @@ verify-pi: bundle-pi
 
 test: setup
 	$(PY) -m pytest
+
+# The device side only (edge_app, history, app, runtimes) on one small converted run: minutes.
+test-device: setup
+	$(PY) -m pytest -m device
+
+fuzz: setup
+	FUZZ_N=$(FUZZ_N) FUZZ_JOBS=$(FUZZ_JOBS) FUZZ_SEED=$(FUZZ_SEED) $(PY) -m pytest tests/test_image_fuzz.py \
+		-q -p no:cacheprovider -k mutated
 
 clean:
 	rm -rf artifacts data/synthetic benchmarks/results dist .pytest_cache .benchmarks

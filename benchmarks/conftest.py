@@ -3,9 +3,9 @@
 Options (besides pytest-benchmark's own --benchmark-max-time / --benchmark-min-rounds, which the
 Keras and memory probes follow too): --run (default $CXR_RUN), --threads, --device, --gates,
 --variants (the ones to ship and gate), --compare EARLIER.json, --results-dir.
-At the end the results JSON, report.md and Pareto plot are written (benchmarks/results/), the
-gates are printed as a table, and the session fails when a gate fails or --compare flags a
-regression.
+At the end the results JSON, report.md, Pareto plot and per-stage plot of the full-size clinic
+files (test_clinic.py) are written (benchmarks/results/), the gates are printed as a table, and
+the session fails when a gate fails or --compare flags a regression.
 """
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ import pytest
 from benchmarks import results as results_mod
 from benchmarks import gates as gates_mod
 from benchmarks.gates import GATES_FILE, load_gates
-from benchmarks.runtimes import RUNTIMES, import_error
+from benchmarks.runtimes import RUNTIMES, import_error, no_gpu_adapter
 from benchmarks.testset import Split
+from edge_app.runtime import REQUIRE_GPU_ENV, gpu_required
 
 RESULTS_KEY = pytest.StashKey[results_mod.Collector]()
 OUTCOME_KEY = pytest.StashKey[results_mod.Outcome]()
@@ -61,8 +62,17 @@ def pytest_configure(config):
     load_gates(Path(config.getoption("gates")))  # a bad gates file fails now, not after the run
     collector = results_mod.Collector(run_dir(config), threads=threads(config),
                                       device=config.getoption("device"))
+    fp32 = run_dir(config) / "tflite" / "fp32.tflite"
     for runtime in RUNTIMES.values():
-        collector.runtime(runtime.name, runtime.label, import_error(runtime.module))
+        reason = import_error(runtime.module)
+        if reason is None and runtime.name == "litert-gpu" and variants(config):
+            # LiteRT imports on any machine; the GPU may not be there. Asked with a float-I/O model
+            # (fp32) where there is one: the GPU refuses int8 I/O whatever the machine.
+            probe = fp32 if fp32.is_file() else run_dir(config) / "tflite" / f"{variants(config)[0]}.tflite"
+            reason = no_gpu_adapter(probe)
+            if reason and gpu_required():
+                raise pytest.UsageError(f"{REQUIRE_GPU_ENV}=1 but litert-gpu cannot run: {reason}")
+        collector.runtime(runtime.name, runtime.label, reason)
     collector.runtime("keras", "Keras on TensorFlow (the baseline), a process per thread count",
                       import_error("tensorflow"))
     config.stash[RESULTS_KEY] = collector

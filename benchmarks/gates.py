@@ -28,7 +28,15 @@ SCHEMA = {
     "ratios": {"threads", "max_pipeline_overhead", "min_int8_speedup"},
     "ood": {"max_test_flagged", "min_nonradiograph_flagged"},
     "regression": {"latency_floor", "max_metric_drop", "max_size_growth", "max_rss_growth", "max_rss_growth_mib"},
+    "clinic": {"max_decode_vs_library", "max_preprocess_vs_inference", "max_pipeline_vs_library_and_inference",
+               "max_peak_rss_mib", "max_cold_start_s"},
 }
+# clinic ratio gates, per kind: the figure, and the two stages (ms) it divides, named in a failure
+CLINIC_RATIOS = {"max_decode_vs_library": ("decode_vs_library", "decode", "library decode"),
+                 "max_preprocess_vs_inference": ("preprocess_vs_inference", "preprocess", "inference"),
+                 "max_pipeline_vs_library_and_inference": ("pipeline_vs_library_and_inference", "total",
+                                                           "library decode + inference")}
+COLD_START_VARIANT = "int8"
 OPS = {"min": (">=", operator.ge), "max": ("<=", operator.le)}
 
 
@@ -177,9 +185,65 @@ def evaluate(results: dict, gates: dict, *, device: str | None = None,
                 if key != "threads":
                     check(f"devices.{device}.{key}", name, figures[key], key, limit,
                           "MiB" if key.endswith("mib") else "ms", f"{t} threads")
+        rows += clinic_rows(results.get("clinic") or {}, gates.get("clinic", {}), name)
+    if COLD_START_VARIANT in shipped:
+        rows += cold_start_rows(results.get("clinic") or {}, gates.get("clinic", {}))
     if "int8" in shipped and "min_int8_speedup" in gates.get("ratios", {}):
         check("ratios.min_int8_speedup", "int8", derived["int8_speedup"], "min_int8_speedup",
               gates["ratios"]["min_int8_speedup"], "x", "" if derived["int8_speedup"] else "needs fp32 and int8")
+    return rows
+
+
+def _over(value: float, limit: float) -> str:
+    return f"{100.0 * (value / limit - 1.0):+.0f}% vs the limit"
+
+
+def clinic_rows(clinic: dict, gates: dict, variant: str) -> list[GateResult]:
+    """The full-size clinic file gates of one variant: one row per kind and stage, named
+    clinic.KIND.GATE, whose note says which stages were compared and by how much it missed."""
+    rows = []
+    stages = (clinic.get("stages") or {}).get(variant, {})
+    for key, (figure, stage, reference) in CLINIC_RATIOS.items():
+        if key not in gates:
+            continue
+        limit = float(gates[key])
+        kinds = ([clinic.get("pipeline_kind")] if figure == "pipeline_vs_library_and_inference"
+                 else [k for k in stages if k != clinic.get("reference_kind")])
+        for kind in kinds or [None]:
+            m = stages.get(kind)
+            if m is None:
+                rows.append(GateResult(f"clinic.{kind or 'files'}.{key}", variant, None, limit, "<=", "x", False,
+                                       "not measured: no full-size clinic file benchmark"))
+                continue
+            ms, value = m["stages_ms"], m[figure]
+            other = {"library decode": m["library_decode_ms"], "inference": ms["inference"],
+                     "library decode + inference": m["library_decode_ms"] + ms["inference"]}[reference]
+            rows.append(GateResult(f"clinic.{kind}.{key}", variant, value, limit, "<=", "x", value <= limit,
+                                   f"{kind}: {stage} {ms[stage]:.1f} ms vs {reference} {other:.1f} ms, "
+                                   f"{_over(value, limit)}"))
+    if "max_peak_rss_mib" in gates:
+        memory = (clinic.get("memory") or {}).get(variant)
+        limit = float(gates["max_peak_rss_mib"])
+        value = memory["peak_rss_mib"] if memory else None
+        rows.append(GateResult(f"clinic.{memory['kind'] if memory else 'largest'}.max_peak_rss_mib", variant, value,
+                               limit, "<=", "MiB", value is not None and value <= limit,
+                               f"peak RSS {_over(value, limit)}" if memory else "not measured"))
+    return rows
+
+
+def cold_start_rows(clinic: dict, gates: dict) -> list[GateResult]:
+    """Launch to first result of the predict CLI and of the app, each a row."""
+    if "max_cold_start_s" not in gates:
+        return []
+    limit = float(gates["max_cold_start_s"])
+    rows = []
+    for what in ("cli", "app"):
+        m = (clinic.get("cold_start") or {}).get(what) or {}
+        value = m.get("median_s")
+        note = (f"{what} cold start {_over(value, limit)}" if value is not None
+                else "not measured" + (f": {m['reason']}" if m.get("reason") else ""))
+        rows.append(GateResult(f"clinic.{what}.max_cold_start_s", COLD_START_VARIANT, value, limit, "<=", "s",
+                               value is not None and value <= limit, note))
     return rows
 
 

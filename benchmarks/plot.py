@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -74,6 +75,38 @@ def pareto(results: dict | list[dict], path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.margins(0.25)
     fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+CLINIC_STAGES = ("decode", "preprocess", "inference", "postprocess")
+
+
+def clinic_stages(results: dict, path: Path) -> Path | None:
+    """Per-stage latency of each file kind (stacked bars, one panel per variant), the plain library
+    decode of the same file as a black tick; None when no clinic file was measured."""
+    clinic = results.get("clinic") or {}
+    stages = clinic.get("stages") or {}
+    if not stages:
+        return None
+    fig, axes = plt.subplots(1, len(stages), figsize=(6 * len(stages), 4.5), dpi=110, sharey=True, squeeze=False)
+    for ax, (variant, kinds) in zip(axes[0], stages.items()):
+        names = list(kinds)
+        left = np.zeros(len(names))
+        for i, stage in enumerate(CLINIC_STAGES):
+            ms = np.array([kinds[k]["stages_ms"].get(stage, 0.0) for k in names])
+            ax.barh(names, ms, left=left, color=f"C{i}", label=stage)
+            left += ms
+        ax.scatter([kinds[k]["library_decode_ms"] for k in names], names, marker="|", s=300, color="black",
+                   label="library decode", zorder=3)
+        ax.set_title(f"{variant}", fontsize=10)
+        ax.set_xlabel(f"median ms ({clinic['runtime']}, {clinic['threads']} threads)")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].invert_yaxis()
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=5, fontsize=8)
+    fig.suptitle(f"{results['run']}: per-stage latency per file kind", fontsize=11)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path)
     plt.close(fig)
     return path

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,16 @@ def peak_rss_mib() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def measure(model, image, *, runtime: str, threads: int, predictions: int = 10) -> dict:
+    """This probe in a fresh process (this interpreter): its JSON line as a dict."""
+    probe = subprocess.run([sys.executable, "-m", "benchmarks.probe", str(model), "--runtime", runtime,
+                            "--threads", str(threads), "--image", str(image), "--predictions", str(predictions)],
+                           capture_output=True, text=True, timeout=600)
+    if probe.returncode != 0:
+        raise RuntimeError(f"benchmarks.probe exited {probe.returncode}: {probe.stderr[-3000:]}")
+    return json.loads(probe.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None) -> int:

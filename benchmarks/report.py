@@ -12,7 +12,49 @@ def _f(x):
     return "–" if x is None else f"{x:.4f}"
 
 
-def markdown(results: dict, plot_name: str) -> str:
+def _clinic(results: dict, plot_name: str | None) -> list[str]:
+    """The full-size clinic files: what they are, per-stage latency beside the library decode,
+    peak RSS on the largest, the cold starts, and whether a GPU was there."""
+    c = results.get("clinic") or {}
+    gpu = results["runtimes"].get("litert-gpu", {})
+    lines = ["", f"## Full-size clinic files ({c.get('runtime')}, {c.get('threads')} threads)", "",
+             "GPU: " + (gpu.get("label", "") if gpu.get("available") else f"not available ({gpu.get('reason')})"),
+             "", "Files made by benchmarks/clinic_files.py from the run's test images (seed 0), beside a "
+             "development-set image (not gated). Stages are medians over `Classifier.predict` calls; the library "
+             "decode (Pillow open + load, pydicom dcmread().pixel_array) of the same file is alternated with them "
+             "call by call, and each ratio is the median of the per-call ratios.", "",
+             "| kind | what | pixels | MiB |", "|---|---|---|---|"]
+    for kind, f in c.get("files", {}).items():
+        lines.append(f"| {kind} | {f['what']} | {f['width']}x{f['height']} | {f['bytes'] / 2**20:.1f} |")
+    lines += ["", "| variant | kind | library decode ms | decode ms | preprocess ms | inference ms | total ms "
+              "| decode / library | preprocess / inference | total / (library + inference) |",
+              "|---" * 10 + "|"]
+    for variant, kinds in c.get("stages", {}).items():
+        for kind, m in kinds.items():
+            st = m["stages_ms"]
+            lines.append(f"| {variant} | {kind} | {_ms(m['library_decode_ms'])} | {_ms(st['decode'])} "
+                         f"| {_ms(st['preprocess'])} | {_ms(st['inference'])} | {_ms(st['total'])} "
+                         f"| {_ms(m['decode_vs_library'])} | {_ms(m['preprocess_vs_inference'])} "
+                         f"| {_ms(m['pipeline_vs_library_and_inference'])} |")
+    if plot_name:
+        lines += ["", f"![Per-stage latency per file kind]({plot_name})"]
+    lines += ["", "| variant | file | peak RSS MiB | before loading MiB |", "|---|---|---|---|"]
+    for variant, m in c.get("memory", {}).items():
+        lines.append(f"| {variant} | {m['kind']} | {_ms(m['peak_rss_mib'])} | {_ms(m['rss_before_load_mib'])} |")
+    lines += ["", "Cold start (fresh processes, median after one warm-up run): `predict` from launch to its printed "
+              "result; the app (`--screen-and-exit`, X server already running) from launch to its first result drawn.",
+              "", "| what | variant | median s | runs s | imports ms | slowest imports (ms) |", "|---|---|---|---|---|---|"]
+    for what, m in c.get("cold_start", {}).items():
+        if not m["available"]:
+            lines.append(f"| {what} | | not measured: {m.get('reason')} | | | |")
+            continue
+        slow = ", ".join(f"{i['module']} {i['ms']:.0f}" for i in m["slowest_imports"][:4])
+        lines.append(f"| {what} | {m['variant']} | {m['median_s']:.3f} | {' '.join(f'{x:.2f}' for x in m['samples_s'])} "
+                     f"| {m['imports_ms']:.0f} | {slow} |")
+    return lines
+
+
+def markdown(results: dict, plot_name: str, clinic_plot: str | None = None) -> str:
     threads = results["settings"]["threads"]
     ref = results["settings"]["reference_runtime"]
     m = results["machine"]
@@ -43,7 +85,7 @@ def markdown(results: dict, plot_name: str) -> str:
     lines += ["", f"![Pareto plot]({plot_name})", "", "## Runtimes", "",
               "| runtime | what | available |", "|---|---|---|"]
     for name, r in results["runtimes"].items():
-        lines.append(f"| {name} | {r['label']} | {'yes' if r['available'] else 'unavailable: ' + r['reason']} |")
+        lines.append(f"| {name} | {r['label']} | {'yes' if r['available'] else 'no: ' + r['reason']} |")
     lines += ["", "| variant | runtime | threads | raw ms | pipeline ms |", "|---|---|---|---|---|"]
     for name, v in results["variants"].items():
         seen = sorted({(r["runtime"], r["threads"] or 0) for r in v["latency"] if r["runtime"] != ref})
@@ -76,6 +118,8 @@ def markdown(results: dict, plot_name: str) -> str:
         if ood is not None:
             lines.append(f"| {name} | {'yes' if ood['carried'] else 'no'} | {_f(ood.get('test_flagged'))} "
                          f"| {_f(ood.get('nonradiograph_flagged'))} |")
+    if (results.get("clinic") or {}).get("files"):
+        lines += _clinic(results, clinic_plot)
     lines += ["",
               f"## Release gates ({results['gates']['file']}{', device ' + results['device'] if results['device'] else ''})",
               "", "| gate | variant | measured | limit | result |", "|---|---|---|---|---|"]

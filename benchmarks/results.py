@@ -42,6 +42,8 @@ class Collector:
         self.variants: dict[str, dict] = {}
         self.test_split: dict = {}
         self.speedups: dict[str, dict] = {}
+        self.clinic: dict = {"runtime": REFERENCE, "threads": None, "pipeline_kind": None, "reference_kind": None,
+                             "files": {}, "stages": {}, "memory": {}, "cold_start": {}}   # benchmarks/test_clinic.py
         self.started = time.time()
 
     def runtime(self, name: str, label: str, reason: str | None) -> None:
@@ -68,6 +70,9 @@ class Collector:
 
     def speedup(self, variant: str, measured: dict) -> None:
         self.speedups[variant] = measured
+
+    def clinic_stages(self, variant: str, kind: str, measured: dict) -> None:
+        self.clinic["stages"].setdefault(variant, {})[kind] = measured
 
     def keras_reference(self) -> dict | None:
         """The Keras metrics the drops are measured against: this session's, or where TensorFlow
@@ -101,6 +106,7 @@ class Collector:
             "runtimes": self.runtimes,
             "variants": {n: self.variants[n] for n in order},
             "speedup_vs_fp32": self.speedups,
+            "clinic": self.clinic,
             "keras_reference": self.keras_reference(),
         }
 
@@ -155,13 +161,17 @@ def finish(collector: Collector, *, gates_file: Path, results_dir: Path, shipped
     path = results_dir / f"{stem}.json"
     path.write_text(json.dumps(results, indent=2))
     plot_path = plot.pareto(results, results_dir / f"{stem}-pareto.png")
+    clinic_plot = plot.clinic_stages(results, results_dir / f"{stem}-clinic.png")
     report_path = results_dir / f"{stem}.md"
-    report_path.write_text(report.markdown(results, plot_path.name))
+    report_path.write_text(report.markdown(results, plot_path.name, clinic_plot and clinic_plot.name))
     reports = collector.run / "reports"  # the latest benchmark beside the run, for `make release`
     reports.mkdir(exist_ok=True)
     shutil.copy(path, reports / "benchmark.json")
     shutil.copy(plot_path, reports / "benchmark_pareto.png")
-    (reports / "benchmark.md").write_text(report.markdown(results, "benchmark_pareto.png"))
+    if clinic_plot:
+        shutil.copy(clinic_plot, reports / "benchmark_clinic.png")
+    (reports / "benchmark.md").write_text(report.markdown(results, "benchmark_pareto.png",
+                                                          clinic_plot and "benchmark_clinic.png"))
 
     lines = ["", "release gates (" + (f"device profile {collector.device}" if collector.device else
                                       "ratios; device budgets only with --device") + f", {gates_file}):",
@@ -169,4 +179,5 @@ def finish(collector: Collector, *, gates_file: Path, results_dir: Path, shipped
     if compare:
         lines += [f"REGRESSION {c}" for c in changes] or [f"no regression beyond noise against {compare}"]
     lines += [f"results: {path}", f"report: {report_path}", f"plot: {plot_path}"]
+    lines += [f"clinic files plot: {clinic_plot}"] if clinic_plot else []
     return Outcome(path, all(r.passed for r in rows) and not changes, lines)

@@ -16,9 +16,11 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
-from edge_app.runtime import CompiledModelBackend, InterpreterBackend
+from edge_app.errors import ModelError
+from edge_app.runtime import CompiledModelBackend, InterpreterBackend, NoGpuAdapter, open_gpu
 
 
 def _interpreter(module: str, name: str):
@@ -30,7 +32,7 @@ def _interpreter(module: str, name: str):
 
 def _compiled(accelerator: str):
     def make(data: bytes, threads: int):
-        backend = CompiledModelBackend(data, accelerator, threads)
+        backend = open_gpu(data, threads) if accelerator == "gpu" else CompiledModelBackend(data, accelerator, threads)
         if accelerator == "gpu" and not backend.fully_accelerated:
             raise RuntimeError("the GPU accelerator did not take every op (part would run on the CPU)")
         return backend
@@ -77,3 +79,15 @@ def import_error(module: str) -> str | None:
         return None
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
     return lines[-1] if lines else f"import {module} exited {result.returncode}"
+
+
+def no_gpu_adapter(model: Path) -> str | None:
+    """Why LiteRT's GPU accelerator has nothing to run on here, tried with `model`; None where it has
+    an adapter (then the model's own failures on it are the benchmarks' to report)."""
+    try:
+        open_gpu(model.read_bytes(), 1)
+    except NoGpuAdapter as exc:
+        return exc.message
+    except (ModelError, RuntimeError):
+        pass
+    return None

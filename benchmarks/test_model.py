@@ -1,11 +1,7 @@
 """Per variant: load time, peak memory (in a fresh process each), and test-split accuracy."""
-import json
-import subprocess
-import sys
-
 import pytest
 
-from benchmarks import nonradiographs
+from benchmarks import nonradiographs, probe
 from benchmarks.conftest import run_dir
 from benchmarks.runtimes import REFERENCE, RUNTIMES
 from benchmarks.stats import from_pytest_benchmark
@@ -38,11 +34,7 @@ def test_load_time(benchmark, pytestconfig, results, variant):
 def test_peak_memory(pytestconfig, results, variant, test_images):
     """Peak resident memory (VmHWM) of a fresh process that loads the variant and screens a test image."""
     path = run_dir(pytestconfig) / "tflite" / f"{variant}.tflite"
-    probe = subprocess.run([sys.executable, "-m", "benchmarks.probe", str(path), "--runtime", REFERENCE,
-                            "--threads", str(MEMORY_THREADS), "--image", str(test_images[0])],
-                           capture_output=True, text=True, timeout=600)
-    assert probe.returncode == 0, probe.stderr[-3000:]
-    measured = json.loads(probe.stdout.strip().splitlines()[-1])
+    measured = probe.measure(path, test_images[0], runtime=REFERENCE, threads=MEMORY_THREADS)
     results.variant(variant)["memory"] = {k: measured[k] for k in ("peak_rss_mib", "rss_before_load_mib")}
     results.variant(variant)["first_load_ms"] = measured["load_ms"]
     assert measured["peak_rss_mib"] >= measured["rss_before_load_mib"] > 0

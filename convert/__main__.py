@@ -4,11 +4,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from edge_app import native_logs
+
 
 PARITY_FAILED = 3   # exit status of a conversion whose parity gate failed (make all goes on past it)
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    native_logs.quiet("--verbose" in argv)  # before TensorFlow loads
     from convert.config import INT8_IO, ConvertConfig
     from convert.export import VARIANTS
 
@@ -35,6 +39,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps-per-epoch", type=int, help="cap the fine-tune epochs (default: the whole train split)")
     p.add_argument("--no-gpu", action="store_true", help="skip the GPU accelerator check")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--verbose", action="store_true", help=native_logs.VERBOSE_HELP)
     args = p.parse_args(argv)
     budgets = dict(defaults.budgets)
     for item in args.budget:

@@ -14,6 +14,7 @@ import train  # noqa: F401
 from convert import compress, export, gpu, parity, report
 from convert.config import ConvertConfig
 from edge_app.preprocess import normalise
+from edge_app.runtime import REQUIRE_GPU_ENV, gpu_required
 from train import evaluate, ood
 from train.data import run_splits
 from train.pipeline import load_images
@@ -130,7 +131,7 @@ def _variant_ood_threshold(path: Path, flatbuffer: bytes, card, variant: str, sp
 def _prepare(run_dir: Path, cfg: ConvertConfig, progress: bool, data_root: str | Path | None = None):
     """The run, its dataset, and per gated split: model inputs, labels, Keras logits and metrics."""
     model, card, config = load_run(run_dir)
-    dataset, _ = run_splits.load(run_dir, data_root)   # in-distribution splits, as training reported
+    dataset, _ = run_splits.load(run_dir, data_root)   # the splits training used, lung refusals left out
     if dataset.fingerprint() != card.dataset.get("fingerprint"):
         print("WARNING: the dataset changed since training (fingerprint differs); "
               "parity is measured on the data as it is now")
@@ -214,9 +215,16 @@ def _gpu_check(results: dict, splits: dict, cfg: ConvertConfig) -> None:
     for name, path in paths.items():
         verdict = probe["models"][path]
         results["variants"][name]["gpu"] = verdict
+        if verdict.get("no_adapter"):  # this machine has no GPU: nothing was run, nothing failed
+            results["gpu"]["not_checked"] = verdict["why"]
         if name == "fp16":
             diff = verdict.get("max_abs_diff", {}).get("logits")
-            if not verdict.get("fully_accelerated"):
+            if verdict.get("no_adapter") and not gpu_required():
+                print(f"GPU accelerator check: not checked: {verdict['why']}")
+            elif verdict.get("no_adapter"):
+                results["variants"][name]["gate"]["failures"].append(
+                    f"gpu: {REQUIRE_GPU_ENV}=1 but this machine has no GPU adapter ({verdict['why']})")
+            elif not verdict.get("fully_accelerated"):
                 results["variants"][name]["gate"]["failures"].append(
                     f"gpu: not fully accelerated on the GPU accelerator ({verdict})")
             elif diff is None or diff > cfg.gpu_tolerance:

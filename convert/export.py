@@ -20,6 +20,7 @@ from tqdm import tqdm
 import train  # noqa: F401
 import tensorflow as tf
 
+from edge_app import lungs
 from edge_app.graph_names import FEATURES, HEATMAP, LOGITS, OOD_RESIDUAL, OOD_WHITENED, POOL
 from edge_app.model_card import ModelCard
 from edge_app.tflite_metadata import CARD_METADATA_NAME, write_metadata
@@ -81,9 +82,11 @@ def _converter(model) -> tf.lite.TFLiteConverter:
 
 
 def with_card(model_bytes: bytes, card: ModelCard, variant: str) -> bytes:
-    """The model with the card (marked with its variant) embedded as TFLite metadata."""
+    """The model with the card (marked with its variant) embedded as TFLite metadata, and the lung
+    segmenter where the card's input crops to the lung field (edge_app.lungs)."""
     card = dataclasses.replace(card, variant=variant)
-    return write_metadata(model_bytes, CARD_METADATA_NAME, card.to_json().encode())
+    with_card = write_metadata(model_bytes, CARD_METADATA_NAME, card.to_json().encode())
+    return lungs.embed(with_card, card.input)   # the lung segmenter its preprocessing crops with, if any
 
 
 def with_heatmap(model):

@@ -17,13 +17,16 @@ from pathlib import Path
 import numpy as np
 
 from edge_app.errors import ModelError
-from edge_app.runtime import CompiledModelBackend
+from edge_app.runtime import CompiledModelBackend, NoGpuAdapter, open_gpu
 
 
 def probe(model_path: Path, inputs: np.ndarray) -> dict:
     data = model_path.read_bytes()
     try:
-        gpu = CompiledModelBackend(data, "gpu", num_threads=2)
+        gpu = open_gpu(data, num_threads=2)
+    except NoGpuAdapter as exc:  # nothing to run on: not checked, which is not a failure
+        return {"applicable": True, "loaded": False, "no_adapter": True, "why": exc.message,
+                "error": exc.detail}
     except ModelError as exc:  # integer input/output: the GPU accelerator takes float I/O only
         return {"applicable": False, "why": exc.message}
     except Exception as exc:

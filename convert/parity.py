@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from edge_app import decision
 from edge_app.classifier import Classifier, ood_score_of
-from train import metrics
+from edge_app import metrics
 
 GATED_METRIC = "macro_f1"
 
@@ -44,7 +44,7 @@ DROP_METRICS = ("accuracy", "macro_f1", "abnormal_sensitivity", "abnormal_specif
 
 
 def headline(m: dict) -> dict:
-    """The gated and reported numbers of one split's screening metrics (train.metrics.screening_metrics),
+    """The gated and reported numbers of one split's screening metrics (edge_app.metrics.screening_metrics),
     as conversion, the benchmarks and the release gates read them."""
     covid = m.get("covid")
     return {"n": m["n"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],

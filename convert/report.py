@@ -12,10 +12,12 @@ def write(reports: Path, results: dict) -> None:
     plot(results, reports / "conversion.png")
 
 
-def _gpu_cell(v: dict) -> str:
+def gpu_cell(v: dict) -> str:
     g = v.get("gpu")
     if g is None:
         return "not run"
+    if g.get("no_adapter"):
+        return "not checked: no GPU adapter"
     if not g.get("applicable"):
         return "n/a (int I/O)"
     if not g.get("loaded"):
@@ -47,7 +49,7 @@ def markdown(results: dict) -> str:
             m = s["metrics"]
             head = (f"| {name} | {v['bytes'] / 1024:.0f} | {v['gzip_bytes'] / 1024:.0f} | {_ratio(v['size_vs_fp32'])} "
                     f"| {_ratio(v['gzip_vs_fp32'])} | {v['weight_sparsity']:.3f} "
-                    f"| {'compatible' if v['analyzer']['gpu_compatible'] else 'flagged'} | {_gpu_cell(v)} "
+                    f"| {'compatible' if v['analyzer']['gpu_compatible'] else 'flagged'} | {gpu_cell(v)} "
                     if i == 0 else "| | | | | | | | ")
             lines.append(head + f"| {split} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} "
                          f"| {m['abnormal_sensitivity']:.4f} | {m['abnormal_specificity']:.4f} "

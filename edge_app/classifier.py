@@ -3,16 +3,16 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from edge_app import decision, preprocess, release
+from edge_app import decision, lungs, preprocess, release, site_config
 from edge_app.errors import ModelError
 from edge_app.graph_names import HEATMAP, LOGITS, OOD_PARTS
 from edge_app.model_card import ModelCard
-from edge_app.runtime import open_backend
+from edge_app.runtime import NoGpuAdapter, open_backend
 from edge_app.tflite_metadata import CARD_METADATA_NAME, read_metadata
 
 
@@ -84,12 +84,16 @@ class Classifier:
     """Loads a model and its card, picks a runtime, warms it up; `predict` is thread-safe."""
 
     def __init__(self, model_path: str | Path, *, accelerator: str = "auto", num_threads: int = 2,
-                 gpu_delegate: str | None = None, runtime=None):
+                 gpu_delegate: str | None = None, runtime=None, use_site_config: bool = True):
         """`runtime`: a callable model bytes -> backend that pins one runtime (the benchmarks
-        time each one); by default the first that loads, in `open_backend`'s order."""
+        time each one); by default the first that loads, in `open_backend`'s order.
+        `use_site_config`: apply the site threshold stored beside the model (site_config), if
+        any; commissioning itself runs at the card's threshold."""
         self.model_path = Path(model_path)
         data, self.card = load_model_file(self.model_path)
         self.model_sha256 = hashlib.sha256(data).hexdigest()
+        self.site = site_config.load(self.model_path, self.model_sha256) if use_site_config else None
+        self.threshold = self.site.threshold if self.site else self.card.abnormal_threshold
         if runtime is None:
             self.backend, self.backend_attempts = open_backend(
                 data, accelerator=accelerator, num_threads=num_threads, gpu_delegate=gpu_delegate)
@@ -97,8 +101,9 @@ class Classifier:
             self.backend, self.backend_attempts = runtime(data), []
         self._check_card_matches_model()
         self.spec = self.card.input
-        try:
-            self.predict_array(np.zeros((self.spec.size, self.spec.size), np.float32))  # warm-up
+        lungs.use_embedded(data, self.spec, self.model_path)   # the lung crop's segmenter, if the spec crops
+        try:   # warm-up: the model alone (a black image has no lung field for a lung-cropping spec)
+            self._run(np.zeros((1, self.spec.size, self.spec.size, self.spec.channels), np.float32))
         except ModelError as exc:
             raise ModelError("model_invalid", f"the model cannot be prepared or run; the file may be "
                              f"damaged: {exc.message}", self.model_path) from exc
@@ -124,10 +129,32 @@ class Classifier:
             "model_sha256": self.model_sha256,
             "backend": self.backend.name,
             "gpu_fully_accelerated": self.backend.fully_accelerated,
+            "gpu": self._gpu_status(),
             "ood_warning": all(part in self.backend.output_shapes for part in OOD_PARTS),
             "backends_tried": [{"backend": n, "error": why} for n, why in self.backend_attempts],
+            "threshold": self.threshold,
+            "threshold_note": self.threshold_note,
+            "site": None if self.site is None else asdict(self.site),
             "card": self.card.to_dict(),
         }
+
+    def _gpu_status(self) -> str:
+        """The GPU path in one line: run, not run (and why), or not tried."""
+        if self.backend.fully_accelerated is not None:
+            return "run: every op on the GPU" if self.backend.fully_accelerated else "run: some ops on the CPU"
+        error = dict(self.backend_attempts).get("litert-compiled-gpu")
+        if error is None:
+            return "not tried (accelerator cpu)"
+        if error.startswith(NoGpuAdapter.__name__):
+            return "not run: " + error.removeprefix(NoGpuAdapter.__name__ + ": ").split(" [native log:")[0]
+        return f"failed: {error}"
+
+    @property
+    def threshold_note(self) -> str:
+        """Where the operating threshold comes from, for people."""
+        if self.site:
+            return f"threshold {self.threshold:.3f}, {self.site.describe()}"
+        return f"threshold {self.threshold:.3f} from the model card (not commissioned for a site)"
 
     def predict(self, source) -> Prediction:
         """Classify an image file (or its bytes): decoding is strict, as at a clinic."""
@@ -143,22 +170,28 @@ class Classifier:
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """Raw logits for a batch of model inputs, one image per call (the model's batch is 1)."""
-        return np.concatenate([self.backend.run(x[None])[LOGITS] for x in batch])
+        return np.concatenate([self._run(x[None])[LOGITS] for x in batch])
+
+    def _run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """The model's outputs for one input; a model that answers NaN or inf is damaged (NaN
+        logits would otherwise read as "no abnormality")."""
+        outputs = self.backend.run(x)
+        broken = sorted(name for name, value in outputs.items() if not np.isfinite(value).all())
+        if broken:
+            raise ModelError("inference_failed", f"the model's outputs {broken} are not finite "
+                             "(NaN or inf): the model file is damaged", self.model_path)
+        return outputs
 
     def _predict_gray(self, gray: np.ndarray, t0: float) -> Prediction:
         t_decoded = time.perf_counter()
         x = preprocess.normalise(preprocess.square(gray, self.spec), self.spec)
         t_preprocessed = time.perf_counter()
-        outputs = self.backend.run(x[None])
+        outputs = self._run(x[None])
         t_inferred = time.perf_counter()
-        broken = sorted(name for name, value in outputs.items() if not np.isfinite(value).all())
-        if broken:   # a damaged model: NaN logits would otherwise read as "no abnormality"
-            raise ModelError("inference_failed", f"the model's outputs {broken} are not finite "
-                             "(NaN or inf): the model file is damaged", self.model_path)
         probs = decision.calibrated_probabilities(outputs[LOGITS][0], self.card.temperature)
         p_abnormal = float(decision.abnormal_probability(probs))
         ood_score = ood_score_of(outputs)
-        triage = decision.triage(p_abnormal, self.card.abnormal_threshold, ood_score,
+        triage = decision.triage(p_abnormal, self.threshold, ood_score,
                                  self.card.thresholds.get("ood"))
         heatmap = outputs.get(HEATMAP)
         if heatmap is not None:
@@ -172,7 +205,7 @@ class Classifier:
             abnormal_probability=p_abnormal,
             decision=triage,
             message=decision.TRIAGE_MESSAGES[triage],
-            threshold=self.card.abnormal_threshold,
+            threshold=self.threshold,
             timings_ms={"decode": ms(t0, t_decoded), "preprocess": ms(t_decoded, t_preprocessed),
                         "inference": ms(t_preprocessed, t_inferred),
                         "postprocess": ms(t_inferred, t_done), "total": ms(t0, t_done)},

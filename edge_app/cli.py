@@ -1,9 +1,13 @@
 """The device CLI: the app, and headless commands.
 
   python -m edge_app [app] [--model M] [--kiosk --pin PIN] [--size 800x480]   the Kivy app
-  python -m edge_app predict IMAGE... --model M [--json]
+  python -m edge_app predict IMAGE_OR_FOLDER... --model M [--json] [--csv FILE]
+  python -m edge_app validate DIR_OR_CSV --model M [--out DIR] [--target-sensitivity 0.95]
+                              [--write-site-config [--site NAME]]
   python -m edge_app info --model M
-  python -m edge_app bench --model M [--image IMAGE] [--runs N]
+  python -m edge_app bench --model M [--image IMAGE_OR_FOLDER...] [--runs N]
+
+Folders are searched recursively for images (edge_app.inputs).
 
 Never imports TensorFlow, never prints a traceback. `predict` prints every result it has, one
 entry per image, whatever happened to the others. Exit codes (the highest that applies):
@@ -21,17 +25,45 @@ import json
 import statistics
 import sys
 
-from edge_app import decision
+from edge_app import decision, native_logs
 from edge_app.errors import CxrEdgeError, InputError, ModelError, log_unexpected
 
 EXIT_OK, EXIT_REFUSED, EXIT_MODEL, EXIT_INTERNAL = 0, 1, 2, 3
 
 
-def _classifier(args):
+def _classifier(args, **options):
     from edge_app.classifier import Classifier
 
     return Classifier(args.model, accelerator=args.accelerator, num_threads=args.threads,
-                      gpu_delegate=args.gpu_delegate)
+                      gpu_delegate=args.gpu_delegate, **options)
+
+
+def _inputs(paths) -> list[str]:
+    """The images among files and folders; the files a folder holds that are not images are named
+    on stderr."""
+    from edge_app.inputs import collect
+
+    images, skipped = collect(paths)
+    for path in skipped:
+        print(f"{path}\n  SKIPPED: not an image file (by its name or header)", file=sys.stderr)
+    return images
+
+
+def _write_csv(path, labels, results) -> None:
+    """predict's results, one row per image (an image that could not be screened: its error)."""
+    import csv
+
+    columns = ["source", "label", *(f"p_{label}" for label in labels), "abnormal_probability",
+               "threshold", "decision", "ood_score", "error_code", "error_message"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        for r in results:
+            error = r.get("error") or {}
+            writer.writerow({**{k: r.get(k) for k in ("source", "label", "abnormal_probability", "threshold",
+                                                      "decision", "ood_score")},
+                             **{f"p_{label}": r.get("probabilities", {}).get(label) for label in labels},
+                             "error_code": error.get("code"), "error_message": error.get("message")})
 
 
 def _format(prediction) -> str:
@@ -44,9 +76,12 @@ def _format(prediction) -> str:
 
 
 def cmd_predict(args) -> int:
+    from edge_app.progress import progress
+
+    images = _inputs(args.images)
     classifier = _classifier(args)
     results, status = [], EXIT_OK
-    for image in args.images:
+    for image in progress(images, "screening") if args.json else images:
         try:
             prediction = classifier.predict(image)
         except Exception as exc:  # noqa: BLE001 - one image's failure must not lose the batch
@@ -59,11 +94,14 @@ def cmd_predict(args) -> int:
         results.append(prediction.to_dict())
         if not args.json:
             print(_format(prediction))
+    if args.csv:
+        _write_csv(args.csv, classifier.card.labels, results)
     if args.json:
         print(json.dumps({"model": classifier.info["model"], "model_sha256": classifier.model_sha256,
+                          "threshold_note": classifier.threshold_note, "site": classifier.info["site"],
                           "results": results}, indent=2))
     else:
-        print("Screening aid, not a diagnosis.")
+        print(f"Operating {classifier.threshold_note}.\nScreening aid, not a diagnosis.")
     return status
 
 
@@ -86,21 +124,56 @@ def cmd_info(args) -> int:
 def cmd_bench(args) -> int:
     import numpy as np
 
+    from edge_app.progress import progress
+
+    images = _inputs(args.image) if args.image else []
     classifier = _classifier(args)
-    source = args.image
-    if source is None:  # a synthetic radiograph-sized input when no image is given
+    if not images:  # a synthetic radiograph-sized input when no image is given
         rng = np.random.default_rng(0)
         image = rng.random((1024, 1024), dtype=np.float32)
-    timings = []
-    for _ in range(args.runs):
-        p = classifier.predict(source) if source else classifier.predict_array(image)
+    runs = args.runs or (len(images) if len(images) > 1 else 20)
+    timings, unreadable = [], {}
+    for i in progress(range(runs), "timing"):
+        source = images[i % len(images)] if images else None
+        if source in unreadable:
+            continue
+        try:
+            p = classifier.predict(source) if source else classifier.predict_array(image)
+        except CxrEdgeError as exc:
+            unreadable[source] = exc.as_dict()
+            print(f"{source}\n  CANNOT SCREEN [{exc.code}]: {exc.message}", file=sys.stderr)
+            continue
         timings.append(p.timings_ms)
+    if not timings:
+        print("error: no image could be read, nothing was timed", file=sys.stderr)
+        return 1
     summary = {stage: {"median_ms": statistics.median(t[stage] for t in timings),
                        "min_ms": min(t[stage] for t in timings), "max_ms": max(t[stage] for t in timings)}
                for stage in timings[0]}
     print(json.dumps({"model": str(classifier.model_path), "backend": classifier.backend.name,
-                      "threads": args.threads, "runs": args.runs, "stages": summary}, indent=2))
-    return 0
+                      "threads": args.threads, "runs": len(timings), "images": len(images) or None,
+                      "unreadable": list(unreadable.values()), "stages": summary}, indent=2))
+    return 1 if unreadable else 0
+
+
+def cmd_validate(args) -> int:
+    from edge_app import validate
+
+    if args.site and not args.write_site_config:
+        print("error: --site names the site of --write-site-config", file=sys.stderr)
+        return 2
+    labelled, left_out = validate.read_labelled(args.images)   # layout errors before the model loads
+    classifier = _classifier(args, use_site_config=False)       # measured at the model card's threshold
+    result = validate.validate(classifier, args.images, labelled, left_out,
+                               target_sensitivity=args.target_sensitivity, bootstrap=args.bootstrap)
+    paths = validate.write_reports(result, args.out)
+    print(validate.text_summary(result))
+    print("Reports: " + ", ".join(map(str, paths)))
+    if args.write_site_config:
+        path = validate.write_site_config(classifier, result, args.site)
+        print(f"Site config written: {path} (threshold {result['target']['threshold']:.3f}); "
+              "predict and the app now use it.")
+    return 1 if result["unreadable"] else 0
 
 
 def cmd_app(args) -> int:
@@ -144,15 +217,42 @@ def parser() -> argparse.ArgumentParser:
         return sp
 
     sp = with_model(sub.add_parser("predict", help="classify X-ray images"))
-    sp.add_argument("images", nargs="+")
+    sp.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.add_argument("--csv", metavar="FILE", help="also write the results to FILE as CSV")
     sp.set_defaults(func=cmd_predict)
+    add_validate_parser(sub, with_model)
     with_model(sub.add_parser("info", help="model card, runtime and GPU status")).set_defaults(func=cmd_info)
     sp = with_model(sub.add_parser("bench", help="latency of each pipeline stage"))
-    sp.add_argument("--image")
-    sp.add_argument("--runs", type=_at_least_one, default=20)
+    sp.add_argument("--image", nargs="+", help="image files or folders (default: a synthetic input)")
+    sp.add_argument("--runs", type=_at_least_one, help="predictions timed, images taken in turn "
+                    "(default: one per image of several, else 20)")
     sp.set_defaults(func=cmd_bench)
+    for sp in sub.choices.values():
+        sp.add_argument("--verbose", action="store_true", help=native_logs.VERBOSE_HELP)
     return p
+
+
+def add_validate_parser(sub, with_model) -> None:
+    sp = with_model(sub.add_parser("validate", help="commissioning: the model's figures on a site's own "
+                                   "labelled images"))
+    sp.add_argument("images", help="a folder of class folders (normal/, pneumonia/, covid/ or their synonyms), "
+                    "searched recursively, or a CSV of file,label")
+    sp.add_argument("--out", default="validation", help="folder for validation.{json,md} and reliability.png")
+    sp.add_argument("--target-sensitivity", type=_fraction, default=0.95,
+                    help="the abnormal sensitivity the site threshold must reach on these images")
+    sp.add_argument("--bootstrap", type=int, default=1000, help="resamples for the AUC and threshold intervals")
+    sp.add_argument("--write-site-config", action="store_true",
+                    help="store that threshold beside the model (M.site.json) for predict and the app")
+    sp.add_argument("--site", help="the site's name in the site config (default: this device's host name)")
+    sp.set_defaults(func=cmd_validate)
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
 
 
 def main(argv=None) -> int:
@@ -160,6 +260,7 @@ def main(argv=None) -> int:
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["app", *argv]
     args = parser().parse_args(argv)
+    native_logs.quiet(args.verbose)
     try:
         return args.func(args)
     except ModelError as exc:

@@ -31,7 +31,9 @@ class InputError(CxrEdgeError, ValueError):
     """An image that cannot be screened.
 
     Codes: not_found, empty, not_an_image, corrupt, truncated, too_small, too_large,
-    unsupported_mode, dicom_unsupported, colour_photo, extreme_aspect_ratio, uniform_image.
+    unsupported_mode, dicom_unsupported, colour_photo, extreme_aspect_ratio, uniform_image,
+    no_chest_found (no plausible lung field, see edge_app.lungs); for a folder or a labelled set:
+    no_images, unknown_label, label_not_in_model, bad_csv.
     """
 
 
@@ -40,7 +42,7 @@ class ModelError(CxrEdgeError, RuntimeError):
 
     Codes: model_not_found, model_invalid (cannot be opened or prepared, or gives NaN/inf),
     inference_failed (a prepared model failed to run), card_missing, card_invalid, card_mismatch,
-    checksum_mismatch, no_runtime.
+    checksum_mismatch, no_runtime, lung_model_missing, site_config_invalid, site_config_mismatch.
     """
 
 

@@ -1,4 +1,4 @@
-"""The one image preprocessing of the project: file -> grey [0, 1] -> square -> model input.
+"""The one image preprocessing of the project: file -> 8-bit grey -> square -> model input.
 
 Training (`train.pipeline`) and the device (`edge_app.classifier`) both call this module, so
 a model always sees, pixel for pixel, the tensor it was trained on. It needs only numpy and
@@ -6,36 +6,45 @@ Pillow; pydicom is imported lazily, for DICOM files only; TensorFlow is never im
 
 The steps, each one function:
 
-* `decode`: any supported file (or its bytes) -> 2-D float32 grey image in [0, 1], at the
-  file's own resolution (JPEGs may be decoded at a reduced scale, see `draft_size`).
-  Every failure is an `InputError` with a stable code (see `edge_app.errors`).
-* `fit_square`: grey image -> (size, size), by centre crop or by padding with black.
+* `decode`: any supported file (or its bytes) -> 2-D uint8 grey image, at the file's own
+  resolution or, given `draft_size`, integer-reduced to about twice it (JPEGs in the DCT
+  domain). Every failure is an `InputError` with a stable code (see `edge_app.errors`).
+* `fit_square8` / `fit_square`: grey image -> (size, size), by centre crop or by padding with
+  black, with Pillow's fixed-point 8-bit resize.
 * `normalise`: [0, 1] squares -> what the network expects, (..., size, size, channels).
 
-`square` = the optional border trim (`InputSpec.borders`) + fit_square + the optional contrast
-step (`InputSpec.contrast`); `load` = decode + `square` (what training caches); `preprocess` =
-load + normalise.
+`square` = the optional border trim (`InputSpec.borders`) + the optional lung crop
+(`InputSpec.lung_crop`, edge_app.lungs) + fit_square8 + the optional contrast step
+(`InputSpec.contrast`) -> float32 [0, 1]; `load` = decode + `square` (what training caches);
+`preprocess` = load + normalise.
 
 Conventions worth knowing:
 
-* 8-bit images are divided by 255. Deeper images (16-bit PNG/TIFF, Pillow modes 'I;16',
-  'I', 'F') are min-max stretched over their own range, because 12-bit detector data is
-  usually stored in 16-bit containers with an arbitrary range; a constant image gives
-  zeros. DICOM uses its own VOI window when it has one (see `_decode_dicom`).
+* Everything up to the (size, size) square is integer arithmetic (decode's reductions, the
+  resize), or float maths on a few thousand values whose result is rounded to 8 bits; the
+  contrast step and normalise are elementwise IEEE arithmetic. So the model input is
+  bit-identical on x86 and ARM.
+* 8-bit images keep their values. Deeper images (16-bit PNG/TIFF, Pillow modes 'I;16', 'I',
+  'F') are stretched robustly (STRETCH_PERCENTILES), because 12-bit detector data is usually
+  stored in 16-bit containers with an arbitrary range; a constant image gives zeros. DICOM
+  uses its own VOI window or LUT when it has one (see `_decode_dicom`).
 * Colour becomes ITU-R 601 luma (Pillow's 'L'); transparent pixels are composited on
   black (the same black `fit_square` pads with), never dropped.
 * Colour JPEGs are decoded as YCbCr and their Y plane is used: it is the codec's own luma,
   identical to Pillow's `draft('L')` decode, and keeps Cb/Cr for the strict colour check,
   so strict and non-strict decoding give the same pixels.
 * Pillow's `ImageFile.LOAD_TRUNCATED_IMAGES` must stay False (its default; this module never
-  sets it) or truncated files would decode silently with grey fill instead of failing.
+  sets it) or truncated files would decode silently with grey fill instead of failing;
+  libjpeg's own fill after an early end marker is detected (`_check_jpeg_fill`).
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
 import numbers
 import os
+import stat
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -46,18 +55,21 @@ from PIL import Image, ImageOps
 
 from edge_app.errors import InputError
 
-PREPROCESSING_VERSION = "1"   # recorded in model cards; bump whenever output pixels change
+PREPROCESSING_VERSION = "2"   # recorded in model cards; bump whenever output pixels change
+                              # 2: 8-bit fixed-point resize (bit-identical on x86 and ARM), integer
+                              # reduction in decode, robust 0.5/99.5 percentile stretch, pydicom VOI
 NORMALISATIONS = ("unit", "symmetric", "caffe", "torch", "raw255")
 FITS = ("crop", "pad")
 CONTRASTS = ("none", "equalize", "clahe")  # equalize: global histogram equalisation of the square,
                                   # which removes each scanner's own windowing/post-processing curve;
                                   # clahe: the same per tile, clipped (CLAHE), local contrast alike everywhere
+LUNG_CROPS = ("none", "box", "mask")  # box: crop to the lung field found by a segmenter (edge_app.lungs);
+                                  # mask: that box, black outside the lungs (see `lung_step`)
 BORDERS = ("keep", "trim")        # trim: uniform rows/columns at the edges (scanner frames, letterboxing)
                                   # are cut off before fitting, so they neither shrink the anatomy nor
                                   # tell the model which scanner it was
 CLAHE_TILES = 8                   # tiles per side
 CLAHE_CLIP = 2.0                  # histogram clip limit, in multiples of a flat histogram (OpenCV's default)
-CLAHE_BINS = 256
 BORDER_STD = 0.01                 # a row/column whose grey std is below this is uniform
 BORDER_MAX_TRIM = 0.25            # never trim more than this share of a side from each edge
 BORDER_SAMPLES = 1024             # pixels per row/column read to tell whether it is uniform
@@ -66,7 +78,14 @@ MIN_SIDE = 64                 # shorter side below this -> too_small
 MAX_PIXELS = 50_000_000       # more pixels -> too_large, from the header: ~7070², 2.7x a 4300²
                               # flat-panel detector; below Pillow's bomb warning (89.5 MP), so its
                               # warning only ever fires for images refused anyway. Peak memory of
-                              # `load` at the limit: ~0.4 GB for a 16-bit PNG (JPEGs are drafted).
+                              # `load` at the limit: ~0.15 GB for a 16-bit PNG (Pillow's image, read
+                              # into numpy in strips, reduced before any float step; JPEGs drafted).
+DEEP_STRIP_ROWS = 512        # deep (16-bit) images are read into numpy this many rows at a time
+STRETCH_PERCENTILES = (0.5, 99.5)  # deep images without a VOI window: these -> 0 and 255 (robust to
+                                   # hot/dead pixels and burnt-in labels)
+STRETCH_SAMPLE_PIXELS = 1 << 16    # the percentiles are taken on a fixed grid of about this many pixels
+JPEG_FILL_VALUE = 128         # libjpeg's fill for rows it has no data for (a premature end of the file)
+JPEG_FILL_ROWS = 0.01         # that fill over this share of the bottom rows (at least 2) -> truncated
 
 # strict=True checks: "is this plausibly a radiograph?" (the device's; training uses strict=False)
 MAX_MEAN_CHROMA = 0.10        # mean HSV chroma (max-min of R,G,B, in [0,1]) above this -> colour_photo.
@@ -84,7 +103,7 @@ REDUCING_GAP = 3.0            # big downscales: integer box-reduce first, then r
 FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "GIF")  # what Pillow may try (JPEG includes MPO): no EPS, PDF...
 _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00",
                b"MM\x00*")    # files that claim to be a supported image: undecodable -> corrupt
-_DEEP_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # stretched over their own range
+_DEEP_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # stretched robustly (STRETCH_PERCENTILES)
 _ALPHA_MODES = ("P", "PA", "LA", "La", "RGBA", "RGBa")       # composited on black
 _COLOUR_MODES = ("RGB", "RGBX", "CMYK")
 
@@ -103,6 +122,8 @@ class InputSpec:
     fit: str = "crop"         # crop: shorter side -> size, centre crop; pad: longer side -> size, black pad
     contrast: str = "none"    # none | equalize | clahe (see CONTRASTS)
     borders: str = "keep"     # keep | trim (see BORDERS)
+    lung_crop: str = "none"   # none | box | mask (see LUNG_CROPS)
+    lung_model: str = ""      # SHA-256 of the lung segmenter that lung_crop uses
 
     def __post_init__(self):
         if isinstance(self.size, bool) or not isinstance(self.size, numbers.Integral) or self.size < 1:
@@ -122,6 +143,12 @@ class InputSpec:
             raise ValueError(f"InputSpec.contrast must be one of {CONTRASTS}, got {self.contrast!r}")
         if self.borders not in BORDERS:
             raise ValueError(f"InputSpec.borders must be one of {BORDERS}, got {self.borders!r}")
+        if self.lung_crop not in LUNG_CROPS:
+            raise ValueError(f"InputSpec.lung_crop must be one of {LUNG_CROPS}, got {self.lung_crop!r}")
+        if self.lung_crop != "none" and not (len(self.lung_model) == 64
+                                             and all(c in "0123456789abcdef" for c in self.lung_model)):
+            raise ValueError(f"InputSpec.lung_crop {self.lung_crop!r} needs lung_model, the segmenter's "
+                             f"SHA-256 (64 lower-case hex digits), got {self.lung_model!r}")
         object.__setattr__(self, "size", int(self.size))        # numpy ints -> JSON-able ints
         object.__setattr__(self, "channels", int(self.channels))
 
@@ -146,25 +173,28 @@ class InputSpec:
 # decode
 
 def decode(source, *, strict: bool = False, draft_size: int | None = None) -> np.ndarray:
-    """A file (path or bytes) as a 2-D float32 grey image in [0, 1].
+    """A file (path or bytes) as a 2-D uint8 grey image.
 
-    `draft_size`: the side the image will be fitted to; JPEGs are then decoded at a reduced
-    DCT scale (1/2, 1/4, 1/8) whose shorter side stays >= 2 x draft_size (and >= MIN_SIDE),
-    which makes huge photos fast and keeps full quality at the target size.
+    `draft_size`: the side the image will be fitted to. The image is then decoded or reduced
+    by an integer factor whose shorter side stays >= 2 x draft_size (and >= MIN_SIDE): JPEGs
+    in the DCT domain (1/2, 1/4, 1/8), everything else by an exact integer box mean, before
+    any float step; full quality at the target size, at the cost of the plain decode.
     `strict`: also refuse images that are implausible as radiographs (colour photographs,
     extreme aspect ratios, near-uniform images); see the MAX_/MIN_ constants above.
     """
     if draft_size is not None and (isinstance(draft_size, bool) or draft_size < 1
                                    or not isinstance(draft_size, numbers.Integral)):
         raise ValueError(f"draft_size must be a positive integer or None, got {draft_size!r}")
+    keep = None if draft_size is None else max(2 * int(draft_size), MIN_SIDE)
     path, stream = _open(source)
     with stream:
         head = stream.read(132)
         stream.seek(0)
-        if _is_dicom(head, path):
-            gray, rgb = _decode_dicom(stream, path, strict)
+        if _is_dicom(head):
+            dicom = stream if isinstance(stream, io.BytesIO) else _CappedReads(stream)
+            gray, rgb = _decode_dicom(dicom, path, strict, keep)
         else:
-            gray, rgb = _decode_pillow(stream, path, head, strict, draft_size)
+            gray, rgb = _decode_pillow(stream, path, head, strict, keep)
     if strict:
         _check_plausible(gray, rgb, path)
     return gray
@@ -180,11 +210,15 @@ def _open(source) -> tuple[Path | None, io.BufferedIOBase]:
         raise TypeError(f"source must be a path or bytes, got {type(source).__name__}")
     path = Path(source)
     try:
+        mode = os.stat(path).st_mode     # before opening: opening a FIFO blocks until a writer comes
+        if stat.S_ISDIR(mode):
+            raise InputError("not_found", "this is a folder, not an image file", path)
+        if not stat.S_ISREG(mode):
+            raise InputError("not_an_image", "this is not a regular file (a pipe, socket or device), "
+                             "not an image file", path)
         stream = open(path, "rb")
     except FileNotFoundError:
         raise InputError("not_found", "no such file", path) from None
-    except IsADirectoryError:
-        raise InputError("not_found", "this is a folder, not an image file", path) from None
     except OSError as e:
         raise InputError("not_found", f"the file cannot be read ({e.strerror or e})", path) from None
     if os.fstat(stream.fileno()).st_size == 0:
@@ -193,10 +227,29 @@ def _open(source) -> tuple[Path | None, io.BufferedIOBase]:
     return path, stream
 
 
-def _is_dicom(head: bytes, path: Path | None) -> bool:
-    """The 'DICM' magic after the 128-byte preamble, or a .dcm name (files without preamble)."""
-    named = path is not None and path.suffix.lower() in (".dcm", ".dicom")
-    return head[128:132] == b"DICM" or (named and not head.startswith(_SIGNATURES))
+class _CappedReads:
+    """A file whose read(n) asks for no more than what is left of it. pydicom reads an
+    element's claimed length at once, and a file's read(n) allocates n bytes first: GBs for a
+    broken length, a MemoryError where memory is limited (bytes' read(n) does not)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._size = os.fstat(stream.fileno()).st_size
+
+    def read(self, n: int | None = -1) -> bytes:
+        if n is None or n < 0:
+            return self._stream.read()
+        return self._stream.read(min(n, max(0, self._size - self._stream.tell())))
+
+    def __getattr__(self, name):      # seek, tell, name...: the file's own
+        return getattr(self._stream, name)
+
+
+def _is_dicom(head: bytes) -> bool:
+    """The 'DICM' magic after the 128-byte preamble, or, for files without preamble, a first
+    element in group 0002 (file meta) or 0008 (identification), little or big endian. The
+    content alone decides, so a path and its bytes are always read the same way."""
+    return head[128:132] == b"DICM" or head[:2] in (b"\x02\x00", b"\x08\x00", b"\x00\x08")
 
 
 def _check_geometry(width: int, height: int, path) -> None:
@@ -209,8 +262,13 @@ def _check_geometry(width: int, height: int, path) -> None:
                          f"be at least {MIN_SIDE} pixels", path)
 
 
-def _decode_pillow(stream, path, head: bytes, strict: bool, draft_size: int | None):
-    """(grey, RGB uint8 array or None) for everything Pillow reads; RGB only when strict."""
+def _reduction(width: int, height: int, keep: int | None) -> int:
+    """The integer reduction factor that keeps the shorter side >= keep (1: none)."""
+    return 1 if keep is None else max(1, min(width, height) // keep)
+
+
+def _decode_pillow(stream, path, head: bytes, strict: bool, keep: int | None):
+    """(grey uint8, RGB uint8 array or None) for everything Pillow reads; RGB only when strict."""
     with warnings.catch_warnings():
         # Pillow's own bomb check warns above 89.5 MP (> MAX_PIXELS): make that warning an
         # error, reported as too_large. catch_warnings restores the filters on exit.
@@ -229,11 +287,15 @@ def _decode_pillow(stream, path, head: bytes, strict: bool, draft_size: int | No
             raise InputError("corrupt", f"the image header cannot be read ({e})", path) from None
         with im:
             _check_geometry(*im.size, path)
-            if im.format in ("JPEG", "MPO"):
-                _draft_jpeg(im, draft_size)
+            jpeg = im.format in ("JPEG", "MPO")
+            if jpeg:
+                _draft_jpeg(im, keep)
             try:
                 im.load()
                 ImageOps.exif_transpose(im, in_place=True)
+                gray, rgb = _pillow_to_gray(im, path, strict, _reduction(*im.size, keep))
+            except InputError:
+                raise
             except (Image.DecompressionBombError, Image.DecompressionBombWarning, MemoryError) as e:
                 raise InputError("too_large", f"the image is too large to decode safely ({e})",
                                  path) from None
@@ -241,67 +303,141 @@ def _decode_pillow(stream, path, head: bytes, strict: bool, draft_size: int | No
                 if isinstance(e, EOFError) or "truncated" in str(e).lower():
                     raise InputError("truncated", f"the image file is truncated ({e})", path) from None
                 raise InputError("corrupt", f"the image data cannot be decoded ({e})", path) from None
-            return _pillow_to_gray(im, path, strict)
+            if jpeg:
+                _check_jpeg_fill(im, path)
+            return gray, rgb
 
 
-def _draft_jpeg(im: Image.Image, draft_size: int | None) -> None:
-    """Ask libjpeg for YCbCr (colour) or L, at the smallest DCT scale that keeps quality."""
+def _draft_jpeg(im: Image.Image, keep: int | None) -> None:
+    """Ask libjpeg for YCbCr (colour) or L, at the smallest DCT scale with both sides >= keep."""
     mode = "YCbCr" if im.mode == "RGB" else im.mode
-    if draft_size is None:
+    if keep is None:
         if mode != im.mode:
             im.draft(mode, None)
         return
-    keep = max(2 * int(draft_size), MIN_SIDE)   # Pillow picks the largest scale with both sides >= keep
     im.draft(mode, (keep, keep))
 
 
-def _pillow_to_gray(im: Image.Image, path, strict: bool):
-    """(grey float32 [0,1], RGB uint8 array when strict and the image has colour, else None)."""
+def _check_jpeg_fill(im: Image.Image, path) -> None:
+    """libjpeg fills the rows after a premature end of the data (a cut file, an early end
+    marker) with mid-grey and only warns; Pillow cannot see the warning, so the fill is looked
+    for: the last JPEG_FILL_ROWS of the luma exactly JPEG_FILL_VALUE everywhere."""
+    w, h = im.size
+    rows = max(2, int(h * JPEG_FILL_ROWS))
+    luma = im.getchannel(0) if im.mode in ("YCbCr", "CMYK") else im
+    bottom = np.asarray(luma.crop((0, h - rows, w, h)))
+    if bottom.ndim == 2 and (bottom == JPEG_FILL_VALUE).all():
+        raise InputError("truncated", f"the JPEG data ends early: its last {rows} rows are the "
+                         "decoder's grey fill", path)
+
+
+def _pillow_to_gray(im: Image.Image, path, strict: bool, factor: int):
+    """(grey uint8 reduced by `factor`, RGB uint8 array of the same when strict and the image
+    has colour, else None)."""
     if im.mode in _DEEP_MODES:
-        return _stretch(np.asarray(im), path), None
+        return _stretch(_deep_block_mean(im, factor, path), path), None
     if im.mode in ("1", "L"):
-        return _unit8(im.convert("L")), None
+        return np.asarray(_reduce(im.convert("L"), factor)), None
     if im.mode == "YCbCr":   # a colour JPEG from _draft_jpeg: Y is the luma
-        return _unit8(im.getchannel(0)), (np.asarray(im.convert("RGB")) if strict else None)
+        gray = np.asarray(_reduce(im.getchannel(0), factor))
+        return gray, (np.asarray(_reduce(im.convert("RGB"), factor)) if strict else None)
     if im.mode in _ALPHA_MODES:
         black = Image.new("RGBA", im.size, (0, 0, 0, 255))
         rgb = Image.alpha_composite(black, im.convert("RGBA")).convert("RGB")
     elif im.mode in _COLOUR_MODES:
-        rgb = im.convert("RGB")
+        rgb = im if im.mode == "RGB" else im.convert("RGB")
     else:
         raise InputError("unsupported_mode", f"images in Pillow mode {im.mode!r} are not supported",
                          path)
-    return _unit8(rgb.convert("L")), (np.asarray(rgb) if strict else None)
+    rgb = _reduce(rgb, factor)
+    return np.asarray(rgb.convert("L")), (np.asarray(rgb) if strict else None)
 
 
-def _unit8(im: Image.Image) -> np.ndarray:
-    return np.asarray(im, dtype=np.float32) / np.float32(255)
+def _reduce(im: Image.Image, factor: int) -> Image.Image:
+    """Pillow's integer box reduction (exact integer arithmetic, the same on every CPU)."""
+    return im if factor == 1 else im.reduce(factor)
+
+
+def _deep_block_mean(im: Image.Image, factor: int, path) -> np.ndarray:
+    """`_block_mean` of a deep Pillow image, read in strips of rows so that no second
+    full-size copy of a 49 MP, 16-bit image is ever made."""
+    w, h = im.size
+    step = factor * max(1, DEEP_STRIP_ROWS // factor)
+    end = h - h % factor
+    strips = []
+    for top in range(0, end, step):
+        strip = np.asarray(im.crop((0, top, w, min(top + step, end))))
+        if strip.dtype.kind == "f" and not np.isfinite(strip).all():
+            raise InputError("corrupt", "the image has non-finite pixel values (NaN or infinity)", path)
+        strips.append(_block_mean(strip, factor))
+    return np.concatenate(strips)
+
+
+def _block_mean(values: np.ndarray, factor: int, bits: int = 16) -> np.ndarray:
+    """Means of factor x factor blocks (a partial last block is dropped), same dtype: integer
+    images are summed exactly (16-bit ones in 32 bits: the sum of up to 256^2 values fits;
+    the rows of `bits`-deep data in 16 bits where factor of them fit, twice as fast) and
+    rounded, so the result is the same on every CPU."""
+    if factor == 1:
+        return values
+    h, w = values.shape[0] // factor, values.shape[1] // factor
+    if values.dtype.kind == "f":
+        acc = np.float64
+    elif values.dtype.itemsize <= 2:
+        acc = np.uint32 if values.dtype.kind in "ub" else np.int32
+    else:
+        acc = np.int64
+    # rows first, on whole rows (cutting the columns first would copy the image), then the
+    # columns: factor strided adds (a sum over a short last axis is slow in numpy)
+    narrow = values.dtype == np.uint16 and factor * (2 ** bits - 1) < 2 ** 16
+    rows = values[:h * factor].reshape(h, factor, values.shape[1]).sum(axis=1, dtype=values.dtype
+                                                                       if narrow else acc)
+    sums = rows[:, 0:w * factor:factor].astype(acc)
+    for k in range(1, factor):
+        sums += rows[:, k:w * factor:factor]
+    n = factor * factor
+    if acc is np.float64:
+        return (sums / n).astype(values.dtype)
+    # rounded integer mean; float64 division is exact here (sums < 2^53) and faster than //
+    return np.floor((sums + n // 2) / n).astype(values.dtype)
 
 
 def _stretch(values: np.ndarray, path) -> np.ndarray:
-    """Min-max stretch of the image's own range to [0, 1] (float32); a constant image -> zeros."""
-    lo, hi = float(values.min()), float(values.max())
+    """Robust stretch to uint8: see `_robust_range`; a constant image -> zeros."""
+    return _to_uint8(values, *_robust_range(values, path))
+
+
+def _robust_range(values: np.ndarray, path) -> tuple[float, float]:
+    """The STRETCH_PERCENTILES of a 2-D image, on a grid of about STRETCH_SAMPLE_PIXELS: the
+    values that become 0 and 255, so that one hot or dead pixel cannot squash the film."""
+    step = max(1, int(math.sqrt(values.size / STRETCH_SAMPLE_PIXELS)))
+    lo, hi = (float(v) for v in np.percentile(values[::step, ::step], STRETCH_PERCENTILES))
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise InputError("corrupt", "the image has non-finite pixel values (NaN or infinity)", path)
+    return lo, hi
+
+
+def _to_uint8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """[lo, hi] -> 0..255, rounded, clipped; zeros when hi <= lo."""
     if hi <= lo:
-        return np.zeros(values.shape, np.float32)
-    out = values.astype(np.float32)                  # one float copy, then in place: memory
-    out -= np.float32(lo)
-    out /= np.float32(hi - lo)
-    return np.clip(out, 0.0, 1.0, out=out)
+        return np.zeros(values.shape, np.uint8)
+    out = (values - lo) * (255.0 / (hi - lo))
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def _decode_dicom(stream, path, strict: bool):
-    """(grey, RGB float [0,1] or None) of a DICOM file's first frame.
+def _decode_dicom(stream, path, strict: bool, keep: int | None):
+    """(grey uint8, RGB uint8 or None) of a DICOM file's first frame.
 
-    Grey images: stored values -> RescaleSlope/Intercept (modality units, e.g. HU) -> the
-    first VOI window (WindowCenter/WindowWidth, DICOM PS3.3 C.11.2.1.2 linear function) when
-    present, else the min-max range -> MONOCHROME1 inverted, so that bone is always bright.
-    Modality/VOI LUT sequences and non-linear VOI functions are not applied.
+    Grey images: stored values, box-reduced (integer) -> pydicom's `apply_modality_lut`
+    (RescaleSlope/Intercept or a Modality LUT) -> `apply_voi_lut` (the first VOI window, linear
+    or not, or a VOI LUT), whose output range is scaled to 0..255; without a VOI the robust
+    stretch (`_stretch`) -> MONOCHROME1 inverted, so that bone is always bright.
     Colour images (RGB, YBR_*): luma of the RGB values, scaled by their bit depth.
+    Any attribute pydicom cannot interpret (non-numeric, unknown VR...) makes the file corrupt.
     """
     try:
         import pydicom
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
     except ImportError:
         raise InputError("dicom_unsupported", "this is a DICOM file but pydicom is not installed; "
                          "install pydicom (pip install 'cxr-edge[edge]')", path) from None
@@ -310,64 +446,105 @@ def _decode_dicom(stream, path, strict: bool):
     except Exception as e:  # noqa: BLE001 - pydicom raises many types on broken files
         code = "truncated" if isinstance(e, EOFError) else "corrupt"
         raise InputError(code, f"not a readable DICOM file ({e})", path) from None
-    if not all(keyword in ds for keyword in ("PixelData", "Rows", "Columns")):
-        raise InputError("not_an_image", "the DICOM file holds no image (no PixelData, Rows, "
-                         "Columns)", path)
-    rows, cols = int(ds.Rows), int(ds.Columns)
-    _check_geometry(cols, rows, path)
-    pixels = _dicom_first_frame(ds, path)
-
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    if samples == 3:
-        rgb = pixels.astype(np.float32) / np.float32(2 ** int(ds.get("BitsStored", 8)) - 1)
-        rgb = np.clip(rgb, 0.0, 1.0)
-        gray = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
-        return np.clip(gray, 0.0, 1.0).astype(np.float32), (rgb if strict else None)
-    if samples != 1 or pixels.ndim != 2:
-        raise InputError("unsupported_mode", f"DICOM images with {samples} samples per pixel are not "
-                         "supported", path)
-    values = pixels.astype(np.float64) * _dicom_number(ds, "RescaleSlope", 1.0) \
-        + _dicom_number(ds, "RescaleIntercept", 0.0)
-    centre, width = _dicom_number(ds, "WindowCenter", None), _dicom_number(ds, "WindowWidth", None)
-    if centre is not None and width is not None and width >= 1:
-        gray = np.clip((values - (centre - 0.5)) / max(width - 1.0, 1.0) + 0.5, 0.0, 1.0).astype(np.float32)
-    else:
-        gray = _stretch(values, path)
+    try:
+        if not all(keyword in ds for keyword in ("PixelData", "Rows", "Columns")):
+            raise InputError("not_an_image", "the DICOM file holds no image (no PixelData, Rows, "
+                             "Columns)", path)
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        _check_geometry(cols, rows, path)
+        _default_transfer_syntax(ds)
+        pixels = _dicom_first_frame(ds, path)
+        factor = _reduction(cols, rows, keep)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        if samples == 3 and pixels.ndim == 3:
+            top = 2 ** int(ds.get("BitsStored", 8)) - 1
+            rgb8 = pixels if pixels.dtype == np.uint8 else _to_uint8(pixels, 0.0, top)
+            rgb = _reduce(Image.fromarray(rgb8, "RGB"), factor)
+            return np.asarray(rgb.convert("L")), (np.asarray(rgb) if strict else None)
+        if samples != 1 or pixels.ndim != 2:
+            raise InputError("unsupported_mode", f"DICOM images with {samples} samples per pixel are "
+                             "not supported", path)
+        _check_dicom_numbers(ds, path)
+        bits = int(ds.BitsStored)
+        if not 1 <= bits <= 16:
+            raise InputError("dicom_unsupported", f"DICOM images with {bits} bits stored are not "
+                             "supported (1 to 16)", path)
+        low = -(2 ** (bits - 1)) if int(ds.get("PixelRepresentation", 0)) == 1 else 0
+        index = _block_mean(pixels, factor, bits) - np.int32(low)   # pydicom masks unused bits
+        # the modality and VOI stages of every possible stored value, then one lookup per pixel
+        table = apply_modality_lut(np.arange(low, low + 2 ** bits, dtype=np.int32), ds)
+        if "WindowCenter" in ds or "VOILUTSequence" in ds:
+            table = apply_voi_lut(table, ds)
+            lo, hi = float(table.min()), float(table.max())    # what the window can output
+        else:
+            lo, hi = _robust_range(table[index], path)
+        if not np.isfinite(table).all():
+            raise InputError("corrupt", "the DICOM rescale or window gives non-finite values", path)
+        gray = _to_uint8(table, lo, hi)[index]
+    except InputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a malformed attribute can raise anything in pydicom
+        raise InputError("corrupt", f"the DICOM image attributes cannot be interpreted ({e})",
+                         path) from None
     if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
-        gray = np.float32(1) - gray
+        gray = np.uint8(255) - gray
     return gray, None
 
 
+def _default_transfer_syntax(ds) -> None:
+    """A dataset without file meta (no preamble, no group 0002) is uncompressed: its transfer
+    syntax is the encoding pydicom read it with."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is None:
+        meta = ds.file_meta = FileMetaDataset()
+    if "TransferSyntaxUID" not in meta:
+        implicit, little = ds.original_encoding
+        meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                  ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+
+
+_DICOM_NUMBERS = ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth")
+
+
+def _check_dicom_numbers(ds, path) -> None:
+    """The rescale and window attributes, when present, must be finite numbers."""
+    for keyword in _DICOM_NUMBERS:
+        if keyword not in ds:
+            continue
+        value = ds[keyword].value
+        multiple = isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+        for item in value if multiple else [value]:
+            try:
+                number = float(item)
+            except (TypeError, ValueError):
+                raise InputError("corrupt", f"the DICOM attribute {keyword} is not a number "
+                                 f"({item!r})", path) from None
+            if not math.isfinite(number):
+                raise InputError("corrupt", f"the DICOM attribute {keyword} is not finite ({item!r})",
+                                 path)
+
+
 def _dicom_first_frame(ds, path) -> np.ndarray:
-    """The first frame's stored values, decoding only that frame where pydicom can (>= 3.0)."""
+    """The first frame's stored values, decoding only that frame."""
+    from pydicom.pixels import pixel_array
     try:
-        try:
-            from pydicom.pixels import pixel_array
-        except ImportError:  # pydicom 2.x decodes all frames
-            pixels = ds.pixel_array
-            return pixels[0] if int(ds.get("NumberOfFrames", 1) or 1) > 1 else pixels
         return pixel_array(ds, index=0)
     except Exception as e:  # noqa: BLE001
-        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        if syntax is not None and syntax.is_compressed:
+        try:
+            syntax = ds.file_meta.TransferSyntaxUID
+            compressed = syntax.is_transfer_syntax and syntax.is_compressed
+        except Exception:  # noqa: BLE001 - no file meta, or a UID that is not a transfer syntax
+            compressed = False
+        if compressed:
             raise InputError("dicom_unsupported", f"this DICOM's compression ({syntax.name}) cannot be "
                              f"decoded here; install pylibjpeg or GDCM, or export it uncompressed "
                              f"({e})", path) from None
         if "less than expected" in str(e) or "truncated" in str(e).lower():
             raise InputError("truncated", f"the DICOM pixel data is truncated ({e})", path) from None
         raise InputError("corrupt", f"the DICOM pixel data cannot be decoded ({e})", path) from None
-
-
-def _dicom_number(ds, keyword: str, default):
-    """A numeric attribute (the first value when multi-valued), or `default` when absent/blank."""
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return default
-    if isinstance(value, Sequence) and not isinstance(value, str):   # pydicom's MultiValue
-        if len(value) == 0:
-            return default
-        value = value[0]
-    return float(value)
 
 
 def _check_plausible(gray: np.ndarray, rgb: np.ndarray | None, path) -> None:
@@ -381,7 +558,7 @@ def _check_plausible(gray: np.ndarray, rgb: np.ndarray | None, path) -> None:
         if chroma > MAX_MEAN_CHROMA:
             raise InputError("colour_photo", f"this looks like a colour photograph (mean chroma "
                              f"{chroma:.3f} > {MAX_MEAN_CHROMA}), not an X-ray", path)
-    std = float(gray.std(dtype=np.float64))
+    std = float(gray.std(dtype=np.float64)) / 255
     if std < MIN_GREY_STD:
         raise InputError("uniform_image", f"the image is nearly uniform (grey std {std:.4f} < "
                          f"{MIN_GREY_STD}); nothing to screen", path)
@@ -390,66 +567,88 @@ def _check_plausible(gray: np.ndarray, rgb: np.ndarray | None, path) -> None:
 def _mean_chroma(rgb: np.ndarray) -> float:
     """Mean of max(R,G,B) - min(R,G,B) in [0, 1], on a fixed grid of ~CHROMA_SAMPLE_PIXELS."""
     step = max(1, int(math.sqrt(rgb.shape[0] * rgb.shape[1] / CHROMA_SAMPLE_PIXELS)))
-    sample = rgb[::step, ::step]
-    chroma = sample.max(axis=2) - sample.min(axis=2)   # never negative, so uint8 cannot wrap
-    return float(chroma.mean()) / (255.0 if rgb.dtype == np.uint8 else 1.0)
+    red, green, blue = (rgb[::step, ::step, c] for c in range(3))   # (not max(axis=2): slow in numpy)
+    chroma = np.maximum(np.maximum(red, green), blue) - np.minimum(np.minimum(red, green), blue)
+    return float(chroma.mean()) / 255.0   # max - min is never negative, so uint8 cannot wrap
 
 
 # ---------------------------------------------------------------------------------------------
-# fit, normalise
+# fit, contrast, normalise
+
+def grey8(gray: np.ndarray) -> np.ndarray:
+    """A 2-D grey image as uint8: `decode`'s output unchanged, a [0, 1] float image rounded
+    (x * 255); anything else is a ValueError."""
+    gray = np.asarray(gray)
+    if gray.ndim != 2 or 0 in gray.shape:
+        raise ValueError(f"a grey image must be non-empty and 2-D, got shape {gray.shape}")
+    if gray.dtype == np.uint8:
+        return gray
+    if gray.dtype.kind != "f" or not np.isfinite(gray).all() or gray.min() < 0 or gray.max() > 1:
+        raise ValueError(f"a grey image must be uint8 or float in [0, 1], got {gray.dtype} in "
+                         f"[{gray.min()}, {gray.max()}]")
+    return np.rint(gray * np.float32(255)).astype(np.uint8)
+
 
 def fit_square(gray: np.ndarray, size: int, fit: str = "crop") -> np.ndarray:
-    """A (size, size) float32 image in [0, 1].
+    """A (size, size) float32 image in [0, 1] (multiples of 1/255); see `fit_square8`."""
+    return fit_square8(gray, size, fit) / np.float32(255)
+
+
+def fit_square8(gray: np.ndarray, size: int, fit: str = "crop") -> np.ndarray:
+    """A (size, size) uint8 image.
 
     crop: the centred square of side min(h, w) is resampled to size (shorter side -> size).
     pad: the whole image is resampled so its longer side is size, then centred on black.
-    Resampling is Pillow's antialiased bilinear on a float ('F') image: deterministic.
+    Resampling is Pillow's antialiased bilinear on an 8-bit ('L') image, which is fixed-point:
+    the same bits on every CPU (a float resize differs in the last bit between x86 and ARM).
     """
     if fit not in FITS:
         raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
     if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
         raise ValueError(f"size must be a positive integer, got {size!r}")
-    gray = np.ascontiguousarray(gray, dtype=np.float32)
-    if gray.ndim != 2 or 0 in gray.shape:
-        raise ValueError(f"fit_square needs a non-empty 2-D grey image, got shape {gray.shape}")
+    gray = grey8(gray)
     size = int(size)
     h, w = gray.shape
-    image = Image.fromarray(gray)  # mode 'F'
+    image = Image.fromarray(np.ascontiguousarray(gray), "L")
     if fit == "crop":
         side = min(h, w)
-        box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
-        out = np.asarray(image.resize((size, size), RESAMPLE, box=box, reducing_gap=REDUCING_GAP))
-    else:
-        scale = size / max(h, w)
-        new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
-        inner = np.asarray(image.resize((new_w, new_h), RESAMPLE, reducing_gap=REDUCING_GAP))
-        out = np.zeros((size, size), np.float32)
-        top, left = (size - new_h) // 2, (size - new_w) // 2
-        out[top:top + new_h, left:left + new_w] = inner
-    return np.clip(out, 0.0, 1.0, dtype=np.float32)
+        left, top = (w - side) // 2, (h - side) // 2
+        box = (left, top, left + side, top + side)
+        return np.asarray(image.resize((size, size), RESAMPLE, box=box, reducing_gap=REDUCING_GAP))
+    scale = size / max(h, w)
+    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+    out = np.zeros((size, size), np.uint8)
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    out[top:top + new_h, left:left + new_w] = image.resize((new_w, new_h), RESAMPLE,
+                                                           reducing_gap=REDUCING_GAP)
+    return out
 
 
 def equalize(image: np.ndarray) -> np.ndarray:
-    """Histogram equalisation of a [0, 1] image, exact: each value -> the share of pixels at or
-    below it. Any monotone grey curve (a scanner's windowing, gamma) gives the same output."""
-    _, inverse, counts = np.unique(image, return_inverse=True, return_counts=True)
-    cdf = np.cumsum(counts, dtype=np.float64) / image.size
-    return cdf[inverse].reshape(image.shape).astype(np.float32)
+    """Histogram equalisation of a grey image (uint8, or [0, 1] as in `grey8`) -> float32 [0, 1],
+    exact: each grey level -> the share of pixels at or below it. Any monotone grey curve (a
+    scanner's windowing, gamma) gives the same output, up to the 8-bit rounding."""
+    image = grey8(image)
+    cdf = np.cumsum(np.bincount(image.ravel(), minlength=256)) / image.size
+    return cdf.astype(np.float32)[image]
 
 
-def clahe(image: np.ndarray, tiles: int = CLAHE_TILES, clip_limit: float = CLAHE_CLIP,
-          bins: int = CLAHE_BINS) -> np.ndarray:
-    """Contrast-limited adaptive histogram equalisation of a [0, 1] image (Zuiderveld 1994, as in
-    OpenCV): each of tiles x tiles regions gets the equalisation of its own histogram, clipped at
-    `clip_limit` times a flat one so that noise in flat regions is not amplified, the clipped
-    excess spread over all bins; a pixel's value is the bilinear blend of its four nearest tiles'
-    mappings, so tile edges do not show."""
-    h, w = image.shape
-    q = np.minimum((np.asarray(image, np.float32) * np.float32(bins)).astype(np.int32), bins - 1)
+def clahe(image: np.ndarray, tiles: int = CLAHE_TILES, clip_limit: float = CLAHE_CLIP) -> np.ndarray:
+    """Contrast-limited adaptive histogram equalisation of a grey image (uint8, or [0, 1] as in
+    `grey8`) -> float32 [0, 1] (Zuiderveld 1994, as in OpenCV): each of tiles x tiles regions
+    gets the equalisation of its own 256-bin histogram, clipped at `clip_limit` times a flat one
+    so that noise in flat regions is not amplified, the clipped excess spread over all bins; a
+    pixel's value is the bilinear blend of its four nearest tiles' mappings, so tile edges do
+    not show. Histograms are integer, the rest elementwise IEEE arithmetic: the same bits on
+    every CPU."""
+    q = grey8(image)
+    bins = 256
+    h, w = q.shape
     th, tw = -(-h // tiles), -(-w // tiles)
-    padded = np.pad(q, ((0, th * tiles - h), (0, tw * tiles - w)), mode="reflect")
-    blocks = padded.reshape(tiles, th, tiles, tw).transpose(0, 2, 1, 3).reshape(tiles * tiles, th * tw)
-    offsets = np.arange(tiles * tiles)[:, None] * bins
+    if (th * tiles, tw * tiles) != (h, w):
+        q = np.pad(q, ((0, th * tiles - h), (0, tw * tiles - w)), mode="reflect")
+    blocks = q.reshape(tiles, th, tiles, tw).transpose(0, 2, 1, 3).reshape(tiles * tiles, th * tw)
+    offsets = np.arange(tiles * tiles, dtype=np.intp)[:, None] * bins
     hist = np.bincount((blocks + offsets).ravel(), minlength=tiles * tiles * bins)
     hist = hist.reshape(tiles * tiles, bins).astype(np.float64)
     limit = max(clip_limit * th * tw / bins, 1.0)
@@ -457,48 +656,92 @@ def clahe(image: np.ndarray, tiles: int = CLAHE_TILES, clip_limit: float = CLAHE
     hist = np.minimum(hist, limit) + excess / bins
     mapping = (np.cumsum(hist, axis=1) / (th * tw)).astype(np.float32).ravel()   # [tile row, tile col, bin]
 
+    corners, weights = _clahe_blend(h, w, tiles)
+    blended = (mapping[corners + q[:h, :w]] * weights).sum(axis=0)   # the 4 in order: same bits
+    return np.clip(blended, 0.0, 1.0, out=blended)
+
+
+@functools.lru_cache(maxsize=8)
+def _clahe_blend(h: int, w: int, tiles: int) -> tuple[np.ndarray, np.ndarray]:
+    """For every pixel of an h x w image, its four nearest tiles (flat offsets into CLAHE's
+    [tile row, tile col, 256 bins] mapping) and their bilinear weights, each (4, h, w): they
+    depend on the shape only, so a model's input size computes them once."""
     def neighbours(n, tile):   # per pixel: lower and upper tile index, weight of the upper one
         centre = np.arange(n, dtype=np.float32) / tile - np.float32(0.5)   # OpenCV's convention
-        low = np.floor(centre).astype(np.int32)
+        low = np.floor(centre).astype(np.intp)
         weight = np.where((low >= 0) & (low < tiles - 1), centre - low, np.float32(0)).astype(np.float32)
         return np.clip(low, 0, tiles - 1), np.clip(low + 1, 0, tiles - 1), weight
 
-    y0, y1, wy = neighbours(h, th)
-    x0, x1, wx = neighbours(w, tw)
-    rows0, rows1 = (y0 * tiles * bins)[:, None], (y1 * tiles * bins)[:, None]   # flat indices
-    cols0, cols1 = x0 * bins + q, x1 * bins + q
-    wy = wy[:, None]
-    top = mapping[rows0 + cols0] * (1 - wx) + mapping[rows0 + cols1] * wx
-    bottom = mapping[rows1 + cols0] * (1 - wx) + mapping[rows1 + cols1] * wx
-    return np.clip(top * (1 - wy) + bottom * wy, 0.0, 1.0)
+    y0, y1, wy = neighbours(h, -(-h // tiles))
+    x0, x1, wx = neighbours(w, -(-w // tiles))
+    rows = [(y0 * tiles * 256)[:, None], (y1 * tiles * 256)[:, None]]
+    cols = [(x0 * 256)[None, :], (x1 * 256)[None, :]]
+    row_weights = [(np.float32(1) - wy)[:, None], wy[:, None]]
+    col_weights = [(np.float32(1) - wx)[None, :], wx[None, :]]
+    corners = np.stack([rows[i] + cols[j] for i in (0, 1) for j in (0, 1)])
+    weights = np.stack([row_weights[i] * col_weights[j] for i in (0, 1) for j in (0, 1)])
+    for array in (corners, weights):
+        array.flags.writeable = False     # shared by every call
+    return corners, weights
 
 
 def trim_borders(gray: np.ndarray) -> np.ndarray:
     """The image without uniform rows and columns at its edges (grey std < BORDER_STD), at most
-    BORDER_MAX_TRIM of each side from each edge: black letterboxing, white scanner frames."""
-    def kept(stds: np.ndarray) -> slice:
-        limit = int(len(stds) * BORDER_MAX_TRIM)
-        busy = np.flatnonzero(stds >= BORDER_STD)
+    BORDER_MAX_TRIM of each side from each edge: black letterboxing, white scanner frames.
+    Any grey image (see `grey8`); the result is uint8."""
+    gray = grey8(gray)
+    limit8 = BORDER_STD * 255
+
+    def uniform(lines: np.ndarray, axis: int) -> np.ndarray:   # std < limit, in exact integers
+        n = lines.shape[axis]
+        x = lines.astype(np.uint16)                                    # 255^2 fits in 16 bits
+        n2var = n * (x * x).sum(axis=axis, dtype=np.int64) - x.sum(axis=axis, dtype=np.int64) ** 2
+        return n2var < (limit8 * n) ** 2
+
+    def kept(still: np.ndarray) -> slice:
+        limit = int(len(still) * BORDER_MAX_TRIM)
+        busy = np.flatnonzero(~still)
         if busy.size == 0:
-            return slice(0, len(stds))
-        return slice(min(busy[0], limit), len(stds) - min(len(stds) - 1 - busy[-1], limit))
+            return slice(0, len(still))
+        return slice(min(busy[0], limit), len(still) - min(len(still) - 1 - busy[-1], limit))
 
     # a row's std from at most ~BORDER_SAMPLES of its pixels (and a column's alike): a 7000-pixel
     # film costs no more than a small one, and uniformity shows as well
     col_step, row_step = max(1, gray.shape[1] // BORDER_SAMPLES), max(1, gray.shape[0] // BORDER_SAMPLES)
-    rows = kept(gray[:, ::col_step].std(axis=1))
-    cols = kept(gray[rows][::row_step].std(axis=0))
+    rows = kept(uniform(gray[:, ::col_step], 1))
+    cols = kept(uniform(gray[rows][::row_step], 0))
     return gray[rows, cols]
 
 
+# ---------------------------------------------------------------------------------------------
+# lung step (InputSpec.lung_crop): the logic lives in edge_app.lungs, this is its place in `square`
+
+def lung_step(gray: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """The image cropped to its lung field (after the border trim, before fitting the square).
+
+    Refuses with InputError `no_chest_found` when no plausible lung field is found; needs the
+    segmenter named by spec.lung_model to be opened first (`edge_app.lungs.use`)."""
+    if spec.lung_crop == "none":
+        return gray
+    from edge_app import lungs   # lazily: lungs imports this module
+
+    return lungs.crop(gray, spec)
+
+
+# ---------------------------------------------------------------------------------------------
+
 def square(gray: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """[border trim], fit_square, [contrast]: the (size, size) [0, 1] image before normalise."""
+    """[border trim], [lung crop], fit_square, [contrast]: the (size, size) float32 [0, 1] image
+    before normalise, from any grey image (see `grey8`)."""
     if spec.borders == "trim":
         gray = trim_borders(gray)
-    out = fit_square(gray, spec.size, spec.fit)
+    gray = lung_step(grey8(gray), spec)
+    out = fit_square8(gray, spec.size, spec.fit)
     if spec.contrast == "equalize":
         return equalize(out)
-    return clahe(out) if spec.contrast == "clahe" else out
+    if spec.contrast == "clahe":
+        return clahe(out)
+    return out / np.float32(255)
 
 
 def normalise(images: np.ndarray, spec: InputSpec) -> np.ndarray:
@@ -513,20 +756,20 @@ def normalise(images: np.ndarray, spec: InputSpec) -> np.ndarray:
         raise ValueError(f"normalise expects (..., {spec.size}, {spec.size}) images, got {x.shape}")
     if spec.normalisation in ("caffe", "torch") and spec.channels != 3:
         raise ValueError(f"normalisation {spec.normalisation!r} needs channels=3, got {spec.channels}")
-    x = np.repeat(x[..., None], spec.channels, axis=-1)
-    if spec.normalisation == "unit":
-        out = x
-    elif spec.normalisation == "symmetric":
-        out = x * np.float32(2) - np.float32(1)
+    x = x[..., None]
+    if spec.normalisation == "caffe":
+        return x * np.float32(255) - CAFFE_BGR_MEAN          # broadcast over the 3 channels
+    if spec.normalisation == "torch":
+        return (x - TORCH_MEAN) / TORCH_STD
+    if spec.normalisation == "symmetric":
+        x = x * np.float32(2) - np.float32(1)
     elif spec.normalisation == "raw255":
-        out = x * np.float32(255)
-    elif spec.normalisation == "caffe":
-        out = x * np.float32(255) - CAFFE_BGR_MEAN
-    elif spec.normalisation == "torch":
-        out = (x - TORCH_MEAN) / TORCH_STD
-    else:
+        x = x * np.float32(255)
+    elif spec.normalisation != "unit":
         raise ValueError(f"unknown normalisation {spec.normalisation!r}; known: {NORMALISATIONS}")
-    return out.astype(np.float32, copy=False)
+    out = np.empty(x.shape[:-1] + (spec.channels,), np.float32)
+    out[...] = x                                  # grey: the same value in every channel
+    return out
 
 
 def load(source, spec: InputSpec, *, strict: bool = False) -> np.ndarray:

@@ -24,9 +24,28 @@ import threading
 import numpy as np
 
 from edge_app.errors import ModelError
+from edge_app.tflite_metadata import float_io
 
 ACCELERATORS = ("auto", "gpu", "cpu")
 FLOAT_IO_ONLY = "CompiledModel backend runs float-I/O models only"  # int8-I/O models use the Interpreter
+# "1": a machine without a GPU adapter fails the GPU checks instead of skipping them (CI, where
+# SwiftShader is installed: losing the Vulkan driver must fail loudly, not skip quietly).
+REQUIRE_GPU_ENV = "CXR_EDGE_REQUIRE_GPU"
+# What Dawn/LiteRT log when Vulkan has no device to offer, or no Vulkan loader exists at all.
+NO_ADAPTER_SIGNS = ("No adapters found", "Couldn't load Vulkan")
+
+
+class NoGpuAdapter(ModelError):
+    """The machine has no GPU adapter (no Vulkan device): the GPU path cannot run here, which
+    says nothing about the model or the accelerator."""
+
+    def __init__(self, sign: str, detail: str):
+        super().__init__("no_gpu_adapter", f"no GPU adapter on this machine (LiteRT: {sign})")
+        self.detail = detail  # the exception and LiteRT's error lines
+
+
+def gpu_required() -> bool:
+    return os.environ.get(REQUIRE_GPU_ENV, "") == "1"
 
 
 class InterpreterBackend:
@@ -165,9 +184,14 @@ def open_backend(model_bytes: bytes, *, accelerator: str = "auto", num_threads: 
     if gpu_delegate:
         candidates += [(f"{name}+gpu-delegate", _interpreter_factory(module, model_bytes, num_threads, gpu_delegate))
                        for name, module in interpreters]
-    if accelerator in ("auto", "gpu"):
-        candidates.append(("litert-compiled-gpu", lambda: CompiledModelBackend(model_bytes, "gpu", num_threads)))
-    candidates.append(("litert-compiled-cpu", lambda: CompiledModelBackend(model_bytes, "cpu", num_threads)))
+    compiled = ["gpu", "cpu"] if accelerator in ("auto", "gpu") else ["cpu"]
+    if float_io(model_bytes) is False:   # known from the file: not worth importing CompiledModel (seconds)
+        attempts += [(f"litert-compiled-{a}", f"ModelError: {FLOAT_IO_ONLY}") for a in compiled]
+        compiled = []
+    candidates += [(f"litert-compiled-{a}",
+                    (lambda: open_gpu(model_bytes, num_threads)) if a == "gpu"
+                    else (lambda: CompiledModelBackend(model_bytes, "cpu", num_threads)))
+                   for a in compiled]
     cpu_interpreters = interpreters + (("tf.lite", "tensorflow"),)
     refusal_means_invalid = {name for name, _ in cpu_interpreters}
     candidates += [(name, _interpreter_factory(module, model_bytes, num_threads, None))
@@ -179,6 +203,23 @@ def open_backend(model_bytes: bytes, *, accelerator: str = "auto", num_threads: 
             return backend, attempts
     detail = "; ".join(f"{n}: {why}" for n, why in attempts)
     raise ModelError("no_runtime", f"no TFLite runtime could load the model ({detail})")
+
+
+def open_gpu(model_bytes: bytes, num_threads: int) -> CompiledModelBackend:
+    """CompiledModel on the GPU accelerator. NoGpuAdapter where the machine has none; any other
+    failure is raised with LiteRT's own error lines in its message."""
+    native: list[str] = []
+    try:
+        with _native_log(native):
+            return CompiledModelBackend(model_bytes, "gpu", num_threads)
+    except ModelError:
+        raise
+    except Exception as exc:
+        reason = _reason(exc, native)
+        for sign in NO_ADAPTER_SIGNS:
+            if sign in reason:
+                raise NoGpuAdapter(sign, reason) from exc
+        raise RuntimeError(reason) from exc
 
 
 @contextlib.contextmanager
@@ -215,6 +256,8 @@ def _reason(exc: Exception, native: list[str]) -> str:
     errors = [line.strip() for line in native  # error lines, and Dawn's "Couldn't load Vulkan"
               if line.startswith(("ERROR", "E0")) or "Couldn't load" in line]
     reason = f"{type(exc).__name__}: {exc}"
+    if "[native log:" in reason:  # open_gpu's, already explained
+        return reason
     return reason + (f" [native log: {' | '.join(errors[-3:])}]" if errors else "")
 
 

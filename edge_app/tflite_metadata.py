@@ -1,4 +1,4 @@
-"""Read and write the model card embedded in a `.tflite` file.
+"""Read and write the model card embedded in a `.tflite` file; read its signature's I/O types.
 
 A TFLite flatbuffer has a `metadata` list of (name, buffer index) pairs; the card is stored
 there as UTF-8 JSON under CARD_METADATA_NAME, so the file alone describes itself. The schema
@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 CARD_METADATA_NAME = "cxr_edge_model_card"
+MAX_SIGNATURE_TENSORS = 64   # far above this project's (one input, four outputs)
 
 
 def _schema():
@@ -33,6 +34,26 @@ def read_metadata(model_bytes: bytes) -> dict[str, bytes]:
             data = bytes(model_bytes[buffer.Offset(): buffer.Offset() + buffer.Size()])
         entries[meta.Name().decode()] = data
     return entries
+
+
+def float_io(model_bytes: bytes) -> bool | None:
+    """Whether every input and output of the model's default signature is float32 (what the
+    CompiledModel API runs), read from the flatbuffer without loading a runtime; None when the
+    flatbuffer cannot tell (no signature, or damaged): the runtimes then say what is wrong."""
+    try:
+        schema = _schema()
+        model = schema.Model.GetRootAs(model_bytes, 0)
+        if not model.SignatureDefsLength():
+            return None
+        signature = model.SignatureDefs(0)
+        tensors = model.Subgraphs(signature.SubgraphIndex())
+        inputs, outputs = signature.InputsLength(), signature.OutputsLength()
+        if inputs + outputs > MAX_SIGNATURE_TENSORS:   # a damaged length: not worth walking
+            return None
+        ends = [signature.Inputs(i) for i in range(inputs)] + [signature.Outputs(i) for i in range(outputs)]
+        return all(tensors.Tensors(end.TensorIndex()).Type() == schema.TensorType.FLOAT32 for end in ends)
+    except Exception:  # noqa: BLE001 - a damaged flatbuffer raises anything; None = cannot tell
+        return None
 
 
 def write_metadata(model_bytes: bytes, name: str, data: bytes) -> bytes:

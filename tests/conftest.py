@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from edge_app.runtime import REQUIRE_GPU_ENV, gpu_required
+
 REPO = Path(__file__).resolve().parents[1]
+SWIFTSHADER = {"VK_ICD_FILENAMES": "/usr/lib/chromium/vk_swiftshader_icd.json", "XDG_RUNTIME_DIR": "/tmp"}
 
 
 def shared_dir() -> Path:
@@ -31,6 +34,19 @@ def shared_weights() -> Path:
     if not path.is_dir():
         pytest.fail(f"the shared Keras weights are missing at {path}; set CXR_SHARED")
     return path
+
+
+@pytest.fixture(scope="session")
+def swiftshader():
+    """SwiftShader's Vulkan, where chromium is installed. Without it the GPU path has nothing to
+    run on: skipped with the reason, unless CXR_EDGE_REQUIRE_GPU=1 (CI) makes that a failure."""
+    if not Path(SWIFTSHADER["VK_ICD_FILENAMES"]).is_file():
+        why = f"no GPU adapter: SwiftShader is not installed ({SWIFTSHADER['VK_ICD_FILENAMES']}; " \
+              "scripts/install-system-deps.sh installs chromium)"
+        if gpu_required():
+            pytest.fail(f"{REQUIRE_GPU_ENV}=1 but {why}")
+        pytest.skip(why)
+    return SWIFTSHADER
 
 
 def run_module(*args, check=True, env=None, timeout=900) -> subprocess.CompletedProcess:
@@ -68,23 +84,38 @@ def tiny_dataset(tmp_path_factory, shared_data) -> Path:
     return copy_subset(shared_data, tmp_path_factory.mktemp("tiny_cxr"), {"train": 12, "val": 6, "test": 6})
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory, tiny_dataset) -> Path:
-    """A small CNN trained for two epochs at 64 px and converted to every TFLite variant
-    (quantisation-aware and 50 % pruned ones included, each fine-tuned for one short epoch).
+def _train_and_convert(run: Path, tiny_dataset: Path, *convert_args) -> Path:
+    """A small CNN trained for two epochs at 64 px and converted with `convert_args`.
 
     The parity budgets are opened wide here: a two-epoch model on 18 test images proves the
     pipeline, not accuracy (the parity gate itself is tested on its own). No CLAHE: at 64 px its
     8-pixel tiles mostly amplify noise and the two-epoch CNN answers a constant, which the parity
     tests cannot use (CLAHE's train/device identity: test_pipeline_parity).
     """
-    run = tmp_path_factory.mktemp("runs") / "tiny"
-    run_module("train", "--model", "cnn", "--weights", "none", "--data", tiny_dataset, "--out", run,
-               "--image-size", "64", "--epochs", "2", "--strategy", "full", "--batch-size", "8",
+    run_module("train", "--model", "cnn", "--data", tiny_dataset, "--out", run,
+               "--image-size", "64", "--epochs", "2", "--batch-size", "8",
                "--input-contrast", "none", "--bootstrap", "0", "--no-progress")
-    run_module("convert", run, "--no-progress", "--prune", "0.5", *[f"--budget={v}=100" for v in
+    run_module("convert", run, "--no-progress", *convert_args, *[f"--budget={v}=100" for v in
                                                   ("fp32", "dynamic", "fp16", "int8", "qat", "pruned")])
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_dataset) -> Path:
+    """The small CNN converted to every TFLite variant (quantisation-aware and 50 % pruned ones
+    included, each fine-tuned for one short epoch)."""
+    return _train_and_convert(tmp_path_factory.mktemp("runs") / "tiny", tiny_dataset, "--prune", "0.5")
+
+
+@pytest.fixture(scope="session")
+def device_run(request, tmp_path_factory, tiny_dataset) -> Path:
+    """A run with the post-training variants only (fp32, dynamic, fp16, int8), for the device
+    tests (`pytest -m device`, `make test-device`): no fine-tuned variant, so it is built in a
+    fraction of tiny_run's time. Where this session needs tiny_run anyway, that one is used."""
+    if any("tiny_run" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        return request.getfixturevalue("tiny_run")
+    return _train_and_convert(tmp_path_factory.mktemp("runs") / "device", tiny_dataset,
+                              "--variants", "fp32", "dynamic", "fp16", "int8")
 
 
 def with_card(model: Path, dest: Path, **changes) -> Path:
@@ -98,3 +129,31 @@ def with_card(model: Path, dest: Path, **changes) -> Path:
     dest.write_bytes(write_metadata(data, CARD_METADATA_NAME,
                                     dataclasses.replace(card, **changes).to_json().encode()))
     return dest
+
+
+@pytest.fixture(scope="session")
+def lung_segmenter(tmp_path_factory) -> Path:
+    """A stand-in lung segmenter `.tflite` (96 px, card embedded): lung where the image is neither
+    black nor white inside two lung-shaped ellipses (a black or a white film: no lungs). Not trained: it exercises the
+    pipeline, not the segmentation (train.lungs trains the real one)."""
+    import numpy as np
+
+    import train  # noqa: F401
+    import tensorflow as tf
+    import tf_keras as keras
+
+    from convert.export import convert
+    from edge_app import lungs, preprocess
+
+    size = 96
+    yy, xx = np.mgrid[:size, :size] / size
+    prior = np.full((size, size), -15.0, np.float32)
+    for cx in (0.3, 0.7):
+        prior[((xx - cx) / 0.14) ** 2 + ((yy - 0.5) / 0.3) ** 2 < 1] = 1.0
+    image = keras.Input((size, size, 1), name="image")   # lung: inside an ellipse, grey 0.05-0.8
+    logits = keras.layers.Lambda(lambda x: prior[None, ..., None] + 20.0 * tf.minimum(x - 0.05, 0.8 - x),
+                                 name="lung_logits")(image)
+    card = lungs.LungCard(name="test-prior", input=preprocess.InputSpec(size=size, fit="pad"), variant="fp32")
+    path = tmp_path_factory.mktemp("lungs") / "lungs.tflite"
+    path.write_bytes(lungs.with_card(convert(keras.Model(image, logits), "fp32"), card))
+    return path

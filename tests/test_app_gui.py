@@ -17,6 +17,8 @@ from edge_app.history import file_sha256
 from test_history import corrupt_middle_page, filled
 from test_preprocess import write_dicom
 
+pytestmark = pytest.mark.device  # make test-device: no training beyond device_run
+
 DRIVER = REPO / "tests" / "gui_driver.py"
 
 
@@ -52,8 +54,8 @@ def images(tiny_dataset, tmp_path_factory):
 
 
 @pytest.mark.parametrize("size", ["1280x800", "800x480"])
-def test_app_screens_an_xray_like_the_cli_and_records_it(tmp_path, tiny_run, images, size):
-    model = tiny_run / "tflite" / "int8.tflite"
+def test_app_screens_an_xray_like_the_cli_and_records_it(tmp_path, device_run, images, size):
+    model = device_run / "tflite" / "int8.tflite"
     seen = drive("screen", tmp_path, images, "--model", model, "--accelerator", "cpu",
                  "--start-dir", images["good"][0].parent, "--size", size)
     cli = json.loads(run_module("edge_app", "predict", *images["good"], "--model", model, "--json").stdout)
@@ -102,8 +104,8 @@ def test_app_screens_an_xray_like_the_cli_and_records_it(tmp_path, tiny_run, ima
         assert (tmp_path / f"{name}.png").stat().st_size > 10_000
 
 
-def test_app_withholds_the_label_of_an_image_unlike_the_training_images(tmp_path, tiny_run, images):
-    model = tiny_run / "tflite" / "fp32.tflite"   # the float variants carry the OOD score
+def test_app_withholds_the_label_of_an_image_unlike_the_training_images(tmp_path, device_run, images):
+    model = device_run / "tflite" / "fp32.tflite"   # the float variants carry the OOD score
     card = json.loads(run_module("edge_app", "info", "--model", model).stdout)["card"]
     doctored = with_card(model, tmp_path / "strict.tflite", thresholds={**card["thresholds"], "ood": 0.0})
     seen = drive("screen", tmp_path / "app", images, "--model", doctored, "--accelerator", "cpu",
@@ -114,12 +116,12 @@ def test_app_withholds_the_label_of_an_image_unlike_the_training_images(tmp_path
     assert (tmp_path / "app" / "result.png").stat().st_size > 10_000
 
 
-def test_app_on_a_damaged_history_stops_screening_until_a_new_one_is_started(tmp_path, tiny_run, images):
+def test_app_on_a_damaged_history_stops_screening_until_a_new_one_is_started(tmp_path, device_run, images):
     damaged = filled(tmp_path / "history.sqlite3", rows=200)   # where drive() points the app
     corrupt_middle_page(damaged)
     before = file_sha256(damaged)
 
-    seen = drive("broken_history", tmp_path, images, "--model", tiny_run / "tflite" / "int8.tflite",
+    seen = drive("broken_history", tmp_path, images, "--model", device_run / "tflite" / "int8.tflite",
                  "--accelerator", "cpu", "--start-dir", images["good"][0].parent, "--size", "800x480",
                  screen="800x480")
     assert seen["problem"].startswith("Screening is stopped") and "[history_corrupt]" in seen["problem"]
@@ -138,8 +140,8 @@ def test_app_on_a_damaged_history_stops_screening_until_a_new_one_is_started(tmp
     assert (tmp_path / "broken_history.png").stat().st_size > 10_000
 
 
-def test_kiosk_is_fullscreen_needs_the_pin_and_resets_when_idle(tmp_path, tiny_run, images):
-    seen = drive("kiosk", tmp_path, images, "--model", tiny_run / "tflite" / "int8.tflite",
+def test_kiosk_is_fullscreen_needs_the_pin_and_resets_when_idle(tmp_path, device_run, images):
+    seen = drive("kiosk", tmp_path, images, "--model", device_run / "tflite" / "int8.tflite",
                  "--accelerator", "cpu", "--kiosk", "--pin", "2468", "--idle-reset", "2",
                  "--start-dir", images["good"][0].parent, screen="800x480")
     assert seen["fullscreen"] == "auto" and seen["window"] == [800, 480]

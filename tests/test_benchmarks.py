@@ -13,10 +13,10 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from benchmarks import compare, gates, results as results_mod
+from benchmarks import clinic_files, compare, gates, results as results_mod
 from benchmarks.release import main as release_main
 from edge_app.classifier import Classifier
-from tests.conftest import REPO
+from tests.conftest import REPO, run_module
 
 VARIANTS = ("dynamic", "fp16", "fp32", "int8", "pruned-fp32", "pruned-int8", "pruned-qat", "qat")  # tiny_run's
 PERMISSIVE = """
@@ -49,14 +49,32 @@ def variant(kind, f1, raw, pipeline, mib=2.0):
                          **stats(ms)} for t in (1, 2, 4) for stage, ms in (("raw", raw), ("pipeline", pipeline))]}
 
 
+def clinic_stage(decode=100.0, library=95.0, preprocess=8.0, inference=10.0):
+    """One kind's figures as benchmarks/test_clinic.py records them (ratios of these medians here)."""
+    total = decode + preprocess + inference + 1.0
+    return {"stages_ms": {"decode": decode, "preprocess": preprocess, "inference": inference, "postprocess": 1.0,
+                          "total": total},
+            "library_decode_ms": library, "decode_vs_library": decode / library,
+            "preprocess_vs_inference": preprocess / inference,
+            "pipeline_vs_library_and_inference": total / (library + inference), "rounds": 5}
+
+
 @pytest.fixture
 def measured() -> dict:
     """Results of a healthy run: every gate of benchmarks/gates.toml passes."""
+    clinic = {"runtime": "litert-cpu", "threads": 2, "pipeline_kind": "dicom-mono2", "reference_kind": "devset",
+              "files": {},
+              "stages": {v: {"devset": clinic_stage(decode=9.0, library=1.0),  # the reference: never gated
+                             "png16": clinic_stage(), "dicom-mono2": clinic_stage()} for v in ("fp32", "int8")},
+              "memory": {v: {"kind": "dicom-3k", "peak_rss_mib": 150.0, "rss_before_load_mib": 60.0}
+                         for v in ("fp32", "int8")},
+              "cold_start": {"cli": {"available": True, "median_s": 0.6}, "app": {"available": True, "median_s": 0.9}}}
     return {"model": {"labels": ["normal", "pneumonia", "covid"]},
             "variants": {"keras": variant("keras", 0.90, 30.0, 34.0, 8.0),
                          "fp32": {**variant("tflite", 0.90, 20.0, 24.0, 8.0),
                                   "ood": {"carried": True, "test_flagged": 0.01, "nonradiograph_flagged": 1.0}},
-                         "int8": {**variant("tflite", 0.895, 10.0, 14.0, 2.0), "ood": {"carried": False}}}}
+                         "int8": {**variant("tflite", 0.895, 10.0, 14.0, 2.0), "ood": {"carried": False}}},
+            "clinic": clinic}
 
 
 def test_healthy_measurements_pass_every_gate(measured):
@@ -99,6 +117,19 @@ def test_without_tensorflow_the_drops_use_the_recorded_keras_metrics(measured):
     (lambda r: r["variants"]["fp32"]["ood"].update(nonradiograph_flagged=0.5), "ood.min_nonradiograph_flagged[fp32]"),
     (lambda r: r["variants"]["fp32"]["ood"].update(test_flagged=0.2), "ood.max_test_flagged[fp32]"),
     (lambda r: r["variants"]["fp32"].pop("ood"), "ood.max_test_flagged[fp32]"),                 # not measured
+    (lambda r: r["clinic"]["stages"]["int8"].update(png16=clinic_stage(decode=169.0, library=100.0)),
+     "clinic.png16.max_decode_vs_library[int8]"),
+    (lambda r: r["clinic"]["stages"]["fp32"].update(png16=clinic_stage(preprocess=12.0)),
+     "clinic.png16.max_preprocess_vs_inference[fp32]"),
+    (lambda r: r["clinic"]["stages"]["int8"].update({"dicom-mono2": clinic_stage(decode=115.0, library=40.0)}),
+     "clinic.dicom-mono2.max_pipeline_vs_library_and_inference[int8]"),
+    (lambda r: r["clinic"]["stages"]["fp32"].pop("dicom-mono2"),                               # not measured
+     "clinic.dicom-mono2.max_pipeline_vs_library_and_inference[fp32]"),
+    (lambda r: r["clinic"]["memory"]["fp32"].update(peak_rss_mib=320.0), "clinic.dicom-3k.max_peak_rss_mib[fp32]"),
+    (lambda r: r["clinic"]["cold_start"]["app"].update(median_s=1.4), "clinic.app.max_cold_start_s[int8]"),
+    (lambda r: r["clinic"]["cold_start"].update(cli={"available": False, "reason": "no X"}),   # not measured
+     "clinic.cli.max_cold_start_s[int8]"),
+    (lambda r: r.pop("clinic"), "clinic.files.max_decode_vs_library[fp32]"),                  # an older results file
 ])
 def test_a_failing_measurement_fails_its_gate_and_the_command(measured, tmp_path, capsys, spoil, failed):
     spoil(measured)
@@ -108,6 +139,15 @@ def test_a_failing_measurement_fails_its_gate_and_the_command(measured, tmp_path
     path.write_text(json.dumps(measured))
     assert gates.main([str(path)]) == 1
     assert failed in capsys.readouterr().out.splitlines()[-1]
+
+
+def test_a_failed_clinic_gate_says_which_kind_and_stage_and_by_how_much(measured):
+    measured["clinic"]["stages"]["int8"]["png16"] = clinic_stage(decode=169.0, library=100.0)
+    rows = gates.evaluate(measured, gates.load_gates())
+    (row,) = [r for r in rows if not r.passed]
+    assert row.name == "clinic.png16.max_decode_vs_library[int8]" and row.measured == pytest.approx(1.69)
+    assert "png16: decode 169.0 ms vs library decode 100.0 ms, +41% vs the limit" in gates.table(rows)
+    assert not [r for r in rows if ".devset." in r.gate]   # the development-set image is only a reference
 
 
 def test_device_budgets_are_checked_only_with_a_device(measured):
@@ -178,6 +218,8 @@ def test_benchmark_suite_measures_every_variant(suite, tiny_run):
     results = json.loads(path.read_text())
     results_mod.validate(results)
     assert set(results["variants"]) == {"keras", *VARIANTS}
+    gpu = results["runtimes"]["litert-gpu"]
+    assert gpu["available"] or gpu["reason"].startswith("no GPU adapter on this machine"), gpu
     for name in VARIANTS:
         v = results["variants"][name]
         assert v["sha256"] == hashlib.sha256((tiny_run / "tflite" / f"{name}.tflite").read_bytes()).hexdigest()
@@ -188,8 +230,10 @@ def test_benchmark_suite_measures_every_variant(suite, tiny_run):
         assert v["load_ms"]["median_ms"] > 0 and 0 <= v["metrics"]["macro_f1"] <= 1
         assert v["metrics"]["n"] == results["test_split"]["n"] == 18
         # the benchmarks skip a latency only where a runtime cannot run a variant, and record why: in CI
-        # that must be exactly the int8-I/O variants on the float-only CompiledModel (CPU and GPU)
-        expected = {"litert-compiled-cpu", "litert-gpu"} if name in ("int8", "qat", "pruned-int8", "pruned-qat") else set()
+        # that must be exactly the int8-I/O variants on the float-only CompiledModel (CPU, and GPU
+        # where this machine has a GPU adapter: else litert-gpu is unavailable as a whole, below)
+        compiled = {"litert-compiled-cpu"} | ({"litert-gpu"} if gpu["available"] else set())
+        expected = compiled if name in ("int8", "qat", "pruned-int8", "pruned-qat") else set()
         assert {u["runtime"] for u in v["unavailable"]} == expected, v["unavailable"]
         assert all("CompiledModel backend runs float-I/O models only" in u["reason"] for u in v["unavailable"])
         carries = Classifier(tiny_run / "tflite" / f"{name}.tflite", accelerator="cpu").info["ood_warning"]
@@ -199,6 +243,19 @@ def test_benchmark_suite_measures_every_variant(suite, tiny_run):
         pipeline = next(r for r in v["latency"] if (r["runtime"], r["threads"], r["stage"]) == ("litert-cpu", 2, "pipeline"))
         assert pipeline["overhead_ratio"] >= 1 and set(pipeline["stages_ms"]) >= {"decode", "inference", "total"}
     assert set(results["speedup_vs_fp32"]) == set(VARIANTS) - {"fp32"}
+    clinic = results["clinic"]
+    assert set(clinic["files"]) == {"devset", *clinic_files.KINDS} and clinic["pipeline_kind"] == "dicom-mono2"
+    assert all(2000 <= min(f["width"], f["height"]) <= max(f["width"], f["height"]) <= 3000
+               for kind, f in clinic["files"].items() if kind != "devset")
+    for name in VARIANTS:
+        assert set(clinic["stages"][name]) == set(clinic["files"])
+        for m in clinic["stages"][name].values():
+            assert m["library_decode_ms"] > 0 and m["stages_ms"]["inference"] > 0
+            assert m["stages_ms"]["total"] >= m["stages_ms"]["decode"] + m["stages_ms"]["preprocess"]
+        memory = clinic["memory"][name]
+        assert memory["kind"] == "dicom-3k" and memory["peak_rss_mib"] > memory["rss_before_load_mib"] > 0
+    assert clinic["cold_start"]["cli"]["median_s"] > 0 and clinic["cold_start"]["cli"]["imports_ms"] > 0
+    assert clinic["cold_start"]["app"]["median_s"] > 0   # xvfb is installed wherever the GUI tests run
     assert results["ratios"]["int8_speedup"] == results["speedup_vs_fp32"]["int8"]["speedup"]
     keras = results["variants"]["keras"]
     assert keras["metrics"]["n"] == 18 and gates.latency(keras, "pipeline", 2, "keras") > 0
@@ -206,7 +263,23 @@ def test_benchmark_suite_measures_every_variant(suite, tiny_run):
     assert results["runtimes"]["tflite-runtime"]["reason"]
     assert path.with_suffix(".md").read_text().startswith("# Benchmark: tiny")
     assert path.with_name(path.stem + "-pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert path.with_name(path.stem + "-clinic.png").read_bytes()[:4] == b"\x89PNG"
+    assert "## Full-size clinic files" in path.with_suffix(".md").read_text()
     assert (tiny_run / "reports" / "benchmark.json").is_file()
+
+
+@pytest.mark.slow
+def test_summary_shows_latency_gates_and_the_failed_gate(suite, tiny_run):
+    proc, path = suite
+    results = json.loads(path.read_text())
+    out = run_module("benchmarks.summary", tiny_run).stdout
+    for name in VARIANTS:
+        row = next(line for line in out.splitlines() if line.startswith(f"{name} "))
+        assert f"{gates.latency(results['variants'][name], 'pipeline', 2):.1f}" in row
+    total = len(results["gates"]["rows"])
+    assert f"release gates: {total - len(results['gates']['failed'])} of {total} passed" in out
+    size = next(line for line in out.splitlines() if line.startswith("  size.max_mib (limit <= 0.0001 MiB): "))
+    assert all(f"{name} " in size for name in VARIANTS)  # one line for every variant that failed it
 
 
 @pytest.mark.slow

@@ -105,7 +105,7 @@ def test_parity_gate_fails_a_damaged_model_and_passes_a_good_one(tiny_run, tmp_p
     assert any(f.startswith("val macro_f1 dropped") for f in bad["gate"]["failures"]), bad["gate"]
 
 
-def test_fp16_runs_fully_accelerated_on_the_gpu_accelerator(tiny_run, tiny_dataset, conversion):
+def test_fp16_runs_fully_accelerated_on_the_gpu_accelerator(swiftshader, tiny_run, tiny_dataset, conversion):
     """On SwiftShader's Vulkan (CI) or a real GPU: every op on the GPU, outputs as on the CPU."""
     from convert import gpu
     from convert.config import ConvertConfig

@@ -378,25 +378,30 @@ def test_shared_manifest_matches_its_readme():
         pytest.fail(f"the shared chest X-ray set is missing at {SHARED_CXR}; set CXR_SHARED")
     dataset = load_dataset(SHARED_CXR, check_readable=False, progress=False)
     assert isinstance(dataset, Dataset) and dataset.layout == "manifest"
-    assert dataset.counts() == {"train": {"normal": 1262, "pneumonia": 742, "covid": 143},
-                                "val": {"normal": 271, "pneumonia": 159, "covid": 31},
-                                "test": {"normal": 270, "pneumonia": 159, "covid": 31}}
-    assert len(dataset.records) == 3068 and not dataset.report.unreadable
+    assert dataset.counts() == {"train": {"normal": 1262, "pneumonia": 843, "covid": 143},
+                                "val": {"normal": 271, "pneumonia": 181, "covid": 31},
+                                "test": {"normal": 270, "pneumonia": 180, "covid": 31}}
+    assert len(dataset.records) == 3212 and not dataset.report.unreadable
     assert sum(n["covid"] for n in dataset.sources().values()) == 205
     assert patients_in_one_split(dataset.records)
 
 
 def test_leave_one_source_out_on_the_shared_set():
-    # sources are the manifest's source_repo: the Kermany copy, the RSNA-normals copy, ieee8023's copy
-    kermany, rsna, ieee = ("lecuong1502/BTL_Machine_Learning",
-                           "rtchanon/Machine-Learning-for-COVID-19-detection-from-chest-X-RAYS",
-                           "s-mostafa-a/covid-chestxray-dataset")
+    # sources are the manifest's source_repo: the Kermany copy, the RSNA-normals copy, ieee8023's
+    # copy, and the RSNA lung-opacity (adult pneumonia) copy
+    kermany, rsna, ieee, rsna_pneumonia = ("lecuong1502/BTL_Machine_Learning",
+                                           "rtchanon/Machine-Learning-for-COVID-19-detection-from-chest-X-RAYS",
+                                           "s-mostafa-a/covid-chestxray-dataset", "jas127/PS_Covid19")
     dataset = load_dataset(SHARED_CXR, check_readable=False, progress=False)
     rest, held_out = dataset.without_source(rsna)
     assert len(held_out) == 800 and {r.source for r in held_out} == {rsna}
     assert {r.label for r in held_out} == {"normal"}
-    assert len(rest.records) == len(dataset.records) - 800 and set(rest.sources()) == {kermany, ieee}
-    with pytest.raises(ValueError, match="sources: lecuong1502"):
+    assert len(rest.records) == len(dataset.records) - 800
+    assert set(rest.sources()) == {kermany, ieee, rsna_pneumonia}
+    rest, held_out = dataset.without_source(rsna_pneumonia)
+    assert len(held_out) == 144 and {r.label for r in held_out} == {"pneumonia"}
+    assert [sum(r.split == s for r in held_out) for s in ("train", "val", "test")] == [101, 22, 21]
+    with pytest.raises(ValueError, match="sources: jas127/PS_Covid19, lecuong1502"):
         dataset.without_source("nih")
     # ieee8023 holds every COVID-19 image: without it the 3-class task cannot be trained
     with pytest.raises(ValueError, match="class 'covid' has no images .* without source 's-mostafa-a"):

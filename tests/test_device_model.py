@@ -12,16 +12,18 @@ from edge_app.errors import InputError, ModelError
 from edge_app.model_card import ModelCard
 from edge_app.tflite_metadata import CARD_METADATA_NAME, read_metadata, write_metadata
 
+pytestmark = pytest.mark.device  # make test-device: no training beyond device_run
+
 
 @pytest.fixture(scope="module")
-def int8_path(tiny_run) -> Path:
-    return tiny_run / "tflite" / "int8.tflite"
+def int8_path(device_run) -> Path:
+    return device_run / "tflite" / "int8.tflite"
 
 
-def test_embedded_card_round_trips(tiny_run):
-    trained = ModelCard.from_json((tiny_run / "model_card.json").read_text())
+def test_embedded_card_round_trips(device_run):
+    trained = ModelCard.from_json((device_run / "model_card.json").read_text())
     for variant in ("fp32", "dynamic", "fp16", "int8"):
-        _, card = load_model_file(tiny_run / "tflite" / f"{variant}.tflite")
+        _, card = load_model_file(device_run / "tflite" / f"{variant}.tflite")
         assert card.variant == variant
         own_ood = card.thresholds["ood"]   # each variant's own, refitted in conversion (test_ood)
         assert own_ood > 0 and {**card.thresholds, "ood": trained.thresholds["ood"]} == trained.thresholds
@@ -57,11 +59,11 @@ def test_missing_and_wrong_model_files(tmp_path, tiny_dataset):
     assert result.returncode == 2 and "model_invalid" in result.stderr
 
 
-def test_model_without_card_is_refused(tmp_path, tiny_run):
+def test_model_without_card_is_refused(tmp_path, device_run):
     from ai_edge_litert import schema_py_generated as schema
     import flatbuffers
 
-    model = schema.ModelT.InitFromPackedBuf(bytearray((tiny_run / "tflite" / "fp32.tflite").read_bytes()), 0)
+    model = schema.ModelT.InitFromPackedBuf(bytearray((device_run / "tflite" / "fp32.tflite").read_bytes()), 0)
     model.metadata = [m for m in model.metadata if m.name.decode() != CARD_METADATA_NAME]
     builder = flatbuffers.Builder(0)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
@@ -76,8 +78,8 @@ def test_model_without_card_is_refused(tmp_path, tiny_run):
     ({"labels": ["normal", "pneumonia"]}, "labels"),
     ({"input": {"size": 96, "channels": 1, "normalisation": "unit", "fit": "crop"}}, "input"),
 ])
-def test_model_whose_card_does_not_match_is_refused(tmp_path, tiny_run, change, field):
-    data, card = load_model_file(tiny_run / "tflite" / "fp32.tflite")
+def test_model_whose_card_does_not_match_is_refused(tmp_path, device_run, change, field):
+    data, card = load_model_file(device_run / "tflite" / "fp32.tflite")
     wrong = ModelCard.from_dict({**card.to_dict(), **change})
     path = tmp_path / f"wrong_{field}.tflite"
     path.write_bytes(write_metadata(data, CARD_METADATA_NAME, wrong.to_json().encode()))
@@ -116,8 +118,8 @@ def test_prediction_has_heatmap_and_stage_timings(int8_path, tiny_dataset):
 
 
 @pytest.mark.parametrize("variant", ["int8", "fp32"])   # Interpreter and CompiledModel backends
-def test_predict_is_safe_from_worker_threads(tiny_run, tiny_dataset, variant):
-    classifier = Classifier(tiny_run / "tflite" / f"{variant}.tflite", accelerator="cpu")
+def test_predict_is_safe_from_worker_threads(device_run, tiny_dataset, variant):
+    classifier = Classifier(device_run / "tflite" / f"{variant}.tflite", accelerator="cpu")
     images = sorted((tiny_dataset / "test").rglob("*.jpg"))[:6]
     expected = [classifier.predict(i).probabilities for i in images]
     results = {}

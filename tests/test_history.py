@@ -18,10 +18,12 @@ from edge_app.errors import HistoryError
 from edge_app.history import History, Screening, beside, export_csv, file_sha256, now
 from edge_app.screening import screen
 
+pytestmark = pytest.mark.device  # make test-device: no training beyond device_run
+
 
 @pytest.fixture(scope="module")
-def classifier(tiny_run):
-    return Classifier(tiny_run / "tflite" / "int8.tflite", accelerator="cpu")
+def classifier(device_run):
+    return Classifier(device_run / "tflite" / "int8.tflite", accelerator="cpu")
 
 
 def test_screenings_and_errors_are_recorded_in_full(tmp_path, classifier, tiny_dataset):
@@ -89,12 +91,12 @@ for image in itertools.cycle(images):
 """
 
 
-def test_history_survives_kill_9_at_random_moments(tmp_path, tiny_run, tiny_dataset):
+def test_history_survives_kill_9_at_random_moments(tmp_path, device_run, tiny_dataset):
     db = tmp_path / "history.sqlite3"
     bad = tmp_path / "cut.jpg"
     good = sorted((tiny_dataset / "test").rglob("*.jpg"))[:5]
     bad.write_bytes(good[0].read_bytes()[:500])
-    args = [sys.executable, "-c", WORKER, tiny_run / "tflite" / "int8.tflite", db, *good, bad]
+    args = [sys.executable, "-c", WORKER, device_run / "tflite" / "int8.tflite", db, *good, bad]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     rng = random.Random(5)
     shown: list[int] = []

@@ -2,8 +2,7 @@
 import numpy as np
 import pytest
 
-from edge_app import decision
-from train import metrics
+from edge_app import decision, metrics
 
 
 def test_classification_report_by_hand():

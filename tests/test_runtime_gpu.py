@@ -3,12 +3,18 @@ and every way it falls back. Each case runs the CLI in a fresh process: the Vulk
 chosen from the environment when LiteRT first creates its GPU environment, once per process."""
 import json
 
+import numpy as np
 import pytest
 
-from conftest import run_module
+from conftest import REPO, SWIFTSHADER, run_module
+from edge_app.runtime import REQUIRE_GPU_ENV
 
-SWIFTSHADER = {"VK_ICD_FILENAMES": "/usr/lib/chromium/vk_swiftshader_icd.json", "XDG_RUNTIME_DIR": "/tmp"}
+pytestmark = pytest.mark.device  # make test-device: no training beyond device_run
+
 NO_GPU = {**SWIFTSHADER, "VK_ICD_FILENAMES": "/nonexistent/vk_icd.json"}
+
+
+NO_ADAPTER = "no GPU adapter on this machine (LiteRT: No adapters found)"
 
 
 def _json(*args, env):
@@ -20,11 +26,11 @@ def _images(tiny_dataset):
 
 
 @pytest.mark.parametrize("variant", ["fp32", "fp16"])
-def test_gpu_backend_runs_every_op_and_matches_cpu(tiny_run, tiny_dataset, variant):
-    model = tiny_run / "tflite" / f"{variant}.tflite"
+def test_gpu_backend_runs_every_op_and_matches_cpu(swiftshader, device_run, tiny_dataset, variant):
+    model = device_run / "tflite" / f"{variant}.tflite"
     info = _json("info", "--model", model, "--accelerator", "gpu", env=SWIFTSHADER)
     assert info["backend"] == "litert-compiled-gpu", info["backends_tried"]
-    assert info["gpu_fully_accelerated"] is True
+    assert info["gpu_fully_accelerated"] is True and info["gpu"] == "run: every op on the GPU"
     images = _images(tiny_dataset)
     gpu = _json("predict", *images, "--model", model, "--accelerator", "gpu", "--json", env=SWIFTSHADER)
     cpu = _json("predict", *images, "--model", model, "--accelerator", "cpu", "--json", env=SWIFTSHADER)
@@ -34,16 +40,61 @@ def test_gpu_backend_runs_every_op_and_matches_cpu(tiny_run, tiny_dataset, varia
         assert g["probabilities"] == pytest.approx(c["probabilities"], abs=1e-5)
 
 
-def test_unavailable_gpu_falls_back_to_cpu_and_says_why(tiny_run):
-    info = _json("info", "--model", tiny_run / "tflite" / "fp32.tflite", "--accelerator", "gpu", env=NO_GPU)
+def test_unavailable_gpu_falls_back_to_cpu_and_says_why(device_run):
+    info = _json("info", "--model", device_run / "tflite" / "fp32.tflite", "--accelerator", "gpu", env=NO_GPU)
     assert info["backend"] == "litert-compiled-cpu" and info["gpu_fully_accelerated"] is None
     (tried,) = info["backends_tried"]
     assert tried["backend"] == "litert-compiled-gpu"
     assert "No adapters found" in tried["error"], tried["error"]  # LiteRT's own words, not a bare source line
+    assert info["gpu"] == f"not run: {NO_ADAPTER}"
+    assert _json("info", "--model", device_run / "tflite" / "fp32.tflite", env=NO_GPU)["gpu"] == \
+        "not tried (accelerator cpu)"
 
 
-def test_bad_gpu_delegate_path_falls_back_cleanly(tiny_run, tiny_dataset):
-    model = tiny_run / "tflite" / "int8.tflite"
+def test_conversion_gpu_check_without_an_adapter_is_not_run_unless_required(device_run, monkeypatch):
+    """No adapter: conversion's GPU check is "not checked", not a failed gate; under
+    CXR_EDGE_REQUIRE_GPU=1 the same machine fails fp16's gate, naming the missing adapter."""
+    from convert.config import ConvertConfig
+    from convert.conversion import _gpu_check
+
+    monkeypatch.setenv("VK_ICD_FILENAMES", NO_GPU["VK_ICD_FILENAMES"])
+    card = json.loads((device_run / "model_card.json").read_text())
+    size, channels = card["input"]["size"], card["input"]["channels"]
+    splits = {"test": {"x": np.random.default_rng(0).random((2, size, size, channels), np.float32)}}
+
+    def check():
+        results = {"variants": {name: {"file": str(device_run / "tflite" / f"{name}.tflite"),
+                                       "gate": {"passed": True, "failures": []}} for name in ("fp16", "int8")}}
+        _gpu_check(results, splits, ConvertConfig())
+        return results
+
+    results = check()
+    assert results["gpu"]["not_checked"] == NO_ADAPTER
+    assert results["variants"]["fp16"]["gpu"]["no_adapter"] is True
+    assert results["variants"]["fp16"]["gate"] == {"passed": True, "failures": []}
+    monkeypatch.setenv(REQUIRE_GPU_ENV, "1")
+    gate = check()["variants"]["fp16"]["gate"]
+    assert not gate["passed"]
+    assert gate["failures"][0].startswith(f"gpu: {REQUIRE_GPU_ENV}=1 but this machine has no GPU adapter")
+
+
+def test_benchmarks_without_an_adapter_record_the_gpu_unavailable_unless_required(device_run, tmp_path):
+    args = ("pytest", "benchmarks", "-q", "-p", "no:cacheprovider", "--run", device_run, "--results-dir", tmp_path,
+            "--threads", "1", "-k", "test_raw_inference and fp32 and litert-cpu", "--benchmark-max-time=0.01",
+            "--benchmark-min-rounds=1")
+    env = {**NO_GPU, "PYTHONPATH": str(REPO), REQUIRE_GPU_ENV: ""}
+    run_module(*args, check=False, env=env)
+    (path,) = tmp_path.glob("*.json")
+    runtime = json.loads(path.read_text())["runtimes"]["litert-gpu"]
+    assert (runtime["available"], runtime["reason"]) == (False, NO_ADAPTER)
+    assert f"| litert-gpu | {runtime['label']} | no: {NO_ADAPTER} |" in path.with_suffix(".md").read_text()
+    required = run_module(*args, check=False, env={**env, REQUIRE_GPU_ENV: "1"})
+    assert required.returncode == 4, required.stdout[-2000:]  # a usage error: before any benchmark
+    assert f"{REQUIRE_GPU_ENV}=1 but litert-gpu cannot run: {NO_ADAPTER}" in required.stderr
+
+
+def test_bad_gpu_delegate_path_falls_back_cleanly(device_run, tiny_dataset):
+    model = device_run / "tflite" / "int8.tflite"
     missing = "/nonexistent/libtensorflowlite_gpu_delegate.so"
     info = _json("info", "--model", model, "--gpu-delegate", missing, env=NO_GPU)
     tried = {t["backend"]: t["error"] for t in info["backends_tried"]}

@@ -180,8 +180,11 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, tiny_dataset):
 
 
 def test_training_from_scratch_never_freezes_a_random_backbone():
-    from train.config import TrainConfig
+    from train.config import SCRATCH_MODELS, TrainConfig
 
+    assert SCRATCH_MODELS == tuple(n for n, e in models.REGISTRY.items() if e.weights_file is None)
+    assert (TrainConfig(model="cnn").weights, TrainConfig(model="cnn").strategy) == ("none", "full")
+    assert TrainConfig(model="mobilenet_v2").weights == "imagenet"
     assert TrainConfig(weights="none").strategy == "full"
     assert TrainConfig(weights="imagenet").strategy == "finetune"
     with pytest.raises(ValueError, match="--strategy full"):

@@ -6,9 +6,10 @@ import argparse
 import sys
 from dataclasses import fields, replace
 
-from edge_app.preprocess import BORDERS, CONTRASTS
+from edge_app import native_logs
+from edge_app.preprocess import BORDERS, CONTRASTS, LUNG_CROPS
 from train.config import STRATEGIES, AdaptConfig, TrainConfig
-from train.data.labels import TASKS
+from edge_app.labels import TASKS
 
 
 def parse_args(argv=None):
@@ -18,17 +19,21 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="run folder, e.g. artifacts/mobilenet_v2")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--verbose", action="store_true", help=native_logs.VERBOSE_HELP)
     p.add_argument("--model", help="registered model name (train.models.REGISTRY)")
     p.add_argument("--data", help="dataset folder (any supported layout)")
     p.add_argument("--task", choices=list(TASKS), help="the classes: " +
                    "; ".join(f"{task}: {', '.join(labels)}" for task, labels in TASKS.items()))
-    p.add_argument("--weights", help="imagenet | none | path to a .h5 weights file")
+    p.add_argument("--weights", help="imagenet | none | path to a .h5 weights file (default: none for "
+                   "models without ImageNet weights, e.g. cnn; imagenet for the others)")
     p.add_argument("--weights-dir", dest="weights_dirs", action="append",
                    help="folder holding Keras weight files (repeatable); ~/.keras/models is always searched")
     p.add_argument("--alpha", type=float, help="MobileNetV2 width (0.35, 0.5, 1.0, ...)")
     p.add_argument("--image-size", type=int)
     p.add_argument("--input-contrast", choices=CONTRASTS, help="contrast step of the preprocessing")
     p.add_argument("--input-borders", choices=BORDERS, help="trim uniform borders first, or keep them")
+    p.add_argument("--lung-crop", choices=LUNG_CROPS, help="crop to the lung field found by --lung-model")
+    p.add_argument("--lung-model", help="lung segmenter .tflite (python -m train.lungs)")
     p.add_argument("--strategy", choices=STRATEGIES)
     p.add_argument("--epochs", type=int)
     p.add_argument("--fine-tune-epochs", type=int)
@@ -62,6 +67,7 @@ def parse_adapt_args(argv):
     p.add_argument("--replay", type=int, help="run training images per local image (0: none)")
     p.add_argument("--seed", type=int)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--verbose", action="store_true", help=native_logs.VERBOSE_HELP)
     return p.parse_args(argv)
 
 
@@ -83,6 +89,7 @@ def adapt_main(argv) -> int:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    native_logs.quiet("--verbose" in argv)  # before TensorFlow loads
     if argv[:1] == ["adapt"]:
         return adapt_main(argv[1:])
     args = parse_args(argv)

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 STRATEGIES = ("frozen", "finetune", "full")
+SCRATCH_MODELS = ("cnn",)  # models with no ImageNet weights (train.models: weights_file None)
 LOSSES = ("crossentropy", "focal")
 THRESHOLD_RULES = ("overall", "every_cohort")
 
@@ -20,7 +21,8 @@ THRESHOLD_RULES = ("overall", "every_cohort")
 class TrainConfig:
     model: str = "mobilenet_v2"
     alpha: float | None = None            # MobileNetV2 width; None -> the registry's default
-    weights: str = "imagenet"             # imagenet | none | path to a .h5 file
+    weights: str | None = None            # imagenet | none | path to a .h5 file; None -> "none" for
+                                          # SCRATCH_MODELS, "imagenet" for the others
     weights_dirs: list[str] = field(default_factory=list)  # where to look for Keras weight files
     data: str = ""
     task: str = "3class"                  # 3class | pneumonia | covid
@@ -31,6 +33,8 @@ class TrainConfig:
                                           # clahe + trim: held-out adults' specificity 0.098 -> 0.254,
                                           # held-out children's 0.385 -> 0.261 (README, mixed evidence)
     input_borders: str = "trim"           # keep | trim: cut uniform frames off first (InputSpec.borders)
+    lung_crop: str = "none"               # none | box | mask: crop to the lung field (InputSpec.lung_crop)
+    lung_model: str = ""                  # the lung segmenter .tflite it crops with (python -m train.lungs)
     strategy: str | None = None           # frozen | finetune | full; None -> finetune from
                                           # pretrained weights, full from scratch (weights "none")
     epochs: int = 8                       # head epochs (frozen/finetune) or all epochs (full)
@@ -74,6 +78,8 @@ class TrainConfig:
     seed: int = 42
 
     def __post_init__(self):
+        if self.weights is None:
+            self.weights = "none" if self.model in SCRATCH_MODELS else "imagenet"
         if self.strategy is None:
             self.strategy = "full" if self.weights == "none" else "finetune"
         if self.strategy not in STRATEGIES:
@@ -83,6 +89,9 @@ class TrainConfig:
                              "is random: use --strategy full to train from scratch, or pretrained weights")
         if self.threshold_rule not in THRESHOLD_RULES:
             raise ValueError(f"threshold_rule must be one of {THRESHOLD_RULES}, got {self.threshold_rule!r}")
+        if self.lung_crop != "none" and not self.lung_model:
+            raise ValueError(f"lung_crop {self.lung_crop!r} needs lung_model, the lung segmenter's .tflite "
+                             "(python -m train.lungs)")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
 

@@ -10,10 +10,9 @@ import numpy as np
 import train  # noqa: F401
 import tf_keras as keras
 
-from edge_app import decision
+from edge_app import decision, metrics
 from edge_app.graph_names import POOL
 from edge_app.preprocess import InputSpec
-from train import metrics
 from train.data import sources
 from train.data.records import Record, label_indices
 from train.pipeline import load_images, make_dataset

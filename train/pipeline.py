@@ -15,6 +15,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from edge_app import preprocess
+from edge_app.errors import InputError
 from train.config import TrainConfig
 from train.data.records import Record
 
@@ -26,6 +27,22 @@ def load_images(records: list[Record], spec: preprocess.InputSpec, *, desc: str 
     for i, record in enumerate(tqdm(records, desc=f"loading {desc}", unit="img", disable=not progress)):
         images[i] = preprocess.load(record.path, spec)
     return images
+
+
+def lung_refusals(records: list[Record], spec: preprocess.InputSpec, *, progress: bool = True) -> list[dict]:
+    """The records whose image the preprocessing's lung step refuses (no plausible lung field,
+    edge_app.lungs), with the reason: the device would refuse them, so they are neither trained on
+    nor scored. Empty when the spec does not crop to the lung field."""
+    if spec.lung_crop == "none":
+        return []
+    refused = []
+    for record in tqdm(records, desc="lung fields", unit="img", disable=not progress):
+        try:
+            preprocess.load(record.path, spec)
+        except InputError as e:
+            refused.append({"file": str(record.path), "split": record.split, "label": record.label,
+                            "source": record.source, "code": e.code, "message": e.message})
+    return refused
 
 
 def augmentation(config: TrainConfig, seed: int) -> keras.Sequential:

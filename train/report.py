@@ -9,8 +9,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from edge_app import decision  # noqa: E402
-from train import metrics, ood  # noqa: E402
+from edge_app import decision, metrics  # noqa: E402
+from train import ood  # noqa: E402
 
 
 def headline(card_metrics: dict) -> str:

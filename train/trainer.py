@@ -6,6 +6,7 @@ train.data.run_splits), per-epoch checkpoints (for `--resume`), logs and `report
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -20,14 +21,14 @@ import train  # noqa: F401
 import tensorflow as tf
 import tf_keras as keras
 
-from edge_app import decision
+from edge_app import decision, lungs, metrics
 from edge_app.model_card import ModelCard
-from train import evaluate, gradcam, metrics, models, ood, report, shortcuts
+from train import evaluate, gradcam, models, ood, report, shortcuts
 from train.config import TrainConfig
 from train.data import load_dataset, run_splits, sources
 from train.data.leakage import check_leakage
 from train.data.records import SPLITS
-from train.pipeline import image_weights, make_dataset
+from train.pipeline import image_weights, lung_refusals, make_dataset
 from edge_app.preprocess import normalise
 
 MONITOR = "val_abnormal_auc"
@@ -137,6 +138,8 @@ def load_run(run_dir: str | Path) -> tuple[keras.Model, ModelCard, TrainConfig]:
     model = keras.models.load_model(run_dir / "model.keras", compile=False)
     card = ModelCard.from_json((run_dir / "model_card.json").read_text())
     config = TrainConfig.from_file(run_dir / "config.json")
+    if card.input.lung_crop != "none":
+        lungs.use(config.lung_model)   # the preprocessing crops with it (conversion embeds it)
     return model, card, config
 
 
@@ -159,7 +162,6 @@ def run(config: TrainConfig, out: str | Path, *, resume: bool = False, progress:
         dataset, held_out = dataset.without_source(sources.resolve(config.holdout_source))
         print(f"holding out source {config.holdout_source!r}: {len(held_out)} images, evaluated as 'holdout'")
     print(dataset.summary())
-    run_splits.write(out, dataset, held_out)
     leakage = check_leakage(dataset.records, progress=progress)
     (reports / "leakage.json").write_text(json.dumps(leakage.to_dict(), indent=2))
     if not leakage.ok:
@@ -168,6 +170,15 @@ def run(config: TrainConfig, out: str | Path, *, resume: bool = False, progress:
     labels = dataset.labels
     spec = models.input_spec(config.model, config.image_size, config.fit, config.input_contrast,
                              config.input_borders)
+    if config.lung_crop != "none":
+        spec = dataclasses.replace(spec, lung_crop=config.lung_crop, lung_model=lungs.use(config.lung_model).sha256)
+        refused = lung_refusals(dataset.records + held_out, spec, progress=progress)
+        (reports / "lung_refusals.json").write_text(json.dumps(refused, indent=2))
+        gone = {r["file"] for r in refused}
+        dataset = dataclasses.replace(dataset, records=[r for r in dataset.records if str(r.path) not in gone])
+        held_out = [r for r in held_out if str(r.path) not in gone]
+        print(f"lung crop: {len(refused)} images refused by the lung step are left out (reports/lung_refusals.json)")
+    run_splits.write(out, dataset, held_out)   # after the lung step: every later stage reads what trained
     split_data = {split: evaluate.load_split(records, labels, spec, desc=split, progress=progress)
                   for split, records in [(s, dataset.split(s)) for s in SPLITS]
                   + [(run_splits.HOLDOUT, held_out)] * bool(held_out)}

@@ -28,5 +28,6 @@ def run(cfg: AppConfig) -> int:
     configure_kivy(cfg)
     from edge_app.app.ui import CxrApp
 
-    CxrApp(cfg).run()
-    return 0
+    app = CxrApp(cfg)
+    app.run()
+    return app.exit_code

@@ -32,6 +32,7 @@ class AppConfig:
     idle_reset_s: float = 90.0            # kiosk: back to the start screen after this long untouched
     window: tuple[int, int] = (1280, 800)
     settings_file: str | None = field(default=None, metadata={"saved": False})
+    screen_and_exit: str | None = field(default=None, metadata={"saved": False})  # time to first result
 
     def __post_init__(self):
         if self.accelerator not in ACCELERATORS:
@@ -41,6 +42,8 @@ class AppConfig:
         if self.kiosk and not (self.kiosk_pin and str(self.kiosk_pin).isdigit()):
             raise ValueError("kiosk mode needs a staff PIN of digits: --pin 1234, or \"kiosk_pin\" "
                              "in the settings file")
+        if self.screen_and_exit and not self.model:
+            raise ValueError("--screen-and-exit needs a model: --model FILE.tflite")
         self.window = tuple(int(n) for n in self.window)
         self.threads = int(self.threads)
 
@@ -85,6 +88,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fullscreen screening kiosk; History, Settings and exit need the staff PIN")
     p.add_argument("--pin", dest="kiosk_pin", help="the kiosk's staff PIN (digits)")
     p.add_argument("--idle-reset", dest="idle_reset_s", type=float, help="kiosk idle reset, seconds")
+    p.add_argument("--screen-and-exit", dest="screen_and_exit", metavar="IMAGE",
+                   help="screen IMAGE as soon as the model is loaded, print the result and exit "
+                        "(the app's launch-to-first-result time; benchmarks/test_clinic.py)")
     p.add_argument("--size", dest="window", type=lambda s: tuple(int(n) for n in s.lower().split("x")),
                    help="window size, e.g. 800x480")
 

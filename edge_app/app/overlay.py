@@ -1,9 +1,12 @@
 """What the Result screen draws, as numpy arrays (no Kivy here, so it runs on the worker thread).
 
-The X-ray is shown as the model saw it (the same `fit_square` crop or pad), so the heat map,
-which covers the model input, lies exactly over the region it describes.
+The X-ray is shown as the model saw it (preprocess's own border trim, crop or pad and contrast
+step, at the display's size), so the heat map, which covers the model input, lies exactly over
+the region it describes.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 from PIL import Image
@@ -17,9 +20,9 @@ MAX_ALPHA = 0.6
 
 
 def display_square(path, spec: preprocess.InputSpec, size: int) -> np.ndarray:
-    """The image as a (size, size) uint8 grey square, cropped or padded as the model's input was."""
-    gray = preprocess.decode(path, draft_size=size)
-    return np.round(preprocess.fit_square(gray, size, spec.fit) * 255).astype(np.uint8)
+    """The image as a (size, size) uint8 grey square: `preprocess.load` with the model's spec at
+    `size`, so at the model's own size it is the model input before normalisation, pixel for pixel."""
+    return np.round(preprocess.load(path, dataclasses.replace(spec, size=size)) * 255).astype(np.uint8)
 
 
 def heatmap_rgba(heatmap: np.ndarray, size: int) -> np.ndarray:

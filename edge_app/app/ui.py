@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import glob
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -36,9 +37,9 @@ from edge_app.app.overlay import display_square, heatmap_rgba
 from edge_app.classifier import Classifier
 from edge_app.errors import CxrEdgeError, HistoryError, InputError, log_unexpected
 from edge_app.history import History, beside, export_csv
+from edge_app.inputs import IMAGE_SUFFIXES
 from edge_app.screening import screen
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".dcm", ".dicom")
 DISPLAY_SIZE = 512
 COLOURS = {decision.REFER: (0.72, 0.14, 0.14, 1), decision.NO_ABNORMALITY: (0.10, 0.45, 0.25, 1),
            decision.UNRELIABLE: (0.80, 0.45, 0.05, 1)}
@@ -109,6 +110,7 @@ class ResultScreen(Screen):
         likely = ("No label: unlike the training images." if p.decision == decision.UNRELIABLE
                   else f"Most likely: {p.label}.")
         self.ids.details.text = (f"{likely} {Path(outcome.screening.image_path).name}\n"
+                                 f"Operating {App.get_running_app().classifier.threshold_note}.\n"
                                  f"{t['total']:.0f} ms (inference {t['inference']:.0f} ms) on {p.backend}")
 
     def clear(self) -> None:
@@ -218,6 +220,7 @@ class CxrApp(App):
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="screening")
         self._exit_allowed = not cfg.kiosk
         self._popup = None
+        self.exit_code = 0
         if cfg.kiosk:
             self.target, self.font = dp(72), sp(24)
 
@@ -316,11 +319,21 @@ class CxrApp(App):
             self.error = _error_message(outcome.error)
             self.status = ""
             self.sm.current = "screening"
-            return
-        self.sm.get_screen("result").show(outcome, square, overlay)
-        self.status = f"Screening #{outcome.screening.id} saved to the history."
-        self.sm.current = "result"
-        self._build_nav()
+        else:
+            self.sm.get_screen("result").show(outcome, square, overlay)
+            self.status = f"Screening #{outcome.screening.id} saved to the history."
+            self.sm.current = "result"
+            self._build_nav()
+        if self.cfg.screen_and_exit:   # on the next frame: this one draws the result
+            Clock.schedule_once(lambda _dt: self._first_result_shown(outcome))
+
+    def _first_result_shown(self, outcome) -> None:
+        """--screen-and-exit: the result was drawn; say so on stdout and exit (1 if it failed)."""
+        p = outcome.prediction
+        print(f"first result: {outcome.screening.image_path}: " + (
+            f"cannot screen [{outcome.error.code}]" if p is None else f"{p.decision} ({p.label})"), flush=True)
+        self.exit_code = 0 if p is not None else 1
+        self.stop()
 
     def load_model(self) -> None:
         cfg = self.cfg
@@ -341,9 +354,12 @@ class CxrApp(App):
         self.model_status = f"{Path(info['model']).name} on {info['backend']} ({gpu[info['gpu_fully_accelerated']]})"
         tried = "".join(f"\n  not used: {t['backend']}: {t['error'][:160]}" for t in info["backends_tried"])
         card = info["card"]
-        self.card_text = "\n".join([f"Model SHA-256: {info['model_sha256']}", f"Backend: {info['backend']}{tried}"]
+        self.card_text = "\n".join([f"Operating {info['threshold_note']}",
+                                    f"Model SHA-256: {info['model_sha256']}", f"Backend: {info['backend']}{tried}"]
                                    + [f"{k}: {_plain(v)}" for k, v in card.items()])
         self.status = f"{'Model loaded' if self.history_problem else 'Ready'}: {self.model_status}."
+        if self.cfg.screen_and_exit:
+            self.open_file(self.cfg.screen_and_exit)
 
     def _run(self, job, done) -> None:
         """Runs `job` on the worker; `done(result)` or the error message on the UI thread."""
@@ -360,6 +376,10 @@ class CxrApp(App):
             done(future.result())
             return
         self.status = ""
+        if self.cfg.screen_and_exit:   # no first result will come
+            print(f"no result: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            self.exit_code = 2
+            self.stop()
         if isinstance(exc, HistoryError):   # nothing is shown that the history does not hold
             self.history_failed(exc)
             self.error = "This screening could not be recorded, so it is not shown."

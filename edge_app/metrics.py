@@ -1,4 +1,5 @@
-"""Screening metrics in plain numpy, computed the same way for Keras and every TFLite variant.
+"""Screening metrics in plain numpy, computed the same way for Keras, every TFLite variant and
+a site's own images on the device (`python -m edge_app validate`).
 
 Conventions: `y` holds class indices into the task's labels, labels[0] is "normal", and the
 "abnormal" score of an image is 1 - P(normal) (edge_app.decision.abnormal_probability).
@@ -119,6 +120,23 @@ def operating_threshold(y_true, scores, cohorts, target: float, rule: str = "ove
         if inside.sum() >= min_cohort and inside.sum() == (cohorts == cohort).sum():
             threshold = min(threshold, threshold_for_sensitivity(np.ones(inside.sum(), bool), scores[inside], target))
     return threshold
+
+
+def bootstrap_threshold_ci(positive, scores, target: float, *, n: int = 1000, seed: int = 0,
+                           level: float = 0.95) -> list[float]:
+    """Percentile bootstrap interval of `threshold_for_sensitivity`, resampling images (resamples
+    without a positive image are left out)."""
+    rng = np.random.default_rng(seed)
+    positive, scores = np.asarray(positive, bool), np.asarray(scores, float)
+    values = []
+    for _ in range(n):
+        idx = rng.integers(0, len(scores), len(scores))
+        if positive[idx].any():
+            values.append(threshold_for_sensitivity(positive[idx], scores[idx], target))
+    if not values:
+        return [float("nan"), float("nan")]
+    lo, hi = np.percentile(values, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return [float(lo), float(hi)]
 
 
 def calibration_bins(probabilities, y_true, bins: int = 15) -> list[tuple[float, float, float]]:

@@ -1,0 +1,344 @@
+"""On-device commissioning: the model's figures on a site's own labelled images, with no TensorFlow.
+
+`python -m edge_app validate --model M.tflite DIR` reads `DIR/<class>/...` (class names as training
+reads them, edge_app.labels) or a CSV of `file,label`, classifies every image with
+`Classifier.predict` (the code path of `predict` and the app, so each image's figures are the ones
+the device gives it), and reports sensitivity and specificity at the model card's threshold with
+Wilson intervals, the abnormal AUC with a bootstrap interval, per-class recall, the confusion
+matrix, the out-of-distribution share, a reliability plot (drawn with Pillow) and the threshold
+that reaches a target sensitivity on these images, with its bootstrap interval. Every image that
+cannot be read is listed with its error code, every file that is not an image is listed as skipped.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import math
+import socket
+from pathlib import Path
+
+import numpy as np
+
+from edge_app import decision, metrics, site_config
+from edge_app.errors import InputError, ModelError
+from edge_app.inputs import collect
+from edge_app.labels import canonical_label
+from edge_app.progress import progress
+
+# What each image's record keeps of Prediction.to_dict (timings and backend vary from run to run).
+IMAGE_FIELDS = ("source", "label", "probabilities", "abnormal_probability", "decision", "threshold", "ood_score")
+
+
+def read_labelled(source) -> tuple[list[tuple[str, str]], list[dict]]:
+    """((image path, class), ...) from class folders or a `file,label` CSV, and the files left out,
+    each with its reason: not an image, not in a class folder, or a label no class has (EXCLUDED)."""
+    source = Path(source)
+    if source.is_dir():
+        pairs, left_out = _from_folders(source)
+    elif source.is_file():
+        pairs, left_out = _from_csv(source)
+    else:
+        raise InputError("not_found", "no such folder or CSV file", source)
+    classes = {}
+    for path, raw in pairs:
+        cls = classes.setdefault(raw, _canonical(raw, path))
+        if cls is None:
+            left_out.append({"path": path, "reason": f"label {raw!r} belongs to no class (edge_app.labels.EXCLUDED)"})
+    labelled = [(path, classes[raw]) for path, raw in pairs if classes[raw] is not None]
+    if not labelled:
+        raise InputError("no_images", "no labelled images found", source)
+    return labelled, left_out
+
+
+def _from_folders(root: Path) -> tuple[list[tuple[str, str]], list[dict]]:
+    images, skipped = collect([root])
+    left_out = [{"path": path, "reason": "not an image file (by its name or header)"} for path in skipped]
+    pairs = []
+    for image in images:
+        parts = Path(image).relative_to(root).parts
+        if len(parts) < 2:
+            left_out.append({"path": image, "reason": "not in a class folder"})
+        else:
+            pairs.append((image, parts[0]))
+    return pairs, left_out
+
+
+def _from_csv(path: Path) -> tuple[list[tuple[str, str]], list[dict]]:
+    """Rows `file,label` under a header row; relative files are relative to the CSV's folder."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"file", "label"} <= set(reader.fieldnames):
+            raise InputError("bad_csv", f"the CSV needs a header row with the columns file,label "
+                             f"(found {reader.fieldnames})", path)
+        rows = list(reader)
+    pairs = []
+    for line, row in enumerate(rows, start=2):
+        if not (row["file"] or "").strip():
+            raise InputError("bad_csv", f"line {line}: no file", path)
+        pairs.append((str(path.parent / row["file"].strip()), (row["label"] or "").strip()))
+    return pairs, []
+
+
+def _canonical(raw: str, where: str) -> str | None:
+    try:
+        return canonical_label(raw, where=where)
+    except ValueError as exc:
+        raise InputError("unknown_label", str(exc)) from None
+
+
+def classify(classifier, labelled: list[tuple[str, str]]) -> tuple[list[dict], list[dict]]:
+    """(one record per classified image, one per image that could not be read)."""
+    labels = classifier.card.labels
+    missing = sorted({cls for _, cls in labelled} - set(labels))
+    if missing:
+        raise InputError("label_not_in_model", f"the images include {', '.join(missing)}, which this model "
+                         f"does not classify (its labels: {', '.join(labels)})", classifier.model_path)
+    records, unreadable = [], []
+    for path, cls in progress(labelled, "validating"):
+        try:
+            prediction = classifier.predict(path)
+        except InputError as exc:
+            unreadable.append({"source": path, "class": cls, "code": exc.code, "message": exc.message})
+            continue
+        as_dict = prediction.to_dict()
+        records.append({"class": cls, **{key: as_dict[key] for key in IMAGE_FIELDS}})
+    return records, unreadable
+
+
+def _rate(hits) -> dict:
+    """A proportion with its 95 % Wilson interval and counts."""
+    hits = np.asarray(hits, bool)
+    k, n = int(hits.sum()), int(hits.size)
+    return {"value": k / n if n else None, "ci95": list(metrics.wilson_interval(k, n)), "k": k, "n": n}
+
+
+def at_threshold(positive, scores, threshold: float) -> dict:
+    """Sensitivity and specificity of P(abnormal) >= threshold, with Wilson intervals."""
+    flagged = np.asarray(scores) >= threshold
+    positive = np.asarray(positive, bool)
+    return {"threshold": float(threshold), "sensitivity": _rate(flagged[positive]),
+            "specificity": _rate(~flagged[~positive])}
+
+
+def summarise(records: list[dict], labels, *, card_threshold: float, ood_threshold: float | None,
+              target_sensitivity: float, bootstrap: int, site=None) -> dict:
+    """Every figure of the report, from the per-image records (site: a SiteConfig already stored
+    for this model, also reported at its threshold)."""
+    y = np.array([labels.index(r["class"]) for r in records], dtype=int)
+    probs = np.array([[r["probabilities"][label] for label in labels] for r in records],
+                     dtype=float).reshape(len(records), len(labels))
+    scores = np.array([r["abnormal_probability"] for r in records], dtype=float)
+    positive, predicted = y != 0, probs.argmax(axis=1)
+    both_classes = positive.any() and (~positive).any()
+    return {
+        "n_scored": len(records),
+        "n_per_class": {label: int((y == c).sum()) for c, label in enumerate(labels)},
+        "card_threshold": at_threshold(positive, scores, card_threshold),
+        "site_threshold": None if site is None else {**at_threshold(positive, scores, site.threshold),
+                                                     "site": site.describe()},
+        "abnormal_auc": {"value": metrics.roc_auc(positive, scores),
+                         "ci95": metrics.bootstrap_auc_ci(positive, scores, n=bootstrap)
+                         if bootstrap and both_classes else [math.nan, math.nan],
+                         "method": f"percentile bootstrap over images, {bootstrap} resamples"},
+        "per_class_recall": {label: _rate(predicted[y == c] == c) for c, label in enumerate(labels)},
+        "confusion_matrix": {"rows_true_columns_predicted": list(labels),
+                             "counts": metrics.confusion_matrix(y, predicted, len(labels)).tolist()},
+        "ood": _ood(records, labels, ood_threshold),
+        "reliability": {"bins": [dict(zip(("confidence", "accuracy", "share"), b))
+                                 for b in metrics.calibration_bins(probs, y)],
+                        "ece": metrics.expected_calibration_error(probs, y) if len(records) else math.nan},
+        "target": _target(positive, scores, target_sensitivity, bootstrap),
+    }
+
+
+def _ood(records: list[dict], labels, ood_threshold: float | None) -> dict | None:
+    """The share of images the device answers 'unlike the training images' for; None when the
+    model carries no OOD score."""
+    if ood_threshold is None or any(r["ood_score"] is None for r in records):
+        return None
+    unreliable = np.array([r["decision"] == decision.UNRELIABLE for r in records], bool)
+    classes = np.array([r["class"] for r in records])
+    return {"threshold": ood_threshold, "share": _rate(unreliable),
+            "per_class": {label: _rate(unreliable[classes == label]) for label in labels}}
+
+
+def _target(positive, scores, target: float, bootstrap: int) -> dict | None:
+    """The highest threshold reaching `target` sensitivity on these images, with its bootstrap
+    interval and what it gives here; None without abnormal images."""
+    if not positive.any():
+        return None
+    threshold = metrics.threshold_for_sensitivity(positive, scores, target)
+    ci = metrics.bootstrap_threshold_ci(positive, scores, target, n=bootstrap) if bootstrap else [math.nan] * 2
+    return {"target_sensitivity": target, **at_threshold(positive, scores, threshold), "threshold_ci95": ci,
+            "method": f"percentile bootstrap over images, {bootstrap} resamples"}
+
+
+def validate(classifier, source, labelled, left_out, *, target_sensitivity: float, bootstrap: int) -> dict:
+    """The JSON report: the figures at the model card's threshold (the classifier is opened without
+    a site config) and at a site threshold already stored for this model, then every image and every
+    file left out."""
+    records, unreadable = classify(classifier, labelled)
+    summary = summarise(records, classifier.card.labels, card_threshold=classifier.card.abnormal_threshold,
+                        ood_threshold=classifier.card.thresholds.get("ood"),
+                        target_sensitivity=target_sensitivity, bootstrap=bootstrap,
+                        site=existing_site_config(classifier))
+    return {
+        "model": str(classifier.model_path), "model_sha256": classifier.model_sha256,
+        "images": str(source), "date": datetime.date.today().isoformat(),
+        "labels": list(classifier.card.labels), "n_listed": len(labelled),
+        "n_unreadable": len(unreadable), "n_left_out": len(left_out),
+        **summary,
+        "notice": decision.NOT_A_DIAGNOSIS,
+        "unreadable": unreadable, "left_out": left_out, "per_image": records,
+    }
+
+
+def write_site_config(classifier, result: dict, site: str | None) -> Path:
+    """Stores the threshold for the target sensitivity beside the model (site_config)."""
+    target = result["target"]
+    if target is None or result["card_threshold"]["specificity"]["n"] == 0:
+        raise InputError("no_images", "commissioning needs normal and abnormal images that could be read")
+    config = site_config.SiteConfig(
+        site=site or socket.gethostname(), threshold=target["threshold"], date=result["date"],
+        n_images=result["n_scored"], target_sensitivity=target["target_sensitivity"],
+        model_sha256=classifier.model_sha256)
+    return site_config.write(classifier.model_path, config)
+
+
+def existing_site_config(classifier):
+    """The site config already stored for this model, None when there is none or it is unusable
+    (commissioning runs to replace it)."""
+    try:
+        return site_config.load(classifier.model_path, classifier.model_sha256)
+    except ModelError:
+        return None
+
+
+def write_reports(result: dict, out) -> list[Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "validation.json", out / "validation.md", out / "reliability.png"]
+    paths[0].write_text(json.dumps(_json_safe(result), indent=2) + "\n")
+    paths[1].write_text(markdown(result))
+    reliability_png(result["reliability"]["bins"], paths[2])
+    return paths
+
+
+def _json_safe(value):
+    """NaN (a figure these images cannot give) as null: JSON has no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _fmt(rate: dict) -> str:
+    if rate["value"] is None:
+        return "– (no images)"
+    lo, hi = rate["ci95"]
+    return f"{rate['value']:.3f} ({lo:.3f}–{hi:.3f}) {rate['k']}/{rate['n']}"
+
+
+def _num(value) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
+def _interval(values) -> str:
+    return "–" if any(v is None or math.isnan(v) for v in values) else f"{values[0]:.3f}–{values[1]:.3f}"
+
+
+def markdown(r: dict) -> str:
+    labels = r["labels"]
+    lines = [f"# Validation of `{Path(r['model']).name}` on `{r['images']}`", "",
+             f"{r['date']}; model SHA-256 `{r['model_sha256']}`. {r['n_listed']} labelled images listed, "
+             f"{r['n_scored']} classified ({', '.join(f'{n} {c}' for c, n in r['n_per_class'].items())}), "
+             f"{r['n_unreadable']} unreadable, {r['n_left_out']} file(s) left out (lists below).", "",
+             "## Abnormal (pneumonia or COVID-19) vs normal", "",
+             "Flagged: P(abnormal) at or above the threshold. 95 % intervals: Wilson for proportions.", "",
+             "| threshold | sensitivity (95 % CI) k/n | specificity (95 % CI) k/n |", "|---|---|---|"]
+    rows = [("model card", r["card_threshold"], "")]
+    if r["site_threshold"]:
+        rows.append((f"site ({r['site_threshold']['site']})", r["site_threshold"], ""))
+    if r["target"]:
+        t = r["target"]
+        rows.append((f"for sensitivity ≥ {t['target_sensitivity']:.2f} on these images", t,
+                     f" (95 % CI {_interval(t['threshold_ci95'])}, bootstrap)"))
+    lines += [f"| {name}: {row['threshold']:.3f}{extra} | {_fmt(row['sensitivity'])} | {_fmt(row['specificity'])} |"
+              for name, row, extra in rows]
+    auc = r["abnormal_auc"]
+    lines += ["", f"Abnormal AUC {_num(auc['value'])} (95 % CI {_interval(auc['ci95'])}, {auc['method']}).", "",
+              "## Recall per class (most probable class)", "", "| class | recall (95 % CI) k/n |", "|---|---|"]
+    lines += [f"| {label} | {_fmt(rate)} |" for label, rate in r["per_class_recall"].items()]
+    cm = r["confusion_matrix"]["counts"]
+    lines += ["", "## Confusion matrix (rows: true class, columns: most probable class)", "",
+              "| true \\ predicted | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+    lines += [f"| {label} | " + " | ".join(map(str, row)) + " |" for label, row in zip(labels, cm)]
+    lines += ["", "## Out of distribution", ""]
+    if r["ood"] is None:
+        lines.append("This model carries no out-of-distribution score.")
+    else:
+        lines.append(f"Answered 'unlike the training images' (OOD score above {r['ood']['threshold']:.3g}): "
+                     f"{_fmt(r['ood']['share'])}; per class: "
+                     + ", ".join(f"{label} {_fmt(rate)}" for label, rate in r["ood"]["per_class"].items()) + ".")
+    lines += ["", "## Reliability", "", "![reliability](reliability.png)", "",
+              f"Top-1 confidence against accuracy per confidence bin; expected calibration error "
+              f"{_num(r['reliability']['ece'])}.", ""]
+    lines += ["## Images that could not be read", ""]
+    lines += [f"- `{u['source']}` ({u['class']}): [{u['code']}] {u['message']}" for u in r["unreadable"]] or ["None."]
+    lines += ["", "## Files left out", ""]
+    lines += [f"- `{x['path']}`: {x['reason']}" for x in r["left_out"]] or ["None."]
+    lines += ["", f"{r['notice']}.", ""]
+    return "\n".join(lines)
+
+
+def reliability_png(bins: list[dict], path, size: int = 480) -> None:
+    """The reliability diagram, drawn with Pillow (matplotlib is not on the device): one dot per
+    confidence bin at (mean confidence, accuracy), its area the bin's share of the images."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    left, top, side = 60, 40, size - 100
+    xy = lambda x, y: (left + x * side, top + (1 - y) * side)
+    draw.rectangle([xy(0, 1), xy(1, 0)], outline="black")
+    draw.line([xy(0, 0), xy(1, 1)], fill=(160, 160, 160), width=1)
+    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
+        x, y = xy(tick, 0)
+        draw.line([(x, y), (x, y + 5)], fill="black")
+        draw.text((x - 10, y + 8), f"{tick:.2f}", fill="black")
+        x, y = xy(0, tick)
+        draw.line([(x - 5, y), (x, y)], fill="black")
+        draw.text((x - 38, y - 6), f"{tick:.2f}", fill="black")
+    draw.text((left, 12), "Reliability: accuracy vs top-1 confidence (grey: perfect)", fill="black")
+    draw.text((left + side // 2 - 50, top + side + 28), "mean confidence in bin", fill="black")
+    draw.text((6, top - 16), "accuracy", fill="black")
+    points = [xy(b["confidence"], b["accuracy"]) for b in bins]
+    if len(points) > 1:
+        draw.line(points, fill=(31, 90, 160), width=2)
+    for (x, y), b in zip(points, bins):
+        r = 3 + 12 * math.sqrt(b["share"])
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=(31, 90, 160))
+    image.save(path)
+
+
+def text_summary(r: dict) -> str:
+    """The few lines the command prints."""
+    lines = [f"{r['n_scored']} of {r['n_listed']} labelled images classified "
+             f"({r['n_unreadable']} unreadable, {r['n_left_out']} file(s) left out)."]
+    rows = [("model card", r["card_threshold"])] + ([("site", r["site_threshold"])] if r["site_threshold"] else [])
+    if r["target"]:
+        rows.append((f"for sensitivity {r['target']['target_sensitivity']:.2f}", r["target"]))
+    lines += [f"threshold {row['threshold']:.3f} ({name}): sensitivity {_fmt(row['sensitivity'])}, "
+              f"specificity {_fmt(row['specificity'])}" for name, row in rows]
+    if r["target"]:
+        lines.append(f"  its 95 % CI (bootstrap): {_interval(r['target']['threshold_ci95'])}")
+    auc = r["abnormal_auc"]
+    lines.append(f"abnormal AUC {_num(auc['value'])} (95 % CI {_interval(auc['ci95'])})")
+    if r["ood"] is not None:
+        lines.append(f"out of distribution: {_fmt(r['ood']['share'])}")
+    lines += [f"CANNOT SCREEN [{u['code']}] {u['source']}: {u['message']}" for u in r["unreadable"]]
+    return "\n".join(lines)

@@ -1,0 +1,174 @@
+"""The lung field: regions, plausibility checks, the box and the crop, and the preprocessing's step."""
+import hashlib
+
+import numpy as np
+import pytest
+
+from edge_app import lungs, preprocess
+from edge_app.errors import InputError, ModelError
+
+
+def two_lungs(size=96, speck=False):
+    mask = np.zeros((size, size), bool)
+    mask[20:70, 15:40] = True       # the image's right lung
+    mask[22:75, 55:82] = True       # the left one
+    if speck:
+        mask[5, 5] = True
+    return mask
+
+
+def test_regions_are_8_connected_and_largest_first():
+    mask = two_lungs(speck=True)
+    mask[70, 40] = True             # touches the first lung only diagonally
+    found = lungs.regions(mask)
+    assert [int(r.sum()) for r in found] == [53 * 27, 50 * 25 + 1, 1]
+    assert not found[0][20:70, 15:40].any()
+
+
+def test_lungs_cut_off_at_one_or_two_sides_are_cropped_within_the_image():
+    mask = two_lungs()
+    mask[:30] |= two_lungs()[20:50]          # the apices run off the top edge
+    field = lungs.LungField.of(mask, (96, 96))
+    assert field.box[0] == 0.0 and field.lungs_found == 2
+
+
+def test_box_has_the_margin_and_is_mapped_onto_the_image():
+    # a 200 x 300 image is fitted with pad onto 96 px: scale 0.32, 16 rows of black above
+    field = lungs.LungField.of(two_lungs(speck=True), (200, 300))
+    rows, cols = (20, 75), (15, 82)
+    dy, dx = 0.1 * (rows[1] - rows[0]), 0.1 * (cols[1] - cols[0])
+    expected = ((rows[0] - dy - 16) / 0.32, (cols[0] - dx) / 0.32, (rows[1] + dy - 16) / 0.32, (cols[1] + dx) / 0.32)
+    np.testing.assert_allclose(field.box, [max(0, expected[0]), expected[1], min(200, expected[2]), expected[3]])
+    assert field.lungs_found == 2
+
+
+def test_the_box_spans_the_two_lungs_not_smaller_regions():
+    mask = two_lungs()
+    mask[85:95, 0:12] = True                 # dark air outside the body, taken for lung
+    assert lungs.LungField.of(mask, (96, 96)).box == lungs.LungField.of(two_lungs(), (96, 96)).box
+
+
+def test_one_lung_only_keeps_the_full_width_and_does_not_blank():
+    mask = np.zeros((96, 96), bool)
+    mask[20:80, 50:85] = True
+    field = lungs.LungField.of(mask, (96, 96))
+    assert field.lungs_found == 1 and field.mask is None
+    assert field.box[1] == 0.0 and field.box[3] == 96.0
+    gray = np.random.default_rng(0).random((96, 96)).astype(np.float32)
+    np.testing.assert_array_equal(field.crop(gray, blank=True), field.crop(gray, blank=False))
+
+
+def zoomed_in():
+    mask = np.zeros((96, 96), bool)
+    mask[:, :30] = mask[:50, 60:] = True     # runs off the top, bottom, left and right edges
+    return mask
+
+
+@pytest.mark.parametrize("mask, words", [
+    (np.zeros((96, 96), bool), "no lung field"),
+    (np.ones((96, 96), bool), "implausible lung field"),
+    (zoomed_in(), "runs off the image on 4 sides"),
+])
+def test_no_or_implausible_lungs_are_refused(mask, words):
+    with pytest.raises(InputError) as e:
+        lungs.LungField.of(mask, (500, 400))
+    assert e.value.code == "no_chest_found" and words in e.value.message
+
+
+def test_crop_is_a_square_on_the_image_and_mask_blanks_outside_the_lungs():
+    gray = np.random.default_rng(1).uniform(0.2, 1.0, (300, 240)).astype(np.float32)
+    field = lungs.LungField.of(two_lungs(), gray.shape)
+    box_crop = field.crop(gray, blank=False)
+    assert box_crop.shape[0] == box_crop.shape[1]
+    assert (box_crop > 0).mean() > 0.9           # the square stays on the image where it can
+    masked = field.crop(gray, blank=True)
+    assert masked.shape == box_crop.shape
+    blanked = (masked == 0) & (box_crop > 0)
+    assert 0.1 < blanked.mean() < 0.8            # the gap between and around the lungs is black
+    np.testing.assert_array_equal(masked[~blanked], box_crop[~blanked])
+
+
+def test_spec_needs_the_segmenter_hash():
+    with pytest.raises(ValueError, match="lung_model"):
+        preprocess.InputSpec(size=96, lung_crop="box")
+    with pytest.raises(ValueError, match="lung_crop"):
+        preprocess.InputSpec(size=96, lung_crop="lungs", lung_model="0" * 64)
+
+
+def test_crop_without_the_segmenter_loaded_is_a_model_error(shared_data):
+    spec = preprocess.InputSpec(size=96, lung_crop="box", lung_model="f" * 64)
+    image = sorted((shared_data / "val" / "normal").iterdir())[0]
+    with pytest.raises(ModelError) as e:
+        preprocess.load(image, spec)
+    assert e.value.code == "lung_model_missing"
+
+
+def test_segmenter_file_crops_real_images(lung_segmenter, shared_data):
+    segmenter = lungs.use(lung_segmenter)
+    assert segmenter.sha256 == hashlib.sha256(lung_segmenter.read_bytes()).hexdigest()
+    assert segmenter.card.name == "test-prior"
+    box = preprocess.InputSpec(size=64, lung_crop="box", lung_model=segmenter.sha256)
+    none = preprocess.InputSpec(size=64)
+    for image in sorted((shared_data / "val" / "covid").iterdir())[:3]:
+        gray = preprocess.decode(image)
+        field = segmenter.find(gray)
+        top, left, bottom, right = field.box
+        assert 0 <= top < bottom <= gray.shape[0] and 0 <= left < right <= gray.shape[1]
+        cropped = preprocess.load(image, box)
+        assert cropped.shape == (64, 64)
+        assert not np.array_equal(cropped, preprocess.load(image, none))
+
+
+def test_classifier_file_carries_its_segmenter_and_the_device_crops_with_it(lung_segmenter, shared_data, tmp_path,
+                                                                            monkeypatch):
+    import train  # noqa: F401
+    import tf_keras as keras
+
+    from convert import export
+    from edge_app import decision
+    from edge_app.classifier import Classifier
+    from edge_app.model_card import ModelCard
+    from edge_app.tflite_metadata import CARD_METADATA_NAME, write_metadata
+
+    spec = preprocess.InputSpec(size=64, channels=3, normalisation="symmetric", lung_crop="box",
+                                lung_model=lungs.use(lung_segmenter).sha256)
+    image = keras.Input((64, 64, 3), name="image")
+    logits = keras.layers.Dense(3, name="logits")(keras.layers.GlobalAveragePooling2D()(image))
+    flatbuffer = export.convert(keras.Model(image, logits), "fp32")
+    card = ModelCard(name="tiny", task="3class", labels=("normal", "pneumonia", "covid"), input=spec)
+    path = tmp_path / "fp32.tflite"
+    path.write_bytes(export.with_card(flatbuffer, card, "fp32"))
+    assert path.stat().st_size > len(flatbuffer) + lung_segmenter.stat().st_size
+
+    monkeypatch.setattr(lungs, "_opened", {})      # the device has only the classifier file
+    classifier = Classifier(path, accelerator="cpu")
+    xray = sorted((shared_data / "val" / "normal").iterdir())[0]
+    prediction = classifier.predict(xray)            # the device's path: decode, square (lung crop), normalise
+    expected = decision.calibrated_probabilities(classifier.logits(preprocess.preprocess(xray, spec)[None])[0])
+    np.testing.assert_array_equal(list(prediction.probabilities.values()), expected)
+    for blank in (0.0, 0.9):                       # no lungs on a blank film: refused, not scored
+        with pytest.raises(InputError) as e:
+            classifier.predict_array(np.full((300, 300), blank, np.float32))
+        assert e.value.code == "no_chest_found"
+
+    bare = tmp_path / "bare.tflite"                 # the card asks for a crop, the file lacks the segmenter
+    bare.write_bytes(write_metadata(flatbuffer, CARD_METADATA_NAME, card.to_json().encode()))
+    with pytest.raises(ModelError) as e:
+        Classifier(bare, accelerator="cpu")
+    assert e.value.code == "lung_model_missing"
+
+
+def test_training_leaves_out_what_the_lung_step_refuses(lung_segmenter, shared_data, tmp_path):
+    from PIL import Image
+
+    from train.data.records import Record
+    from train.pipeline import lung_refusals
+
+    white = tmp_path / "white.png"
+    Image.new("L", (300, 300), 240).save(white)
+    files = sorted((shared_data / "val" / "normal").iterdir())[:2] + [white]
+    records = [Record(path=f, label="normal", split="val", patient_id=None, source=None) for f in files]
+    spec = preprocess.InputSpec(size=64, lung_crop="box", lung_model=lungs.use(lung_segmenter).sha256)
+    refused = lung_refusals(records, spec, progress=False)
+    assert [(r["file"], r["code"]) for r in refused] == [(str(white), "no_chest_found")]
+    assert lung_refusals(records, preprocess.InputSpec(size=64), progress=False) == []
