@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import results as results_mod
+from benchmarks import gates as gates_mod
 from benchmarks.gates import GATES_FILE, load_gates
 from benchmarks.runtimes import RUNTIMES, import_error, no_gpu_adapter
 from benchmarks.testset import Split
@@ -28,6 +29,8 @@ def pytest_addoption(parser):
     g = parser.getgroup("cxr-edge benchmarks")
     g.addoption("--run", default=os.environ.get("CXR_RUN", "artifacts/mobilenet_v2-synthetic"),
                 help="converted run folder (default: $CXR_RUN)")
+    g.addoption("--data-root", default=None, help="the run's data folder, where it is not where training "
+                "found it (default: the model card's, relative to the run folder)")
     g.addoption("--threads", default="1,2,4", help="CPU thread counts, comma-separated (default 1,2,4)")
     g.addoption("--device", default=None, help="a device profile of the gates file (pi4, pi5, tablet): "
                 "check its absolute budgets; only on that device")
@@ -103,8 +106,8 @@ def results(pytestconfig) -> results_mod.Collector:
 
 @pytest.fixture(scope="session")
 def split(pytestconfig, results) -> Split:
-    split = Split.of_run(run_dir(pytestconfig))
-    results.test_split = {"n": len(split.paths), "root": split.card.dataset["root"],
+    split = Split.of_run(run_dir(pytestconfig), pytestconfig.getoption("data_root"))
+    results.test_split = {"n": len(split.paths), "root": str(split.root),
                           "fingerprint_matches": split.fingerprint_matches}
     return split
 
@@ -117,7 +120,7 @@ def test_images(split) -> list[Path]:
 @pytest.fixture(scope="session")
 def ratio_threads(pytestconfig) -> int:
     """The thread count the ratio gates are read at."""
-    return load_gates(Path(pytestconfig.getoption("gates"))).get("ratios", {}).get("threads", 2)
+    return gates_mod.ratio_threads(load_gates(Path(pytestconfig.getoption("gates"))))
 
 
 @pytest.fixture(scope="session")

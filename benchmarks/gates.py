@@ -27,6 +27,7 @@ SCHEMA = {
     "size": {"max_mib", "max_gzip_mib"},
     "ratios": {"threads", "max_pipeline_overhead", "min_int8_speedup"},
     "ood": {"required", "max_test_flagged", "min_nonradiograph_flagged"},
+    "regression": {"latency_floor", "max_metric_drop", "max_size_growth", "max_rss_growth", "max_rss_growth_mib"},
     "clinic": {"max_decode_vs_library", "max_preprocess_vs_inference", "max_pipeline_vs_library_and_inference",
                "max_peak_rss_mib", "max_cold_start_s"},
 }
@@ -85,6 +86,11 @@ def load_gates(path: Path = GATES_FILE) -> dict:
     return gates
 
 
+def ratio_threads(gates: dict) -> int:
+    """The thread count the ratio gates are read at: [ratios] threads, else the device default (2)."""
+    return gates.get("ratios", {}).get("threads", 2)
+
+
 def latency(variant: dict, stage: str, threads: int, runtime: str = "litert-cpu") -> float | None:
     """The median latency (ms) of one stage of a variant, or None when it was not measured."""
     for row in variant.get("latency", []):
@@ -133,7 +139,7 @@ def evaluate(results: dict, gates: dict, *, device: str | None = None,
     """Every gate that applies to the shipped variants, in the order of the gates file."""
     measured = {n: v for n, v in results["variants"].items() if v["kind"] == "tflite"}
     shipped = list(variants) if variants else list(measured)
-    derived = ratios(results, gates.get("ratios", {}).get("threads", 2))
+    derived = ratios(results, ratio_threads(gates))
     rows: list[GateResult] = []
 
     def check(gate, variant, value, key, limit, unit, note=""):

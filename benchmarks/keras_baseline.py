@@ -1,7 +1,7 @@
 """The Keras model as the baseline, in its own process: TensorFlow's thread pools and memory
 must not disturb the LiteRT timings, and its thread count is fixed once per process.
 
-    python -m benchmarks.keras_baseline RUN --threads 2 [--metrics] [--max-time 1] [--min-rounds 5]
+    python -m benchmarks.keras_baseline RUN --threads 2 [--metrics] [--max-time 1] [--min-rounds 5] [--data-root DIR]
 
 Prints one JSON object: raw and pipeline latency (same fields as pytest-benchmark's), load time,
 peak resident memory, and with --metrics the test-split metrics (convert.parity.evaluate).
@@ -26,6 +26,7 @@ def main(argv=None) -> int:
     p.add_argument("--metrics", action="store_true")
     p.add_argument("--max-time", type=float, default=1.0)
     p.add_argument("--min-rounds", type=int, default=5)
+    p.add_argument("--data-root", type=Path, help="the run's data folder (default: the model card's)")
     args = p.parse_args(argv)
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
@@ -39,7 +40,7 @@ def main(argv=None) -> int:
     from convert import parity
     from edge_app import decision, preprocess
 
-    split = Split.of_run(args.run)
+    split = Split.of_run(args.run, args.data_root)
     card, spec = split.card, split.card.input
     before = peak_rss_mib()
     t0 = time.perf_counter()

@@ -143,14 +143,15 @@ def finish(collector: Collector, *, gates_file: Path, results_dir: Path, shipped
 
     results = _finite(collector.to_json())
     gates = gates_mod.load_gates(gates_file)
-    results["ratios"] = gates_mod.ratios(results, gates.get("ratios", {}).get("threads", 2))
+    results["ratios"] = gates_mod.ratios(results, gates_mod.ratio_threads(gates))
     rows = gates_mod.evaluate(results, gates, device=collector.device, variants=shipped)
     results["gates"] = gates_mod.as_json(rows, gates_file=gates_file, device=collector.device,
                                          variants=shipped or [n for n, v in results["variants"].items()
                                                               if v["kind"] == "tflite"])
     changes = []
     if compare:
-        changes = compare_mod.regressions(json.loads(Path(compare).read_text()), results)
+        changes = compare_mod.regressions(json.loads(Path(compare).read_text()), results,
+                                          compare_mod.tolerances(gates))
         results["compare"] = {"against": str(compare), "regressions": [str(c) for c in changes]}
     results["pytest_benchmark_json"] = str(pytest_benchmark_json) if pytest_benchmark_json else None
     validate(results)

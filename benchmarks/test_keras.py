@@ -19,6 +19,8 @@ def test_keras_baseline(pytestconfig, results, keras_threads, timing):
     cmd = [sys.executable, "-m", "benchmarks.keras_baseline", str(run_dir(pytestconfig)),
            "--threads", str(keras_threads), "--max-time", str(timing["max_time"]),
            "--min-rounds", str(timing["min_rounds"])] + (["--metrics"] if primary else [])
+    if pytestconfig.getoption("data_root"):
+        cmd += ["--data-root", pytestconfig.getoption("data_root")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     measured = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -12,6 +12,7 @@ from benchmarks.stats import from_pytest_benchmark, paired_speedup, stage_breakd
 from edge_app import preprocess
 from edge_app.classifier import Classifier
 from edge_app.errors import ModelError
+from edge_app.graph_names import LOGITS
 from edge_app.runtime import FLOAT_IO_ONLY
 
 
@@ -49,7 +50,7 @@ def test_raw_inference(benchmark, results, classifier, variant, setup, test_imag
     if classifier is not None:
         x = preprocess.preprocess(test_images[0], classifier.spec)[None]
     outputs = _timed(benchmark, results, classifier, variant, setup, "raw", lambda: classifier.backend.run(x))
-    assert np.isfinite(outputs["logits"]).all()
+    assert np.isfinite(outputs[LOGITS]).all()
 
 
 def test_device_pipeline(benchmark, results, classifier, variant, setup, test_images):

@@ -10,7 +10,8 @@ from tqdm import tqdm
 
 from edge_app import preprocess
 from edge_app.model_card import ModelCard
-from train.data import load_dataset
+from train.data import run_splits
+from train.data.records import label_indices
 
 PIPELINE_IMAGES = 16  # files cycled through by the pipeline benchmark
 
@@ -18,21 +19,20 @@ PIPELINE_IMAGES = 16  # files cycled through by the pipeline benchmark
 @dataclass
 class Split:
     card: ModelCard
+    root: Path               # the data folder the images were read from
     paths: list[Path]
     y: np.ndarray            # class indices into card.labels
     fingerprint_matches: bool
 
     @classmethod
-    def of_run(cls, run: Path) -> "Split":
+    def of_run(cls, run: Path, data_root: Path | None = None) -> "Split":
+        """The run's test split as training recorded it (a held-out source is not in it)."""
         card = ModelCard.from_json((Path(run) / "model_card.json").read_text())
-        dataset = load_dataset(card.dataset["root"], task=card.task, seed=card.dataset.get("seed", 42),
-                               check_readable=False, progress=False)
-        if card.dataset.get("holdout_source"):   # a leave-one-source-out run: its in-distribution test split
-            dataset, _ = dataset.without_source(card.dataset["holdout_source"])
+        dataset, _ = run_splits.load(run, data_root)
         records = dataset.split("test")
         if not records:
             raise ValueError(f"the test split of {dataset.root} is empty")
-        return cls(card, [r.path for r in records], np.array([card.labels.index(r.label) for r in records]),
+        return cls(card, dataset.root, [r.path for r in records], label_indices(records, card.labels),
                    dataset.fingerprint() == card.dataset.get("fingerprint"))
 
     def inputs(self, progress: bool = True) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""python -m convert artifacts/RUN [--variants fp32 int8 ...] [--prune 0.5] [--gates FILE]"""
+"""python -m convert artifacts/RUN [--variants fp32 int8 ...] [--prune 0.5] [--gates FILE] [--data-root DIR]"""
 from __future__ import annotations
 
 import argparse
@@ -22,6 +22,8 @@ def main(argv=None) -> int:
                                 description="Export a training run to TFLite variants, check them on the GPU "
                                             "accelerator and gate them on parity.")
     p.add_argument("run", help="training run folder (artifacts/RUN)")
+    p.add_argument("--data-root", help="the run's data folder, where it is not where training found it "
+                   "(default: the model card's, relative to the run folder)")
     p.add_argument("--variants", nargs="+", choices=VARIANTS,
                    help="default: fp32 dynamic fp16 int8 qat, and the pruned ones with --prune")
     p.add_argument("--prune", type=float, metavar="SPARSITY", help="target sparsity of the pruned variants, e.g. 0.5")
@@ -49,8 +51,7 @@ def main(argv=None) -> int:
 
     try:
         results = convert_run(args.run, variants=args.variants, cfg=cfg, gates_file=args.gates,
-                              progress=not args.no_progress,
-                              gpu_check=not args.no_gpu)
+                              progress=not args.no_progress, gpu_check=not args.no_gpu, data_root=args.data_root)
     except ParityError as exc:       # every file and report is written: they can be read
         print(f"error: {exc}", file=sys.stderr)
         return PARITY_FAILED

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 
 import train  # noqa: F401
-import tf_keras as keras
 
 from convert import compress, export, gpu, parity, report
 from benchmarks.gates import GATES_FILE, load_gates
@@ -17,10 +16,10 @@ from convert.config import ConvertConfig
 from edge_app.classifier import load_model_file
 from edge_app.preprocess import normalise
 from edge_app.runtime import REQUIRE_GPU_ENV, gpu_required
-from train import ood
-from train.data import load_dataset, sources
-from train.pipeline import load_images, lung_refusals
-from train.trainer import calibrate, load_run
+from train import evaluate, ood
+from train.data import run_splits
+from train.pipeline import load_images
+from train.trainer import load_run
 
 
 class ParityError(RuntimeError):
@@ -44,7 +43,8 @@ def balanced_sample(records, labels, per_class: int, seed: int) -> list:
 
 
 def convert_run(run_dir: str | Path, *, variants=None, cfg: ConvertConfig | None = None,
-                gates_file: str | Path = GATES_FILE, progress: bool = True, gpu_check: bool = True) -> dict:
+                gates_file: str | Path = GATES_FILE, progress: bool = True, gpu_check: bool = True,
+                data_root: str | Path | None = None) -> dict:
     """Every variant in one straight line: convert -> run on val and test -> OOD threshold ->
     write the file once -> gate on parity. Each step's figures go into reports/conversion.json."""
     run_dir = Path(run_dir)
@@ -54,7 +54,7 @@ def convert_run(run_dir: str | Path, *, variants=None, cfg: ConvertConfig | None
         raise ValueError(f"pruned variants need a target sparsity: pass --prune 0.5 (asked for {variants})")
     gates = load_gates(gates_file)
     budgets = {v: parity.budgets_of(gates, v) for v in variants}   # a missing budget fails before any work
-    model, card, config, dataset, splits = _prepare(run_dir, cfg, progress)
+    model, card, config, dataset, splits = _prepare(run_dir, cfg, progress, data_root)
     spec, labels = card.input, card.labels
     train_records = dataset.split("train")
     representative = normalise(load_images(
@@ -110,7 +110,7 @@ def convert_run(run_dir: str | Path, *, variants=None, cfg: ConvertConfig | None
 
 def _pooled(model, x: np.ndarray, batch: int = 256) -> np.ndarray:
     """The pooled penultimate features (train.ood's input) of model inputs, in chunks."""
-    pooled = keras.Model(model.input, export.head_layer(model, "pool").output)
+    pooled = evaluate.pooled_model(model)
     return np.concatenate([pooled.predict(x[i:i + batch], batch_size=64, verbose=0) for i in range(0, len(x), batch)])
 
 
@@ -127,37 +127,33 @@ def _variant_ood_threshold(source: dict, scores: dict) -> tuple:
                           "flagged": {split: float((s > threshold).mean()) for split, s in scores.items()}}
 
 
-def _prepare(run_dir: Path, cfg: ConvertConfig, progress: bool):
+def _prepare(run_dir: Path, cfg: ConvertConfig, progress: bool, data_root: str | Path | None = None):
     """The run, its dataset, and per gated split: model inputs, labels, Keras logits and metrics."""
     model, card, config = load_run(run_dir)
-    dataset = load_dataset(card.dataset["root"], task=card.task, seed=card.dataset.get("seed", config.seed),
-                           progress=progress)
-    if card.dataset.get("holdout_source"):  # gate on the in-distribution splits, as training reported
-        dataset, _ = dataset.without_source(card.dataset["holdout_source"])
-    gone = {r["file"] for r in lung_refusals(dataset.records, card.input, progress=progress)}  # as training left out
-    dataset = dataclasses.replace(dataset, records=[r for r in dataset.records if str(r.path) not in gone])
+    dataset, _ = run_splits.load(run_dir, data_root)   # the splits training used, lung refusals left out
     if dataset.fingerprint() != card.dataset.get("fingerprint"):
         print("WARNING: the dataset changed since training (fingerprint differs); "
               "parity is measured on the data as it is now")
     splits = {}
     for split in cfg.splits:
-        records = dataset.split(split)
-        x = normalise(load_images(records, card.input, desc=split, progress=progress), card.input)
-        y = np.array([card.labels.index(r.label) for r in records])
+        grey, y, records = evaluate.load_split(dataset.split(split), card.labels, card.input, desc=split,
+                                               progress=progress)
+        x = normalise(grey, card.input)
         logits = model.predict(x, batch_size=64, verbose=0)
         splits[split] = {"x": x, "y": y, "keras_logits": logits, "files": [r.path.name for r in records],
-                         "cohorts": [sources.cohort_of(r.source, r.label) for r in records],
+                         "records": records,
                          "keras": parity.headline(parity.evaluate(logits, y, card))}
     return model, card, config, dataset, splits
 
 
 def check_file(run_dir: str | Path, model_path: str | Path, variant: str, *, cfg: ConvertConfig | None = None,
-               gates_file: str | Path = GATES_FILE, progress: bool = True) -> dict:
+               gates_file: str | Path = GATES_FILE, progress: bool = True,
+               data_root: str | Path | None = None) -> dict:
     """Gate one .tflite file, made by any means, against the run's Keras model (no GPU check),
     at the calibration its own card carries."""
     cfg = cfg or ConvertConfig()
     budget = parity.budgets_of(load_gates(gates_file), variant)
-    _, card, _, _, splits = _prepare(Path(run_dir), cfg, progress)
+    _, card, _, _, splits = _prepare(Path(run_dir), cfg, progress, data_root)
     data, variant_card = load_model_file(model_path)
     logits = {split: parity.run_variant(data, d["x"], desc=f"{variant} on {split}", progress=progress)["logits"]
               for split, d in splits.items()}
@@ -204,12 +200,12 @@ def _keras_sources(model, card, detector, variants, cfg, train_records, splits, 
 
 def _refit(model, card, with_ood: bool, data: compress.FineTuneData, splits: dict, config) -> dict:
     """A fine-tuned model's own calibration, fitted as training fits the Keras model's: the
-    temperature and operating threshold on val (train.trainer.calibrate), the OOD detector on
+    temperature and operating threshold on val (train.evaluate.calibrate), the OOD detector on
     the training split's features and its threshold on val (train.ood). Fine-tuning moved the
     weights, so the trained model's figures no longer describe this model."""
     val = splits["val"]
-    temperature, threshold = calibrate(model.predict(val["x"], batch_size=64, verbose=0), val["y"], config,
-                                       val.get("cohorts"))
+    temperature, threshold = evaluate.calibrate(model.predict(val["x"], batch_size=64, verbose=0), val["y"],
+                                                val["records"], config.target_sensitivity, config.threshold_rule)
     thresholds = {**card.thresholds, "abnormal": threshold}
     detector = quantile = None
     if with_ood:

@@ -23,6 +23,7 @@ import train  # noqa: F401
 import tensorflow as tf
 
 from edge_app import lungs
+from edge_app.graph_names import FEATURES, HEATMAP, LOGITS, OOD_RESIDUAL, OOD_WHITENED, POOL
 from edge_app.model_card import ModelCard
 from edge_app.tflite_metadata import CARD_METADATA_NAME, write_metadata
 
@@ -106,7 +107,7 @@ def linear_conv_outputs(model_bytes: bytes) -> list[str]:
 
 def _converter(model) -> tf.lite.TFLiteConverter:
     """A converter whose signature names the outputs after the model's output layers
-    ("logits", "heatmap", also for tfmot's `quant_logits`), with a batch of one image as the
+    (edge_app.graph_names, also for tfmot's `quant_logits`), with a batch of one image as the
     device feeds it."""
     spec = tf.TensorSpec((1, *model.input.shape[1:]), tf.float32, name="image")
     names = [name.split("/")[0].removeprefix("quant_") for name in model.output_names]
@@ -140,10 +141,8 @@ def with_heatmap(model):
     """
     import tf_keras as keras
 
-    from train.models import FEATURES_LAYER, LOGITS_LAYER
-
-    kernel = kernel_of(head_layer(model, LOGITS_LAYER))
-    features = head_layer(model, FEATURES_LAYER).output
+    kernel = kernel_of(head_layer(model, LOGITS))
+    features = head_layer(model, FEATURES).output
     cam_conv = keras.layers.Conv2D(kernel.shape[1], 1, use_bias=False, dtype="float32", name="class_maps")
     class_maps = cam_conv(tf.cast(features, tf.float32))
     cam_conv.set_weights([kernel[None, None]])
@@ -154,7 +153,7 @@ def with_heatmap(model):
         probs = tf.nn.softmax(scores)
         return tf.nn.relu(tf.reduce_sum(maps * probs[:, None, None, :], axis=-1))
 
-    heatmap = keras.layers.Lambda(weighted_map, name="heatmap")([class_maps, logits])
+    heatmap = keras.layers.Lambda(weighted_map, name=HEATMAP)([class_maps, logits])
     return keras.Model(model.input, [logits, heatmap], name=model.name)
 
 
@@ -177,11 +176,11 @@ def with_ood_parts(model, detector):
     """
     import tf_keras as keras
 
-    pooled = tf.cast(head_layer(model, "pool").output, tf.float32)
+    pooled = tf.cast(head_layer(model, POOL).output, tf.float32)
     mean = detector.mean.astype(np.float32)
     std = np.sqrt(detector.variances).astype(np.float32)
     whitening = (detector.components / std).astype(np.float32)                  # (d, k): U / std
-    whiten = keras.layers.Dense(whitening.shape[1], dtype="float32", name="ood_whitened")
+    whiten = keras.layers.Dense(whitening.shape[1], dtype="float32", name=OOD_WHITENED)
     whitened = whiten(pooled)            # every component at unit variance: one int8 scale fits all
     whiten.set_weights([whitening, -mean @ whitening])
     reconstruct = keras.layers.Dense(mean.shape[0], use_bias=False, dtype="float32", name="ood_reconstruct")
@@ -189,7 +188,7 @@ def with_ood_parts(model, detector):
     reconstruct.set_weights([(detector.components * std).T.astype(np.float32)])
     inverse_residual_std = np.float32(1.0 / np.sqrt(detector.residual_variance))
     residual = keras.layers.Lambda(lambda a: (a[0] - mean - a[1]) * inverse_residual_std,
-                                   name="ood_residual")([pooled, reconstructed])
+                                   name=OOD_RESIDUAL)([pooled, reconstructed])
     return keras.Model(model.input, [*model.outputs, whitened, residual], name=model.name)
 
 

@@ -10,13 +10,10 @@ import numpy as np
 
 from edge_app import decision, lungs, preprocess, release, site_config
 from edge_app.errors import ModelError
+from edge_app.graph_names import HEATMAP, LOGITS, OOD_PARTS
 from edge_app.model_card import ModelCard
 from edge_app.runtime import NoGpuAdapter, open_backend
 from edge_app.tflite_metadata import CARD_METADATA_NAME, read_metadata
-
-LOGITS = "logits"
-HEATMAP = "heatmap"
-OOD_PARTS = ("ood_whitened", "ood_residual")   # train.ood's score = their summed squares (convert.export)
 
 
 @dataclass

@@ -50,7 +50,7 @@ def gpu_required() -> bool:
 
 class InterpreterBackend:
     """Any Interpreter with the tf.lite API (LiteRT, tflite_runtime, tf.lite), run through its
-    default signature so outputs keep their names ("logits", "heatmap")."""
+    default signature so outputs keep their names (edge_app.graph_names)."""
 
     def __init__(self, name: str, interpreter):
         self.name = name

@@ -80,6 +80,7 @@ def scenario_screen(app, out, images, seen):
     history.ids.text.text = Path(images["bad"]).name
     seen["search_bad"] = [row["text"] for row in (history.search() and history.ids.list.data)]
     history.ids.text.text = ""
+    seen["label_choices"] = list(history.ids.label.values)
     history.ids.label.text = seen["first"]["prediction"]["label"]      # the spinner searches at once
     seen["search_label"] = [row["text"] for row in history.ids.list.data]
     app.go("settings")

@@ -32,7 +32,8 @@ def test_adapted_run_records_what_it_was_fitted_on_and_refits_the_card(curve, ti
     assert counts["local_fit"] == {"normal": 4, "pneumonia": 4, "covid": 4}        # --per-class 4 of 6
     assert counts["replayed"] == counts["local_fit"]                               # replay 1 per local image
     assert counts["calibration_local"] == {"normal": 3, "pneumonia": 3, "covid": 3}
-    assert card["dataset"]["adapted"]["from"] == str(tiny_run.resolve())
+    assert (run / card["dataset"]["adapted"]["from"]).resolve() == tiny_run.resolve()     # relative: cards ship
+    assert (run / card["dataset"]["root"]).resolve() == (tiny_run / original["dataset"]["root"]).resolve()
     assert card["temperature"] == result["after"]["temperature"]
     assert card["thresholds"]["abnormal"] == result["after"]["threshold"]
     assert card["thresholds"]["ood"] == result["after"]["ood_threshold"]

@@ -91,6 +91,7 @@ def test_app_screens_an_xray_like_the_cli_and_records_it(tmp_path, device_run, i
     assert open(seen["export"]).read().count("\n") == 5
     assert len(seen["search_bad"]) == 1 and "not_an_image" in seen["search_bad"][0]
     label = cli["results"][0]["label"]
+    assert seen["label_choices"] == ["any result", *cli["results"][0]["probabilities"]]   # the card's labels
     assert len(seen["search_label"]) == sum(r["label"] == label for r in cli["results"]) >= 1
     assert all(f" {label} " in row for row in seen["search_label"])
     assert any("int8.tflite on litert-interpreter" in t for t in seen["settings"])

@@ -187,16 +187,17 @@ def test_gates_file_with_an_unknown_key_is_refused(tmp_path):
 
 
 def test_compare_flags_only_regressions_beyond_noise(measured):
+    tolerance = compare.tolerances(gates.load_gates())
     later = copy.deepcopy(measured)
     later["variants"]["fp32"]["latency"][0].update(median_ms=20.5)  # +2.5 %: noise
-    assert compare.regressions(measured, later) == []
+    assert compare.regressions(measured, later, tolerance) == []
     later["variants"]["fp32"]["latency"][0].update(median_ms=26.0, iqr_ms=1.0)  # +30 %, beyond the IQR
     later["variants"]["int8"]["metrics"].update(macro_f1=0.85)
-    found = {(c.variant, c.what) for c in compare.regressions(measured, later)}
+    found = {(c.variant, c.what) for c in compare.regressions(measured, later, tolerance)}
     assert found == {("fp32", "raw median ms (litert-cpu, 1 threads)"), ("int8", "macro_f1")}
     later["variants"]["fp32"]["latency"][0].update(iqr_ms=8.0)  # a jittery stage: +6 ms is within its noise
     assert ("fp32", "raw median ms (litert-cpu, 1 threads)") not in {
-        (c.variant, c.what) for c in compare.regressions(measured, later)}
+        (c.variant, c.what) for c in compare.regressions(measured, later, tolerance)}
 
 
 # --- the benchmark suite itself, in a minimal mode on the tiny run -------------------------------

@@ -144,9 +144,9 @@ def keras_grad_cam(model, x: np.ndarray) -> np.ndarray:
     import tensorflow as tf
     import tf_keras as keras
 
-    from train.models import FEATURES_LAYER
+    from edge_app.graph_names import FEATURES
 
-    probe = keras.Model(model.input, [model.get_layer(FEATURES_LAYER).output, model.output])
+    probe = keras.Model(model.input, [model.get_layer(FEATURES).output, model.output])
     with tf.GradientTape() as tape:
         features, logits = probe(x, training=False)
         tape.watch(features)

@@ -26,6 +26,7 @@ def test_exported_model_computes_the_same_ood_score(tiny_run, tiny_dataset):
     import train  # noqa: F401
     import tf_keras as keras
     from edge_app.classifier import Classifier
+    from edge_app.graph_names import POOL
     from edge_app.model_card import ModelCard
     from edge_app.preprocess import preprocess
 
@@ -33,7 +34,7 @@ def test_exported_model_computes_the_same_ood_score(tiny_run, tiny_dataset):
     assert card.thresholds["ood"] > 0
     detector = ood.OodModel.load(tiny_run / "ood.npz")
     model = keras.models.load_model(tiny_run / "model.keras", compile=False)
-    pooled = keras.Model(model.input, model.get_layer("pool").output)
+    pooled = keras.Model(model.input, model.get_layer(POOL).output)
     images = sorted((tiny_dataset / "test").rglob("*.jp*g"))
     x = np.stack([preprocess(p, card.input) for p in images])
     expected = ood.score(detector, pooled.predict(x, verbose=0))
@@ -51,12 +52,12 @@ def test_each_variant_corrects_the_cards_ood_threshold_for_its_own_drift(tiny_ru
     from convert import parity
     from edge_app.classifier import load_model_file
     from edge_app.preprocess import normalise
-    from train.data import load_dataset
+    from train.data import run_splits
     from train.pipeline import load_images
 
     conversion = json.loads((tiny_run / "reports" / "conversion.json").read_text())
     card = json.loads((tiny_run / "model_card.json").read_text())
-    val = load_dataset(card["dataset"]["root"], progress=False).split("val")
+    val = run_splits.load(tiny_run)[0].split("val")
     _, int8_card = load_model_file(tiny_run / "tflite" / "int8.tflite")
     x = normalise(load_images(val, int8_card.input, progress=False), int8_card.input)
     scores = parity.variant_ood_scores(tiny_run / "tflite" / "int8.tflite", x, desc="", progress=False)

@@ -8,6 +8,7 @@ import pytest
 import train  # noqa: F401
 import tf_keras as keras
 
+from edge_app import graph_names
 from train import models
 from train.trainer import class_weights, set_trainable
 
@@ -89,6 +90,7 @@ import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import tf_keras as keras
+from edge_app import graph_names
 from train import models
 from train.trainer import distribution_strategy
 strategy = distribution_strategy(["/cpu:0", "/cpu:1"])
@@ -116,8 +118,8 @@ def test_gradcam_of_a_pooled_dense_head_is_the_class_activation_map():
     keras.utils.set_random_seed(3)
     model = models.build("cnn", 3, image_size=64, weights="none")
     x = np.random.default_rng(1).random((3, 64, 64, 1), dtype=np.float32)
-    features = keras.Model(model.input, model.get_layer(models.FEATURES_LAYER).output)(x).numpy()
-    dense = model.get_layer(models.LOGITS_LAYER)
+    features = keras.Model(model.input, model.get_layer(graph_names.FEATURES).output)(x).numpy()
+    dense = model.get_layer(graph_names.LOGITS)
     kernel, bias = dense.get_weights()
     kernel[:, 2] = np.abs(kernel[:, 2])  # class 2: evidence everywhere; the others have zeros
     dense.set_weights([kernel, bias])

@@ -9,6 +9,7 @@ from dataclasses import fields, replace
 from edge_app import native_logs
 from edge_app.preprocess import BORDERS, CONTRASTS, LUNG_CROPS
 from train.config import STRATEGIES, AdaptConfig, TrainConfig
+from edge_app.labels import TASKS
 
 
 def parse_args(argv=None):
@@ -21,7 +22,8 @@ def parse_args(argv=None):
     p.add_argument("--verbose", action="store_true", help=native_logs.VERBOSE_HELP)
     p.add_argument("--model", help="registered model name (train.models.REGISTRY)")
     p.add_argument("--data", help="dataset folder (any supported layout)")
-    p.add_argument("--task", choices=["3class", "pneumonia", "covid"])
+    p.add_argument("--task", choices=list(TASKS), help="the classes: " +
+                   "; ".join(f"{task}: {', '.join(labels)}" for task, labels in TASKS.items()))
     p.add_argument("--weights", help="imagenet | none | path to a .h5 weights file (default: none for "
                    "models without ImageNet weights, e.g. cnn; imagenet for the others)")
     p.add_argument("--weights-dir", dest="weights_dirs", action="append",
@@ -55,6 +57,8 @@ def parse_adapt_args(argv):
     p.add_argument("--per-class", type=int, nargs="+", default=[0],
                    help="local training images per class (0: all); several values: a learning curve, "
                    "one adapted run per value under --out")
+    p.add_argument("--data-root", help="the run's own data folder, where it is not where training found it "
+                   "(default: the model card's, relative to the run folder)")
     p.add_argument("--source", dest="sources", action="append",
                    help="use only this data source of --data (repeatable)")
     p.add_argument("--epochs", type=int)
@@ -75,10 +79,11 @@ def adapt_main(argv) -> int:
     from train import adapt  # imports TensorFlow
 
     if len(args.per_class) > 1:
-        adapt.learning_curve(args.run, args.data, args.out, args.per_class, cfg, progress=not args.no_progress)
+        adapt.learning_curve(args.run, args.data, args.out, args.per_class, cfg, data_root=args.data_root,
+                             progress=not args.no_progress)
     else:
         adapt.adapt(args.run, args.data, args.out, replace(cfg, per_class=args.per_class[0]),
-                    progress=not args.no_progress)
+                    data_root=args.data_root, progress=not args.no_progress)
     return 0
 
 

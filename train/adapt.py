@@ -28,15 +28,14 @@ import train  # noqa: F401
 import tensorflow as tf
 import tf_keras as keras
 
-from edge_app import decision, metrics
-from train import ood
+from train import evaluate, ood
 from train.report import figure
 from train.config import AdaptConfig
-from train.data import load_dataset
+from train.data import load_dataset, run_splits
 from train.data.dataset import Dataset
 from train.data.records import Record
-from train.pipeline import load_images, make_dataset
-from train.trainer import _pooled_features, load_run, set_trainable
+from train.pipeline import make_dataset
+from train.trainer import load_run, set_trainable
 
 EVALUATED = ("local_test", "run_test")
 
@@ -71,31 +70,22 @@ def _replay(local: list[Record], pool: list[Record], times: int, labels, rng) ->
     return _draw(pool, {label: times * sum(r.label == label for r in local) for label in labels}, rng)
 
 
-def _labels_of(records, labels) -> np.ndarray:
-    return np.array([labels.index(r.label) for r in records], dtype=np.int32)
-
-
 def _evaluate(model, card, sets: dict, temperature: float, threshold: float, bootstrap: int) -> dict:
-    out = {}
-    for name, (x, y, records) in sets.items():
-        logits = model.predict(make_dataset(x, y, card.input, batch_size=64, training=False), verbose=0)
-        out[name] = metrics.screening_metrics(logits, y, card.labels, temperature=temperature,
-                                              threshold=threshold, bootstrap=bootstrap)
-        out[name]["per_source"] = metrics.per_group_metrics(
-            logits, y, [r.source or "unknown" for r in records], card.labels,
-            temperature=temperature, threshold=threshold)
-    return out
+    return {name: evaluate.split_metrics(evaluate.predict(model, x, y, card.input), y, records, card.labels,
+                                         temperature=temperature, threshold=threshold, bootstrap=bootstrap)
+            for name, (x, y, records) in sets.items()}
 
 
 def _ood_flagged(model, spec, sets: dict, detector, threshold: float) -> dict[str, float]:
     """Share of each evaluated set that the out-of-distribution warning flags."""
-    features = _pooled_features(model, spec, sets)
+    features = evaluate.pooled_features(model, spec, sets)
     return {name: float((ood.score(detector, f) > threshold).mean()) for name, f in features.items()}
 
 
 def adapt(run_dir: str | Path, data: str | Path, out: str | Path, cfg: AdaptConfig | None = None,
-          *, progress: bool = True) -> dict:
-    """Adapt the run in `run_dir` to the images in `data`; write the adapted run to `out`."""
+          *, data_root: str | Path | None = None, progress: bool = True) -> dict:
+    """Adapt the run in `run_dir` to the images in `data`; write the adapted run to `out`.
+    `data_root`: the run's own data folder, where it is not where the model card says."""
     cfg = cfg or AdaptConfig()
     run_dir, out = Path(run_dir), Path(out)
     if out.resolve() == run_dir.resolve():
@@ -106,10 +96,7 @@ def adapt(run_dir: str | Path, data: str | Path, out: str | Path, cfg: AdaptConf
     tf.config.experimental.enable_op_determinism()   # the same site data gives the same adapted model
     rng = np.random.default_rng(cfg.seed)
 
-    original = load_dataset(card.dataset["root"], task=card.task, seed=card.dataset.get("seed", config.seed),
-                            progress=progress)
-    if card.dataset.get("holdout_source"):
-        original, _ = original.without_source(card.dataset["holdout_source"])
+    original, _ = run_splits.load(run_dir, data_root)
     local = _local_dataset(data, card.task, cfg, progress)
     local_fit = _per_class(local.split("train"), labels, cfg.per_class, rng)
     local_cal = _per_class(local.split("val"), labels, cfg.per_class, rng)
@@ -120,7 +107,7 @@ def adapt(run_dir: str | Path, data: str | Path, out: str | Path, cfg: AdaptConf
         raise ValueError(f"{local.root}: the local set needs train and test images; found\n{local.summary()}")
 
     def load(records, desc):
-        return load_images(records, spec, desc=desc, progress=progress), _labels_of(records, labels), records
+        return evaluate.load_split(records, labels, spec, desc=desc, progress=progress)
 
     sets = {"local_test": load(local.split("test"), "local test"),
             "run_test": load(original.split("test"), "run test")}
@@ -142,16 +129,14 @@ def adapt(run_dir: str | Path, data: str | Path, out: str | Path, cfg: AdaptConf
     model.fit(make_dataset(x_fit, y_fit, spec, batch_size=cfg.batch_size, training=True, config=config,
                            seed=cfg.seed), epochs=cfg.epochs, verbose=1 if progress else 2)
 
-    cal_logits = model.predict(make_dataset(x_cal, y_cal, spec, batch_size=64, training=False), verbose=0)
-    temperature = metrics.fit_temperature(cal_logits, y_cal)
-    threshold = metrics.threshold_for_sensitivity(
-        y_cal != 0, decision.abnormal_probability(decision.calibrated_probabilities(cal_logits, temperature)),
-        card.thresholds.get("target_sensitivity", config.target_sensitivity))
+    temperature, threshold = evaluate.calibrate(evaluate.predict(model, x_cal, y_cal, spec), y_cal,
+                                                [r for c in calibration for r in c[2]],
+                                                card.thresholds.get("target_sensitivity", config.target_sensitivity))
     after = _evaluate(model, card, sets, temperature, threshold, cfg.bootstrap)
 
     # the OOD score, refitted on the run's training images and the local ones
-    features = _pooled_features(model, spec, {"train": load(original.split("train") + local_fit, "OOD fit"),
-                                              "cal": (x_cal, y_cal, None)})
+    features = evaluate.pooled_features(model, spec, {"train": load(original.split("train") + local_fit, "OOD fit"),
+                                                      "cal": (x_cal, y_cal)})
     detector = ood.fit(features["train"])
     ood_threshold = ood.threshold(ood.score(detector, features["cal"]))
     after_flagged = _ood_flagged(model, spec, sets, detector, ood_threshold)
@@ -161,20 +146,17 @@ def adapt(run_dir: str | Path, data: str | Path, out: str | Path, cfg: AdaptConf
     model.save(out / "model.keras")
     detector.save(out / "ood.npz")
     shutil.copy(run_dir / "config.json", out / "config.json")
+    shutil.copy(run_dir / run_splits.SPLITS_FILE, out / run_splits.SPLITS_FILE)  # conversion gates on the run's splits
     counts = {"local_fit": _class_counts(local_fit, labels), "replayed": _class_counts(replayed, labels),
               "calibration_local": _class_counts(local_cal, labels), "calibration_run": len(original.split("val")),
               "local_test": _class_counts(local.split("test"), labels)}
     card.temperature = temperature
     card.thresholds = {**card.thresholds, "abnormal": threshold, "ood": ood_threshold}
-    card.dataset = {**card.dataset, "adapted": {"from": str(run_dir.resolve()), "local_root": str(local.root),
-                                                "local_sources": cfg.sources, "counts": counts,
-                                                "config": dataclasses.asdict(cfg)}}
-    test = after["run_test"]
-    card.metrics = {**card.metrics, "test_macro_f1": test["macro_f1"], "test_accuracy": test["accuracy"],
-                    "test_abnormal_sensitivity": test["abnormal"]["sensitivity"],
-                    "test_abnormal_specificity": test["abnormal"]["specificity"],
-                    "test_abnormal_auc": test["abnormal"]["auc"], "test_ece": test["ece"],
-                    **({"test_covid_sensitivity": test["covid"]["sensitivity"]} if "covid" in test else {}),
+    card.dataset = {**card.dataset, "root": run_splits.relative_to_run(original.root, out),   # folders relative to `out`
+                    "adapted": {"from": run_splits.relative_to_run(run_dir, out),
+                                "local_root": run_splits.relative_to_run(local.root, out),
+                                "local_sources": cfg.sources, "counts": counts, "config": dataclasses.asdict(cfg)}}
+    card.metrics = {**card.metrics, **evaluate.card_metrics(after["run_test"]),
                     "local_test_macro_f1": after["local_test"]["macro_f1"],
                     "local_test_abnormal_specificity": after["local_test"]["abnormal"]["specificity"]}
     card.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -226,13 +208,14 @@ def _fmt_counts(counts: dict) -> str:
 
 
 def learning_curve(run_dir, data, out, sizes: list[int], cfg: AdaptConfig | None = None,
-                   *, progress: bool = True) -> dict:
+                   *, data_root: str | Path | None = None, progress: bool = True) -> dict:
     """One adapted run per size (images per class) in `out/n<size>`, and the curve in `out/reports`."""
     cfg = cfg or AdaptConfig()
     out = Path(out)
     points = []
     for n in sizes:
-        result = adapt(run_dir, data, out / f"n{n}", dataclasses.replace(cfg, per_class=n), progress=progress)
+        result = adapt(run_dir, data, out / f"n{n}", dataclasses.replace(cfg, per_class=n),
+                       data_root=data_root, progress=progress)
         points.append({"per_class": n, "before": {s: result["before"][s] for s in EVALUATED},
                        "after": {s: result["after"][s] for s in EVALUATED}})
     curve = {"run": str(run_dir), "local": str(data), "config": dataclasses.asdict(cfg), "points": points}

@@ -14,12 +14,12 @@ import train  # noqa: F401
 import tensorflow as tf
 import tf_keras as keras
 
-from train.models import FEATURES_LAYER
+from edge_app.graph_names import FEATURES
 
 
 def gradcam(model: keras.Model, inputs: np.ndarray, class_index: np.ndarray | None = None) -> np.ndarray:
     """(N, h, w) maps in [0, 1] for a batch of model inputs; class_index None -> the predicted class."""
-    probe = keras.Model(model.input, [model.get_layer(FEATURES_LAYER).output, model.output])
+    probe = keras.Model(model.input, [model.get_layer(FEATURES).output, model.output])
     x = tf.convert_to_tensor(inputs, tf.float32)
     with tf.GradientTape() as tape:
         features, logits = probe(x, training=False)

@@ -18,12 +18,11 @@ from typing import Callable
 import train  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 import tf_keras as keras
 
+from edge_app import graph_names
 from edge_app.preprocess import InputSpec
 
 KERAS_CACHE = Path.home() / ".keras" / "models"
-FEATURES_LAYER = "features"   # the last convolutional feature map, used for class-activation maps
-LOGITS_LAYER = "logits"
-HEAD_LAYERS = (FEATURES_LAYER, "pool", "dropout", LOGITS_LAYER)
+HEAD_LAYERS = (graph_names.FEATURES, graph_names.POOL, graph_names.DROPOUT, graph_names.LOGITS)
 
 
 @dataclass(frozen=True)
@@ -139,10 +138,10 @@ def build(name: str, num_classes: int, *, image_size: int | None = None, alpha: 
     backbone = entry.build_backbone(inputs, None, alpha)
     if source is not None:
         backbone.load_weights(str(source))
-    features = keras.layers.Activation("linear", name=FEATURES_LAYER)(backbone.output)
-    x = keras.layers.GlobalAveragePooling2D(name="pool")(features)
-    x = keras.layers.Dropout(dropout, name="dropout")(x)
-    logits = keras.layers.Dense(num_classes, name=LOGITS_LAYER, dtype="float32")(x)
+    features = keras.layers.Activation("linear", name=graph_names.FEATURES)(backbone.output)
+    x = keras.layers.GlobalAveragePooling2D(name=graph_names.POOL)(features)
+    x = keras.layers.Dropout(dropout, name=graph_names.DROPOUT)(x)
+    logits = keras.layers.Dense(num_classes, name=graph_names.LOGITS, dtype="float32")(x)
     return keras.Model(inputs, logits, name=name if alpha is None else f"{name}-{alpha:g}")
 
 

@@ -1,7 +1,8 @@
 """One training run: data -> model -> fit (frozen / finetune / full) -> evaluation -> artifacts.
 
 The run folder (`artifacts/<run>/`) gets the trained model (`model.keras`), its model card,
-the resolved config, per-epoch checkpoints (for `--resume`), logs and `reports/`.
+the resolved config, its images and splits (`splits.csv`, read back by every later stage through
+train.data.run_splits), per-epoch checkpoints (for `--resume`), logs and `reports/`.
 """
 from __future__ import annotations
 
@@ -22,13 +23,12 @@ import tf_keras as keras
 
 from edge_app import decision, lungs, metrics
 from edge_app.model_card import ModelCard
-from train import gradcam, models, ood, report, shortcuts
+from train import evaluate, gradcam, models, ood, report, shortcuts
 from train.config import TrainConfig
-from train.data import load_dataset
-from train.data import sources
+from train.data import load_dataset, run_splits, sources
 from train.data.leakage import check_leakage
 from train.data.records import SPLITS
-from train.pipeline import image_weights, load_images, lung_refusals, make_dataset
+from train.pipeline import image_weights, lung_refusals, make_dataset
 from edge_app.preprocess import normalise
 
 MONITOR = "val_abnormal_auc"
@@ -178,10 +178,10 @@ def run(config: TrainConfig, out: str | Path, *, resume: bool = False, progress:
         dataset = dataclasses.replace(dataset, records=[r for r in dataset.records if str(r.path) not in gone])
         held_out = [r for r in held_out if str(r.path) not in gone]
         print(f"lung crop: {len(refused)} images refused by the lung step are left out (reports/lung_refusals.json)")
-    split_data = {}
-    for split, records in [(s, dataset.split(s)) for s in SPLITS] + [("holdout", held_out)] * bool(held_out):
-        y = np.array([labels.index(r.label) for r in records], dtype=np.int32)
-        split_data[split] = (load_images(records, spec, desc=split, progress=progress), y, records)
+    run_splits.write(out, dataset, held_out)   # after the lung step: every later stage reads what trained
+    split_data = {split: evaluate.load_split(records, labels, spec, desc=split, progress=progress)
+                  for split, records in [(s, dataset.split(s)) for s in SPLITS]
+                  + [(run_splits.HOLDOUT, held_out)] * bool(held_out)}
 
     strategy = distribution_strategy(devices)
     replicas = strategy.num_replicas_in_sync
@@ -260,13 +260,6 @@ def _gradcam_grid(model, spec, test_split, test_logits, labels, path) -> None:
     report.gradcam_grid(images[chosen], maps, titles, y[chosen] != predicted[chosen], path)
 
 
-def _pooled_features(model, spec, split_data) -> dict[str, np.ndarray]:
-    """The penultimate (pooled) features of every split: what the probe and the OOD score read."""
-    pooled = keras.Model(model.input, model.get_layer("pool").output)
-    return {split: pooled.predict(make_dataset(x, y, spec, batch_size=64, training=False), verbose=0)
-            for split, (x, y, _) in split_data.items()}
-
-
 def _shortcut_probe(features, split_data, labels) -> dict | None:
     """How well the features tell the data source (train.shortcuts); None with one source."""
     sources = {s: [r.source or "unknown" for r in split_data[s][2]] for s in ("train", "test")}
@@ -287,43 +280,18 @@ def _fit_ood(features, run_dir: Path) -> dict:
             "flagged": {split: float((s > threshold).mean()) for split, s in scores.items()}}
 
 
-def calibrate(val_logits, y_val, config: TrainConfig, cohorts=None) -> tuple[float, float]:
-    """(temperature, operating threshold) fitted on validation: the temperature by likelihood, the
-    threshold the highest that reaches config.target_sensitivity as config.threshold_rule says
-    (metrics.operating_threshold; `cohorts` of the val images, see train.data.sources). Conversion
-    refits fine-tuned variants with this too."""
-    temperature = metrics.fit_temperature(val_logits, y_val)
-    val_probs = decision.calibrated_probabilities(val_logits, temperature)
-    threshold = metrics.operating_threshold(y_val, decision.abnormal_probability(val_probs),
-                                            cohorts if cohorts is not None else [None] * len(y_val),
-                                            config.target_sensitivity, config.threshold_rule)
-    return temperature, threshold
-
-
 def evaluate_and_card(model, config, dataset, spec, split_data, reports, history, *,
                       train_seconds, replicas) -> ModelCard:
     """Temperature and operating threshold fitted on val; metrics on val and test; the model card."""
     labels = dataset.labels
-    evaluated = [s for s in ("val", "test", "holdout") if s in split_data]
-    logits = {}
-    for split in evaluated:
-        x, y, _ = split_data[split]
-        ds = make_dataset(x, y, spec, batch_size=64, training=False)
-        logits[split] = model.predict(ds, verbose=0)
-    temperature, threshold = calibrate(logits["val"], split_data["val"][1], config,
-                                       [sources.cohort_of(r.source, r.label) for r in split_data["val"][2]])
-    results = {}
-    for split in evaluated:
-        _, y, records = split_data[split]
-        results[split] = metrics.screening_metrics(logits[split], y, labels, temperature=temperature,
-                                                   threshold=threshold, bootstrap=config.bootstrap)
-        results[split]["per_source"] = metrics.per_group_metrics(
-            logits[split], y, [r.source or "unknown" for r in records], labels,
-            temperature=temperature, threshold=threshold)
-        results[split]["cohorts"] = metrics.cohort_metrics(
-            logits[split], y, [sources.cohort_of(r.source, r.label) for r in records], labels,
-            temperature=temperature, threshold=threshold)
-    features = _pooled_features(model, spec, split_data)
+    evaluated = [s for s in ("val", "test", run_splits.HOLDOUT) if s in split_data]
+    logits = {split: evaluate.predict(model, *split_data[split][:2], spec) for split in evaluated}
+    temperature, threshold = evaluate.calibrate(logits["val"], *split_data["val"][1:], config.target_sensitivity,
+                                                config.threshold_rule)
+    results = {split: evaluate.split_metrics(logits[split], *split_data[split][1:], labels, temperature=temperature,
+                                             threshold=threshold, bootstrap=config.bootstrap)
+               for split in evaluated}
+    features = evaluate.pooled_features(model, spec, split_data)
     probe = _shortcut_probe(features, split_data, labels)
     if probe:
         results["shortcut_probe"] = probe
@@ -339,19 +307,14 @@ def evaluate_and_card(model, config, dataset, spec, split_data, reports, history
                         **{f"{s}_labels": split_data[s][1] for s in logits})
     report.write(reports, results, labels, logits, {s: split_data[s][1] for s in logits}, history)
     _gradcam_grid(model, spec, split_data["test"], logits["test"], labels, reports / "gradcam_test.png")
-    test = results["test"]
     return ModelCard(
         name=model.name, task=config.task, labels=labels, input=spec, temperature=temperature,
         thresholds={"abnormal": threshold, "target_sensitivity": config.target_sensitivity,
                     "ood": results["ood"]["threshold"]},
-        dataset={"root": str(Path(config.data).resolve()), "fingerprint": dataset.fingerprint(),
+        dataset={"root": run_splits.relative_to_run(dataset.root, reports.parent), "fingerprint": dataset.fingerprint(),
                  "counts": dataset.counts(), "seed": config.seed,
                  **({"holdout_source": config.holdout_source} if config.holdout_source else {})},
-        metrics={"test_macro_f1": test["macro_f1"], "test_accuracy": test["accuracy"],
-                 "test_abnormal_sensitivity": test["abnormal"]["sensitivity"],
-                 "test_abnormal_specificity": test["abnormal"]["specificity"],
-                 "test_abnormal_auc": test["abnormal"]["auc"], "test_ece": test["ece"],
-                 **({"test_covid_sensitivity": test["covid"]["sensitivity"]} if "covid" in test else {})},
+        metrics=evaluate.card_metrics(results["test"]),
         versions=_versions(), git_commit=_git_commit(),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )

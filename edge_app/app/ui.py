@@ -201,6 +201,7 @@ class CxrApp(App):
     error = StringProperty("")
     model_status = StringProperty("No model loaded.")
     card_text = StringProperty("")
+    labels = ListProperty([])             # the loaded model's classes (its card's): the history's label filter
     staff = BooleanProperty(False)        # kiosk: staff PIN entered (until the idle reset)
     target = NumericProperty(dp(48))      # height of touch targets
     font = NumericProperty(sp(17))
@@ -347,6 +348,7 @@ class CxrApp(App):
 
     def _model_loaded(self, classifier: Classifier) -> None:
         self.classifier = classifier
+        self.labels = list(classifier.card.labels)
         info = classifier.info
         gpu = {True: "GPU runs every op", False: "GPU runs part of the model", None: "no GPU"}
         self.model_status = f"{Path(info['model']).name} on {info['backend']} ({gpu[info['gpu_fully_accelerated']]})"

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 SPLITS = ("train", "val", "test")
 
 
@@ -15,3 +17,8 @@ class Record:
     patient_id: str | None     # None when the source names no patient
     source: str | None         # where the image came from (manifest source_repo, CSV name, ...)
     orig_label: str = ""       # the label exactly as the source gave it
+
+
+def label_indices(records: list[Record], labels: tuple[str, ...]) -> np.ndarray:
+    """The records' labels as class indices into `labels` (a model's output order)."""
+    return np.array([labels.index(r.label) for r in records], dtype=np.int32)

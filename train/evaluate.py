@@ -1,0 +1,79 @@
+"""A Keras classifier on a run's splits: the images and labels of a split, its logits, the
+calibration (temperature and operating threshold), the metrics of the report and of the model card,
+and the pooled features. One place, used by the trainer, adaptation and conversion, so that a run's
+figures are computed one way whichever stage reports them.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+import train  # noqa: F401
+import tf_keras as keras
+
+from edge_app import decision, metrics
+from edge_app.graph_names import POOL
+from edge_app.preprocess import InputSpec
+from train.data import sources
+from train.data.records import Record, label_indices
+from train.pipeline import load_images, make_dataset
+
+BATCH = 64
+
+SplitArrays = tuple[np.ndarray, np.ndarray, list[Record]]   # (grey images, class indices, records)
+
+
+def load_split(records: list[Record], labels, spec: InputSpec, *, desc: str, progress: bool = True) -> SplitArrays:
+    """The records' images decoded as the device decodes them, with their class indices."""
+    return load_images(records, spec, desc=desc, progress=progress), label_indices(records, labels), records
+
+
+def predict(model, x: np.ndarray, y: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """The model's logits for grey images `x` (normalised as the device does)."""
+    return model.predict(make_dataset(x, y, spec, batch_size=BATCH, training=False), verbose=0)
+
+
+def calibrate(logits: np.ndarray, y: np.ndarray, records: list[Record], target_sensitivity: float,
+              rule: str = "overall") -> tuple[float, float]:
+    """(temperature, abnormal threshold reaching `target_sensitivity` by `rule`, metrics.operating_threshold),
+    both fitted on these logits."""
+    temperature = metrics.fit_temperature(logits, y)
+    probs = decision.calibrated_probabilities(logits, temperature)
+    threshold = metrics.operating_threshold(y, decision.abnormal_probability(probs), _cohorts(records),
+                                            target_sensitivity, rule)
+    return temperature, threshold
+
+
+def split_metrics(logits: np.ndarray, y: np.ndarray, records: list[Record], labels, *, temperature: float,
+                  threshold: float, bootstrap: int) -> dict:
+    """The screening metrics of one split, the same per data source, and per cohort."""
+    result = metrics.screening_metrics(logits, y, labels, temperature=temperature, threshold=threshold,
+                                       bootstrap=bootstrap)
+    result["per_source"] = metrics.per_group_metrics(logits, y, [r.source or "unknown" for r in records], labels,
+                                                     temperature=temperature, threshold=threshold)
+    result["cohorts"] = metrics.cohort_metrics(logits, y, _cohorts(records), labels,
+                                               temperature=temperature, threshold=threshold)
+    return result
+
+
+def _cohorts(records: list[Record]) -> list[str | None]:
+    return [sources.cohort_of(r.source, r.label) for r in records]
+
+
+def card_metrics(test: dict) -> dict:
+    """The model card's headline metrics, from `split_metrics` of the test split."""
+    return {"test_macro_f1": test["macro_f1"], "test_accuracy": test["accuracy"],
+            "test_abnormal_sensitivity": test["abnormal"]["sensitivity"],
+            "test_abnormal_specificity": test["abnormal"]["specificity"],
+            "test_abnormal_auc": test["abnormal"]["auc"], "test_ece": test["ece"],
+            **({"test_covid_sensitivity": test["covid"]["sensitivity"]} if "covid" in test else {})}
+
+
+def pooled_model(model) -> keras.Model:
+    """The model up to its pooled (penultimate) features: what the probe and the OOD score read."""
+    return keras.Model(model.input, model.get_layer(POOL).output)
+
+
+def pooled_features(model, spec: InputSpec, sets: dict) -> dict[str, np.ndarray]:
+    """The pooled features of every set of `sets` (name -> (grey images, class indices, ...))."""
+    pooled = pooled_model(model)
+    return {name: predict(pooled, x, y, spec) for name, (x, y, *_) in sets.items()}
