@@ -9,11 +9,13 @@ from pathlib import Path
 import numpy as np
 
 import train  # noqa: F401
+import tf_keras as keras
 
 from convert import compress, export, gpu, parity, report
 from benchmarks.gates import GATES_FILE, load_gates
 from convert.config import ConvertConfig
 from edge_app.classifier import load_model_file
+from edge_app.graph_names import POOL
 from edge_app.preprocess import normalise
 from edge_app.runtime import REQUIRE_GPU_ENV, gpu_required
 from train import evaluate, ood
@@ -109,8 +111,9 @@ def convert_run(run_dir: str | Path, *, variants=None, cfg: ConvertConfig | None
 
 
 def _pooled(model, x: np.ndarray, batch: int = 256) -> np.ndarray:
-    """The pooled penultimate features (train.ood's input) of model inputs, in chunks."""
-    pooled = evaluate.pooled_model(model)
+    """The pooled penultimate features (train.ood's input) of model inputs, in chunks; also of a
+    tfmot-quantised model, whose layers are wrapped (export.head_layer)."""
+    pooled = keras.Model(model.input, export.head_layer(model, POOL).output)
     return np.concatenate([pooled.predict(x[i:i + batch], batch_size=64, verbose=0) for i in range(0, len(x), batch)])
 
 
