@@ -53,7 +53,8 @@ def main(argv=None) -> int:
         results = convert_run(args.run, variants=args.variants, cfg=cfg, gates_file=args.gates,
                               progress=not args.no_progress, gpu_check=not args.no_gpu, data_root=args.data_root)
     except ParityError as exc:       # every file and report is written: they can be read
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{exc}\n(a result, not a crash: every file and reports/conversion.md are written; "
+              "`make release` refuses a variant that failed its gate)", file=sys.stderr)
         return PARITY_FAILED
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
