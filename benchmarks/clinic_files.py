@@ -56,7 +56,7 @@ LARGEST_KIND = "dicom-3k"       # the peak-RSS gate's file
 
 def detector_counts(source, kind: Kind, rng: np.random.Generator) -> np.ndarray:
     """(height, width) uint16 12-bit counts of the source image, upscaled, with detector noise."""
-    gray = preprocess.decode(source)
+    gray = preprocess.decode(source).astype(np.float32) / 255   # decode gives 8-bit grey
     big = np.asarray(Image.fromarray(gray).resize((kind.width, kind.height), Image.Resampling.BICUBIC),
                      np.float64)
     counts = DARK + np.clip(big, 0.0, 1.0) * (BRIGHT - DARK)
