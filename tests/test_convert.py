@@ -115,7 +115,8 @@ def test_parity_gate_fails_a_damaged_model_and_passes_a_good_one(tiny_run, tmp_p
     bad = check_file(tiny_run, path, "fp32", progress=False)
     assert not bad["gate"]["passed"]
     assert any(f.startswith("val: class agreement") for f in bad["gate"]["failures"]), bad["gate"]
-    assert any(f.startswith("test: ") and "referral decisions flipped" in f for f in bad["gate"]["failures"])
+    # on test too; which figure shows it depends on how many images the tiny model already refers
+    assert any(f.startswith("test: ") for f in bad["gate"]["failures"]), bad["gate"]
 
 
 def test_fp16_runs_fully_accelerated_on_the_gpu_accelerator(swiftshader, tiny_run, tiny_dataset, conversion):
