@@ -8,7 +8,7 @@ from conftest import run_module
 pytestmark = pytest.mark.device
 
 
-def test_summary_of_a_converted_run_not_yet_benchmarked(device_run):
+def test_summary_of_a_converted_run(device_run):
     out = run_module("benchmarks.summary", device_run).stdout
     metrics = json.loads((device_run / "reports" / "metrics.json").read_text())
     conversion = json.loads((device_run / "reports" / "conversion.json").read_text())
@@ -16,10 +16,12 @@ def test_summary_of_a_converted_run_not_yet_benchmarked(device_run):
     assert "data      " in out and "train 36, val 18, test 18" in out
     rows = {line.split()[0]: line for line in out.splitlines()
             if line.split()[:1] and line.split()[0] in conversion["variants"]}
-    assert set(rows) == set(conversion["variants"]) == {"fp32", "dynamic", "fp16", "int8"}
+    # device_run is the full tiny_run (fine-tuned variants too) when the session builds that anyway
+    assert set(rows) == set(conversion["variants"]) >= {"fp32", "dynamic", "fp16", "int8"}
     for name, v in conversion["variants"].items():
         assert f"{v['bytes'] / 1024:.0f}" in rows[name] and ("pass" if v["gate"]["passed"] else "FAIL") in rows[name]
-    assert "benchmark not run yet (make benchmark)" in out
+    benchmarked = (device_run / "reports" / "benchmark.json").is_file()   # in a full session, maybe
+    assert ("benchmark not run yet (make benchmark)" in out) != benchmarked
     assert f"make app RUN={device_run.name}" in out
 
 
