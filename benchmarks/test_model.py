@@ -43,7 +43,7 @@ def test_peak_memory(pytestconfig, results, variant, test_images):
 def test_accuracy(pytestconfig, results, variant, split, test_inputs):
     """Test-split metrics through LiteRT, exactly as the parity gate computes them."""
     path = run_dir(pytestconfig) / "tflite" / f"{variant}.tflite"
-    logits = parity.variant_logits(path, test_inputs, desc=f"evaluating {variant}", progress=False)
+    logits = parity.run_variant(path.read_bytes(), test_inputs, desc=f"evaluating {variant}", progress=False)["logits"]
     metrics = headline(parity.evaluate(logits, split.y, split.card))
     results.variant(variant)["metrics"] = metrics
     assert metrics["n"] == len(split.paths)
