@@ -135,7 +135,7 @@ CARD_CASES = [
     *[("thresholds.target_sensitivity", v) for v in (NAN, 1.01, "0.9")],
     ("thresholds.new_limit", 0.5),
     *[("thresholds", v) for v in ("0.5", [0.5], None)],
-    *[("preprocessing_version", v) for v in ("2", "0", 1, None, "missing")],
+    *[("preprocessing_version", v) for v in ("99", "0", 1, None, "missing")],
     *[("schema_version", v) for v in (2, 0, "1", True, None, 1.5, "missing")],
     *[("labels", v) for v in ([], ["normal"], ["covid", "normal", "pneumonia"], ["normal", "normal", "covid"],
                               "normal", [0, 1, 2], None, "missing")],
