@@ -13,10 +13,11 @@ The steps, each one function:
   black, with Pillow's fixed-point 8-bit resize.
 * `normalise`: [0, 1] squares -> what the network expects, (..., size, size, channels).
 
-`square` = the optional border trim (`InputSpec.borders`) + the optional lung crop
-(`InputSpec.lung_crop`, edge_app.lungs) + fit_square8 + the optional contrast step
-(`InputSpec.contrast`) -> float32 [0, 1]; `load` = decode + `square` (what training caches);
-`preprocess` = load + normalise.
+`square` = `square8` (the optional border trim (`InputSpec.borders`) + the optional lung crop
+(`InputSpec.lung_crop`, edge_app.lungs) + fit_square8 -> uint8) + `contrast_step` (the optional
+contrast step, `InputSpec.contrast`) -> float32 [0, 1]; `load8` = decode + `square8` (what
+training caches: it augments before the contrast step, as an acquisition would vary the image
+before the device's CLAHE sees it); `load` = decode + `square`; `preprocess` = load + normalise.
 
 Conventions worth knowing:
 
@@ -730,18 +731,30 @@ def lung_step(gray: np.ndarray, spec: InputSpec) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------
 
-def square(gray: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """[border trim], [lung crop], fit_square, [contrast]: the (size, size) float32 [0, 1] image
-    before normalise, from any grey image (see `grey8`)."""
+def square8(gray: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """[border trim], [lung crop], fit_square8: the (size, size) uint8 image before the contrast
+    step, from any grey image (see `grey8`). What training caches and augments."""
     if spec.borders == "trim":
         gray = trim_borders(gray)
     gray = lung_step(grey8(gray), spec)
-    out = fit_square8(gray, spec.size, spec.fit)
+    return fit_square8(gray, spec.size, spec.fit)
+
+
+def contrast_step(image: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """spec.contrast (none | equalize | clahe) of a (size, size) grey image -> float32 [0, 1].
+    The image is uint8 (`square8`) or float in [0, 1], which is rounded to 8 bits first
+    (`grey8`), so an augmented training image goes through exactly the device's step."""
     if spec.contrast == "equalize":
-        return equalize(out)
+        return equalize(image)
     if spec.contrast == "clahe":
-        return clahe(out)
-    return out / np.float32(255)
+        return clahe(image)
+    return grey8(image) / np.float32(255)
+
+
+def square(gray: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """`square8` + `contrast_step`: the (size, size) float32 [0, 1] image before normalise, from
+    any grey image (see `grey8`)."""
+    return contrast_step(square8(gray, spec), spec)
 
 
 def normalise(images: np.ndarray, spec: InputSpec) -> np.ndarray:
@@ -772,9 +785,15 @@ def normalise(images: np.ndarray, spec: InputSpec) -> np.ndarray:
     return out
 
 
+def load8(source, spec: InputSpec, *, strict: bool = False) -> np.ndarray:
+    """decode + square8: the (size, size) uint8 image before the contrast step (what training
+    caches, augments, then passes through `contrast_step`)."""
+    return square8(decode(source, strict=strict, draft_size=spec.size), spec)
+
+
 def load(source, spec: InputSpec, *, strict: bool = False) -> np.ndarray:
-    """decode + square: the (size, size) grey [0, 1] image training caches."""
-    return square(decode(source, strict=strict, draft_size=spec.size), spec)
+    """decode + square (= load8 + contrast_step): the (size, size) grey [0, 1] image before normalise."""
+    return contrast_step(load8(source, spec, strict=strict), spec)
 
 
 def preprocess(source, spec: InputSpec, *, strict: bool = False) -> np.ndarray:
