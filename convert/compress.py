@@ -26,9 +26,9 @@ from tensorflow_model_optimization.python.core.quantization.keras.default_8bit i
 
 from convert.config import ConvertConfig
 from convert.export import kernel_of
-from edge_app.preprocess import InputSpec, normalise
+from edge_app.preprocess import InputSpec
 from train.config import TrainConfig
-from train.pipeline import make_dataset
+from train.pipeline import make_dataset, model_inputs
 from train.trainer import class_weights, sparse_focal_loss
 
 KERNELS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
@@ -50,7 +50,7 @@ class QATUnsupported(ValueError):
 @dataclass
 class FineTuneData:
     """The training split, decoded once, and how the run trained on it."""
-    images: np.ndarray     # (N, size, size) grey [0, 1]
+    images: np.ndarray     # (N, size, size) uint8 squares before the contrast step (train.pipeline.load_images)
     labels: np.ndarray     # class indices
     spec: InputSpec
     train_config: TrainConfig
@@ -63,7 +63,7 @@ class FineTuneData:
     def calibration_inputs(self, cfg: ConvertConfig, n: int = 256) -> np.ndarray:
         """Model inputs of `n` training images drawn at random, not augmented."""
         pick = np.random.default_rng(cfg.seed).permutation(len(self.images))[:n]
-        return normalise(self.images[np.sort(pick)], self.spec)
+        return model_inputs(self.images[np.sort(pick)], self.spec)
 
     def loss(self):
         c = self.train_config

@@ -16,11 +16,10 @@ from benchmarks.gates import GATES_FILE, load_gates
 from convert.config import ConvertConfig
 from edge_app.classifier import load_model_file
 from edge_app.graph_names import POOL
-from edge_app.preprocess import normalise
 from edge_app.runtime import REQUIRE_GPU_ENV, gpu_required
 from train import evaluate, ood
 from train.data import run_splits
-from train.pipeline import load_images
+from train.pipeline import load_images, model_inputs
 from train.trainer import load_run
 
 
@@ -59,7 +58,7 @@ def convert_run(run_dir: str | Path, *, variants=None, cfg: ConvertConfig | None
     model, card, config, dataset, splits = _prepare(run_dir, cfg, progress, data_root)
     spec, labels = card.input, card.labels
     train_records = dataset.split("train")
-    representative = normalise(load_images(
+    representative = model_inputs(load_images(
         balanced_sample(train_records, labels, cfg.representative_per_class, cfg.seed), spec,
         desc="representative", progress=progress), spec)
     detector = ood.OodModel.load(run_dir / "ood.npz") if (run_dir / "ood.npz").is_file() else None
@@ -141,7 +140,7 @@ def _prepare(run_dir: Path, cfg: ConvertConfig, progress: bool, data_root: str |
     for split in cfg.splits:
         grey, y, records = evaluate.load_split(dataset.split(split), card.labels, card.input, desc=split,
                                                progress=progress)
-        x = normalise(grey, card.input)
+        x = model_inputs(grey, card.input)
         logits = model.predict(x, batch_size=64, verbose=0)
         splits[split] = {"x": x, "y": y, "keras_logits": logits, "files": [r.path.name for r in records],
                          "records": records,
@@ -213,7 +212,7 @@ def _refit(model, card, with_ood: bool, data: compress.FineTuneData, splits: dic
     detector = quantile = None
     if with_ood:
         chunks = range(0, len(data.images), 256)
-        detector = ood.fit(np.concatenate([_pooled(model, normalise(data.images[i:i + 256], data.spec))
+        detector = ood.fit(np.concatenate([_pooled(model, model_inputs(data.images[i:i + 256], data.spec))
                                            for i in chunks]))
         quantile = thresholds["ood"] = ood.threshold(ood.score(detector, _pooled(model, val["x"])))
     calibration = {"temperature": {"trained": card.temperature, "refitted": temperature},

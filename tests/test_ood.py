@@ -51,15 +51,14 @@ def test_exported_model_computes_the_same_ood_score(tiny_run, tiny_dataset):
 def test_each_variant_corrects_the_cards_ood_threshold_for_its_own_drift(tiny_run):
     from convert import parity
     from edge_app.classifier import load_model_file
-    from edge_app.preprocess import normalise
     from train.data import run_splits
-    from train.pipeline import load_images
+    from train.pipeline import load_images, model_inputs
 
     conversion = json.loads((tiny_run / "reports" / "conversion.json").read_text())
     card = json.loads((tiny_run / "model_card.json").read_text())
     val = run_splits.load(tiny_run)[0].split("val")
     _, int8_card = load_model_file(tiny_run / "tflite" / "int8.tflite")
-    x = normalise(load_images(val, int8_card.input, progress=False), int8_card.input)
+    x = model_inputs(load_images(val, int8_card.input, progress=False), int8_card.input)
     scores = parity.variant_ood_scores(tiny_run / "tflite" / "int8.tflite", x, desc="", progress=False)
     # the card's threshold is the run's validation quantile, so the int8 one is its own quantile
     assert int8_card.thresholds["ood"] == pytest.approx(ood.threshold(scores), rel=1e-3)

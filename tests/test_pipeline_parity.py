@@ -15,6 +15,7 @@ from train.data.records import Record
     preprocess.InputSpec(size=64, channels=3, normalisation="torch"),
     preprocess.InputSpec(size=96, channels=3, normalisation="symmetric", contrast="equalize"),
     preprocess.InputSpec(size=96, channels=3, normalisation="symmetric", contrast="clahe", borders="trim"),
+    preprocess.InputSpec(size=224, channels=3, normalisation="symmetric", contrast="clahe", borders="trim"),
 ])
 def test_training_pipeline_and_device_give_identical_tensors(shared_data, spec):
     from train.pipeline import load_images, make_dataset
@@ -28,6 +29,44 @@ def test_training_pipeline_and_device_give_identical_tensors(shared_data, spec):
     assert training_tensors.dtype == device_tensors.dtype == np.float32
     assert training_tensors.shape == (len(files), spec.size, spec.size, spec.channels)
     np.testing.assert_array_equal(training_tensors, device_tensors)
+    # the cache holds the squares before the contrast step; everything that feeds them to a model
+    # without make_dataset (conversion, Grad-CAM, OOD fits) uses model_inputs: the same tensors
+    from train.pipeline import model_inputs
+    assert images.dtype == np.uint8
+    np.testing.assert_array_equal(model_inputs(images, spec), device_tensors)
+
+
+def _train_tensors(images, spec, **augmentation):
+    """One pass of make_dataset(training=True) in file order (the labels carry the index)."""
+    from train.config import TrainConfig
+    from train.pipeline import make_dataset
+
+    still = dict(rotation_degrees=0.0, zoom=0.0, shift=0.0, brightness=0.0, contrast=1e-9)  # RandomContrast needs > 0
+    config = TrainConfig(**{**still, **augmentation})
+    ds = make_dataset(images, np.arange(len(images), dtype=np.int32), spec, batch_size=4, training=True,
+                      config=config, seed=3)
+    batches = [(x.numpy(), i.numpy()) for x, i in ds]
+    x, order = np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
+    return x[np.argsort(order)]
+
+
+def test_training_augments_before_the_devices_contrast_step(shared_data):
+    """Augmentation works on the square before the contrast step, and every augmented batch then goes
+    through the device's own step: with all augmentation at zero, the training tensors are the
+    device's bit for bit; a grey curve (gamma) changes a plain image a lot, but global equalisation
+    removes it (up to 8-bit rounding), and CLAHE much of it, as they would on the device."""
+    from train.pipeline import load_images
+
+    files = sorted((shared_data / "val" / "covid").iterdir())[:3] + sorted((shared_data / "val" / "normal").iterdir())[:3]
+    records = [Record(path=f, label=f.parent.name, split="val", patient_id=None, source=None) for f in files]
+    change = {}
+    for contrast in preprocess.CONTRASTS:
+        spec = preprocess.InputSpec(size=96, channels=1, normalisation="unit", contrast=contrast, borders="trim")
+        images = load_images(records, spec, progress=False)
+        device = np.stack([preprocess.preprocess(f, spec, strict=True) for f in files])
+        np.testing.assert_array_equal(_train_tensors(images, spec), device)
+        change[contrast] = np.abs(_train_tensors(images, spec, gamma=0.4) - device).mean()
+    assert change["none"] > 0.03 and change["equalize"] < 0.005 and change["clahe"] < change["none"] * 0.7, change
 
 
 # --- bit-identical on every CPU --------------------------------------------------------------------

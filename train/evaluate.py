@@ -19,16 +19,17 @@ from train.pipeline import load_images, make_dataset
 
 BATCH = 64
 
-SplitArrays = tuple[np.ndarray, np.ndarray, list[Record]]   # (grey images, class indices, records)
+SplitArrays = tuple[np.ndarray, np.ndarray, list[Record]]   # (squares before contrast, class indices, records)
 
 
 def load_split(records: list[Record], labels, spec: InputSpec, *, desc: str, progress: bool = True) -> SplitArrays:
-    """The records' images decoded as the device decodes them, with their class indices."""
+    """The records' images decoded as the device decodes them (uint8 squares before the contrast step,
+    train.pipeline.load_images), with their class indices."""
     return load_images(records, spec, desc=desc, progress=progress), label_indices(records, labels), records
 
 
 def predict(model, x: np.ndarray, y: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """The model's logits for grey images `x` (normalised as the device does)."""
+    """The model's logits for cached squares `x` (contrast step and normalise as the device does them)."""
     return model.predict(make_dataset(x, y, spec, batch_size=BATCH, training=False), verbose=0)
 
 

@@ -1,9 +1,13 @@
 """The tf.data input pipeline, built on the device's own preprocessing.
 
-Images are decoded and fitted to the model's square once, with `edge_app.preprocess.load`,
-and kept in memory (the datasets this project trains on fit easily). Augmentation then works
-on the [0, 1] grey images, and `edge_app.preprocess.normalise` turns each batch into exactly
-the tensor the device will feed the model: training never re-implements preprocessing.
+Images are decoded and fitted to the model's square once, with `edge_app.preprocess.load8`,
+and kept in memory as uint8 (the datasets this project trains on fit easily): the square
+BEFORE the contrast step. Augmentation (training only) works on those as [0, 1] grey images,
+so that a change of exposure, noise, blur, resolution or JPEG reaches the model the way the
+device's contrast step (CLAHE) passes it on; then `model_inputs` (the device's own
+`edge_app.preprocess.contrast_step` per image, then `normalise`) turns each batch into exactly
+the tensor the device would feed the model: training never re-implements preprocessing.
+Anything that feeds cached images to a model without `make_dataset` goes through `model_inputs`.
 """
 from __future__ import annotations
 
@@ -22,11 +26,31 @@ from train.data.records import Record
 
 def load_images(records: list[Record], spec: preprocess.InputSpec, *, desc: str = "images",
                 progress: bool = True) -> np.ndarray:
-    """(N, size, size) float32 grey images in [0, 1], decoded exactly as the device decodes."""
-    images = np.empty((len(records), spec.size, spec.size), dtype=np.float32)
+    """(N, size, size) uint8 grey squares before the contrast step, decoded exactly as the device
+    decodes (`edge_app.preprocess.load8`); `model_inputs` or `make_dataset` make model inputs of them."""
+    images = np.empty((len(records), spec.size, spec.size), dtype=np.uint8)
     for i, record in enumerate(tqdm(records, desc=f"loading {desc}", unit="img", disable=not progress)):
-        images[i] = preprocess.load(record.path, spec)
+        images[i] = preprocess.load8(record.path, spec)
     return images
+
+
+def contrasted(images: np.ndarray, spec: preprocess.InputSpec) -> np.ndarray:
+    """(N, size, size) squares before the contrast step (uint8 from `load_images`, or float after
+    augmentation: clipped to [0, 1], rounded to 8 bits) -> float32 [0, 1] after the device's
+    contrast step (`edge_app.preprocess.contrast_step`), image by image."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        images = np.clip(images, 0.0, 1.0)
+    out = np.empty(images.shape, np.float32)
+    for i, image in enumerate(images):
+        out[i] = preprocess.contrast_step(image, spec)
+    return out
+
+
+def model_inputs(images: np.ndarray, spec: preprocess.InputSpec) -> np.ndarray:
+    """(N, size, size, channels) model inputs of cached squares: for unaugmented images, the tensor
+    `edge_app.preprocess.preprocess` gives the device, bit for bit."""
+    return preprocess.normalise(contrasted(images, spec), spec)
 
 
 def lung_refusals(records: list[Record], spec: preprocess.InputSpec, *, progress: bool = True) -> list[dict]:
@@ -38,7 +62,7 @@ def lung_refusals(records: list[Record], spec: preprocess.InputSpec, *, progress
     refused = []
     for record in tqdm(records, desc="lung fields", unit="img", disable=not progress):
         try:
-            preprocess.load(record.path, spec)
+            preprocess.load8(record.path, spec)
         except InputError as e:
             refused.append({"file": str(record.path), "split": record.split, "label": record.label,
                             "source": record.source, "code": e.code, "message": e.message})
@@ -66,7 +90,12 @@ def augmentation(config: TrainConfig, seed: int) -> keras.Sequential:
 def acquisition_augmentation(config: TrainConfig, seed: int):
     """Batch -> batch changes of how an image was taken, not of what it shows: random resized crops
     (framing, collimation), grey curve (gamma), blur, detector noise, resolution and JPEG
-    re-compression, so that a model cannot tell hospitals apart by them. None when all are off."""
+    re-compression, so that a model cannot tell hospitals apart by them. None when all are off.
+
+    They act before the contrast step (`make_dataset`), as an acquisition does before the device's:
+    a grey curve (gamma) is then partly undone by CLAHE (almost wholly by equalize), and noise is
+    amplified by CLAHE in flat regions just as a detector's would be (noise std 0.02 on [0, 1]
+    comes out larger; that is intended)."""
     if not (config.crop_scale < 1.0 or config.gamma or config.blur or config.noise
             or config.min_resolution < 1.0 or config.jpeg_quality):
         return None
@@ -131,7 +160,9 @@ def image_weights(records: list[Record], labels, *, class_power: float, source_p
 def make_dataset(images: np.ndarray, labels: np.ndarray, spec: preprocess.InputSpec, *,
                  batch_size: int, training: bool, config: TrainConfig | None = None,
                  seed: int = 0, sample_weights: np.ndarray | None = None) -> tf.data.Dataset:
-    """Batches of (model input, class index[, sample weight]). Training batches are shuffled and augmented."""
+    """Batches of (model input, class index[, sample weight]) from `load_images`' squares (before the
+    contrast step). Training batches are shuffled and augmented; every batch then goes through the
+    contrast step and normalise (`model_inputs`), so an unaugmented batch is the device's tensor."""
     columns = (images, labels.astype(np.int32)) + (() if sample_weights is None else (sample_weights,))
     ds = tf.data.Dataset.from_tensor_slices(columns)
     if training:
@@ -141,14 +172,15 @@ def make_dataset(images: np.ndarray, labels: np.ndarray, spec: preprocess.InputS
         geometry = augmentation(config, seed)
         acquisition = acquisition_augmentation(config, seed + 10)
 
-        def augment(x, *rest):
-            x = tf.clip_by_value(geometry(x[..., None], training=True), 0.0, 1.0)
+        def augment(x, *rest):   # uint8 squares -> [0, 1] float, augmented, before the contrast step
+            x = tf.cast(x[..., None], tf.float32) / 255.0
+            x = tf.clip_by_value(geometry(x, training=True), 0.0, 1.0)
             return (x[..., 0] if acquisition is None else acquisition(x)[..., 0], *rest)
 
         ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
 
     def to_model_input(x, *rest):
-        x = tf.numpy_function(lambda a: preprocess.normalise(a, spec), [x], tf.float32, stateful=False)
+        x = tf.numpy_function(lambda a: model_inputs(a, spec), [x], tf.float32, stateful=False)
         x.set_shape((None, spec.size, spec.size, spec.channels))
         return (x, *rest)
 

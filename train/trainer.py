@@ -28,7 +28,7 @@ from train.config import TrainConfig
 from train.data import load_dataset, run_splits, sources
 from train.data.leakage import check_leakage
 from train.data.records import SPLITS
-from train.pipeline import image_weights, lung_refusals, make_dataset
+from train.pipeline import contrasted, image_weights, lung_refusals, make_dataset
 from edge_app.preprocess import normalise
 
 MONITOR = "val_abnormal_auc"
@@ -254,10 +254,11 @@ def _gradcam_grid(model, spec, test_split, test_logits, labels, path) -> None:
     images, y, records = test_split
     predicted = test_logits.argmax(axis=1)
     chosen = gradcam.sample_for_review(y, predicted)
-    maps = gradcam.gradcam(model, normalise(images[chosen], spec))
+    squares = contrasted(images[chosen], spec)      # what the model sees, before normalise
+    maps = gradcam.gradcam(model, normalise(squares, spec))
     titles = [f"{records[i].path.name[:22]}\ntrue {labels[y[i]]}, predicted {labels[predicted[i]]}"
               for i in chosen]
-    report.gradcam_grid(images[chosen], maps, titles, y[chosen] != predicted[chosen], path)
+    report.gradcam_grid(squares, maps, titles, y[chosen] != predicted[chosen], path)
 
 
 def _shortcut_probe(features, split_data, labels) -> dict | None:
