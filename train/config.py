@@ -60,9 +60,11 @@ class TrainConfig:
     brightness: float = 0.1
     contrast: float = 0.1
     horizontal_flip: bool = False         # anatomy is not symmetric (heart on the left)
-    # against acquisition shortcuts (see train.pipeline.acquisition_augmentation); 0 turns one off.
-    # All augmentation acts on the square before the contrast step (input_contrast), as an
-    # acquisition does: CLAHE then amplifies the noise in flat regions, as it would a detector's
+    augment_before_contrast: bool = False  # augment the square before the contrast step (input_contrast),
+                                          # as an acquisition would vary it: CLAHE then undoes part of a grey
+                                          # curve and amplifies noise as it would a detector's. False: after
+                                          # it (the recipe the seeded tables measured)
+    # against acquisition shortcuts (see train.pipeline.acquisition_augmentation); 0 turns one off
     crop_scale: float = 1.0               # random resized crop of area in [crop_scale, 1], aspect 3:4-4:3
     gamma: float = 0.0                    # grey curve x ** g, log g uniform in [-log(1+gamma), log(1+gamma)]
     blur: float = 0.0                     # Gaussian blur, sigma uniform in [0, blur] pixels

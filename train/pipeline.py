@@ -161,27 +161,35 @@ def make_dataset(images: np.ndarray, labels: np.ndarray, spec: preprocess.InputS
                  batch_size: int, training: bool, config: TrainConfig | None = None,
                  seed: int = 0, sample_weights: np.ndarray | None = None) -> tf.data.Dataset:
     """Batches of (model input, class index[, sample weight]) from `load_images`' squares (before the
-    contrast step). Training batches are shuffled and augmented; every batch then goes through the
-    contrast step and normalise (`model_inputs`), so an unaugmented batch is the device's tensor."""
+    contrast step). Unaugmented batches go through the contrast step and normalise (`model_inputs`):
+    the device's tensor. Training batches are shuffled and augmented, before the contrast step with
+    `config.augment_before_contrast`, else after it (the recipe measured before that option)."""
     columns = (images, labels.astype(np.int32)) + (() if sample_weights is None else (sample_weights,))
     ds = tf.data.Dataset.from_tensor_slices(columns)
     if training:
         ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
+
+    def numpy_step(step, channels=()):   # a numpy function of (batch, spec) as a tf.data map
+        def apply(x, *rest):
+            y = tf.numpy_function(lambda a: step(a, spec), [x], tf.float32, stateful=False)
+            y.set_shape((None, spec.size, spec.size, *channels))
+            return (y, *rest)
+        return apply
+
+    to_model_input = numpy_step(model_inputs, (spec.channels,))
     if training and config is not None and config.augment:
         geometry = augmentation(config, seed)
         acquisition = acquisition_augmentation(config, seed + 10)
 
-        def augment(x, *rest):   # uint8 squares -> [0, 1] float, augmented, before the contrast step
-            x = tf.cast(x[..., None], tf.float32) / 255.0
-            x = tf.clip_by_value(geometry(x, training=True), 0.0, 1.0)
+        def augment(x, *rest):   # [0, 1] squares
+            x = tf.clip_by_value(geometry(x[..., None], training=True), 0.0, 1.0)
             return (x[..., 0] if acquisition is None else acquisition(x)[..., 0], *rest)
 
+        if config.augment_before_contrast:
+            ds = ds.map(lambda x, *rest: (tf.cast(x, tf.float32) / 255.0, *rest))
+        else:   # the contrast step first, then augmentation, then normalise
+            ds = ds.map(numpy_step(contrasted), num_parallel_calls=tf.data.AUTOTUNE)
+            to_model_input = numpy_step(preprocess.normalise, (spec.channels,))
         ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
-
-    def to_model_input(x, *rest):
-        x = tf.numpy_function(lambda a: model_inputs(a, spec), [x], tf.float32, stateful=False)
-        x.set_shape((None, spec.size, spec.size, spec.channels))
-        return (x, *rest)
-
     return ds.map(to_model_input, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
