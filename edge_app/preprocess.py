@@ -81,6 +81,7 @@ MAX_PIXELS = 50_000_000       # more pixels -> too_large, from the header: ~7070
                               # `load` at the limit: ~0.15 GB for a 16-bit PNG (Pillow's image, read
                               # into numpy in strips, reduced before any float step; JPEGs drafted).
 DEEP_STRIP_ROWS = 512        # deep (16-bit) images are read into numpy this many rows at a time
+BLOCK_STRIP_ROWS = 64        # integer block means (and DICOM's unused-bits correction): rows at a time
 STRETCH_PERCENTILES = (0.5, 99.5)  # deep images without a VOI window: these -> 0 and 255 (robust to
                                    # hot/dead pixels and burnt-in labels)
 STRETCH_SAMPLE_PIXELS = 1 << 16    # the percentiles are taken on a fixed grid of about this many pixels
@@ -373,33 +374,53 @@ def _deep_block_mean(im: Image.Image, factor: int, path) -> np.ndarray:
     return np.concatenate(strips)
 
 
-def _block_mean(values: np.ndarray, factor: int, bits: int = 16) -> np.ndarray:
+def _block_mean(values: np.ndarray, factor: int, bits: int = 16, shift: int = 0) -> np.ndarray:
     """Means of factor x factor blocks (a partial last block is dropped), same dtype: integer
     images are summed exactly (16-bit ones in 32 bits: the sum of up to 256^2 values fits;
     the rows of `bits`-deep data in 16 bits where factor of them fit, twice as fast) and
-    rounded, so the result is the same on every CPU."""
+    rounded, so the result is the same on every CPU.
+
+    `shift`: integer values get pydicom's unused-bits correction first (`_correct_unused_bits`),
+    strip by strip (BLOCK_STRIP_ROWS rows, kept in the CPU cache), so that no corrected
+    full-size copy is ever made; the same integers as correcting the whole image first."""
     if factor == 1:
-        return values
+        return _correct_unused_bits(values, shift)
     h, w = values.shape[0] // factor, values.shape[1] // factor
     if values.dtype.kind == "f":
-        acc = np.float64
-    elif values.dtype.itemsize <= 2:
-        acc = np.uint32 if values.dtype.kind in "ub" else np.int32
-    else:
-        acc = np.int64
-    # rows first, on whole rows (cutting the columns first would copy the image), then the
-    # columns: factor strided adds (a sum over a short last axis is slow in numpy)
-    narrow = values.dtype == np.uint16 and factor * (2 ** bits - 1) < 2 ** 16
-    rows = values[:h * factor].reshape(h, factor, values.shape[1]).sum(axis=1, dtype=values.dtype
-                                                                       if narrow else acc)
-    sums = rows[:, 0:w * factor:factor].astype(acc)
+        return _block_mean_float(values, factor)
+    acc = (np.uint32 if values.dtype.kind in "ub" else np.int32) if values.dtype.itemsize <= 2 else np.int64
+    n = factor * factor
+    # rows first, on whole rows and a strip at a time (cutting the columns first would copy
+    # the image), then the columns: factor strided adds (a sum over a short last axis is slow);
+    # `bits`-deep data in 16 bits wherever the sums cannot overflow them (twice as fast)
+    deep16 = values.dtype == np.uint16
+    rows = np.empty((h, values.shape[1]), np.uint16 if deep16 and factor * (2 ** bits - 1) < 2 ** 16 else acc)
+    step = factor * max(1, BLOCK_STRIP_ROWS // factor)
+    strip = np.empty((min(step, h * factor), values.shape[1]), values.dtype) if shift > 0 else None
+    for top in range(0, h * factor, step):
+        part = values[top:min(top + step, h * factor)]
+        if strip is not None:
+            part = _correct_unused_bits(part, shift, out=strip[:len(part)])
+        part.reshape(-1, factor, part.shape[1]).sum(axis=1, dtype=rows.dtype,
+                                                     out=rows[top // factor:top // factor + len(part) // factor])
+    kind = np.uint16 if deep16 and n * (2 ** bits - 1) + n // 2 < 2 ** 16 else acc
+    sums = np.empty((h, w), kind)
+    np.add(rows[:, 0:w * factor:factor], rows[:, 1:w * factor:factor], out=sums, dtype=kind)
+    for k in range(2, factor):
+        np.add(sums, rows[:, k:w * factor:factor], out=sums, dtype=kind)
+    sums += kind(n // 2)             # the rounded mean, in exact integers (floor division)
+    sums //= kind(n)
+    return sums.astype(values.dtype, copy=False)
+
+
+def _block_mean_float(values: np.ndarray, factor: int) -> np.ndarray:
+    """`_block_mean` of a float image, summed in float64."""
+    h, w = values.shape[0] // factor, values.shape[1] // factor
+    rows = values[:h * factor].reshape(h, factor, values.shape[1]).sum(axis=1, dtype=np.float64)
+    sums = rows[:, 0:w * factor:factor].copy()
     for k in range(1, factor):
         sums += rows[:, k:w * factor:factor]
-    n = factor * factor
-    if acc is np.float64:
-        return (sums / n).astype(values.dtype)
-    # rounded integer mean; float64 division is exact here (sums < 2^53) and faster than //
-    return np.floor((sums + n // 2) / n).astype(values.dtype)
+    return (sums / (factor * factor)).astype(values.dtype)
 
 
 def _stretch(values: np.ndarray, path) -> np.ndarray:
@@ -453,10 +474,11 @@ def _decode_dicom(stream, path, strict: bool, keep: int | None):
         rows, cols = int(ds.Rows), int(ds.Columns)
         _check_geometry(cols, rows, path)
         _default_transfer_syntax(ds)
-        pixels = _dicom_first_frame(ds, path)
+        pixels, shift = _dicom_first_frame(ds, path)
         factor = _reduction(cols, rows, keep)
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
         if samples == 3 and pixels.ndim == 3:
+            pixels = _correct_unused_bits(pixels, shift)
             top = 2 ** int(ds.get("BitsStored", 8)) - 1
             rgb8 = pixels if pixels.dtype == np.uint8 else _to_uint8(pixels, 0.0, top)
             rgb = _reduce(Image.fromarray(rgb8, "RGB"), factor)
@@ -470,7 +492,8 @@ def _decode_dicom(stream, path, strict: bool, keep: int | None):
             raise InputError("dicom_unsupported", f"DICOM images with {bits} bits stored are not "
                              "supported (1 to 16)", path)
         low = -(2 ** (bits - 1)) if int(ds.get("PixelRepresentation", 0)) == 1 else 0
-        index = _block_mean(pixels, factor, bits) - np.int32(low)   # pydicom masks unused bits
+        index = _block_mean(pixels, factor, bits, shift)     # stored values, reduced: low.. -> 0..
+        index = index if low == 0 else index - np.int32(low)
         # the modality and VOI stages of every possible stored value, then one lookup per pixel
         table = apply_modality_lut(np.arange(low, low + 2 ** bits, dtype=np.int32), ds)
         if "WindowCenter" in ds or "VOILUTSequence" in ds:
@@ -480,15 +503,16 @@ def _decode_dicom(stream, path, strict: bool, keep: int | None):
             lo, hi = _robust_range(table[index], path)
         if not np.isfinite(table).all():
             raise InputError("corrupt", "the DICOM rescale or window gives non-finite values", path)
-        gray = _to_uint8(table, lo, hi)[index]
+        lut = _to_uint8(table, lo, hi)
+        mono1 = str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1"
     except InputError:
         raise
     except Exception as e:  # noqa: BLE001 - a malformed attribute can raise anything in pydicom
         raise InputError("corrupt", f"the DICOM image attributes cannot be interpreted ({e})",
                          path) from None
-    if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
-        gray = np.uint8(255) - gray
-    return gray, None
+    if mono1:   # inverted in the table: one lookup per pixel
+        lut = np.uint8(255) - lut
+    return np.take(lut, index), None   # (np.take: twice as fast as lut[index] here)
 
 
 def _default_transfer_syntax(ds) -> None:
@@ -527,11 +551,27 @@ def _check_dicom_numbers(ds, path) -> None:
                                  path)
 
 
-def _dicom_first_frame(ds, path) -> np.ndarray:
-    """The first frame's stored values, decoding only that frame."""
+def _dicom_first_frame(ds, path) -> tuple[np.ndarray, int]:
+    """(the first frame's values, shift), decoding only that frame: the values are pydicom's
+    `pixel_array` before its unused-bits correction, which is left to the caller
+    (`_correct_unused_bits`, `_block_mean`): shift = BitsAllocated - BitsStored, 0 when
+    pydicom has nothing to correct or corrected it already.
+
+    Uncompressed little-endian data comes back as a read-only view of the PixelData bytes
+    (pydicom's `view_only`), not a corrected full-size copy: a 3 k x 3 k 16-bit image is
+    then held once in memory, not twice, and reduced strip by strip."""
     from pydicom.pixels import pixel_array
     try:
-        return pixel_array(ds, index=0)
+        syntax = ds.file_meta.TransferSyntaxUID
+        allocated, stored = int(ds.BitsAllocated), int(ds.BitsStored)
+        native = syntax.is_little_endian and not syntax.is_encapsulated and "PixelData" in ds
+        shift = allocated - stored if native and 1 <= stored < allocated <= 64 else 0
+    except Exception:  # noqa: BLE001 - pydicom's own decode below says what is wrong
+        shift = 0
+    try:
+        if shift:   # what pydicom would correct (its "shift_correction" test)
+            return pixel_array(ds, index=0, view_only=True, correct_unused_bits=False), shift
+        return pixel_array(ds, index=0), 0
     except Exception as e:  # noqa: BLE001
         try:
             syntax = ds.file_meta.TransferSyntaxUID
@@ -547,6 +587,18 @@ def _dicom_first_frame(ds, path) -> np.ndarray:
         raise InputError("corrupt", f"the DICOM pixel data cannot be decoded ({e})", path) from None
 
 
+def _correct_unused_bits(values: np.ndarray, shift: int, out: np.ndarray | None = None) -> np.ndarray:
+    """pydicom's correction of the bits above BitsStored (a left, then a right shift by `shift`
+    in the values' own dtype): unsigned values masked (the same bits, one pass), signed ones
+    sign-extended. `shift` <= 0: the values as they are."""
+    if shift <= 0:
+        return values
+    if values.dtype.kind == "u":
+        return np.bitwise_and(values, values.dtype.type((1 << (8 * values.dtype.itemsize - shift)) - 1), out=out)
+    out = np.left_shift(values, shift, out=out)
+    return np.right_shift(out, shift, out=out)
+
+
 def _check_plausible(gray: np.ndarray, rgb: np.ndarray | None, path) -> None:
     """The strict checks, cheapest first."""
     h, w = gray.shape
@@ -558,10 +610,19 @@ def _check_plausible(gray: np.ndarray, rgb: np.ndarray | None, path) -> None:
         if chroma > MAX_MEAN_CHROMA:
             raise InputError("colour_photo", f"this looks like a colour photograph (mean chroma "
                              f"{chroma:.3f} > {MAX_MEAN_CHROMA}), not an X-ray", path)
-    std = float(gray.std(dtype=np.float64)) / 255
+    std = _grey_std(gray) / 255
     if std < MIN_GREY_STD:
         raise InputError("uniform_image", f"the image is nearly uniform (grey std {std:.4f} < "
                          f"{MIN_GREY_STD}); nothing to screen", path)
+
+
+def _grey_std(gray: np.ndarray) -> float:
+    """The standard deviation of a uint8 image, from exact integer sums (one float step)."""
+    n = gray.size
+    total = int(gray.sum(dtype=np.uint64))
+    wide = gray.astype(np.uint16)
+    squares = int(np.multiply(wide, wide, out=wide).sum(dtype=np.uint64))   # 255^2 fits in 16 bits
+    return math.sqrt(max(n * squares - total * total, 0) / (n * n))
 
 
 def _mean_chroma(rgb: np.ndarray) -> float:
