@@ -824,3 +824,52 @@ def test_trim_borders_removes_frames_and_letterboxing_but_no_anatomy(xray_file):
     assert pp.trim_borders(narrow).shape == (100, 300)                  # at most a quarter per edge
     spec = pp.InputSpec(size=64, borders="trim")
     np.testing.assert_array_equal(pp.square(framed, spec), pp.fit_square(pp.trim_borders(film), 64))
+
+
+# --- the model input's bits ------------------------------------------------------------------
+
+def pattern(h: int, w: int, top: int) -> np.ndarray:
+    """A deterministic film-like test image in 0..top (no RNG: the same on every numpy): a
+    smooth ramp with a lighter middle plus integer-hash texture."""
+    i, j = np.mgrid[0:h, 0:w].astype(np.int64)
+    smooth = (i * 3 + j * 2) * top // (3 * h + 2 * w) // 2 + top // 4 * (abs(j - w // 2) < w // 4)
+    texture = ((i * 7919 + j * 104729) ^ (i * j)) % (top // 8 + 1)
+    return np.clip(smooth + texture, 0, top)
+
+
+PINNED_INPUT_BITS = "2f9bcc33695baa92abf4a17a225bdca39ba86a8a8559a2054d76c9649fe24400"   # preprocessing v2 (30bd3e5)
+
+
+def test_preprocessing_version_2_model_input_bits_are_pinned(tmp_path):
+    """The exact model input (SHA-256 of the float32 bytes) of lossless files through every
+    step (integer reduction, DICOM bits/LUTs, border trim, fixed-point resize, CLAHE, equalise,
+    normalise). Speeding a step up must not change a bit of it; a change that does needs
+    PREPROCESSING_VERSION bumped (and this digest renewed) and the models retrained."""
+    assert pp.PREPROCESSING_VERSION == "2"
+    assert model_input_digest(pp, tmp_path) == PINNED_INPUT_BITS
+
+
+def model_input_digest(pp, folder: Path) -> str:
+    """SHA-256 of the model inputs of `test_preprocessing_version_2_model_input_bits_are_pinned`
+    (pp: the preprocessing module, so that an earlier version can be run through it too)."""
+    import hashlib
+
+    framed = np.zeros((1300, 1500), np.uint8)
+    framed[40:1260, 90:1420] = pattern(1220, 1330, 255)                   # a black frame to trim
+    deep = pattern(1500, 1300, 4095).astype(np.uint16)
+    junk = deep | np.uint16(0xA000)                                        # bits above BitsStored
+    signed = (pattern(1000, 1800, 4095) - 2048).astype(np.int16)
+    files = [save(folder / "framed.png", Image.fromarray(framed)),
+             save(folder / "deep.png", Image.fromarray(deep)),
+             write_dicom(folder / "m1.dcm", junk, "MONOCHROME1", RescaleSlope=0.5, RescaleIntercept=-1024,
+                         WindowCenter=0, WindowWidth=1800),
+             write_dicom(folder / "signed.dcm", signed, PixelRepresentation=1)]
+    specs = [pp.InputSpec(size=224, channels=3, normalisation="symmetric", contrast="clahe", borders="trim"),
+             pp.InputSpec(size=96, channels=1, contrast="equalize", fit="pad", borders="trim"),
+             pp.InputSpec(size=100, channels=3, normalisation="torch", contrast="clahe"),
+             pp.InputSpec(size=64)]
+    digest = hashlib.sha256()
+    for path in files:
+        for spec in specs:
+            digest.update(pp.preprocess(path, spec, strict=True).tobytes())
+    return digest.hexdigest()
