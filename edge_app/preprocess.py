@@ -706,20 +706,37 @@ def clahe(image: np.ndarray, tiles: int = CLAHE_TILES, clip_limit: float = CLAHE
     bins = 256
     h, w = q.shape
     th, tw = -(-h // tiles), -(-w // tiles)
+    tile_bins, corners, weights = _clahe_geometry(h, w, tiles)
+    padded = q   # to whole tiles: the reflected margin counts in the last tiles' histograms
     if (th * tiles, tw * tiles) != (h, w):
-        q = np.pad(q, ((0, th * tiles - h), (0, tw * tiles - w)), mode="reflect")
-    blocks = q.reshape(tiles, th, tiles, tw).transpose(0, 2, 1, 3).reshape(tiles * tiles, th * tw)
-    offsets = np.arange(tiles * tiles, dtype=np.intp)[:, None] * bins
-    hist = np.bincount((blocks + offsets).ravel(), minlength=tiles * tiles * bins)
+        padded = np.pad(q, ((0, th * tiles - h), (0, tw * tiles - w)), mode="reflect")
+    hist = np.bincount((tile_bins + padded).ravel(), minlength=tiles * tiles * bins)
     hist = hist.reshape(tiles * tiles, bins).astype(np.float64)
     limit = max(clip_limit * th * tw / bins, 1.0)
     excess = np.maximum(hist - limit, 0.0).sum(axis=1, keepdims=True)
     hist = np.minimum(hist, limit) + excess / bins
     mapping = (np.cumsum(hist, axis=1) / (th * tw)).astype(np.float32).ravel()   # [tile row, tile col, bin]
 
-    corners, weights = _clahe_blend(h, w, tiles)
-    blended = (mapping[corners + q[:h, :w]] * weights).sum(axis=0)   # the 4 in order: same bits
+    grey = q.astype(np.intp)
+    blended = np.take(mapping, corners[0] + grey)        # the 4 corners summed in order, as
+    blended *= weights[0]                                # (mapping[corners + q] * weights).sum(axis=0):
+    for k in (1, 2, 3):                                  # the same float32 operations, the same bits
+        term = np.take(mapping, corners[k] + grey)
+        term *= weights[k]
+        blended += term
     return np.clip(blended, 0.0, 1.0, out=blended)
+
+
+@functools.lru_cache(maxsize=8)
+def _clahe_geometry(h: int, w: int, tiles: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What CLAHE needs of an h x w image that depends on its shape only, computed once per
+    shape: each pixel's histogram offset (its tile x 256, over the image padded to whole tiles),
+    and `_clahe_blend`'s four nearest tiles and weights."""
+    th, tw = -(-h // tiles), -(-w // tiles)
+    tile = (np.arange(th * tiles)[:, None] // th) * tiles + np.arange(tw * tiles)[None, :] // tw
+    tile_bins = tile.astype(np.intp) * 256
+    tile_bins.flags.writeable = False
+    return (tile_bins, *_clahe_blend(h, w, tiles))
 
 
 @functools.lru_cache(maxsize=8)
@@ -754,9 +771,11 @@ def trim_borders(gray: np.ndarray) -> np.ndarray:
     limit8 = BORDER_STD * 255
 
     def uniform(lines: np.ndarray, axis: int) -> np.ndarray:   # std < limit, in exact integers
-        n = lines.shape[axis]
-        x = lines.astype(np.uint16)                                    # 255^2 fits in 16 bits
-        n2var = n * (x * x).sum(axis=axis, dtype=np.int64) - x.sum(axis=axis, dtype=np.int64) ** 2
+        n = lines.shape[axis]                    # < 2 x BORDER_SAMPLES: 255^2 n fits in 32 bits
+        squares = lines.astype(np.uint16)
+        np.multiply(squares, squares, out=squares)                     # 255^2 fits in 16 bits
+        total = lines.sum(axis=axis, dtype=np.uint32).astype(np.int64)
+        n2var = n * squares.sum(axis=axis, dtype=np.uint32).astype(np.int64) - total * total
         return n2var < (limit8 * n) ** 2
 
     def kept(still: np.ndarray) -> slice:
