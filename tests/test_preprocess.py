@@ -352,8 +352,8 @@ def test_3k_16bit_dicom_is_held_once_while_decoding(tmp_path):
     values = (np.random.default_rng(2).integers(0, 4096, (3000, 3000))).astype(np.uint16)
     path = write_dicom(tmp_path / "3k.dcm", values, WindowCenter=2048, WindowWidth=4096)
     code = ("import sys; import numpy; import pydicom.pixels; from edge_app import preprocess as pp\n"
-            "hwm = lambda: next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) / 1024\n"
-            "before = hwm(); pp.decode(sys.argv[1], strict=True, draft_size=224); print(before, hwm())")
+            f"{PEAK_MIB}\n"
+            "before = peak_mib(); pp.decode(sys.argv[1], strict=True, draft_size=224); print(before, peak_mib())")
     out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
                          check=True, cwd=Path(pp.__file__).parents[1])
     before, peak = map(float, out.stdout.split())
@@ -604,6 +604,10 @@ def test_films_with_a_grey_or_black_bottom_edge_are_not_truncated(tmp_path, xray
     pp.decode(save(tmp_path / "thin.png", Image.fromarray(film)), strict=True)
 
 
+PEAK_MIB = ("def peak_mib():\n"
+            "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) / 1024")
+
+
 def test_16bit_png_at_the_pixel_limit_stays_within_its_documented_memory(tmp_path):
     """MAX_PIXELS's comment promises ~0.15 GB at the limit (it was 660 MiB): measured in a fresh process."""
     z = zlib.compressobj(6)
@@ -615,10 +619,9 @@ def test_16bit_png_at_the_pixel_limit_stays_within_its_documented_memory(tmp_pat
             + png_chunk(b"IEND", b""))
     path = tmp_path / "big16.png"
     path.write_bytes(data)
-    code = ("import resource, sys; from edge_app import preprocess as pp; "
-            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-            "pp.load(sys.argv[1], pp.InputSpec(size=224)); "
-            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)")
+    code = ("import sys; from edge_app import preprocess as pp\n"   # VmHWM, not ru_maxrss: a child
+            f"{PEAK_MIB}\n"            # started by subprocess (vfork) inherits the parent's ru_maxrss
+            "base = peak_mib(); pp.load(sys.argv[1], pp.InputSpec(size=224)); print(peak_mib() - base)")
     out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
                          check=True, cwd=Path(pp.__file__).parents[1])
     grown_mib = float(out.stdout)
