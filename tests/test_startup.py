@@ -65,3 +65,29 @@ def test_cold_start_runs_on_cached_bytecode_without_writing_into_the_checkout(tm
     subprocess.run([sys.executable, "-c", "import edge_app.preprocess"], env=env, cwd=cold_start.REPO, check=True)
     cached = [p.name for p in (tmp_path / "pyc").rglob("*.pyc")]
     assert any(name.startswith("preprocess.") for name in cached)
+
+
+def test_the_app_loads_its_model_while_kivy_starts(monkeypatch):
+    """`python -m edge_app app` (and the GUI tests' driver) open the model on the worker thread
+    before Kivy is configured or imported, so the two overlap; without a model nothing loads."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from edge_app import app
+    from edge_app.app.config import AppConfig
+
+    loading = threading.Event()
+    monkeypatch.setattr(app, "load_classifier", lambda cfg: loading.set() or f"classifier of {cfg.model}")
+
+    class KivyWouldStartHere(Exception):
+        pass
+
+    def configure_kivy(cfg):
+        assert loading.wait(30), "the model was not loading when Kivy was about to start"
+        raise KivyWouldStartHere
+    monkeypatch.setattr(app, "configure_kivy", configure_kivy)
+    with pytest.raises(KivyWouldStartHere):
+        app.make_app(AppConfig(model="m.tflite"))
+    with ThreadPoolExecutor(max_workers=1) as worker:
+        assert app._start_loading(AppConfig(model="m.tflite"), worker).result(30) == "classifier of m.tflite"
+        assert app._start_loading(AppConfig(model=None), worker) is None
