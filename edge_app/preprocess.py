@@ -45,6 +45,7 @@ import math
 import numbers
 import os
 import stat
+import struct
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -462,19 +463,26 @@ def _decode_dicom(stream, path, strict: bool, keep: int | None):
     except ImportError:
         raise InputError("dicom_unsupported", "this is a DICOM file but pydicom is not installed; "
                          "install pydicom (pip install 'cxr-edge[edge]')", path) from None
+    def read(**options):
+        try:
+            return pydicom.dcmread(stream, force=True, **options)
+        except Exception as e:  # noqa: BLE001 - pydicom raises many types on broken files
+            code = "truncated" if isinstance(e, EOFError) else "corrupt"
+            raise InputError(code, f"not a readable DICOM file ({e})", path) from None
+
+    ds = read(stop_before_pixels=True)        # the attributes; the pixel data where it lies
+    pixels = _DicomFrameRows.of(ds, stream, keep)
+    if pixels is None:                        # anything but plain 16-bit grey: pydicom reads it all
+        stream.seek(0)
+        ds = read()
     try:
-        ds = pydicom.dcmread(stream, force=True)
-    except Exception as e:  # noqa: BLE001 - pydicom raises many types on broken files
-        code = "truncated" if isinstance(e, EOFError) else "corrupt"
-        raise InputError(code, f"not a readable DICOM file ({e})", path) from None
-    try:
-        if not all(keyword in ds for keyword in ("PixelData", "Rows", "Columns")):
+        if pixels is None and not all(keyword in ds for keyword in ("PixelData", "Rows", "Columns")):
             raise InputError("not_an_image", "the DICOM file holds no image (no PixelData, Rows, "
                              "Columns)", path)
         rows, cols = int(ds.Rows), int(ds.Columns)
         _check_geometry(cols, rows, path)
         _default_transfer_syntax(ds)
-        pixels, shift = _dicom_first_frame(ds, path)
+        pixels, shift = (pixels, pixels.shift) if pixels is not None else _dicom_first_frame(ds, path)
         factor = _reduction(cols, rows, keep)
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
         if samples == 3 and pixels.ndim == 3:
@@ -513,6 +521,64 @@ def _decode_dicom(stream, path, strict: bool, keep: int | None):
     if mono1:   # inverted in the table: one lookup per pixel
         lut = np.uint8(255) - lut
     return np.take(lut, index), None   # (np.take: twice as fast as lut[index] here)
+
+
+class _DicomFrameRows:
+    """The first frame of uncompressed 16-bit grey DICOM pixel data, read from the file a strip
+    of rows at a time (`_block_mean` slices it from the top down): the image is never held in
+    memory whole, nor written to fresh pages (page faults cost more than the reading here).
+
+    `of` says whether a file qualifies: little-endian native encoding, one sample of 16 bits
+    allocated (1-16 stored, either pixel representation), MONOCHROME1/2, and a Pixel Data
+    element of defined length holding every frame pydicom would expect, complete in the file;
+    and a reduction (factor > 1) to be made. Anything else is left to pydicom's `pixel_array`."""
+
+    def __init__(self, stream, offset: int, rows: int, cols: int, signed: bool, shift: int):
+        self.shape, self.dtype = (rows, cols), np.dtype("<i2" if signed else "<u2")
+        self.shift, self.ndim = shift, 2
+        self._stream, self._offset, self._buffer = stream, offset, None
+
+    @classmethod
+    def of(cls, ds, stream, keep: int | None):
+        try:
+            _default_transfer_syntax(ds)
+            implicit, little = ds.original_encoding
+            if (not little or str(ds.file_meta.TransferSyntaxUID) not in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
+                    or int(ds.SamplesPerPixel) != 1 or int(ds.BitsAllocated) != 16
+                    or str(ds.PhotometricInterpretation).strip() not in ("MONOCHROME1", "MONOCHROME2")):
+                return None
+            rows, cols, stored = int(ds.Rows), int(ds.Columns), int(ds.BitsStored)
+            signed, frames = int(ds.PixelRepresentation), int(ds.get("NumberOfFrames") or 1)
+            if not (0 < rows < 2 ** 16 and 0 < cols < 2 ** 16 and 1 <= stored <= 16 and signed in (0, 1)
+                    and frames >= 1 and _reduction(cols, rows, keep) > 1):
+                return None
+            start = stream.tell()
+            head = stream.read(8 if implicit else 12)
+            if implicit:
+                group, element, length = struct.unpack("<HHI", head)
+            else:
+                group, element, vr, reserved, length = struct.unpack("<HH2sHI", head)
+                if vr not in (b"OW", b"OB"):
+                    return None
+            size = (stream.getbuffer().nbytes if isinstance(stream, io.BytesIO)
+                    else os.fstat(stream.fileno()).st_size)
+            if ((group, element) != (0x7FE0, 0x0010) or length == 0xFFFFFFFF
+                    or length < frames * rows * cols * 2 or start + len(head) + length > size):
+                return None
+        except Exception:  # noqa: BLE001 - whatever is unusual: pydicom's own reading decides
+            return None
+        return cls(stream, start + len(head), rows, cols, bool(signed), 16 - stored)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        """Rows [start, stop) of the frame, read into a buffer that the next call reuses."""
+        start, stop, _ = rows.indices(self.shape[0])
+        if self._buffer is None or len(self._buffer) < stop - start:
+            self._buffer = np.empty((stop - start, self.shape[1]), self.dtype)
+        out = self._buffer[:stop - start]
+        self._stream.seek(self._offset + 2 * start * self.shape[1])
+        if self._stream.readinto(memoryview(out).cast("B")) != out.nbytes:
+            raise InputError("truncated", "the DICOM pixel data ended early while it was read")
+        return out
 
 
 def _default_transfer_syntax(ds) -> None:
