@@ -540,10 +540,11 @@ class _DicomFrameRows:
 
     @classmethod
     def of(cls, ds, stream, keep: int | None):
+        from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
         try:
             _default_transfer_syntax(ds)
             implicit, little = ds.original_encoding
-            if (not little or str(ds.file_meta.TransferSyntaxUID) not in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
+            if (not little or ds.file_meta.TransferSyntaxUID not in (ImplicitVRLittleEndian, ExplicitVRLittleEndian)
                     or int(ds.SamplesPerPixel) != 1 or int(ds.BitsAllocated) != 16
                     or str(ds.PhotometricInterpretation).strip() not in ("MONOCHROME1", "MONOCHROME2")):
                 return None

@@ -388,8 +388,6 @@ def test_dicom_pixels_read_in_strips_are_pydicoms(tmp_path, monkeypatch, case):
         ds = dcmread(path)
         ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
         ds.save_as(path, implicit_vr=True, little_endian=True, enforce_file_format=True)
-    from pydicom import dcmread
-
     for draft in (None, 224, 100):
         in_strips = pp.decode(path, draft_size=draft)
         np.testing.assert_array_equal(pp.decode(path.read_bytes(), draft_size=draft), in_strips)
@@ -400,7 +398,7 @@ def test_dicom_pixels_read_in_strips_are_pydicoms(tmp_path, monkeypatch, case):
     monkeypatch.setattr(pp._DicomFrameRows, "__getitem__",
                         lambda self, rows, get=pp._DicomFrameRows.__getitem__: read.append(rows) or get(self, rows))
     pp.decode(path, draft_size=224)
-    assert read and dcmread(path).file_meta.TransferSyntaxUID.is_little_endian   # the strips were taken
+    assert read                                                  # the strips were taken
 
 
 def test_dicom_detected_by_magic_multiframe_colour(tmp_path):
