@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 
 from edge_app import decision, native_logs
 from edge_app.errors import CxrEdgeError, InputError, ModelError, log_unexpected
 
 EXIT_OK, EXIT_REFUSED, EXIT_MODEL, EXIT_INTERNAL = 0, 1, 2, 3
+COMMANDS = ("app", "predict", "validate", "info", "bench")
 
 
 def _classifier(args, **options):
@@ -122,6 +122,8 @@ def cmd_info(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    import statistics
+
     import numpy as np
 
     from edge_app.progress import progress
@@ -199,13 +201,16 @@ def _at_least_one(text: str) -> int:
     return value
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser; given the `command` about to be parsed, the app's own arguments (and
+    their imports) are only added when it is the app (or not known: help lists every command)."""
     p = argparse.ArgumentParser(prog="python -m edge_app", description="cxr-edge on the device (no TensorFlow).")
     sub = p.add_subparsers(dest="command", required=True)
-    from edge_app.app.config import add_arguments
-
     sp = sub.add_parser("app", help="the screening app (default when no command is given)")
-    add_arguments(sp)
+    if command in (None, "app"):
+        from edge_app.app.config import add_arguments
+
+        add_arguments(sp)
     sp.set_defaults(func=cmd_app)
 
     def with_model(sp):
@@ -259,7 +264,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["app", *argv]
-    args = parser().parse_args(argv)
+    args = parser(argv[0] if argv and argv[0] in COMMANDS else None).parse_args(argv)
     native_logs.quiet(args.verbose)
     try:
         return args.func(args)

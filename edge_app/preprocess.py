@@ -46,6 +46,7 @@ import math
 import numbers
 import os
 import stat
+import struct
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -82,6 +83,7 @@ MAX_PIXELS = 50_000_000       # more pixels -> too_large, from the header: ~7070
                               # `load` at the limit: ~0.15 GB for a 16-bit PNG (Pillow's image, read
                               # into numpy in strips, reduced before any float step; JPEGs drafted).
 DEEP_STRIP_ROWS = 512        # deep (16-bit) images are read into numpy this many rows at a time
+BLOCK_STRIP_ROWS = 64        # integer block means (and DICOM's unused-bits correction): rows at a time
 STRETCH_PERCENTILES = (0.5, 99.5)  # deep images without a VOI window: these -> 0 and 255 (robust to
                                    # hot/dead pixels and burnt-in labels)
 STRETCH_SAMPLE_PIXELS = 1 << 16    # the percentiles are taken on a fixed grid of about this many pixels
@@ -374,33 +376,53 @@ def _deep_block_mean(im: Image.Image, factor: int, path) -> np.ndarray:
     return np.concatenate(strips)
 
 
-def _block_mean(values: np.ndarray, factor: int, bits: int = 16) -> np.ndarray:
+def _block_mean(values: np.ndarray, factor: int, bits: int = 16, shift: int = 0) -> np.ndarray:
     """Means of factor x factor blocks (a partial last block is dropped), same dtype: integer
     images are summed exactly (16-bit ones in 32 bits: the sum of up to 256^2 values fits;
     the rows of `bits`-deep data in 16 bits where factor of them fit, twice as fast) and
-    rounded, so the result is the same on every CPU."""
+    rounded, so the result is the same on every CPU.
+
+    `shift`: integer values get pydicom's unused-bits correction first (`_correct_unused_bits`),
+    strip by strip (BLOCK_STRIP_ROWS rows, kept in the CPU cache), so that no corrected
+    full-size copy is ever made; the same integers as correcting the whole image first."""
     if factor == 1:
-        return values
+        return _correct_unused_bits(values, shift)
     h, w = values.shape[0] // factor, values.shape[1] // factor
     if values.dtype.kind == "f":
-        acc = np.float64
-    elif values.dtype.itemsize <= 2:
-        acc = np.uint32 if values.dtype.kind in "ub" else np.int32
-    else:
-        acc = np.int64
-    # rows first, on whole rows (cutting the columns first would copy the image), then the
-    # columns: factor strided adds (a sum over a short last axis is slow in numpy)
-    narrow = values.dtype == np.uint16 and factor * (2 ** bits - 1) < 2 ** 16
-    rows = values[:h * factor].reshape(h, factor, values.shape[1]).sum(axis=1, dtype=values.dtype
-                                                                       if narrow else acc)
-    sums = rows[:, 0:w * factor:factor].astype(acc)
+        return _block_mean_float(values, factor)
+    acc = (np.uint32 if values.dtype.kind in "ub" else np.int32) if values.dtype.itemsize <= 2 else np.int64
+    n = factor * factor
+    # rows first, on whole rows and a strip at a time (cutting the columns first would copy
+    # the image), then the columns: factor strided adds (a sum over a short last axis is slow);
+    # `bits`-deep data in 16 bits wherever the sums cannot overflow them (twice as fast)
+    deep16 = values.dtype == np.uint16
+    rows = np.empty((h, values.shape[1]), np.uint16 if deep16 and factor * (2 ** bits - 1) < 2 ** 16 else acc)
+    step = factor * max(1, BLOCK_STRIP_ROWS // factor)
+    strip = np.empty((min(step, h * factor), values.shape[1]), values.dtype) if shift > 0 else None
+    for top in range(0, h * factor, step):
+        part = values[top:min(top + step, h * factor)]
+        if strip is not None:
+            part = _correct_unused_bits(part, shift, out=strip[:len(part)])
+        part.reshape(-1, factor, part.shape[1]).sum(axis=1, dtype=rows.dtype,
+                                                     out=rows[top // factor:top // factor + len(part) // factor])
+    kind = np.uint16 if deep16 and n * (2 ** bits - 1) + n // 2 < 2 ** 16 else acc
+    sums = np.empty((h, w), kind)
+    np.add(rows[:, 0:w * factor:factor], rows[:, 1:w * factor:factor], out=sums, dtype=kind)
+    for k in range(2, factor):
+        np.add(sums, rows[:, k:w * factor:factor], out=sums, dtype=kind)
+    sums += kind(n // 2)             # the rounded mean, in exact integers (floor division)
+    sums //= kind(n)
+    return sums.astype(values.dtype, copy=False)
+
+
+def _block_mean_float(values: np.ndarray, factor: int) -> np.ndarray:
+    """`_block_mean` of a float image, summed in float64."""
+    h, w = values.shape[0] // factor, values.shape[1] // factor
+    rows = values[:h * factor].reshape(h, factor, values.shape[1]).sum(axis=1, dtype=np.float64)
+    sums = rows[:, 0:w * factor:factor].copy()
     for k in range(1, factor):
         sums += rows[:, k:w * factor:factor]
-    n = factor * factor
-    if acc is np.float64:
-        return (sums / n).astype(values.dtype)
-    # rounded integer mean; float64 division is exact here (sums < 2^53) and faster than //
-    return np.floor((sums + n // 2) / n).astype(values.dtype)
+    return (sums / (factor * factor)).astype(values.dtype)
 
 
 def _stretch(values: np.ndarray, path) -> np.ndarray:
@@ -442,22 +464,30 @@ def _decode_dicom(stream, path, strict: bool, keep: int | None):
     except ImportError:
         raise InputError("dicom_unsupported", "this is a DICOM file but pydicom is not installed; "
                          "install pydicom (pip install 'cxr-edge[edge]')", path) from None
+    def read(**options):
+        try:
+            return pydicom.dcmread(stream, force=True, **options)
+        except Exception as e:  # noqa: BLE001 - pydicom raises many types on broken files
+            code = "truncated" if isinstance(e, EOFError) else "corrupt"
+            raise InputError(code, f"not a readable DICOM file ({e})", path) from None
+
+    ds = read(stop_before_pixels=True)        # the attributes; the pixel data where it lies
+    pixels = _DicomFrameRows.of(ds, stream, keep)
+    if pixels is None:                        # anything but plain 16-bit grey: pydicom reads it all
+        stream.seek(0)
+        ds = read()
     try:
-        ds = pydicom.dcmread(stream, force=True)
-    except Exception as e:  # noqa: BLE001 - pydicom raises many types on broken files
-        code = "truncated" if isinstance(e, EOFError) else "corrupt"
-        raise InputError(code, f"not a readable DICOM file ({e})", path) from None
-    try:
-        if not all(keyword in ds for keyword in ("PixelData", "Rows", "Columns")):
+        if pixels is None and not all(keyword in ds for keyword in ("PixelData", "Rows", "Columns")):
             raise InputError("not_an_image", "the DICOM file holds no image (no PixelData, Rows, "
                              "Columns)", path)
         rows, cols = int(ds.Rows), int(ds.Columns)
         _check_geometry(cols, rows, path)
         _default_transfer_syntax(ds)
-        pixels = _dicom_first_frame(ds, path)
+        pixels, shift = (pixels, pixels.shift) if pixels is not None else _dicom_first_frame(ds, path)
         factor = _reduction(cols, rows, keep)
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
         if samples == 3 and pixels.ndim == 3:
+            pixels = _correct_unused_bits(pixels, shift)
             top = 2 ** int(ds.get("BitsStored", 8)) - 1
             rgb8 = pixels if pixels.dtype == np.uint8 else _to_uint8(pixels, 0.0, top)
             rgb = _reduce(Image.fromarray(rgb8, "RGB"), factor)
@@ -471,7 +501,8 @@ def _decode_dicom(stream, path, strict: bool, keep: int | None):
             raise InputError("dicom_unsupported", f"DICOM images with {bits} bits stored are not "
                              "supported (1 to 16)", path)
         low = -(2 ** (bits - 1)) if int(ds.get("PixelRepresentation", 0)) == 1 else 0
-        index = _block_mean(pixels, factor, bits) - np.int32(low)   # pydicom masks unused bits
+        index = _block_mean(pixels, factor, bits, shift)     # stored values, reduced: low.. -> 0..
+        index = index if low == 0 else index - np.int32(low)
         # the modality and VOI stages of every possible stored value, then one lookup per pixel
         table = apply_modality_lut(np.arange(low, low + 2 ** bits, dtype=np.int32), ds)
         if "WindowCenter" in ds or "VOILUTSequence" in ds:
@@ -481,15 +512,75 @@ def _decode_dicom(stream, path, strict: bool, keep: int | None):
             lo, hi = _robust_range(table[index], path)
         if not np.isfinite(table).all():
             raise InputError("corrupt", "the DICOM rescale or window gives non-finite values", path)
-        gray = _to_uint8(table, lo, hi)[index]
+        lut = _to_uint8(table, lo, hi)
+        mono1 = str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1"
     except InputError:
         raise
     except Exception as e:  # noqa: BLE001 - a malformed attribute can raise anything in pydicom
         raise InputError("corrupt", f"the DICOM image attributes cannot be interpreted ({e})",
                          path) from None
-    if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
-        gray = np.uint8(255) - gray
-    return gray, None
+    if mono1:   # inverted in the table: one lookup per pixel
+        lut = np.uint8(255) - lut
+    return np.take(lut, index), None   # (np.take: twice as fast as lut[index] here)
+
+
+class _DicomFrameRows:
+    """The first frame of uncompressed 16-bit grey DICOM pixel data, read from the file a strip
+    of rows at a time (`_block_mean` slices it from the top down): the image is never held in
+    memory whole, nor written to fresh pages (page faults cost more than the reading here).
+
+    `of` says whether a file qualifies: little-endian native encoding, one sample of 16 bits
+    allocated (1-16 stored, either pixel representation), MONOCHROME1/2, and a Pixel Data
+    element of defined length holding every frame pydicom would expect, complete in the file;
+    and a reduction (factor > 1) to be made. Anything else is left to pydicom's `pixel_array`."""
+
+    def __init__(self, stream, offset: int, rows: int, cols: int, signed: bool, shift: int):
+        self.shape, self.dtype = (rows, cols), np.dtype("<i2" if signed else "<u2")
+        self.shift, self.ndim = shift, 2
+        self._stream, self._offset, self._buffer = stream, offset, None
+
+    @classmethod
+    def of(cls, ds, stream, keep: int | None):
+        from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+        try:
+            _default_transfer_syntax(ds)
+            implicit, little = ds.original_encoding
+            if (not little or ds.file_meta.TransferSyntaxUID not in (ImplicitVRLittleEndian, ExplicitVRLittleEndian)
+                    or int(ds.SamplesPerPixel) != 1 or int(ds.BitsAllocated) != 16
+                    or str(ds.PhotometricInterpretation).strip() not in ("MONOCHROME1", "MONOCHROME2")):
+                return None
+            rows, cols, stored = int(ds.Rows), int(ds.Columns), int(ds.BitsStored)
+            signed, frames = int(ds.PixelRepresentation), int(ds.get("NumberOfFrames") or 1)
+            if not (0 < rows < 2 ** 16 and 0 < cols < 2 ** 16 and 1 <= stored <= 16 and signed in (0, 1)
+                    and frames >= 1 and _reduction(cols, rows, keep) > 1):
+                return None
+            start = stream.tell()
+            head = stream.read(8 if implicit else 12)
+            if implicit:
+                group, element, length = struct.unpack("<HHI", head)
+            else:
+                group, element, vr, reserved, length = struct.unpack("<HH2sHI", head)
+                if vr not in (b"OW", b"OB"):
+                    return None
+            size = (stream.getbuffer().nbytes if isinstance(stream, io.BytesIO)
+                    else os.fstat(stream.fileno()).st_size)
+            if ((group, element) != (0x7FE0, 0x0010) or length == 0xFFFFFFFF
+                    or length < frames * rows * cols * 2 or start + len(head) + length > size):
+                return None
+        except Exception:  # noqa: BLE001 - whatever is unusual: pydicom's own reading decides
+            return None
+        return cls(stream, start + len(head), rows, cols, bool(signed), 16 - stored)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        """Rows [start, stop) of the frame, read into a buffer that the next call reuses."""
+        start, stop, _ = rows.indices(self.shape[0])
+        if self._buffer is None or len(self._buffer) < stop - start:
+            self._buffer = np.empty((stop - start, self.shape[1]), self.dtype)
+        out = self._buffer[:stop - start]
+        self._stream.seek(self._offset + 2 * start * self.shape[1])
+        if self._stream.readinto(memoryview(out).cast("B")) != out.nbytes:
+            raise InputError("truncated", "the DICOM pixel data ended early while it was read")
+        return out
 
 
 def _default_transfer_syntax(ds) -> None:
@@ -528,11 +619,27 @@ def _check_dicom_numbers(ds, path) -> None:
                                  path)
 
 
-def _dicom_first_frame(ds, path) -> np.ndarray:
-    """The first frame's stored values, decoding only that frame."""
+def _dicom_first_frame(ds, path) -> tuple[np.ndarray, int]:
+    """(the first frame's values, shift), decoding only that frame: the values are pydicom's
+    `pixel_array` before its unused-bits correction, which is left to the caller
+    (`_correct_unused_bits`, `_block_mean`): shift = BitsAllocated - BitsStored, 0 when
+    pydicom has nothing to correct or corrected it already.
+
+    Uncompressed little-endian data comes back as a read-only view of the PixelData bytes
+    (pydicom's `view_only`), not a corrected full-size copy: a 3 k x 3 k 16-bit image is
+    then held once in memory, not twice, and reduced strip by strip."""
     from pydicom.pixels import pixel_array
     try:
-        return pixel_array(ds, index=0)
+        syntax = ds.file_meta.TransferSyntaxUID
+        allocated, stored = int(ds.BitsAllocated), int(ds.BitsStored)
+        native = syntax.is_little_endian and not syntax.is_encapsulated and "PixelData" in ds
+        shift = allocated - stored if native and 1 <= stored < allocated <= 64 else 0
+    except Exception:  # noqa: BLE001 - pydicom's own decode below says what is wrong
+        shift = 0
+    try:
+        if shift:   # what pydicom would correct (its "shift_correction" test)
+            return pixel_array(ds, index=0, view_only=True, correct_unused_bits=False), shift
+        return pixel_array(ds, index=0), 0
     except Exception as e:  # noqa: BLE001
         try:
             syntax = ds.file_meta.TransferSyntaxUID
@@ -548,6 +655,18 @@ def _dicom_first_frame(ds, path) -> np.ndarray:
         raise InputError("corrupt", f"the DICOM pixel data cannot be decoded ({e})", path) from None
 
 
+def _correct_unused_bits(values: np.ndarray, shift: int, out: np.ndarray | None = None) -> np.ndarray:
+    """pydicom's correction of the bits above BitsStored (a left, then a right shift by `shift`
+    in the values' own dtype): unsigned values masked (the same bits, one pass), signed ones
+    sign-extended. `shift` <= 0: the values as they are."""
+    if shift <= 0:
+        return values
+    if values.dtype.kind == "u":
+        return np.bitwise_and(values, values.dtype.type((1 << (8 * values.dtype.itemsize - shift)) - 1), out=out)
+    out = np.left_shift(values, shift, out=out)
+    return np.right_shift(out, shift, out=out)
+
+
 def _check_plausible(gray: np.ndarray, rgb: np.ndarray | None, path) -> None:
     """The strict checks, cheapest first."""
     h, w = gray.shape
@@ -559,10 +678,19 @@ def _check_plausible(gray: np.ndarray, rgb: np.ndarray | None, path) -> None:
         if chroma > MAX_MEAN_CHROMA:
             raise InputError("colour_photo", f"this looks like a colour photograph (mean chroma "
                              f"{chroma:.3f} > {MAX_MEAN_CHROMA}), not an X-ray", path)
-    std = float(gray.std(dtype=np.float64)) / 255
+    std = _grey_std(gray) / 255
     if std < MIN_GREY_STD:
         raise InputError("uniform_image", f"the image is nearly uniform (grey std {std:.4f} < "
                          f"{MIN_GREY_STD}); nothing to screen", path)
+
+
+def _grey_std(gray: np.ndarray) -> float:
+    """The standard deviation of a uint8 image, from exact integer sums (one float step)."""
+    n = gray.size
+    total = int(gray.sum(dtype=np.uint64))
+    wide = gray.astype(np.uint16)
+    squares = int(np.multiply(wide, wide, out=wide).sum(dtype=np.uint64))   # 255^2 fits in 16 bits
+    return math.sqrt(max(n * squares - total * total, 0) / (n * n))
 
 
 def _mean_chroma(rgb: np.ndarray) -> float:
@@ -646,20 +774,37 @@ def clahe(image: np.ndarray, tiles: int = CLAHE_TILES, clip_limit: float = CLAHE
     bins = 256
     h, w = q.shape
     th, tw = -(-h // tiles), -(-w // tiles)
+    tile_bins, corners, weights = _clahe_geometry(h, w, tiles)
+    padded = q   # to whole tiles: the reflected margin counts in the last tiles' histograms
     if (th * tiles, tw * tiles) != (h, w):
-        q = np.pad(q, ((0, th * tiles - h), (0, tw * tiles - w)), mode="reflect")
-    blocks = q.reshape(tiles, th, tiles, tw).transpose(0, 2, 1, 3).reshape(tiles * tiles, th * tw)
-    offsets = np.arange(tiles * tiles, dtype=np.intp)[:, None] * bins
-    hist = np.bincount((blocks + offsets).ravel(), minlength=tiles * tiles * bins)
+        padded = np.pad(q, ((0, th * tiles - h), (0, tw * tiles - w)), mode="reflect")
+    hist = np.bincount((tile_bins + padded).ravel(), minlength=tiles * tiles * bins)
     hist = hist.reshape(tiles * tiles, bins).astype(np.float64)
     limit = max(clip_limit * th * tw / bins, 1.0)
     excess = np.maximum(hist - limit, 0.0).sum(axis=1, keepdims=True)
     hist = np.minimum(hist, limit) + excess / bins
     mapping = (np.cumsum(hist, axis=1) / (th * tw)).astype(np.float32).ravel()   # [tile row, tile col, bin]
 
-    corners, weights = _clahe_blend(h, w, tiles)
-    blended = (mapping[corners + q[:h, :w]] * weights).sum(axis=0)   # the 4 in order: same bits
+    grey = q.astype(np.intp)
+    blended = np.take(mapping, corners[0] + grey)        # the 4 corners summed in order, as
+    blended *= weights[0]                                # (mapping[corners + q] * weights).sum(axis=0):
+    for k in (1, 2, 3):                                  # the same float32 operations, the same bits
+        term = np.take(mapping, corners[k] + grey)
+        term *= weights[k]
+        blended += term
     return np.clip(blended, 0.0, 1.0, out=blended)
+
+
+@functools.lru_cache(maxsize=8)
+def _clahe_geometry(h: int, w: int, tiles: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What CLAHE needs of an h x w image that depends on its shape only, computed once per
+    shape: each pixel's histogram offset (its tile x 256, over the image padded to whole tiles),
+    and `_clahe_blend`'s four nearest tiles and weights."""
+    th, tw = -(-h // tiles), -(-w // tiles)
+    tile = (np.arange(th * tiles)[:, None] // th) * tiles + np.arange(tw * tiles)[None, :] // tw
+    tile_bins = tile.astype(np.intp) * 256
+    tile_bins.flags.writeable = False
+    return (tile_bins, *_clahe_blend(h, w, tiles))
 
 
 @functools.lru_cache(maxsize=8)
@@ -694,9 +839,11 @@ def trim_borders(gray: np.ndarray) -> np.ndarray:
     limit8 = BORDER_STD * 255
 
     def uniform(lines: np.ndarray, axis: int) -> np.ndarray:   # std < limit, in exact integers
-        n = lines.shape[axis]
-        x = lines.astype(np.uint16)                                    # 255^2 fits in 16 bits
-        n2var = n * (x * x).sum(axis=axis, dtype=np.int64) - x.sum(axis=axis, dtype=np.int64) ** 2
+        n = lines.shape[axis]                    # < 2 x BORDER_SAMPLES: 255^2 n fits in 32 bits
+        squares = lines.astype(np.uint16)
+        np.multiply(squares, squares, out=squares)                     # 255^2 fits in 16 bits
+        total = lines.sum(axis=axis, dtype=np.uint32).astype(np.int64)
+        n2var = n * squares.sum(axis=axis, dtype=np.uint32).astype(np.int64) - total * total
         return n2var < (limit8 * n) ** 2
 
     def kept(still: np.ndarray) -> slice:

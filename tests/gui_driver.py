@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from edge_app.app import configure_kivy
+from edge_app.app import make_app
 from edge_app.app.config import add_arguments, from_args
 
 TIMEOUT_S = 120
@@ -173,12 +173,8 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     cfg = from_args(parser.parse_args(sys.argv[5:]))
-    configure_kivy(cfg)
+    app = make_app(cfg)      # as `python -m edge_app app` starts it: the model loading before Kivy
     from kivy.clock import Clock
-
-    from edge_app.app.ui import CxrApp
-
-    app = CxrApp(cfg)
     seen: dict = {}
     steps = globals()[f"scenario_{scenario}"](app, out, images, seen)
     state = {"wait": None, "until": 0.0, "deadline": time.monotonic() + TIMEOUT_S}

@@ -293,6 +293,114 @@ def test_dicom_voi_lut_sequence_and_sigmoid_window_are_pydicoms_own(tmp_path):
     assert np.abs(pp.decode(sigmoid) - expected).max() <= 0.51
 
 
+def block_means(values: np.ndarray, factor: int) -> np.ndarray:
+    """Rounded means of factor x factor blocks (partial blocks dropped), written out in int64."""
+    h, w = values.shape[0] // factor, values.shape[1] // factor
+    sums = values[:h * factor, :w * factor].astype(np.int64).reshape(h, factor, w, factor).sum(axis=(1, 3))
+    return (sums + factor * factor // 2) // (factor * factor)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_dicom_bits_above_bits_stored_are_ignored_at_every_reduction(tmp_path, signed):
+    """Stored values with junk in the 4 unused high bits: pydicom's pixel_array masks them
+    (unsigned) or sign-extends bit 11 (signed); decode, which corrects them itself on a view of
+    the pixel data, strip by strip while it reduces, gives the image of the clean values."""
+    import pydicom
+
+    rng = np.random.default_rng(11)
+    low = -2048 if signed else 0
+    clean = (rng.integers(0, 4096, (1000, 1402)) + low).astype(np.int16 if signed else np.uint16)
+    junk = clean.view(np.uint16) & np.uint16(0x0FFF) | (rng.integers(0, 16, clean.shape) << 12).astype(np.uint16)
+    path = write_dicom(tmp_path / "junk.dcm", junk, PixelRepresentation=int(signed))
+    np.testing.assert_array_equal(pydicom.dcmread(path).pixel_array, clean)   # pydicom's own reading
+    for draft, factor in ((None, 1), (224, 2), (100, 5), (60, 8)):          # 1000 // max(2 x draft, 64)
+        means = block_means(clean, factor)
+        step = max(1, int((means.size / pp.STRETCH_SAMPLE_PIXELS) ** 0.5))
+        np.testing.assert_array_equal(pp.decode(path, draft_size=draft),
+                                      robust_stretch(means, means[::step, ::step]), err_msg=f"factor {factor}")
+
+
+@pytest.mark.parametrize("dtype, bits", [(np.uint8, 8), (np.uint16, 12), (np.uint16, 10), (np.uint16, 16),
+                                         (np.int16, 12), (np.int16, 16), (np.int32, 20), (np.uint32, 32)])
+def test_block_mean_is_the_exact_rounded_mean(dtype, bits):
+    """Every integer depth and reduction factor (16-bit sums where they cannot overflow, 32 or
+    64 bits elsewhere), with and without the unused-bits correction: the int64 rounded mean."""
+    rng = np.random.default_rng(bits)
+    info = np.iinfo(dtype)
+    for factor in (2, 3, 4, 5, 7, 8, 16):
+        shape = (67 * factor + 3, 45 * factor + 1)    # rows over several strips; partial blocks dropped
+        top = min(int(info.max), 2 ** bits - 1 if info.min == 0 else 2 ** (bits - 1) - 1)
+        values = rng.integers(-top - 1 if info.min else 0, top, shape, endpoint=True).astype(dtype)
+        reduced = pp._block_mean(values, factor, bits)
+        assert reduced.dtype == values.dtype
+        np.testing.assert_array_equal(reduced, block_means(values, factor), err_msg=f"factor {factor}")
+        shift = 8 * values.dtype.itemsize - bits
+        if shift and values.dtype.itemsize <= 2:     # junk above `bits`: corrected as pydicom does
+            raw = values.view(np.uint8 if dtype == np.uint8 else np.uint16) | np.array(
+                rng.integers(0, 2 ** shift, shape) << bits).astype(np.uint8 if dtype == np.uint8 else np.uint16)
+            np.testing.assert_array_equal(pp._block_mean(raw.view(dtype), factor, bits, shift),
+                                          block_means(values, factor), err_msg=f"factor {factor}, shift")
+
+
+def test_3k_16bit_dicom_is_never_held_whole_while_decoding(tmp_path):
+    """A 3,000 x 3,000 12-bit DICOM (17 MiB of pixel data), decoded for a model in a fresh
+    process: the peak resident memory grows by less than half the pixel data (it is read and
+    reduced a strip at a time; 30bd3e5 grew by 43 MiB: the file's bytes and pydicom's corrected
+    copy), and the whole process stays under the [clinic] peak-RSS gate of benchmarks/gates.toml
+    (which also holds a model)."""
+    import tomllib
+
+    values = (np.random.default_rng(2).integers(0, 4096, (3000, 3000))).astype(np.uint16)
+    path = write_dicom(tmp_path / "3k.dcm", values, WindowCenter=2048, WindowWidth=4096)
+    code = ("import sys; import numpy; import pydicom.pixels; from edge_app import preprocess as pp\n"
+            f"{PEAK_MIB}\n"
+            "before = peak_mib(); pp.decode(sys.argv[1], strict=True, draft_size=224); print(before, peak_mib())")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                         check=True, cwd=Path(pp.__file__).parents[1])
+    before, peak = map(float, out.stdout.split())
+    pixel_mib = values.nbytes / 2 ** 20
+    assert peak - before < 0.5 * pixel_mib, f"peak memory grew by {peak - before:.0f} MiB ({pixel_mib:.0f} MiB of pixels)"
+    gates = tomllib.loads((Path(pp.__file__).parents[1] / "benchmarks" / "gates.toml").read_text())
+    assert peak < gates["clinic"]["max_peak_rss_mib"]
+
+
+@pytest.mark.parametrize("case", ["explicit", "implicit", "16_bits_stored", "two_frames", "odd_size", "signed_junk"])
+def test_dicom_pixels_read_in_strips_are_pydicoms(tmp_path, monkeypatch, case):
+    """Plain 16-bit grey files are read from the file a strip at a time (`_DicomFrameRows`);
+    the image is the one pydicom's own `pixel_array` gives (the path taken for every other
+    file), from a path and from bytes, at every reduction."""
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    shape = (1001, 1399) if case == "odd_size" else (900, 1200)
+    values = pattern(*shape, 4095).astype(np.uint16)
+    attrs = {"WindowCenter": 1800, "WindowWidth": 2500}
+    if case == "16_bits_stored":
+        values, attrs = pattern(*shape, 65535).astype(np.uint16), {"bits_stored": 16}
+    elif case == "two_frames":
+        values = np.stack([values, values[::-1]])
+    elif case == "signed_junk":
+        values = (pattern(*shape, 4095) - 2048).astype(np.int16).view(np.uint16) | np.uint16(0x5000)
+        attrs = {"PixelRepresentation": 1}
+    path = write_dicom(tmp_path / f"{case}.dcm", values, **attrs)
+    if case == "implicit":
+        from pydicom import dcmread
+
+        ds = dcmread(path)
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        ds.save_as(path, implicit_vr=True, little_endian=True, enforce_file_format=True)
+    for draft in (None, 224, 100):
+        in_strips = pp.decode(path, draft_size=draft)
+        np.testing.assert_array_equal(pp.decode(path.read_bytes(), draft_size=draft), in_strips)
+        with monkeypatch.context() as m:
+            m.setattr(pp._DicomFrameRows, "of", classmethod(lambda cls, ds, stream, keep: None))
+            np.testing.assert_array_equal(pp.decode(path, draft_size=draft), in_strips, err_msg=f"draft {draft}")
+    read = []
+    monkeypatch.setattr(pp._DicomFrameRows, "__getitem__",
+                        lambda self, rows, get=pp._DicomFrameRows.__getitem__: read.append(rows) or get(self, rows))
+    pp.decode(path, draft_size=224)
+    assert read                                                  # the strips were taken
+
+
 def test_dicom_detected_by_magic_multiframe_colour(tmp_path):
     values = dicom_ramp()
     frames = np.stack([values, values[::-1]])
@@ -534,6 +642,10 @@ def test_films_with_a_grey_or_black_bottom_edge_are_not_truncated(tmp_path, xray
     pp.decode(save(tmp_path / "thin.png", Image.fromarray(film)), strict=True)
 
 
+PEAK_MIB = ("def peak_mib():\n"
+            "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) / 1024")
+
+
 def test_16bit_png_at_the_pixel_limit_stays_within_its_documented_memory(tmp_path):
     """MAX_PIXELS's comment promises ~0.15 GB at the limit (it was 660 MiB): measured in a fresh process."""
     z = zlib.compressobj(6)
@@ -545,10 +657,9 @@ def test_16bit_png_at_the_pixel_limit_stays_within_its_documented_memory(tmp_pat
             + png_chunk(b"IEND", b""))
     path = tmp_path / "big16.png"
     path.write_bytes(data)
-    code = ("import resource, sys; from edge_app import preprocess as pp; "
-            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-            "pp.load(sys.argv[1], pp.InputSpec(size=224)); "
-            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)")
+    code = ("import sys; from edge_app import preprocess as pp\n"   # VmHWM, not ru_maxrss: a child
+            f"{PEAK_MIB}\n"            # started by subprocess (vfork) inherits the parent's ru_maxrss
+            "base = peak_mib(); pp.load(sys.argv[1], pp.InputSpec(size=224)); print(peak_mib() - base)")
     out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
                          check=True, cwd=Path(pp.__file__).parents[1])
     grown_mib = float(out.stdout)
@@ -754,3 +865,52 @@ def test_trim_borders_removes_frames_and_letterboxing_but_no_anatomy(xray_file):
     assert pp.trim_borders(narrow).shape == (100, 300)                  # at most a quarter per edge
     spec = pp.InputSpec(size=64, borders="trim")
     np.testing.assert_array_equal(pp.square(framed, spec), pp.fit_square(pp.trim_borders(film), 64))
+
+
+# --- the model input's bits ------------------------------------------------------------------
+
+def pattern(h: int, w: int, top: int) -> np.ndarray:
+    """A deterministic film-like test image in 0..top (no RNG: the same on every numpy): a
+    smooth ramp with a lighter middle plus integer-hash texture."""
+    i, j = np.mgrid[0:h, 0:w].astype(np.int64)
+    smooth = (i * 3 + j * 2) * top // (3 * h + 2 * w) // 2 + top // 4 * (abs(j - w // 2) < w // 4)
+    texture = ((i * 7919 + j * 104729) ^ (i * j)) % (top // 8 + 1)
+    return np.clip(smooth + texture, 0, top)
+
+
+PINNED_INPUT_BITS = "2f9bcc33695baa92abf4a17a225bdca39ba86a8a8559a2054d76c9649fe24400"   # preprocessing v2 (30bd3e5)
+
+
+def test_preprocessing_version_2_model_input_bits_are_pinned(tmp_path):
+    """The exact model input (SHA-256 of the float32 bytes) of lossless files through every
+    step (integer reduction, DICOM bits/LUTs, border trim, fixed-point resize, CLAHE, equalise,
+    normalise). Speeding a step up must not change a bit of it; a change that does needs
+    PREPROCESSING_VERSION bumped (and this digest renewed) and the models retrained."""
+    assert pp.PREPROCESSING_VERSION == "2"
+    assert model_input_digest(pp, tmp_path) == PINNED_INPUT_BITS
+
+
+def model_input_digest(pp, folder: Path) -> str:
+    """SHA-256 of the model inputs of `test_preprocessing_version_2_model_input_bits_are_pinned`
+    (pp: the preprocessing module, so that an earlier version can be run through it too)."""
+    import hashlib
+
+    framed = np.zeros((1300, 1500), np.uint8)
+    framed[40:1260, 90:1420] = pattern(1220, 1330, 255)                   # a black frame to trim
+    deep = pattern(1500, 1300, 4095).astype(np.uint16)
+    junk = deep | np.uint16(0xA000)                                        # bits above BitsStored
+    signed = (pattern(1000, 1800, 4095) - 2048).astype(np.int16)
+    files = [save(folder / "framed.png", Image.fromarray(framed)),
+             save(folder / "deep.png", Image.fromarray(deep)),
+             write_dicom(folder / "m1.dcm", junk, "MONOCHROME1", RescaleSlope=0.5, RescaleIntercept=-1024,
+                         WindowCenter=0, WindowWidth=1800),
+             write_dicom(folder / "signed.dcm", signed, PixelRepresentation=1)]
+    specs = [pp.InputSpec(size=224, channels=3, normalisation="symmetric", contrast="clahe", borders="trim"),
+             pp.InputSpec(size=96, channels=1, contrast="equalize", fit="pad", borders="trim"),
+             pp.InputSpec(size=100, channels=3, normalisation="torch", contrast="clahe"),
+             pp.InputSpec(size=64)]
+    digest = hashlib.sha256()
+    for path in files:
+        for spec in specs:
+            digest.update(pp.preprocess(path, spec, strict=True).tobytes())
+    return digest.hexdigest()

@@ -32,6 +32,7 @@ from kivy.utils import platform
 import numpy as np
 
 from edge_app import decision
+from edge_app.app import load_classifier
 from edge_app.app.config import AppConfig
 from edge_app.app.overlay import display_square, heatmap_rgba
 from edge_app.classifier import Classifier
@@ -210,14 +211,17 @@ class CxrApp(App):
     has_camera = BooleanProperty(False)
     history_problem = StringProperty("")  # why the history cannot record: screening stops meanwhile
 
-    def __init__(self, cfg: AppConfig, **kwargs):
+    def __init__(self, cfg: AppConfig, *, worker: ThreadPoolExecutor | None = None, loading=None, **kwargs):
+        """`worker`: the single worker thread (one is made if None); `loading`: its future of
+        cfg.model's Classifier, when the launch started loading it before Kivy (app.run)."""
         super().__init__(**kwargs)
         self.cfg = cfg
         self.classifier: Classifier | None = None
         self.history: History | None = None
         self.open_history(cfg.history)
         self.last_outcome = None
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="screening")
+        self._worker = worker or ThreadPoolExecutor(max_workers=1, thread_name_prefix="screening")
+        self._loading = loading
         self._exit_allowed = not cfg.kiosk
         self._popup = None
         self.exit_code = 0
@@ -343,8 +347,11 @@ class CxrApp(App):
             return
         self.classifier = None
         self.model_status = f"Loading {cfg.model} ..."
-        self._run(lambda: Classifier(cfg.model, accelerator=cfg.accelerator, num_threads=cfg.threads,
-                                     gpu_delegate=cfg.gpu_delegate), self._model_loaded)
+        loading, self._loading = self._loading, None
+        if loading is not None:   # the launch's model, loading since before the window opened
+            self._follow(loading, self._model_loaded)
+        else:
+            self._run(lambda: load_classifier(cfg), self._model_loaded)
 
     def _model_loaded(self, classifier: Classifier) -> None:
         self.classifier = classifier
@@ -363,11 +370,15 @@ class CxrApp(App):
 
     def _run(self, job, done) -> None:
         """Runs `job` on the worker; `done(result)` or the error message on the UI thread."""
+        self._follow(self._worker.submit(job), done)
+
+    def _follow(self, future, done) -> None:
+        """`done(result)` or the error message on the UI thread once the worker's `future` is done."""
         self.busy = True
 
         def finished(future):
             Clock.schedule_once(lambda _dt: self._finished(future, done))
-        self._worker.submit(job).add_done_callback(finished)
+        future.add_done_callback(finished)
 
     def _finished(self, future, done) -> None:
         self.busy = False
