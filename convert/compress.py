@@ -29,7 +29,7 @@ from convert.export import kernel_of
 from edge_app.preprocess import InputSpec
 from train.config import TrainConfig
 from train.pipeline import make_dataset, model_inputs
-from train.trainer import class_weights, sparse_focal_loss
+from train.trainer import sparse_focal_loss
 
 KERNELS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
 PRUNABLE = (keras.layers.Conv2D, keras.layers.Dense)  # depthwise kernels stay dense (few weights, fragile)
@@ -54,10 +54,11 @@ class FineTuneData:
     labels: np.ndarray     # class indices
     spec: InputSpec
     train_config: TrainConfig
+    weights: np.ndarray    # per image, as the run trained (train.pipeline.image_weights)
 
     def dataset(self, cfg: ConvertConfig) -> tf.data.Dataset:
         ds = make_dataset(self.images, self.labels, self.spec, batch_size=cfg.batch_size, training=True,
-                          config=self.train_config, seed=self.train_config.seed)
+                          config=self.train_config, seed=self.train_config.seed, sample_weights=self.weights)
         return ds.repeat() if cfg.steps_per_epoch else ds  # capped epochs continue, never run dry
 
     def calibration_inputs(self, cfg: ConvertConfig, n: int = 256) -> np.ndarray:
@@ -70,9 +71,6 @@ class FineTuneData:
         return (sparse_focal_loss(c.focal_gamma) if c.loss == "focal"
                 else keras.losses.SparseCategoricalCrossentropy(from_logits=True))
 
-    def class_weight(self, num_classes: int):
-        power = self.train_config.class_weight_power
-        return class_weights(self.labels, num_classes, power) if power else None
 
 
 def unsupported_layers(model: keras.Model) -> dict[str, list[str]]:
@@ -240,6 +238,6 @@ def _fit(model, data: FineTuneData, cfg: ConvertConfig, epochs: int, learning_ra
     model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=data.loss(), metrics=["accuracy"])
     if epochs:
         model.fit(data.dataset(cfg), epochs=epochs, steps_per_epoch=cfg.steps_per_epoch,
-                  class_weight=data.class_weight(model.output_shape[-1]), callbacks=callbacks,
+                  callbacks=callbacks,
                   verbose=1 if progress else 2)
     return model

@@ -19,7 +19,7 @@ from edge_app.graph_names import POOL
 from edge_app.runtime import REQUIRE_GPU_ENV, gpu_required
 from train import evaluate, ood
 from train.data import run_splits
-from train.pipeline import load_images, model_inputs
+from train.pipeline import image_weights, load_images, model_inputs
 from train.trainer import load_run
 
 
@@ -176,7 +176,9 @@ def _keras_sources(model, card, detector, variants, cfg, train_records, splits, 
     labels, spec = card.labels, card.input
     data = compress.FineTuneData(load_images(train_records, spec, desc="train (fine-tune)", progress=progress),
                                  np.array([labels.index(r.label) for r in train_records], np.int32),
-                                 spec, config)
+                                 spec, config,
+                                 image_weights(train_records, labels, class_power=config.class_weight_power,
+                                               source_power=config.source_weight_power))
     refit = lambda m: _refit(m, card, detector is not None, data, splits, config)
     if "qat" in needed:
         try:

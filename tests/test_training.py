@@ -10,7 +10,7 @@ import tf_keras as keras
 
 from edge_app import graph_names
 from train import models
-from train.trainer import class_weights, set_trainable
+from train.trainer import set_trainable
 
 
 @pytest.mark.parametrize("name", sorted(models.REGISTRY))
@@ -69,17 +69,6 @@ def test_strategies_freeze_exactly_the_layers_they_claim():
     assert not any(isinstance(model.get_layer(n), keras.layers.BatchNormalization) for n in _trainable(model))
     set_trainable(model, "full", 1, 20)
     assert _trainable(model) == {l.name for l in model.layers if l.weights}
-
-
-def test_class_weights_balance_the_classes():
-    y = np.array([0] * 60 + [1] * 30 + [2] * 10)
-    w = class_weights(y, 3)
-    assert w == pytest.approx({0: 100 / 180, 1: 100 / 90, 2: 100 / 30})
-    assert sum(w[c] * (y == c).sum() for c in w) == pytest.approx(len(y))
-    soft = class_weights(y, 3, power=0.5)  # (1/60, 1/30, 1/10) ** 0.5, scaled to average 1
-    assert soft[2] / soft[0] == pytest.approx(6 ** 0.5)
-    assert sum(soft[c] * (y == c).sum() for c in soft) == pytest.approx(len(y))
-    assert class_weights(y, 3, power=0.0) == pytest.approx({0: 1.0, 1: 1.0, 2: 1.0})
 
 
 def test_mirrored_strategy_step_on_two_logical_cpus():
@@ -248,12 +237,17 @@ def test_image_weights_with_both_powers_one_balance_classes_then_sources():
                                                ("kermany", "pneumonia"): 6.0})
 
 
-def test_image_weights_without_source_power_are_the_class_weights():
+def test_image_weights_without_source_power_weigh_classes_by_their_frequency():
     from train.pipeline import image_weights
 
-    w = image_weights(_records(PAIRS), LABELS, class_power=0.5, source_power=0.0)
-    by_class = class_weights(np.array([LABELS.index(c) for _, c in PAIRS]), 3, power=0.5)
-    assert w == pytest.approx([by_class[LABELS.index(c)] for _, c in PAIRS])
+    pairs = [("a", "normal")] * 60 + [("a", "pneumonia")] * 30 + [("b", "covid")] * 10
+    y = np.array([LABELS.index(c) for _, c in pairs])
+    balanced = image_weights(_records(pairs), LABELS, class_power=1.0, source_power=0.0)
+    assert balanced[[0, 60, 90]] == pytest.approx([100 / 180, 100 / 90, 100 / 30])   # every class weighs 100/3
+    soft = image_weights(_records(pairs), LABELS, class_power=0.5, source_power=0.0)
+    assert soft[90] / soft[0] == pytest.approx(6 ** 0.5)                              # (60 / 10) ** 0.5
+    assert soft.sum() == pytest.approx(len(y))
+    assert image_weights(_records(pairs), LABELS, class_power=0.0, source_power=0.0) == pytest.approx(np.ones(len(y)))
 
 
 def test_source_power_lifts_a_small_source_within_its_class_and_keeps_the_class_total():

@@ -69,15 +69,6 @@ def smoothed_crossentropy(smoothing: float):
     return loss
 
 
-def class_weights(y: np.ndarray, num_classes: int, power: float = 1.0) -> dict[int, float]:
-    """Weights proportional to (1 / class frequency) ** power that average to 1 over the training
-    images: power 1 gives every class the same total weight, 0 weighs every image alike."""
-    counts = np.bincount(y, minlength=num_classes).astype(float)
-    weights = np.maximum(counts, 1.0) ** -power
-    weights *= len(y) / (weights * counts).sum()
-    return {i: float(w) for i, w in enumerate(weights)}
-
-
 def set_trainable(model: keras.Model, strategy: str, phase: int, fine_tune_layers: int) -> None:
     """frozen: head only. finetune: head, then the top N backbone layers (BatchNorm stays frozen,
     i.e. in inference mode). full: everything."""
