@@ -95,7 +95,7 @@ def test_runs_compare_as_one_table(tiny_run, tmp_path):
                              f"{metrics['test']['macro_f1']:.3f} |")
     recipes = out[out.index("| runs | seeds | shortcut measures | macro-F1 | abn. sens. | abn. spec. | abn. AUC "
                             "| COVID sens. | adult pneumonia sens. | adult normal spec. | holdout sens. "
-                            "| holdout spec. | holdout AUC |") + 2]
+                            "| holdout spec. | holdout AUC | holdout AUC vs test |") + 2]
     assert recipes.startswith(f"| {tiny_run.name} | 1 | input_borders trim | {metrics['test']['macro_f1']:.3f} |")
     refused = run_module("train.compare", tmp_path, check=False)
     assert refused.returncode == 2 and "not a finished training run" in refused.stderr

@@ -278,3 +278,25 @@ def test_a_run_saved_before_source_weights_still_loads(tmp_path):
     old.write_text('{"balance_sources": true}')
     loaded = TrainConfig.from_file(old)
     assert (loaded.class_weight_power, loaded.source_weight_power) == (1.0, 1.0)
+
+
+def test_a_one_class_held_out_source_is_ranked_against_the_test_splits_other_side():
+    """Held-out normals only: their AUC is taken against the test split's abnormals (and the
+    reverse); a held-out source with both sides has its own AUC, so none is made up."""
+    from train.evaluate import holdout_auc_against_test
+
+    def logits(p_normal):   # three-class logits whose P(normal) at temperature 1 is p_normal
+        p = np.stack([p_normal, (1 - p_normal) / 2, (1 - p_normal) / 2], axis=1)
+        return np.log(p).astype(np.float32)
+
+    test_y = np.array([0, 0, 1, 2])
+    test = logits(np.array([0.9, 0.8, 0.3, 0.1]))
+    # unseen normals scoring between the test abnormals (P(abnormal) 0.7, 0.9) and above them
+    normals = holdout_auc_against_test(logits(np.array([0.5, 0.2])), np.zeros(2, int), test, test_y,
+                                       temperature=1.0, bootstrap=0)
+    assert normals == {"auc": pytest.approx(0.75), "against": "test abnormal", "n_against": 2}
+    abnormals = holdout_auc_against_test(logits(np.array([0.85, 0.1])), np.ones(2, int), test, test_y,
+                                         temperature=1.0, bootstrap=50)
+    assert abnormals["auc"] == pytest.approx(0.75) and abnormals["against"] == "test normal"
+    assert len(abnormals["auc_ci95"]) == 2
+    assert holdout_auc_against_test(test, test_y, test, test_y, temperature=1.0, bootstrap=0) is None

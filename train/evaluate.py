@@ -56,6 +56,29 @@ def split_metrics(logits: np.ndarray, y: np.ndarray, records: list[Record], labe
     return result
 
 
+def holdout_auc_against_test(holdout_logits: np.ndarray, y_holdout: np.ndarray, test_logits: np.ndarray,
+                             y_test: np.ndarray, *, temperature: float, bootstrap: int) -> dict | None:
+    """A held-out source with one side of the referral question only (all normal, or all abnormal)
+    has no AUC of its own. Ranked against the test split's images of the other side, it has one:
+    do the unseen hospital's normals score below the known hospitals' abnormals (or its abnormals
+    above their normals)? A threshold can be moved at a new site (commissioning), a ranking cannot.
+    None when the held-out source has both sides (its own AUC says it)."""
+    held_abnormal = np.asarray(y_holdout) != 0
+    if held_abnormal.all():
+        other, side = np.asarray(y_test) == 0, "normal"
+    elif not held_abnormal.any():
+        other, side = np.asarray(y_test) != 0, "abnormal"
+    else:
+        return None
+    score = lambda logits: decision.abnormal_probability(decision.calibrated_probabilities(logits, temperature))
+    scores = np.concatenate([score(holdout_logits), score(test_logits[other])])
+    positive = np.concatenate([held_abnormal, np.asarray(y_test)[other] != 0])
+    result = {"auc": metrics.roc_auc(positive, scores), "against": f"test {side}", "n_against": int(other.sum())}
+    if bootstrap:
+        result["auc_ci95"] = metrics.bootstrap_auc_ci(positive, scores, n=bootstrap)
+    return result
+
+
 def _cohorts(records: list[Record]) -> list[str | None]:
     return [sources.cohort_of(r.source, r.label) for r in records]
 

@@ -174,6 +174,13 @@ def write(reports: Path, results: dict, labels, logits: dict, ys: dict, history:
         lines += ["", f"**holdout**: every image of the source left out of training "
                   f"({', '.join(results['holdout']['per_source'])}): the score at a hospital the model never saw, "
                   "beside the in-distribution test split."]
+        against = results["holdout"]["abnormal"].get("auc_against_test")
+        if against:
+            lines += ["", f"The held-out source has one side of the referral question only; ranked against the "
+                      f"{against['n_against']} {against['against']} images its abnormal AUC is "
+                      f"**{figure(against['auc'])}**"
+                      + (" (95 % CI {} to {})".format(*map(figure, against["auc_ci95"])) if "auc_ci95" in against else "")
+                      + "."]
     lines += ["", "## Adults and children (decisions at the operating threshold, 95 % Wilson intervals)", "",
               "The figures that decide the next hospital: the set's children and adults come from different "
               "hospitals, so an overall score can hide a model that refers children and clears adults.", "",

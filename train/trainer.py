@@ -283,6 +283,12 @@ def evaluate_and_card(model, config, dataset, spec, split_data, reports, history
     results = {split: evaluate.split_metrics(logits[split], *split_data[split][1:], labels, temperature=temperature,
                                              threshold=threshold, bootstrap=config.bootstrap)
                for split in evaluated}
+    if run_splits.HOLDOUT in results:
+        against = evaluate.holdout_auc_against_test(
+            logits[run_splits.HOLDOUT], split_data[run_splits.HOLDOUT][1], logits["test"], split_data["test"][1],
+            temperature=temperature, bootstrap=config.bootstrap)
+        if against:
+            results[run_splits.HOLDOUT]["abnormal"]["auc_against_test"] = against
     features = evaluate.pooled_features(model, spec, split_data)
     probe = _shortcut_probe(features, split_data, labels)
     if probe:
