@@ -15,6 +15,7 @@ from convert import compress, export, gpu, parity, report
 from benchmarks.gates import GATES_FILE, load_gates
 from convert.config import ConvertConfig
 from edge_app.classifier import load_model_file
+from edge_app.errors import ModelError
 from edge_app.graph_names import POOL
 from edge_app.runtime import REQUIRE_GPU_ENV, gpu_required
 from train import evaluate, ood
@@ -73,6 +74,7 @@ def convert_run(run_dir: str | Path, *, variants=None, cfg: ConvertConfig | None
                "keras": {s: d["keras"] for s, d in splits.items()},
                "calibration": {name: s["calibration"] for name, s in sources.items() if "calibration" in s},
                "variants": {}, "refused": refused}
+    unrunnable = []
     for variant in variants:
         source_name, recipe = export.VARIANT_SOURCES[variant]
         if source_name not in sources:
@@ -81,8 +83,15 @@ def convert_run(run_dir: str | Path, *, variants=None, cfg: ConvertConfig | None
         print(f"converting {variant} ...", flush=True)
         flatbuffer = export.convert(export.device_model(source["model"], source["detector"]), recipe, representative,
                                     int8_io=cfg.int8_io, progress=progress)
-        outputs = {split: parity.run_variant(flatbuffer, d["x"], desc=f"{variant} on {split}", progress=progress)
-                   for split, d in splits.items()}
+        try:
+            outputs = {split: parity.run_variant(flatbuffer, d["x"], desc=f"{variant} on {split}", progress=progress)
+                       for split, d in splits.items()}
+        except ModelError as exc:    # converted, but LiteRT cannot run it: nothing a device could use
+            results["refused"][variant] = f"does not run on LiteRT's CPU, not written: {exc}"
+            unrunnable.append(variant)
+            (out_dir / f"{variant}.tflite").unlink(missing_ok=True)   # an earlier conversion's file
+            print(f"{variant} refused: {results['refused'][variant]}", flush=True)
+            continue
         variant_card, ood_entry = source["card"], None
         if source["detector"] is not None:
             variant_card, ood_entry = _variant_ood_threshold(source, {s: o["ood"] for s, o in outputs.items()})
@@ -104,6 +113,7 @@ def convert_run(run_dir: str | Path, *, variants=None, cfg: ConvertConfig | None
     _sizes_against_fp32(results)
     report.write(run_dir / "reports", results)
     failures = [f"{name}: {f}" for name, v in results["variants"].items() for f in v["gate"]["failures"]]
+    failures += [f"{name}: {results['refused'][name]}" for name in unrunnable]
     if failures:
         raise ParityError("parity gate failed:\n  " + "\n  ".join(failures))
     return results

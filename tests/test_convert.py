@@ -216,6 +216,38 @@ def test_a_failed_parity_gate_exits_3_with_every_file_written(tiny_run, tmp_path
     assert run_module("convert", tmp_path / "missing", "--no-progress", check=False).returncode == 1
 
 
+def test_a_variant_that_converts_but_does_not_run_is_refused_and_fails_the_conversion(tiny_run, tmp_path,
+                                                                                      monkeypatch, loose_gates):
+    """A flatbuffer LiteRT cannot prepare (as XNNPACK refuses some degenerate int8 graphs) is named
+    with its error, not written (the benchmarks take every file in tflite/, an earlier one included),
+    and fails the conversion as a gate does; the other variants still come out."""
+    import shutil
+
+    from convert import conversion, parity
+    from edge_app.errors import ModelError
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("checkpoints", "logs"))
+    assert (run / "tflite" / "dynamic.tflite").is_file()      # the earlier conversion's file
+    real = parity.run_variant
+
+    def unpreparable_dynamic(model_bytes, inputs, *, desc, progress=True):
+        if desc.startswith("dynamic"):
+            raise ModelError("inference_failed", "Failed to prepare node 76 (XNNPACK)")
+        return real(model_bytes, inputs, desc=desc, progress=progress)
+
+    monkeypatch.setattr(parity, "run_variant", unpreparable_dynamic)
+    with pytest.raises(conversion.ParityError) as failed:
+        conversion.convert_run(run, variants=("fp32", "dynamic"), gates_file=loose_gates, gpu_check=False,
+                               progress=False)
+    assert "dynamic: does not run on LiteRT's CPU" in str(failed.value)
+    assert "node 76" in str(failed.value)
+    assert (run / "tflite" / "fp32.tflite").is_file() and not (run / "tflite" / "dynamic.tflite").exists()
+    written = json.loads((run / "reports" / "conversion.json").read_text())
+    assert set(written["variants"]) == {"fp32"} and "node 76" in written["refused"]["dynamic"]
+    assert "**dynamic refused**" in (run / "reports" / "conversion.md").read_text()
+
+
 def _card(temperature=1.0, threshold=0.5):
     from edge_app.preprocess import InputSpec
 
