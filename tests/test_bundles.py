@@ -163,6 +163,36 @@ def test_bundled_app_classifies_like_the_repository(bundle, tiny_run, tiny_datas
     assert len(comparable(ours.stdout)[1]) == 3
 
 
+def test_verify_pi_input_probe_hashes_the_model_input_and_a_differing_input_fails(bundle, tiny_dataset, tmp_path):
+    """verify-pi's probe, run from the extracted bundle as on the Pi, gives the SHA-256 of the tensor
+    the interpreter gets (an unreadable file: its error code); one differing input fails the
+    comparison even where the probabilities agree."""
+    import hashlib
+
+    from edge_app import preprocess
+    from edge_app.deploy.verify_pi import INPUT_PROBE, compare, input_digests
+
+    model = bundle / "model" / "int8.tflite"
+    images = [next((tiny_dataset / "test" / c).iterdir()) for c in ("normal", "covid")]
+    broken = tmp_path / "not-an-image.jpg"
+    broken.write_text("this is not an X-ray\n")
+    env = {**os.environ, "PYTHONPATH": str(bundle / "app")}
+    probe = subprocess.run([sys.executable, "-c", INPUT_PROBE, model, *images, broken],
+                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    digests = input_digests(probe, "x86")
+    spec = load_model_file(model)[1].input
+    assert digests == {**{img.name: hashlib.sha256(preprocess.preprocess(img, spec, strict=True).tobytes()).hexdigest()
+                          for img in images}, broken.name: "not_an_image"}
+
+    result = {"source": str(images[0]), "label": "normal", "decision": "no_abnormality",
+              "probabilities": {"normal": 0.9, "pneumonia": 0.05, "covid": 0.05}, "abnormal_probability": 0.1,
+              "timings_ms": {"inference": 1.0}, "backend": "cpu"}
+    same = compare([result], [result], 0.05, digests, digests)
+    assert same["passed"] and same["inputs_identical"] == 1
+    differing = compare([result], [result], 0.05, digests, {images[0].name: "0" * 64})
+    assert not differing["passed"] and differing["inputs_identical"] == 0
+
+
 def test_android_stage_for_buildozer(tiny_run, tmp_path):
     root = stage(tiny_run, tmp_path / "dist")
     files = _files(root)

@@ -5,8 +5,8 @@
 The rootfs (debootstrap + qemu-user-static, pi_rootfs.sh) is built once and reused. The bundle's
 install.sh runs in it as on a Pi (offline, from the vendored wheels; systemd skipped), then
 `python -m edge_app predict --json` runs on the same images under emulation and here on x86 with
-the same bundled code and model: labels, decisions and error codes must be identical and every
-probability within --tolerance.
+the same bundled code and model: labels, decisions and error codes must be identical, every
+image's model input bit-identical (its SHA-256 on both CPUs) and every probability within --tolerance.
 
 The emulated CPU is a Pi's (--cpu pi4: Cortex-A72, ARMv8.0; pi5: Cortex-A76, ARMv8.2): qemu runs
 that CPU model and the rootfs gets that Pi's /proc/cpuinfo and /sys CPU lists as plain files. The
@@ -51,6 +51,24 @@ drivers = [sdl.SDL_GetVideoDriver(i).decode() for i in range(sdl.SDL_GetNumVideo
 print(json.dumps({"kivy": kivy.__version__, "sdl2": os.path.basename(lib), "video_drivers": drivers}))
 """
 
+# The SHA-256 of every image's model input (the float32 tensor the interpreter gets), by file name:
+# identical inputs on both CPUs are what make an int8 model's answers identical.
+INPUT_PROBE = """
+import hashlib, json, sys
+from pathlib import Path
+from edge_app import preprocess
+from edge_app.classifier import Classifier
+from edge_app.errors import InputError
+spec = Classifier(sys.argv[1], accelerator="cpu", num_threads=1).spec
+digests = {}
+for path in sys.argv[2:]:
+    try:
+        digests[Path(path).name] = hashlib.sha256(preprocess.preprocess(path, spec, strict=True).tobytes()).hexdigest()
+    except InputError as exc:
+        digests[Path(path).name] = exc.code
+print(json.dumps(digests))
+"""
+
 
 def step(i: int, total: int, what: str) -> None:
     print(f"[verify-pi {i}/{total}] {what}", flush=True)
@@ -93,10 +111,17 @@ def predictions(result: subprocess.CompletedProcess, where: str) -> list[dict]:
     return json.loads(result.stdout)["results"]
 
 
-def compare(x86: list[dict], arm: list[dict], tolerance: float) -> dict:
+def input_digests(result: subprocess.CompletedProcess, where: str) -> dict[str, str]:
+    if result.returncode != 0:
+        raise SystemExit(f"the model-input probe on {where} exited {result.returncode}:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def compare(x86: list[dict], arm: list[dict], tolerance: float, inputs_x86: dict, inputs_arm: dict) -> dict:
     rows, max_diff = [], 0.0
     for a, b in zip(x86, arm, strict=True):
         row = {"image": Path(a["source"]).name}
+        row["input_identical"] = inputs_x86[row["image"]] == inputs_arm[row["image"]]
         if "error" in a or "error" in b:
             row |= {"x86": a.get("error", {}).get("code", a.get("label")),
                     "aarch64": b.get("error", {}).get("code", b.get("label"))}
@@ -111,8 +136,10 @@ def compare(x86: list[dict], arm: list[dict], tolerance: float) -> dict:
                     "inference_ms_aarch64_qemu": b["timings_ms"]["inference"],
                     "backend_aarch64": b["backend"]}
             row["same"] = (a["label"], a["decision"]) == (b["label"], b["decision"]) and diff <= tolerance
+        row["same"] = row["same"] and row["input_identical"]
         rows.append(row)
     return {"images": rows, "max_prob_diff": max_diff, "tolerance": tolerance,
+            "inputs_identical": sum(r["input_identical"] for r in rows),
             "passed": all(r["same"] for r in rows)}
 
 
@@ -150,7 +177,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         raise SystemExit("verify-pi needs root (debootstrap, chroot)")
-    root, name, total = args.rootfs.resolve(), args.tarball.name.removesuffix(".tar.gz"), 7
+    root, name, total = args.rootfs.resolve(), args.tarball.name.removesuffix(".tar.gz"), 8
 
     step(1, total, f"emulated Debian 12 arm64 rootfs in {root} (cached after the first run)")
     subprocess.run(["bash", str(HERE / "pi_rootfs.sh"), str(root)], check=True)
@@ -206,8 +233,16 @@ def main(argv=None) -> int:
     kivy = (json.loads(kivy_run.stdout.strip().splitlines()[-1]) if kivy_run.returncode == 0
             else {"error": kivy_run.stderr[-2000:]})
 
-    step(7, total, "compare")
-    report = compare(x86, arm, args.tolerance)
+    step(7, total, "the model input of every image, SHA-256, on both CPUs")
+    guest_images = [f"{GUEST}/images/{n}" for n in names]
+    arm_inputs = input_digests(chroot(f"{prefix}/venv/bin/python", "-c", INPUT_PROBE, f"{prefix}/model/{model}",
+                                      *guest_images)[0], "aarch64")
+    x86_inputs = input_digests(timed([sys.executable, "-c", INPUT_PROBE, str(host / "bundle" / name / "model" / model),
+                                      *[str(host / "bundle" / "images" / n) for n in names]], env=env, cwd=host)[0],
+                               "x86")
+
+    step(8, total, "compare")
+    report = compare(x86, arm, args.tolerance, x86_inputs, arm_inputs)
     guest_python, _ = chroot(f"{prefix}/venv/bin/python", "-c", "import platform; print(platform.platform())")
     report |= {"bundle": name, "cpu": f"{args.cpu} (qemu {chroot_env['QEMU_CPU']})",
                "guest": guest_python.stdout.strip(), "kivy": kivy,
@@ -220,8 +255,10 @@ def main(argv=None) -> int:
     plot(x86, arm, host / "report.png")
     for r in report["images"]:
         print(f"  {'ok  ' if r['same'] else 'DIFF'} {r['image'][:44]:44s} x86 {r['x86']:28s} "
-              f"aarch64 {r['aarch64']:28s} {r.get('max_prob_diff', 0):.2e}")
-    print(f"max |probability difference| {report['max_prob_diff']:.3e} (tolerance {args.tolerance:g}); "
+              f"aarch64 {r['aarch64']:28s} {r.get('max_prob_diff', 0):.2e} "
+              f"input {'identical' if r['input_identical'] else 'DIFFERS'}")
+    print(f"model input bit-identical on {report['inputs_identical']} of {len(report['images'])} files; "
+          f"max |probability difference| {report['max_prob_diff']:.3e} (tolerance {args.tolerance:g}); "
           f"wall: install {install_s:.0f} s, predict {arm_s:.1f} s under qemu vs {x86_s:.1f} s on x86; "
           f"XNNPACK {report['xnnpack']}; kivy: {kivy}")
     print(f"{'PASSED' if report['passed'] else 'FAILED'}: {host / 'report.json'}, {host / 'report.png'}")
