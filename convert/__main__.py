@@ -32,6 +32,8 @@ def main(argv=None) -> int:
     p.add_argument("--int8-io", choices=INT8_IO, default=defaults.int8_io,
                    help="input/output type of the full-integer variants")
     p.add_argument("--representative-per-class", type=int, default=defaults.representative_per_class)
+    p.add_argument("--no-bias-correction", action="store_true",
+                   help="post-training int8 without the weight-rounding bias correction (convert.bias_correction)")
     p.add_argument("--qat-epochs", type=int, default=defaults.qat_epochs)
     p.add_argument("--prune-epochs", type=int, default=defaults.prune_epochs)
     p.add_argument("--pqat-epochs", type=int, default=defaults.pqat_epochs)
@@ -42,6 +44,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         cfg = ConvertConfig(representative_per_class=args.representative_per_class, int8_io=args.int8_io,
+                            bias_correction=not args.no_bias_correction,
                             qat_epochs=args.qat_epochs, prune_sparsity=args.prune, prune_epochs=args.prune_epochs,
                             pqat_epochs=args.pqat_epochs, steps_per_epoch=args.steps_per_epoch)
     except ValueError as exc:

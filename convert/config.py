@@ -17,6 +17,8 @@ class ConvertConfig:
     # post-training int8 calibration
     representative_per_class: int = 100   # calibration images per class, from the training split
     int8_io: str = "int8"                 # int8: integer input/output; float: float I/O, int8 inside
+    bias_correction: bool = True          # post-training int8 from a copy whose biases absorb the mean
+                                          # int8 weight-rounding error (convert.bias_correction)
     # quantisation-aware training
     qat_epochs: int = 2
     qat_learning_rate: float = 1e-5

@@ -4,7 +4,9 @@ fp32         plain float32 (the reference)
 dynamic      dynamic-range quantisation: int8 weights, float activations
 fp16         float16 weights: the GPU-delegate variant
 int8         full integer: int8 weights and activations, calibrated on a class-balanced sample
-             of the training split; int8 input and output (or float, ConvertConfig.int8_io)
+             of the training split; int8 input and output (or float, ConvertConfig.int8_io);
+             converted from a copy whose biases absorb the mean weight-rounding error
+             (convert.bias_correction; ConvertConfig.bias_correction)
 int8-mixed   int8 as above except the ops whose int8 rounding moves the decisions (`_mixed`);
              float input and output (not a default variant: `--variants int8-mixed`)
 qat          full integer from the quantisation-aware-trained model (convert.compress.qat)

@@ -175,6 +175,8 @@ def compare(y: np.ndarray, labels, reference_logits: np.ndarray, reference_card,
         "max_abs_dp_abnormal": float(delta_p.max()),
         "mean_abs_dp_abnormal": float(delta_p.mean()),
         "max_abs_logit_diff": float(np.abs(reference_logits - candidate_logits).max()),
+        "mean_logit_shift": {label: float(d) for label, d in
+                             zip(labels, np.mean(candidate_logits - reference_logits, axis=0))},
         "bootstrap_ci95": cis,
         "covid_lost": covid_lost,
         "flips": [{"index": int(i), "kind": kind, "true": int(y[i]), "keras": int(ref.top[i]),

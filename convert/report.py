@@ -69,6 +69,14 @@ def markdown(results: dict) -> str:
                          f"| {'pass' if v['gate']['passed'] else 'FAIL'} |")
     for name, why in results.get("refused", {}).items():
         lines += ["", f"**{name} refused**: {why}"]
+    corrected = results.get("config", {}).get("bias_correction")
+    lines += ["", "Mean logit shift (variant - Keras) per class: a systematic error, not noise, where it is "
+              f"far from 0 (int8 {'with' if corrected else 'without'} the weight-rounding bias correction, "
+              "convert.bias_correction).", "",
+              "| variant | split | " + " | ".join(labels) + " |", "|---" * (2 + len(labels)) + "|"]
+    for name, v in results["variants"].items():
+        for split, s in v["splits"].items():
+            lines.append(f"| {name} | {split} | " + " | ".join(f"{s['mean_logit_shift'][c]:+.3f}" for c in labels) + " |")
     pruned = {n: v["keras_sparsity"] for n, v in results["variants"].items() if v.get("keras_sparsity")}
     for name, s in pruned.items():
         lines += ["", f"**{name} sparsity**: {s['prunable']:.4f} over the pruned Conv2D/Dense kernels, "
