@@ -21,6 +21,7 @@ def configure_kivy(cfg: AppConfig) -> None:
     Config.set("graphics", "height", str(height))
     Config.set("graphics", "fullscreen", "auto" if cfg.kiosk else "0")
     Config.set("graphics", "resizable", "0" if cfg.kiosk else "1")
+    Config.set("graphics", "multisamples", "0")   # flat shapes and text only: MSAA would only slow each frame
     Config.set("kivy", "exit_on_escape", "0" if cfg.kiosk else "1")
     Config.set("input", "mouse", "mouse,multitouch_on_demand")  # no red dots on right click
 
