@@ -1,9 +1,11 @@
 """From real X-rays to a classified image on the device side, the way a newcomer runs it."""
 import json
+import shutil
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import run_module
 from edge_app.model_card import ModelCard
@@ -99,3 +101,23 @@ def test_runs_compare_as_one_table(tiny_run, tmp_path):
     assert recipes.startswith(f"| {tiny_run.name} | 1 | input_borders trim | {metrics['test']['macro_f1']:.3f} |")
     refused = run_module("train.compare", tmp_path, check=False)
     assert refused.returncode == 2 and "not a finished training run" in refused.stderr
+
+
+def test_an_ensemble_of_a_run_with_itself_scores_as_the_run(tiny_run, tmp_path):
+    """train.ensemble refits temperature and threshold on val like training: averaging a run with
+    itself must give the run's own figures; members with other splits are refused."""
+    metrics = json.loads((tiny_run / "reports" / "metrics.json").read_text())
+    out = run_module("train.ensemble", tiny_run, tiny_run, "--json", tmp_path / "ensemble.json").stdout
+    ensemble = json.loads((tmp_path / "ensemble.json").read_text())
+    assert ensemble["test"]["macro_f1"] == metrics["test"]["macro_f1"]
+    assert ensemble["test"]["abnormal"]["auc"] == pytest.approx(metrics["test"]["abnormal"]["auc"], abs=1e-9)
+    assert ensemble["test"]["abnormal"]["sensitivity"] == pytest.approx(metrics["test"]["abnormal"]["sensitivity"])
+    assert ensemble["test"]["abnormal"]["specificity"] == pytest.approx(metrics["test"]["abnormal"]["specificity"])
+    assert f"| ensemble of 2 | {metrics['test']['macro_f1']:.3f} |" in out
+    other = tmp_path / "other"
+    shutil.copytree(tiny_run, other, ignore=shutil.ignore_patterns("tflite", "checkpoints"))
+    rows = (other / "splits.csv").read_text().splitlines()
+    first_test = next(i for i, row in enumerate(rows) if row.split(",")[2] == "test")
+    (other / "splits.csv").write_text("\n".join(rows[:first_test] + rows[first_test + 1:]) + "\n")
+    refused = run_module("train.ensemble", tiny_run, other, check=False)
+    assert refused.returncode == 2 and "share their splits" in refused.stderr
