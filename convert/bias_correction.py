@@ -31,15 +31,27 @@ def rounding_error(kernel: np.ndarray, channel_axes: tuple[int, ...]) -> np.ndar
     return np.clip(np.round(kernel / scale), -INT8_MAX, INT8_MAX) * scale - kernel
 
 
-def folded_kernel(conv, bn) -> np.ndarray:
-    """The kernel TFLite quantises: the convolution's times BatchNormalization's gamma / sqrt(var + eps)."""
+def fold_factor(conv, bn) -> np.ndarray:
+    """BatchNormalization's gamma / sqrt(var + eps), shaped to multiply the convolution's kernel."""
     weights = bn.get_weights()
     gamma = weights[0] if bn.scale else 1.0
     factor = gamma / np.sqrt(weights[-1] + bn.epsilon)
-    kernel = conv.get_weights()[0]
-    if isinstance(conv, keras.layers.DepthwiseConv2D):      # (kh, kw, channels, multiplier)
-        return kernel * factor.reshape(1, 1, *kernel.shape[2:])
-    return kernel * factor                                    # (kh, kw, in, out) or (in, out)
+    if isinstance(conv, keras.layers.DepthwiseConv2D):      # kernel (kh, kw, channels, multiplier)
+        return factor.reshape(1, 1, *conv.get_weights()[0].shape[2:])
+    return factor                                             # kernel (kh, kw, in, out) or (in, out)
+
+
+def folded_kernel(conv, bn) -> np.ndarray:
+    """The kernel TFLite quantises: the convolution's times BatchNormalization's gamma / sqrt(var + eps)."""
+    return conv.get_weights()[0] * fold_factor(conv, bn)
+
+
+def conv_bn_pairs(model: keras.Model) -> list[tuple]:
+    """Every (Conv2D or DepthwiseConv2D without bias, the BatchNormalization after it): the pairs
+    TFLite folds into one quantised convolution."""
+    return [(_producer(bn), bn) for bn in model.layers if isinstance(bn, keras.layers.BatchNormalization)
+            and isinstance(_producer(bn), (keras.layers.Conv2D, keras.layers.DepthwiseConv2D))
+            and not _producer(bn).use_bias]
 
 
 def output_shift(layer, kernel: np.ndarray, input_mean: np.ndarray) -> np.ndarray:
@@ -56,9 +68,7 @@ def output_shift(layer, kernel: np.ndarray, input_mean: np.ndarray) -> np.ndarra
 def corrected(model: keras.Model, inputs: np.ndarray, *, batch: int = 8) -> keras.Model:
     """A copy of `model` with every Conv2D/DepthwiseConv2D + BatchNormalization pair's offset, and
     every Dense layer's bias, moved by minus its int8 weight-rounding shift over `inputs`."""
-    pairs = [(_producer(bn), bn) for bn in model.layers if isinstance(bn, keras.layers.BatchNormalization)
-             and isinstance(_producer(bn), (keras.layers.Conv2D, keras.layers.DepthwiseConv2D))
-             and not _producer(bn).use_bias and bn.center]
+    pairs = [(conv, bn) for conv, bn in conv_bn_pairs(model) if bn.center]
     dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense) and layer.use_bias]
     means = _input_means(model, [conv for conv, _ in pairs] + dense, inputs, batch)
     copy = keras.models.clone_model(model)

@@ -101,3 +101,39 @@ def test_int8_of_the_corrected_copy_has_no_mean_output_shift(seed):
                 np.testing.assert_array_equal(original, copied)
             else:
                 assert not np.array_equal(original, copied), (layer.name, i)
+
+
+def test_diagnosis_separates_weight_rounding_and_finds_the_range_setting_channel():
+    """convert.diagnose: `with_int8_weights` puts every folded kernel exactly on TFLite's int8 grid
+    (the float graph with weight rounding only), and `activation_ranges` names a linear activation
+    whose range one outlying channel sets."""
+    from convert import bias_correction as bc
+    from convert.diagnose import activation_ranges, with_int8_weights
+
+    rng = np.random.default_rng(3)
+    model = spiky_model(rng)
+    rounded = with_int8_weights(model)
+    for name, axes in (("depthwise", (0, 1)), ("project", (0, 1, 2))):
+        kernel = bc.folded_kernel(rounded.get_layer(name), rounded.get_layer(f"{name}_bn"))
+        expected = bc.folded_kernel(model.get_layer(name), model.get_layer(f"{name}_bn"))
+        expected = expected + bc.rounding_error(expected, axes)
+        np.testing.assert_allclose(kernel, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+        assert not np.allclose(kernel, bc.folded_kernel(model.get_layer(name), model.get_layer(f"{name}_bn")))
+    logits = rounded.get_layer("logits").get_weights()[0]
+    original = model.get_layer("logits").get_weights()[0]
+    np.testing.assert_allclose(logits, original + bc.rounding_error(original, (0,)), rtol=1e-6)
+
+    x = rng.uniform(0, 1, (16, 8, 8, 16)).astype(np.float32)
+    plain = activation_ranges(model, x)
+    assert plain == []                       # no layer named as MobileNetV2's linear outputs
+    import tf_keras as keras
+    image = keras.Input((8, 8, 16))
+    h = keras.layers.Conv2D(8, 1, name="block_1_project_BN")(image)
+    spread = keras.Model(image, h)
+    kernel, bias = spread.layers[1].get_weights()
+    kernel[:, :, :, 0] *= 200.0              # one channel far wider than the others
+    spread.layers[1].set_weights([kernel, bias])
+    (row,) = activation_ranges(spread, x)
+    assert row["layer"] == "block_1_project_BN"
+    assert row["top_channel_max"] > 20 * row["next_channel_max"]
+    assert row["step_in_std"] > 0
