@@ -4,6 +4,8 @@
 #   make all                               synthetic data (generated here, no downloads)
 #   make all DATA=../shared/data/cxr       the real chest X-ray set
 #   make train MODEL=cnn DATA=...          any registered model (train/models.py)
+#   make lungs                             the lung-field segmenter (artifacts/lungs) for TRAIN_ARGS="--lung-crop mask
+#                                          --lung-model artifacts/lungs/tflite/lungs-int8.tflite"
 #
 #   make adapt RUN=... SITE=DIR            fit a run to a hospital's own labelled images -> artifacts/RUN-site
 #   make app                               the screening app (Kivy) on the run's shipped variant (SHIPPED)
@@ -28,6 +30,7 @@
 # Pi variables: PI_VARIANT (tflite variant, default SHIPPED: the smallest that passed every gate), PI_WHEELS (0: no vendored wheels),
 # PI_IMAGES (test split for verify-pi), PI_PER_CLASS, PI_ROOTFS (cached emulated rootfs),
 # PI_CPU (pi4: Cortex-A72, pi5: Cortex-A76), PI_TOLERANCE (largest |probability difference|).
+# LUNGS_DATA: the chest X-rays with lung masks `make lungs` trains on (default ../shared/data/cxr-lungs).
 # Fuzz variables: FUZZ_N (mutants), FUZZ_JOBS (worker processes), FUZZ_SEED (mutant i of a seed is reproducible).
 
 PYTHON      ?= python3
@@ -44,6 +47,7 @@ WEIGHTS_DIR ?= ../shared/weights/keras/models
 # ImageNet weights only where a local copy exists, so the default run never downloads anything.
 WEIGHTS     ?= $(if $(filter cnn,$(MODEL)),none,$(if $(wildcard $(WEIGHTS_DIR)/*.h5),imagenet,none))
 TRAIN_ARGS  ?=
+LUNGS_DATA  ?= ../shared/data/cxr-lungs
 PRUNE       ?=
 CONVERT_ARGS ?=
 # The variant that ships: the smallest that passed every gate of the run's benchmark
@@ -85,7 +89,7 @@ endif
 PI_BUNDLE    = dist/cxr-edge-pi-$(RUN)-$(PI_VARIANT)
 PREDICT_IMAGE = $(firstword $(wildcard $(DATASET)/test/covid/* $(DATASET)/test/pneumonia/*))
 
-.PHONY: all summary setup system-deps data train adapt convert benchmark release predict app bundle-pi verify-pi \
+.PHONY: all summary setup system-deps data train lungs adapt convert benchmark release predict app bundle-pi verify-pi \
         test test-device fuzz clean
 
 CONVERT      = $(PY) -m convert $(RUN_DIR) $(if $(PRUNE),--prune $(PRUNE)) $(CONVERT_ARGS)
@@ -122,6 +126,10 @@ endif
 train: setup data
 	$(PY) -m train --model $(MODEL) --data $(DATASET) --out $(RUN_DIR) --weights $(WEIGHTS) \
 		--weights-dir $(WEIGHTS_DIR) $(if $(CONFIG),--config $(CONFIG)) $(TRAIN_ARGS)
+
+lungs: setup
+	@test -f "$(LUNGS_DATA)/manifest.csv" || { echo "LUNGS_DATA=$(LUNGS_DATA) is not a cxr-lungs folder (manifest.csv, train/, val/)"; exit 1; }
+	$(PY) -m train.lungs --data $(LUNGS_DATA) --out artifacts/lungs
 
 adapt: setup
 	@test -d "$(SITE)" || { echo "SITE=$(SITE) is not a folder of the site's labelled images"; exit 1; }
