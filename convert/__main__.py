@@ -34,6 +34,9 @@ def main(argv=None) -> int:
     p.add_argument("--representative-per-class", type=int, default=defaults.representative_per_class)
     p.add_argument("--no-bias-correction", action="store_true",
                    help="post-training int8 without the weight-rounding bias correction (convert.bias_correction)")
+    p.add_argument("--linear-percentile", type=float, default=defaults.linear_percentile, metavar="P",
+                   help="post-training int8: quantise linear activations over their [100-P, P] percentiles "
+                        "(100: calibration's min/max)")
     p.add_argument("--qat-epochs", type=int, default=defaults.qat_epochs)
     p.add_argument("--prune-epochs", type=int, default=defaults.prune_epochs)
     p.add_argument("--pqat-epochs", type=int, default=defaults.pqat_epochs)
@@ -45,6 +48,7 @@ def main(argv=None) -> int:
     try:
         cfg = ConvertConfig(representative_per_class=args.representative_per_class, int8_io=args.int8_io,
                             bias_correction=not args.no_bias_correction,
+                            linear_percentile=None if args.linear_percentile == 100 else args.linear_percentile,
                             qat_epochs=args.qat_epochs, prune_sparsity=args.prune, prune_epochs=args.prune_epochs,
                             pqat_epochs=args.pqat_epochs, steps_per_epoch=args.steps_per_epoch)
     except ValueError as exc:

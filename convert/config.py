@@ -19,6 +19,9 @@ class ConvertConfig:
     int8_io: str = "int8"                 # int8: integer input/output; float: float I/O, int8 inside
     bias_correction: bool = True          # post-training int8 from a copy whose biases absorb the mean
                                           # int8 weight-rounding error (convert.bias_correction)
+    linear_percentile: float | None = 99.99   # post-training int8: linear activations' ranges from this
+                                          # percentile of their values (convert.export._int8_linear_percentile);
+                                          # None: calibration's min/max
     # quantisation-aware training
     qat_epochs: int = 2
     qat_learning_rate: float = 1e-5
@@ -45,5 +48,7 @@ class ConvertConfig:
     def __post_init__(self):
         if self.int8_io not in INT8_IO:
             raise ValueError(f"int8_io must be one of {INT8_IO}, got {self.int8_io!r}")
+        if self.linear_percentile is not None and not 50.0 < self.linear_percentile <= 100.0:
+            raise ValueError(f"linear_percentile must be in (50, 100], got {self.linear_percentile}")
         if self.prune_sparsity is not None and not 0.0 < self.prune_sparsity < 1.0:
             raise ValueError(f"prune sparsity must be in (0, 1), got {self.prune_sparsity}")

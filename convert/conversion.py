@@ -84,12 +84,14 @@ def convert_run(run_dir: str | Path, *, variants=None, cfg: ConvertConfig | None
         keras_model = source["model"]
         # int8 only: int8-mixed computes the layers with most of the rounding bias in float (measured:
         # corrected, it agrees less); QAT models learnt their rounding.
-        if recipe == "int8" and cfg.bias_correction and source_name in ("trained", "pruned"):
+        post_training = recipe == "int8" and source_name in ("trained", "pruned")
+        if post_training and cfg.bias_correction:
             if "bias_corrected" not in source:
                 source["bias_corrected"] = bias_correction.corrected(keras_model, representative)
             keras_model = source["bias_corrected"]
         flatbuffer = export.convert(export.device_model(keras_model, source["detector"]), recipe, representative,
-                                    int8_io=cfg.int8_io, progress=progress)
+                                    int8_io=cfg.int8_io, progress=progress,
+                                    linear_percentile=cfg.linear_percentile if post_training else None)
         try:
             outputs = {split: parity.run_variant(flatbuffer, d["x"], desc=f"{variant} on {split}", progress=progress)
                        for split, d in splits.items()}

@@ -95,7 +95,7 @@ def diagnose(run_dir: Path, *, progress: bool = True) -> dict:
     compare = lambda logits: agreement(logits, val["keras_logits"], card.temperature, card.abnormal_threshold)
     detector = ood.OodModel.load(run_dir / "ood.npz") if (run_dir / "ood.npz").is_file() else None
     flatbuffer = export.convert(export.device_model(corrected, detector), "int8", representative,
-                                int8_io=cfg.int8_io, progress=progress)
+                                int8_io=cfg.int8_io, linear_percentile=cfg.linear_percentile, progress=progress)
     return {
         "run": str(run_dir), "split": "val", "images": int(len(val["y"])),
         "int8 weights, float activations": compare(with_int8_weights(model).predict(val["x"], verbose=0)),
