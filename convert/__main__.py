@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     try:
         cfg = ConvertConfig(representative_per_class=args.representative_per_class, int8_io=args.int8_io,
                             bias_correction=not args.no_bias_correction,
-                            linear_percentile=None if args.linear_percentile == 100 else args.linear_percentile,
+                            linear_percentile=args.linear_percentile,
                             qat_epochs=args.qat_epochs, prune_sparsity=args.prune, prune_epochs=args.prune_epochs,
                             pqat_epochs=args.pqat_epochs, steps_per_epoch=args.steps_per_epoch)
     except ValueError as exc:

@@ -21,7 +21,7 @@ class ConvertConfig:
                                           # int8 weight-rounding error (convert.bias_correction)
     linear_percentile: float | None = 99.99   # post-training int8: linear activations' ranges from this
                                           # percentile of their values (convert.export._int8_linear_percentile);
-                                          # None: calibration's min/max
+                                          # None or 100: calibration's min/max
     # quantisation-aware training
     qat_epochs: int = 2
     qat_learning_rate: float = 1e-5

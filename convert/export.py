@@ -48,7 +48,7 @@ def convert(model, recipe: str, representative: np.ndarray | None = None, *, int
     A quantisation-aware-trained model takes its int8 ranges from its fake-quantisation nodes;
     the representative sample still calibrates what QAT did not cover (the heat-map branch).
     `linear_percentile` (int8 only): the linear activations' ranges from percentiles, not the
-    extremes (`_int8_linear_percentile`); None: calibration's min/max everywhere.
+    extremes (`_int8_linear_percentile`); None or 100: calibration's min/max everywhere.
     """
     if recipe not in RECIPES:
         raise ValueError(f"unknown conversion recipe {recipe!r}; known: {RECIPES}")
@@ -67,7 +67,7 @@ def convert(model, recipe: str, representative: np.ndarray | None = None, *, int
             for x in tqdm(representative, desc="calibrating", unit="img", disable=not progress))
         if recipe == "int8-mixed":
             return _mixed(converter)
-        if linear_percentile is not None:
+        if linear_percentile is not None and linear_percentile < 100:
             return _int8_linear_percentile(converter, representative, linear_percentile, int8_io)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         if int8_io == "int8":
