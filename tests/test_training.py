@@ -1,6 +1,7 @@
 """Models, strategies and training mechanics at tiny sizes (real models belong in benchmarks)."""
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -300,3 +301,20 @@ def test_a_one_class_held_out_source_is_ranked_against_the_test_splits_other_sid
     assert abnormals["auc"] == pytest.approx(0.75) and abnormals["against"] == "test normal"
     assert len(abnormals["auc_ci95"]) == 2
     assert holdout_auc_against_test(test, test_y, test, test_y, temperature=1.0, bootstrap=0) is None
+
+
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.toml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_shipped_recipe_is_a_valid_training_config(path):
+    """A recipe in configs/ that `python -m train --config` would refuse (a misspelt key, a value out of
+    range) is found here, not after an hour of someone's training; every key it sets is taken."""
+    import tomllib
+
+    from train.config import TrainConfig
+
+    config = TrainConfig.from_file(path)
+    for key, value in tomllib.loads(path.read_text()).items():
+        assert getattr(config, key) == (list(value) if isinstance(value, list) else value), key
