@@ -115,12 +115,14 @@ def linear_conv_outputs(model_bytes: bytes, ops: tuple[str, ...] = ("CONV_2D",))
 
 
 LINEAR_OPS = ("CONV_2D", "ADD")   # MobileNetV2's linear-bottleneck projections and residual sums
+CLASS_MAPS = "class_maps"         # the heat map's per-class maps (`with_heatmap`): their peaks are what it shows
 
 
 def _int8_linear_percentile(converter, representative: np.ndarray, percentile: float, int8_io: str) -> bytes:
     """Full-integer int8 whose linear activations (outputs of convolutions and sums without a fused
     activation: no ReLU6 bounds them) are quantised over their [100 - p, p] percentiles on the
-    representative images instead of their extremes; every other range is calibration's min/max.
+    representative images instead of their extremes; every other range is calibration's min/max,
+    the heat map's class maps' too (their peaks are what it shows).
 
     Why (convert.diagnose on the default model): a projection's range is set by a few values, up
     to 3x its 99.99th percentile and by one channel in block 5, so its int8 step is 0.05-0.12 of a
@@ -138,7 +140,8 @@ def _int8_linear_percentile(converter, representative: np.ndarray, percentile: f
     converter.experimental_mlir_quantizer = True
     converter._experimental_calibrate_only = True   # noqa: SLF001 - TFLite's own debugger does the same
     calibrated = converter.convert()
-    ranges = _percentile_ranges(calibrated, representative, linear_conv_outputs(calibrated, LINEAR_OPS), percentile)
+    linear = [name for name in linear_conv_outputs(calibrated, LINEAR_OPS) if f"/{CLASS_MAPS}/" not in name]
+    ranges = _percentile_ranges(calibrated, representative, linear, percentile)
     schema = _schema()
     model = schema.ModelT.InitFromPackedBuf(bytearray(calibrated), 0)
     for tensor in model.subgraphs[0].tensors:
@@ -229,7 +232,7 @@ def with_heatmap(model):
 
     kernel = kernel_of(head_layer(model, LOGITS))
     features = head_layer(model, FEATURES).output
-    cam_conv = keras.layers.Conv2D(kernel.shape[1], 1, use_bias=False, dtype="float32", name="class_maps")
+    cam_conv = keras.layers.Conv2D(kernel.shape[1], 1, use_bias=False, dtype="float32", name=CLASS_MAPS)
     class_maps = cam_conv(tf.cast(features, tf.float32))
     cam_conv.set_weights([kernel[None, None]])
     logits = model.output

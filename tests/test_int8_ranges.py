@@ -87,3 +87,22 @@ def test_a_range_set_by_outliers_gets_a_finer_step_and_a_closer_answer():
     reference = model.predict(typical, verbose=0)
     assert np.abs(run(clipped, typical) - reference).mean() < 0.7 * np.abs(run(plain, typical) - reference).mean()
 
+
+
+def test_the_heat_maps_class_maps_keep_their_peaks():
+    """The class maps (convert.export.with_heatmap) are a linear convolution too, but the heat map
+    shows their peaks: their range stays calibration's."""
+    import tf_keras as keras
+
+    from convert import export
+
+    image = keras.Input((8, 8, 4))
+    features = keras.layers.Conv2D(6, 1, name="features")(image)
+    logits = keras.layers.Dense(3, name="logits")(keras.layers.GlobalAveragePooling2D(name="pool")(features))
+    model = export.with_heatmap(keras.Model(image, logits))
+    x = inputs(32, 5, outliers=True)
+    before = scales(export.convert(model, "int8", x, int8_io="float"))
+    after = scales(export.convert(model, "int8", x, int8_io="float", linear_percentile=99.0))
+    maps = [n for n in before if export.CLASS_MAPS in n and before[n]]
+    assert maps and all(after[n] == pytest.approx(before[n]) for n in maps)
+    assert any(after[n] < before[n] for n in before if "features" in n and before[n])
