@@ -121,3 +121,27 @@ def test_an_ensemble_of_a_run_with_itself_scores_as_the_run(tiny_run, tmp_path):
     (other / "splits.csv").write_text("\n".join(rows[:first_test] + rows[first_test + 1:]) + "\n")
     refused = run_module("train.ensemble", tiny_run, other, check=False)
     assert refused.returncode == 2 and "share their splits" in refused.stderr
+
+
+def test_held_out_figures_at_one_validation_specificity(tmp_path):
+    """train.compare --at-val-specificity: the threshold is the val normals' quantile, and the held-out
+    source is counted against it (saved logits: two classes, temperature 1, P(abnormal) = sigmoid(b - a))."""
+    from train.compare import holdout_at_val_specificity
+
+    def logits(p_abnormal):
+        p = np.asarray(p_abnormal, float)
+        return np.stack([np.zeros_like(p), np.log(p / (1 - p))], axis=1)
+
+    val_normals = np.linspace(0.01, 0.99, 99)          # P(abnormal) of 99 val normals
+    run = tmp_path / "run"
+    (run / "reports").mkdir(parents=True)
+    (run / "model_card.json").write_text(json.dumps({"temperature": 1.0}))
+    held = np.array([0.2, 0.5, 0.93, 0.96, 0.99])
+    np.savez(run / "reports" / "predictions.npz", val_logits=logits(np.r_[val_normals, 0.9]),
+             val_labels=np.r_[np.zeros(99, int), 1], holdout_logits=logits(held), holdout_labels=np.ones(5, int))
+    m = holdout_at_val_specificity(run, 0.95)
+    assert m["threshold"] == pytest.approx(np.quantile(val_normals, 0.95))
+    assert m["sensitivity"] == pytest.approx(2 / 5)       # 0.96 and 0.99 reach 0.941
+    np.savez(run / "reports" / "predictions.npz", val_logits=logits(val_normals), val_labels=np.zeros(99, int),
+             holdout_logits=logits(held), holdout_labels=np.zeros(5, int))
+    assert holdout_at_val_specificity(run, 0.95)["specificity"] == pytest.approx(3 / 5)

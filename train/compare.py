@@ -3,6 +3,11 @@
 One row per run, then (`--by-recipe`, the default when runs repeat a recipe with other seeds) one
 row per recipe: the mean ± sd and the range over its seeds, so that a choice between recipes rests
 on a difference larger than the run-to-run noise.
+
+`--at-val-specificity 0.95`: also each held-out run's figure at the threshold that gives that
+specificity on val, from its saved logits. Each run's own operating threshold mixes how well a recipe
+ranks an unseen source with where its threshold fell; at one in-distribution specificity for all,
+recipes compare on the first.
 """
 from __future__ import annotations
 
@@ -13,6 +18,10 @@ import sys
 from pathlib import Path
 
 from dataclasses import asdict
+
+import numpy as np
+
+from edge_app import decision
 
 from train.config import TrainConfig
 from train.report import interval
@@ -112,10 +121,44 @@ def table(runs: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def holdout_at_val_specificity(run: Path, specificity: float) -> dict | None:
+    """The held-out source's sensitivity (all abnormal) or specificity (all normal) at the threshold
+    that gives `specificity` on the run's val normals; None for a run without a one-class held-out source."""
+    path = run / "reports" / "predictions.npz"
+    if not path.is_file():
+        return None
+    saved = np.load(path)
+    if "holdout_logits" not in saved.files:
+        return None
+    temperature = json.loads((run / "model_card.json").read_text())["temperature"]
+    score = lambda split: decision.abnormal_probability(
+        decision.calibrated_probabilities(saved[f"{split}_logits"], temperature))
+    threshold = float(np.quantile(score("val")[saved["val_labels"] == 0], specificity))
+    held, abnormal = score("holdout"), saved["holdout_labels"] != 0
+    if abnormal.all():
+        return {"threshold": threshold, "sensitivity": float((held >= threshold).mean())}
+    if not abnormal.any():
+        return {"threshold": threshold, "specificity": float((held < threshold).mean())}
+    return None
+
+
+def at_specificity_table(runs: list[Path], specificity: float) -> str:
+    lines = [f"| run | threshold at val specificity {specificity:.2f} | held-out sens. | held-out spec. |",
+             "|---|---|---|---|"]
+    for run in runs:
+        m = holdout_at_val_specificity(run, specificity)
+        if m is not None:
+            lines.append(f"| {run.parent.name}/{run.name} | {m['threshold']:.3f} | {_fmt(m.get('sensitivity'))} | "
+                         f"{_fmt(m.get('specificity'))} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.compare", description=__doc__)
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--runs-only", action="store_true", help="only the table of runs, no per-recipe means")
+    p.add_argument("--at-val-specificity", type=float, metavar="S",
+                   help="also the held-out runs' figures at the threshold giving specificity S on val")
     args = p.parse_args(argv)
     missing = [str(r) for r in args.runs if not (r / "reports" / "metrics.json").is_file()]
     if missing:
@@ -125,6 +168,9 @@ def main(argv=None) -> int:
     if not args.runs_only:
         print("\nPer recipe (mean ± sd over seeds, range in brackets; adult cohorts on the test split):\n")
         print(recipe_table(args.runs))
+    if args.at_val_specificity is not None:
+        print(f"\nHeld-out sources at one in-distribution specificity ({args.at_val_specificity:.2f} on val):\n")
+        print(at_specificity_table(args.runs, args.at_val_specificity))
     return 0
 
 
