@@ -5,7 +5,8 @@ This separates them on the run's val split:
 - "int8 weights, float activations": the Keras model with exactly TFLite's int8 weights
   (`with_int8_weights`), computed in float: the loss due to weight rounding alone, before and after
   bias correction (convert.bias_correction);
-- "int8": the full-integer model as `python -m convert` makes it (bias-corrected);
+- "int8": the full-integer model as `python -m convert` makes it (bias-corrected, linear activations
+  over percentiles: ConvertConfig.linear_percentile);
 and, per linear activation (projection outputs and residual sums, which have no ReLU6 to bound
 them), its range as calibration sees it (min/max over the calibration images) against its
 0.01-99.99 percentiles and its spread: an int8 step of a large fraction of the standard deviation
@@ -101,7 +102,7 @@ def diagnose(run_dir: Path, *, progress: bool = True) -> dict:
         "int8 weights, float activations": compare(with_int8_weights(model).predict(val["x"], verbose=0)),
         "int8 weights bias-corrected, float activations": compare(
             with_int8_weights(corrected).predict(val["x"], verbose=0)),
-        "int8 (bias-corrected, as python -m convert makes it)": compare(
+        "int8 as python -m convert makes it (bias-corrected, percentile ranges)": compare(
             parity.run_variant(flatbuffer, val["x"], desc="int8 on val", progress=progress)["logits"]),
         "linear_activations": activation_ranges(model, representative),
     }
