@@ -37,13 +37,15 @@ def test_training_pipeline_and_device_give_identical_tensors(shared_data, spec):
 
 
 def _train_tensors(images, spec, **augmentation):
-    """One pass of make_dataset(training=True) in file order (the labels carry the index)."""
+    """One pass of make_dataset(training=True) in file order (the labels carry the index). One batch:
+    the augmentation's random draws then come in one call, the same for every call of this (with
+    several batches, the parallel map may take them from the generator in either order)."""
     from train.config import TrainConfig
     from train.pipeline import make_dataset
 
     still = dict(rotation_degrees=0.0, zoom=0.0, shift=0.0, brightness=0.0, contrast=1e-9)  # RandomContrast needs > 0
     config = TrainConfig(**{**still, **augmentation})
-    ds = make_dataset(images, np.arange(len(images), dtype=np.int32), spec, batch_size=4, training=True,
+    ds = make_dataset(images, np.arange(len(images), dtype=np.int32), spec, batch_size=len(images), training=True,
                       config=config, seed=3)
     batches = [(x.numpy(), i.numpy()) for x, i in ds]
     x, order = np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
