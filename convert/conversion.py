@@ -44,6 +44,12 @@ def balanced_sample(records, labels, per_class: int, seed: int) -> list:
     return picked
 
 
+def representative_inputs(train_records, card, cfg: ConvertConfig, progress: bool = True) -> np.ndarray:
+    """The int8 calibration images: a class-balanced sample of the training split, as model inputs."""
+    return model_inputs(load_images(balanced_sample(train_records, card.labels, cfg.representative_per_class, cfg.seed),
+                                    card.input, desc="representative", progress=progress), card.input)
+
+
 def convert_run(run_dir: str | Path, *, variants=None, cfg: ConvertConfig | None = None,
                 gates_file: str | Path = GATES_FILE, progress: bool = True, gpu_check: bool = True,
                 data_root: str | Path | None = None) -> dict:
@@ -57,11 +63,9 @@ def convert_run(run_dir: str | Path, *, variants=None, cfg: ConvertConfig | None
     gates = load_gates(gates_file)
     budgets = {v: parity.budgets_of(gates, v) for v in variants}   # a missing budget fails before any work
     model, card, config, dataset, splits = _prepare(run_dir, cfg, progress, data_root)
-    spec, labels = card.input, card.labels
+    labels = card.labels
     train_records = dataset.split("train")
-    representative = model_inputs(load_images(
-        balanced_sample(train_records, labels, cfg.representative_per_class, cfg.seed), spec,
-        desc="representative", progress=progress), spec)
+    representative = representative_inputs(train_records, card, cfg, progress)
     detector = ood.OodModel.load(run_dir / "ood.npz") if (run_dir / "ood.npz").is_file() else None
     sources, refused = _keras_sources(model, card, detector, variants, cfg, train_records, splits, config, progress)
     out_dir = run_dir / "tflite"

@@ -84,14 +84,11 @@ def diagnose(run_dir: Path, *, progress: bool = True) -> dict:
     from convert import bias_correction, conversion, export, parity
     from convert.config import ConvertConfig
     from train import ood
-    from train.pipeline import load_images, model_inputs
 
     cfg = ConvertConfig(splits=("val",))
     model, card, _, dataset, splits = conversion._prepare(run_dir, cfg, progress)
     val = splits["val"]
-    representative = model_inputs(load_images(
-        conversion.balanced_sample(dataset.split("train"), card.labels, cfg.representative_per_class, cfg.seed),
-        card.input, desc="representative", progress=progress), card.input)
+    representative = conversion.representative_inputs(dataset.split("train"), card, cfg, progress)
     corrected = bias_correction.corrected(model, representative)
     compare = lambda logits: agreement(logits, val["keras_logits"], card.temperature, card.abnormal_threshold)
     detector = ood.OodModel.load(run_dir / "ood.npz") if (run_dir / "ood.npz").is_file() else None
