@@ -4,8 +4,8 @@
 #   make all                               synthetic data (generated here, no downloads)
 #   make all DATA=../shared/data/cxr       the real chest X-ray set
 #   make train MODEL=cnn DATA=...          any registered model (train/models.py)
-#   make lungs                             the lung-field segmenter (artifacts/lungs) for TRAIN_ARGS="--lung-crop mask
-#                                          --lung-model artifacts/lungs/tflite/lungs-int8.tflite"
+#   make lungs                             the lung-field segmenter (artifacts/lungs): real data's recipe
+#                                          (configs/cxr.toml) crops with it; `make train` trains it when missing
 #
 #   make adapt RUN=... SITE=DIR            fit a run to a hospital's own labelled images -> artifacts/RUN-site
 #   make app                               the screening app (Kivy) on the run's shipped variant (SHIPPED)
@@ -42,12 +42,17 @@ DATASET     := $(if $(DATA),$(DATA),$(SYNTHETIC))
 MODEL       ?= mobilenet_v2
 RUN         ?= $(MODEL)-$(if $(DATA),$(notdir $(abspath $(DATA))),synthetic)
 RUN_DIR     := artifacts/$(RUN)
-CONFIG      ?= $(if $(DATA),,configs/synthetic.toml)
+# Real chest X-rays: the lung-field mask recipe (configs/cxr.toml); the synthetic set has no lungs to find.
+CONFIG      ?= $(if $(DATA),configs/cxr.toml,configs/synthetic.toml)
 WEIGHTS_DIR ?= ../shared/weights/keras/models
 # ImageNet weights only where a local copy exists, so the default run never downloads anything.
 WEIGHTS     ?= $(if $(filter cnn,$(MODEL)),none,$(if $(wildcard $(WEIGHTS_DIR)/*.h5),imagenet,none))
 TRAIN_ARGS  ?=
 LUNGS_DATA  ?= ../shared/data/cxr-lungs
+LUNGS_OUT   := artifacts/lungs
+LUNG_MODEL  := $(LUNGS_OUT)/tflite/lungs-int8.tflite
+# The segmenter, trained first where the config crops to the lung field (lung_crop box or mask).
+LUNG_STEP   := $(if $(CONFIG),$(if $(shell grep -Es '^lung_crop *= *"(box|mask)"' $(CONFIG)),$(LUNG_MODEL)))
 PRUNE       ?=
 CONVERT_ARGS ?=
 # The variant that ships: the smallest that passed every gate of the run's benchmark
@@ -123,13 +128,17 @@ else
 	@test -d "$(DATA)" || { echo "DATA=$(DATA) is not a folder"; exit 1; }
 endif
 
-train: setup data
+train: setup data $(LUNG_STEP)
 	$(PY) -m train --model $(MODEL) --data $(DATASET) --out $(RUN_DIR) --weights $(WEIGHTS) \
 		--weights-dir $(WEIGHTS_DIR) $(if $(CONFIG),--config $(CONFIG)) $(TRAIN_ARGS)
 
 lungs: setup
-	@test -f "$(LUNGS_DATA)/manifest.csv" || { echo "LUNGS_DATA=$(LUNGS_DATA) is not a cxr-lungs folder (manifest.csv, train/, val/)"; exit 1; }
-	$(PY) -m train.lungs --data $(LUNGS_DATA) --out artifacts/lungs
+	@test -f "$(LUNGS_DATA)/manifest.csv" || { echo "LUNGS_DATA=$(LUNGS_DATA) is not a cxr-lungs folder (manifest.csv, train/, val/);" \
+		"without the lung-field segmenter, train the recipe without the mask: make train CONFIG="; exit 1; }
+	$(PY) -m train.lungs --data $(LUNGS_DATA) --out $(LUNGS_OUT)
+
+$(LUNG_MODEL):
+	$(MAKE) --no-print-directory lungs
 
 adapt: setup
 	@test -d "$(SITE)" || { echo "SITE=$(SITE) is not a folder of the site's labelled images"; exit 1; }
