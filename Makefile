@@ -134,7 +134,7 @@ train: setup data $(LUNG_STEP)
 
 lungs: setup
 	@test -f "$(LUNGS_DATA)/manifest.csv" || { echo "LUNGS_DATA=$(LUNGS_DATA) is not a cxr-lungs folder (manifest.csv, train/, val/);" \
-		"without the lung-field segmenter, train the recipe without the mask: make train CONFIG="; exit 1; }
+		"without the lung-field segmenter, train the recipe without the lung-field crop: make train CONFIG="; exit 1; }
 	$(PY) -m train.lungs --data $(LUNGS_DATA) --out $(LUNGS_OUT)
 
 $(LUNG_MODEL):
