@@ -26,7 +26,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True)
-    p.add_argument("--config", help="the recipe (a TrainConfig TOML); default: the default recipe")
+    p.add_argument("--config", help="the recipe (a TrainConfig TOML); default: the TrainConfig defaults "
+                   "(no lung-field crop; real data's recipe, which make train uses, is configs/cxr.toml)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--holdout-source", dest="holdouts", action="append", default=[],
                    help="also train without this source (repeatable); without any: in-distribution runs only")
