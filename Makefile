@@ -42,7 +42,7 @@ DATASET     := $(if $(DATA),$(DATA),$(SYNTHETIC))
 MODEL       ?= mobilenet_v2
 RUN         ?= $(MODEL)-$(if $(DATA),$(notdir $(abspath $(DATA))),synthetic)
 RUN_DIR     := artifacts/$(RUN)
-# Real chest X-rays: the lung-field mask recipe (configs/cxr.toml); the synthetic set has no lungs to find.
+# Real chest X-rays: the lung-field crop recipe (configs/cxr.toml); the synthetic set has no lungs to find.
 CONFIG      ?= $(if $(DATA),configs/cxr.toml,configs/synthetic.toml)
 WEIGHTS_DIR ?= ../shared/weights/keras/models
 # ImageNet weights only where a local copy exists, so the default run never downloads anything.
@@ -51,8 +51,8 @@ TRAIN_ARGS  ?=
 LUNGS_DATA  ?= ../shared/data/cxr-lungs
 LUNGS_OUT   := artifacts/lungs
 LUNG_MODEL  := $(LUNGS_OUT)/tflite/lungs-int8.tflite
-# The segmenter, trained first where the config crops to the lung field (lung_crop box or mask).
-LUNG_STEP   := $(if $(CONFIG),$(if $(shell grep -Es '^lung_crop *= *"(box|mask)"' $(CONFIG)),$(LUNG_MODEL)))
+# The segmenter the config crops with (its lung_model), trained first when it is missing.
+LUNG_STEP   := $(if $(CONFIG),$(shell sed -En 's/^lung_model *= *"(.+)"/\1/p' $(CONFIG)))
 PRUNE       ?=
 CONVERT_ARGS ?=
 # The variant that ships: the smallest that passed every gate of the run's benchmark
