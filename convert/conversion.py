@@ -18,7 +18,7 @@ from edge_app.classifier import load_model_file
 from edge_app.errors import ModelError
 from edge_app.graph_names import POOL
 from edge_app.runtime import REQUIRE_GPU_ENV, gpu_required
-from train import evaluate, ood
+from train import evaluate, models, ood
 from train.data import run_splits
 from train.pipeline import image_weights, load_images, model_inputs
 from train.trainer import load_run
@@ -134,8 +134,8 @@ def convert_run(run_dir: str | Path, *, variants=None, cfg: ConvertConfig | None
 
 def _pooled(model, x: np.ndarray, batch: int = 256) -> np.ndarray:
     """The pooled penultimate features (train.ood's input) of model inputs, in chunks; also of a
-    tfmot-quantised model, whose layers are wrapped (export.head_layer)."""
-    pooled = keras.Model(model.input, export.head_layer(model, POOL).output)
+    tfmot-quantised model, whose layers are wrapped (train.models.head_layer)."""
+    pooled = keras.Model(model.input, models.head_layer(model, POOL).output)
     return np.concatenate([pooled.predict(x[i:i + batch], batch_size=64, verbose=0) for i in range(0, len(x), batch)])
 
 
@@ -226,13 +226,17 @@ def _keras_sources(model, card, detector, variants, cfg, train_records, splits, 
 
 
 def _refit(model, card, with_ood: bool, data: compress.FineTuneData, splits: dict, config) -> dict:
-    """A fine-tuned model's own calibration, fitted as training fits the Keras model's: the
-    temperature and operating threshold on val (train.evaluate.calibrate), the OOD detector on
-    the training split's features and its threshold on val (train.ood). Fine-tuning moved the
-    weights, so the trained model's figures no longer describe this model."""
+    """A fine-tuned model's own calibration, fitted as training fits the Keras model's: the class
+    offsets (when the run's config corrects class priors), the temperature and operating threshold
+    on val (train.evaluate), the OOD detector on the training split's features and its threshold on
+    val (train.ood). Fine-tuning moved the weights, so the trained model's figures no longer
+    describe this model."""
     val = splits["val"]
-    temperature, threshold = evaluate.calibrate(model.predict(val["x"], batch_size=64, verbose=0), val["y"],
-                                                val["records"], config.target_sensitivity, config.threshold_rule)
+    logits = {"val": model.predict(val["x"], batch_size=64, verbose=0)}
+    offsets = (evaluate.correct_class_priors(model, logits, val["y"])
+               if config.class_prior_correction else np.zeros(len(card.labels)))
+    temperature, threshold = evaluate.calibrate(logits["val"], val["y"], val["records"], config.target_sensitivity,
+                                                config.threshold_rule)
     thresholds = {**card.thresholds, "abnormal": threshold}
     detector = quantile = None
     if with_ood:
@@ -240,7 +244,8 @@ def _refit(model, card, with_ood: bool, data: compress.FineTuneData, splits: dic
         detector = ood.fit(np.concatenate([_pooled(model, model_inputs(data.images[i:i + 256], data.spec))
                                            for i in chunks]))
         quantile = thresholds["ood"] = ood.threshold(ood.score(detector, _pooled(model, val["x"])))
-    calibration = {"temperature": {"trained": card.temperature, "refitted": temperature},
+    calibration = {"class_offsets": dict(zip(card.labels, offsets.tolist())),
+                   "temperature": {"trained": card.temperature, "refitted": temperature},
                    "abnormal_threshold": {"trained": card.abnormal_threshold, "refitted": threshold},
                    "ood_threshold": {"trained": card.thresholds.get("ood"), "refitted": quantile}}
     return {"model": model, "card": dataclasses.replace(card, temperature=temperature, thresholds=thresholds),

@@ -29,6 +29,7 @@ from edge_app import lungs
 from edge_app.graph_names import FEATURES, HEATMAP, LOGITS, OOD_RESIDUAL, OOD_WHITENED, POOL
 from edge_app.model_card import ModelCard
 from edge_app.tflite_metadata import CARD_METADATA_NAME, write_metadata
+from train import models
 
 # variant -> (Keras model it is converted from, conversion recipe)
 VARIANT_SOURCES = {
@@ -230,8 +231,8 @@ def with_heatmap(model):
     """
     import tf_keras as keras
 
-    kernel = kernel_of(head_layer(model, LOGITS))
-    features = head_layer(model, FEATURES).output
+    kernel = kernel_of(models.head_layer(model, LOGITS))
+    features = models.head_layer(model, FEATURES).output
     cam_conv = keras.layers.Conv2D(kernel.shape[1], 1, use_bias=False, dtype="float32", name=CLASS_MAPS)
     class_maps = cam_conv(tf.cast(features, tf.float32))
     cam_conv.set_weights([kernel[None, None]])
@@ -265,7 +266,7 @@ def with_ood_parts(model, detector):
     """
     import tf_keras as keras
 
-    pooled = tf.cast(head_layer(model, POOL).output, tf.float32)
+    pooled = tf.cast(models.head_layer(model, POOL).output, tf.float32)
     mean = detector.mean.astype(np.float32)
     std = np.sqrt(detector.variances).astype(np.float32)
     whitening = (detector.components / std).astype(np.float32)                  # (d, k): U / std
@@ -286,15 +287,6 @@ def kernel_of(layer) -> np.ndarray:
     attribute is the fake-quantised tensor, not the variable)."""
     return next(w for w in layer.weights
                 if w.name.split("/")[-1].split(":")[0] in ("kernel", "depthwise_kernel")).numpy()
-
-
-def head_layer(model, name: str):
-    """A head layer by name, also inside a tfmot-quantised model (`quant_<name>`, wrapped)."""
-    names = {layer.name: layer for layer in model.layers}
-    layer = names.get(name) or names.get(f"quant_{name}")
-    if layer is None:
-        raise ValueError(f"{model.name} has no {name!r} layer: not a cxr-edge classifier")
-    return layer
 
 
 WEIGHTED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")

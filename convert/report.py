@@ -85,11 +85,13 @@ def markdown(results: dict) -> str:
         break  # the same mask in every pruned variant
     if results.get("calibration"):
         lines += ["", "Fine-tuned models, refitted on val as training fits the Keras model (trained -> refitted):", "",
-                  "| model | temperature | abnormal threshold | OOD threshold |", "|---|---|---|---|"]
+                  "| model | class offsets added | temperature | abnormal threshold | OOD threshold |",
+                  "|---|---|---|---|---|"]
         for source, c in results["calibration"].items():
             cells = [f"{c[k]['trained']:.4g} -> {c[k]['refitted']:.4g}" if c[k]["refitted"] is not None else "none"
                      for k in ("temperature", "abnormal_threshold", "ood_threshold")]
-            lines.append(f"| {source} | " + " | ".join(cells) + " |")
+            offsets = " ".join(f"{label} {x:+.3f}" for label, x in c.get("class_offsets", {}).items())
+            lines.append(f"| {source} | {offsets or 'none'} | " + " | ".join(cells) + " |")
     lines += ["", "Out-of-distribution warning: each variant's threshold is its card's (refitted for fine-tuned "
               "models) scaled by how far its validation scores run from its Keras model's.", "",
               "| variant | OOD threshold | card's threshold | " + " | ".join(f"{s} flagged" for s in splits) + " |",

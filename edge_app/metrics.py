@@ -176,6 +176,58 @@ def fit_temperature(logits, y_true) -> float:
     return float(np.exp((lo + hi) / 2))
 
 
+def fit_class_offsets(logits, y_true) -> np.ndarray:
+    """Per-class offsets c (c[0] = 0) so that softmax((logits + c) / T) with its own fitted T has the
+    least negative log-likelihood on these labels: bias-corrected temperature scaling (Alexandari,
+    Kundaje & Shrikumar, ICML 2020), fitted jointly as softmax(a * logits + b) with c = b / a.
+
+    Why: training weighs the classes (class_weight_power), which moves the model's priors towards
+    the rare classes; temperature alone cannot undo a prior shift, so the most likely class is then
+    biased (normal films called COVID-19). The NLL is convex in (a, b). When the logits say so little
+    about the labels that 1 / a leaves fit_temperature's range [0.05, 20] (an untrained model), a is
+    held at that range's edge and only b is fitted, so the offsets stay finite."""
+    z, y = np.asarray(logits, np.float64), np.asarray(y_true)
+    missing = sorted(set(range(z.shape[1])) - set(y.tolist()))
+    if missing:
+        raise ValueError(f"cannot fit class offsets: no image of class(es) {missing} in these labels")
+    theta = _newton_softmax_affine(z, y, np.r_[1.0, np.zeros(z.shape[1] - 1)], free_scale=True)
+    if not 1 / 20 <= theta[0] <= 1 / 0.05:
+        theta = _newton_softmax_affine(z, y, np.r_[np.clip(theta[0], 1 / 20, 1 / 0.05), theta[1:] * 0],
+                                       free_scale=False)
+    return np.r_[0.0, theta[1:]] / theta[0]
+
+
+def _newton_softmax_affine(z, y, theta, *, free_scale: bool, steps: int = 50) -> np.ndarray:
+    """Newton's method with a backtracking line search on the mean NLL of softmax(a * z + [0, b]),
+    theta = (a, b); a stays fixed unless `free_scale`."""
+    n, k = z.shape
+    onehot = np.eye(k)[y]
+
+    def nll(theta):
+        u = theta[0] * z + np.r_[0.0, theta[1:]]
+        u -= u.max(axis=1, keepdims=True)
+        return float(-(u[np.arange(n), y] - np.log(np.exp(u).sum(axis=1))).mean())
+
+    jac = np.concatenate([z[:, :, None], np.broadcast_to(np.eye(k)[:, 1:], (n, k, k - 1))], axis=2)
+    if not free_scale:
+        jac = jac[:, :, 1:]
+    for _ in range(steps):
+        p = decision.calibrated_probabilities(theta[0] * z + np.r_[0.0, theta[1:]])
+        grad = np.einsum("ikp,ik->p", jac, p - onehot) / n
+        cov = p[:, :, None] * np.eye(k) - p[:, :, None] * p[:, None, :]
+        hess = np.einsum("ikp,ikl,ilq->pq", jac, cov, jac) / n
+        step = np.linalg.lstsq(hess, grad, rcond=None)[0]   # least norm: no jump along a flat direction
+        if not free_scale:
+            step = np.r_[0.0, step]
+        rate, before = 1.0, nll(theta)
+        while nll(theta - rate * step) > before - 1e-4 * rate * (grad @ step[-len(grad):]) and rate > 1e-8:
+            rate /= 2
+        theta = theta - rate * step
+        if abs(grad @ step[-len(grad):]) < 1e-12:
+            break
+    return theta
+
+
 def screening_metrics(logits, y_true, labels, *, temperature: float, threshold: float,
                       bootstrap: int = 0) -> dict:
     """Everything a clinician and a release manager read for one split."""

@@ -26,6 +26,11 @@ def test_training_run_writes_model_card_and_reports(tiny_run):
         assert sum(g["n"] for g in m["per_source"].values()) == m["n"]
     # the threshold was chosen on validation to reach the target sensitivity there
     assert metrics["val"]["abnormal"]["sensitivity"] >= 0.95
+    # the class offsets are in the saved logits: fitted again on them, there is nothing left to correct
+    from edge_app.metrics import fit_class_offsets
+    assert list(metrics["class_offsets"]) == list(card.labels) and metrics["class_offsets"]["normal"] == 0.0
+    saved = np.load(tiny_run / "reports" / "predictions.npz")
+    np.testing.assert_allclose(fit_class_offsets(saved["val_logits"], saved["val_labels"]), 0.0, atol=1e-3)
     for plot in ("training_curves.png", "confusion_test.png", "roc_test.png", "reliability_test.png",
                  "gradcam_test.png"):
         assert (tiny_run / "reports" / plot).stat().st_size > 1000

@@ -54,6 +54,34 @@ def test_temperature_scaling_lowers_ece_on_overconfident_model():
     assert after < before / 2
 
 
+def test_class_offsets_undo_a_prior_shift_that_temperature_cannot():
+    """A model trained with class weights over-calls the rare classes: its logits are the true
+    ones plus a constant per class. The fitted offsets remove that shift (up to the temperature),
+    give the true posterior's argmax back, and are ~0 when fitted again on the corrected logits."""
+    rng = np.random.default_rng(2)
+    n, k = 4000, 3
+    true_logits = rng.normal(0, 2, (n, k)) + np.log([0.6, 0.3, 0.1])   # calibrated: y is drawn from them
+    p = decision.calibrated_probabilities(true_logits)
+    y = (rng.random((n, 1)) > p.cumsum(axis=1)).sum(axis=1)
+    shift = np.array([0.0, 1.5, 2.5])
+    weighted = (true_logits + shift) * 2.0          # over-calls pneumonia and COVID-19, and overconfident
+    offsets = metrics.fit_class_offsets(weighted, y)
+    assert offsets[0] == 0.0
+    np.testing.assert_allclose(offsets, -shift * 2.0, atol=0.4)
+    corrected = weighted + offsets
+    t = metrics.fit_temperature(corrected, y)
+    nll = lambda z, t: -np.mean(np.log(decision.calibrated_probabilities(z, t)[np.arange(n), y]))
+    assert nll(corrected, t) < nll(weighted, metrics.fit_temperature(weighted, y)) - 0.05
+    accuracy = lambda z: (z.argmax(1) == y).mean()
+    assert accuracy(corrected) > accuracy(weighted) + 0.05
+    np.testing.assert_allclose(metrics.fit_class_offsets(corrected, y), 0.0, atol=1e-6)
+
+
+def test_class_offsets_need_every_class_in_the_labels():
+    with pytest.raises(ValueError, match=r"no image of class\(es\) \[2\]"):
+        metrics.fit_class_offsets(np.zeros((4, 3)), np.array([0, 1, 0, 1]))
+
+
 def test_screening_metrics_blocks():
     logits = np.log(np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.2, 0.7], [0.6, 0.3, 0.1]]))
     y = np.array([0, 1, 2, 1])

@@ -281,6 +281,52 @@ def test_a_run_saved_before_source_weights_still_loads(tmp_path):
     assert (loaded.class_weight_power, loaded.source_weight_power) == (1.0, 1.0)
 
 
+def test_a_run_saved_before_class_offsets_keeps_temperature_only(tmp_path):
+    """A run's config.json without the setting was trained without class offsets (its fine-tuned
+    variants must not get them either); a recipe without it gets the default."""
+    from train.config import TrainConfig
+
+    old = tmp_path / "config.json"
+    old.write_text('{"seed": 3}')
+    assert TrainConfig.from_file(old).class_prior_correction is False
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text("seed = 3\n")
+    assert TrainConfig.from_file(recipe).class_prior_correction is True
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_class_offsets_go_into_the_logits_layer_and_the_logits(wrapped):
+    """The offsets fitted on val are added to the bias of the logits layer (inside a QAT wrapper
+    too), so the model itself computes the corrected logits, and to the logits given."""
+    from edge_app import decision
+    from train import evaluate
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(3, name=graph_names.LOGITS)(inputs))
+    if wrapped:
+        import tensorflow_model_optimization as tfmot
+        model = tfmot.quantization.keras.quantize_model(model)
+    rng = np.random.default_rng(0)
+    x = {"val": rng.normal(size=(300, 4)).astype("float32"), "test": rng.normal(size=(50, 4)).astype("float32")}
+    calibrated = model(x["val"], training=False).numpy() * 3.0
+    y = (rng.random((300, 1)) > decision.calibrated_probabilities(calibrated).cumsum(axis=1)).sum(axis=1)
+    layer = models.head_layer(model, graph_names.LOGITS)
+    bias = getattr(layer, "layer", layer).bias
+    bias.assign(bias.numpy() + np.array([0.0, 1.0, 2.0]))   # the model now over-calls classes 1 and 2
+    logits = {split: model(v, training=False).numpy() for split, v in x.items()}
+    before, bias_before = {split: v.copy() for split, v in logits.items()}, bias.numpy()
+    offsets = evaluate.correct_class_priors(model, logits, y)
+    assert offsets[0] == 0.0 and np.isfinite(offsets).all()
+    np.testing.assert_allclose(bias.numpy(), bias_before + offsets, atol=1e-6)
+    for split in x:
+        np.testing.assert_allclose(logits[split], before[split] + offsets, atol=1e-5)
+    if not wrapped:     # (a QAT model's output is fake-quantised over ranges this untrained one never set)
+        assert offsets[2] < offsets[1] < 0
+        for split in x:
+            np.testing.assert_allclose(model(x[split], training=False).numpy(), logits[split], atol=1e-5)
+
+
 def test_a_one_class_held_out_source_is_ranked_against_the_test_splits_other_side():
     """Held-out normals only: their AUC is taken against the test split's abnormals (and the
     reverse); a held-out source with both sides has its own AUC, so none is made up."""

@@ -49,6 +49,9 @@ class TrainConfig:
     class_weight_power: float = 0.5       # class weights (1/frequency)^power: 1 balances the classes,
                                           # 0.5 softens the balance (on the shared set: fewer
                                           # false COVID-19 calls, test macro-F1 0.864 -> 0.898), 0 off
+    class_prior_correction: bool = True   # after training, offsets fitted on val are added to the logits
+                                          # layer's bias, undoing the prior shift the class weights cause
+                                          # (train.evaluate.correct_class_priors); False: temperature only
     source_weight_power: float = 0.0      # within a class, sources weigh (1/their images)^power, the class's
                                           # total kept (train.pipeline.image_weights); 1: every source of a
                                           # class weighs the same
@@ -104,6 +107,8 @@ class TrainConfig:
         path = Path(path)
         text = path.read_text()
         values = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        if path.suffix == ".json":       # a run's config.json: one saved before class offsets trained without
+            values.setdefault("class_prior_correction", False)
         try:
             return cls.from_dict(values, **overrides)
         except ValueError as exc:

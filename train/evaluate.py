@@ -11,8 +11,9 @@ import train  # noqa: F401
 import tf_keras as keras
 
 from edge_app import decision, metrics
-from edge_app.graph_names import POOL
+from edge_app.graph_names import LOGITS, POOL
 from edge_app.preprocess import InputSpec
+from train import models
 from train.data import sources
 from train.data.records import Record, label_indices
 from train.pipeline import load_images, make_dataset
@@ -31,6 +32,20 @@ def load_split(records: list[Record], labels, spec: InputSpec, *, desc: str, pro
 def predict(model, x: np.ndarray, y: np.ndarray, spec: InputSpec) -> np.ndarray:
     """The model's logits for cached squares `x` (contrast step and normalise as the device does them)."""
     return model.predict(make_dataset(x, y, spec, batch_size=BATCH, training=False), verbose=0)
+
+
+def correct_class_priors(model, logits: dict[str, np.ndarray], y_val: np.ndarray) -> np.ndarray:
+    """Fit per-class logit offsets on val (metrics.fit_class_offsets) and add them to the bias of the
+    model's logits layer, so the saved model, every converted file and the device compute the
+    corrected logits with no extra step; `logits` (by split) are shifted the same way in place.
+    Returns the offsets."""
+    offsets = metrics.fit_class_offsets(logits["val"], y_val)
+    layer = models.head_layer(model, LOGITS)
+    layer = getattr(layer, "layer", layer)          # a QAT wrapper holds the Dense layer
+    layer.bias.assign(layer.bias.numpy() + offsets.astype(np.float32))
+    for split in logits:
+        logits[split] = (logits[split] + offsets).astype(np.float32)
+    return offsets
 
 
 def calibrate(logits: np.ndarray, y: np.ndarray, records: list[Record], target_sensitivity: float,

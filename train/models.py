@@ -149,3 +149,12 @@ def backbone_layers(model: keras.Model) -> list:
     """The model's layers below the head, input excluded, in order."""
     return [layer for layer in model.layers
             if layer.name not in HEAD_LAYERS and not isinstance(layer, keras.layers.InputLayer)]
+
+
+def head_layer(model: keras.Model, name: str):
+    """A head layer by name, also inside a tfmot-quantised model (`quant_<name>`, wrapped)."""
+    names = {layer.name: layer for layer in model.layers}
+    layer = names.get(name) or names.get(f"quant_{name}")
+    if layer is None:
+        raise ValueError(f"{model.name} has no {name!r} layer: not a cxr-edge classifier")
+    return layer

@@ -162,7 +162,10 @@ def write(reports: Path, results: dict, labels, logits: dict, ys: dict, history:
             r["accuracy"], r["macro_f1"], a["sensitivity"], a["specificity"], a["auc"], r["ece"])) + " |")
     lines += ["", f"Operating threshold on P(abnormal): **{results['test']['threshold']:.4f}**; "
               f"temperature **{results['temperature']:.3f}** (test ECE {results['test']['ece_uncalibrated']:.3f} "
-              f"before, {results['test']['ece']:.3f} after).", "", "## Per class (test)", "",
+              f"at T = 1, {results['test']['ece']:.3f} after)."
+              + (" Class offsets added to the logits before it (fitted on validation, undoing the prior shift of "
+                 "the class weights): " + ", ".join(f"{label} {x:+.3f}" for label, x in results["class_offsets"].items())
+                 + "." if "class_offsets" in results else ""), "", "## Per class (test)", "",
               "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
     for label, c in results["test"]["per_class"].items():
         lines.append(f"| {label} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | {c['support']} |")

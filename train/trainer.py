@@ -232,9 +232,9 @@ def run(config: TrainConfig, out: str | Path, *, resume: bool = False, progress:
         done_marker.touch()
     train_seconds = time.time() - started
 
-    model.save(out / "model.keras")
     card = evaluate_and_card(model, config, dataset, spec, split_data, reports, history,
                              train_seconds=train_seconds, replicas=replicas)
+    model.save(out / "model.keras")                # after evaluate_and_card: with its class offsets
     (out / "model_card.json").write_text(card.to_json() + "\n")
     print(f"\nrun saved to {out}\n" + report.headline(card.metrics))
     return out
@@ -274,10 +274,13 @@ def _fit_ood(features, run_dir: Path) -> dict:
 
 def evaluate_and_card(model, config, dataset, spec, split_data, reports, history, *,
                       train_seconds, replicas) -> ModelCard:
-    """Temperature and operating threshold fitted on val; metrics on val and test; the model card."""
+    """Class offsets (config.class_prior_correction), temperature and operating threshold fitted on
+    val; metrics on val and test; the model card."""
     labels = dataset.labels
     evaluated = [s for s in ("val", "test", run_splits.HOLDOUT) if s in split_data]
     logits = {split: evaluate.predict(model, *split_data[split][:2], spec) for split in evaluated}
+    offsets = (evaluate.correct_class_priors(model, logits, split_data["val"][1])
+               if config.class_prior_correction else np.zeros(len(labels)))
     temperature, threshold = evaluate.calibrate(logits["val"], *split_data["val"][1:], config.target_sensitivity,
                                                 config.threshold_rule)
     results = {split: evaluate.split_metrics(logits[split], *split_data[split][1:], labels, temperature=temperature,
@@ -295,6 +298,7 @@ def evaluate_and_card(model, config, dataset, spec, split_data, reports, history
         results["shortcut_probe"] = probe
     results["ood"] = _fit_ood(features, reports.parent)
     results["temperature"] = temperature
+    results["class_offsets"] = dict(zip(labels, offsets.tolist()))
     results["target_sensitivity"] = config.target_sensitivity
     results["training_seconds"] = train_seconds
     results["hardware"] = {"replicas": replicas,
