@@ -150,3 +150,42 @@ def test_held_out_figures_at_one_validation_specificity(tmp_path):
     np.savez(run / "reports" / "predictions.npz", val_logits=logits(val_normals), val_labels=np.zeros(99, int),
              holdout_logits=logits(held), holdout_labels=np.zeros(5, int))
     assert holdout_at_val_specificity(run, 0.95)["specificity"] == pytest.approx(3 / 5)
+
+
+def test_class_offsets_fitted_after_the_fact_change_a_corrected_run_by_nothing(tiny_run):
+    """train.compare --class-offsets on a run trained with class_prior_correction: the offsets it
+    fits on the saved val logits are ~0 and every figure stays as trained."""
+    from train.compare import class_offsets_effect
+
+    effect = class_offsets_effect(tiny_run)
+    np.testing.assert_allclose(effect["offsets"], 0.0, atol=1e-3)
+    assert effect["class offsets"]["macro-F1"] == pytest.approx(effect["as trained"]["macro-F1"])
+    out = run_module("train.compare", tiny_run, "--class-offsets").stdout
+    assert f"| {tiny_run.parent.name}/{tiny_run.name} | +0.00 +0.00 | " in out.replace("-0.00", "+0.00")
+
+
+def test_class_offsets_after_the_fact_undo_a_run_that_over_calls_the_rare_classes(tmp_path):
+    """A run whose logits are calibrated ones plus +1.5 / +2.5 on pneumonia / COVID-19 (what class
+    weights do): the offsets fitted on val take the shift back and the test macro-F1 rises."""
+    from edge_app import decision
+    from train.compare import class_offsets_effect
+
+    rng = np.random.default_rng(3)
+
+    def split(n):
+        z = rng.normal(0, 2, (n, 3)) + np.log([0.6, 0.3, 0.1])
+        y = (rng.random((n, 1)) > decision.calibrated_probabilities(z).cumsum(axis=1)).sum(axis=1)
+        return (z + [0.0, 1.5, 2.5]).astype("float32"), y
+
+    (val_logits, val_labels), (test_logits, test_labels) = split(3000), split(3000)
+    run = tmp_path / "run"
+    (run / "reports").mkdir(parents=True)
+    (run / "model_card.json").write_text(json.dumps({
+        "temperature": 1.0, "labels": ["normal", "pneumonia", "covid"],
+        "thresholds": {"abnormal": 0.5, "target_sensitivity": 0.95}}))
+    np.savez(run / "reports" / "predictions.npz", val_logits=val_logits, val_labels=val_labels,
+             test_logits=test_logits, test_labels=test_labels)
+    effect = class_offsets_effect(run)
+    np.testing.assert_allclose(effect["offsets"], [0.0, -1.5, -2.5], atol=0.3)
+    assert effect["class offsets"]["macro-F1"] > effect["as trained"]["macro-F1"] + 0.02
+    assert effect["class offsets"]["COVID prec."] > effect["as trained"]["COVID prec."]

@@ -21,7 +21,7 @@ from dataclasses import asdict
 
 import numpy as np
 
-from edge_app import decision
+from edge_app import decision, metrics
 
 from train.config import TrainConfig
 from train.report import interval
@@ -86,7 +86,7 @@ def row(run: Path) -> list[str]:
 def recipe(config: dict) -> str:
     """A recipe's key: its config, settings it lacks at their defaults (a run saved before a setting
     existed trained with its default), without seed and paths (runs of one recipe differ only in seed)."""
-    full = asdict(TrainConfig.from_dict(config))
+    full = asdict(TrainConfig.from_dict(config, saved_run=True))
     return json.dumps({k: v for k, v in full.items() if k not in NOT_RECIPE}, sort_keys=True)
 
 
@@ -153,12 +153,60 @@ def at_specificity_table(runs: list[Path], specificity: float) -> str:
     return "\n".join(lines)
 
 
+def class_offsets_effect(run: Path) -> dict:
+    """A run's test figures (and held-out rate) as trained, and with class offsets fitted on its val
+    logits (edge_app.metrics.fit_class_offsets), the temperature and the threshold then refitted on
+    val as training fits them (threshold rule "overall"): what class_prior_correction does, measured
+    on a run trained before it existed. A run trained with it changes by ~nothing."""
+    saved, card = np.load(run / "reports" / "predictions.npz"), json.loads((run / "model_card.json").read_text())
+    target = card["thresholds"]["target_sensitivity"]
+    y = {split: saved[f"{split}_labels"] for split in ("val", "test", "holdout") if f"{split}_labels" in saved.files}
+    offsets = metrics.fit_class_offsets(saved["val_logits"], y["val"])
+    result = {"offsets": offsets}
+    for name, shift in (("as trained", 0.0), ("class offsets", offsets)):
+        logits = {split: saved[f"{split}_logits"] + shift for split in y}
+        temperature = card["temperature"] if name == "as trained" else metrics.fit_temperature(logits["val"], y["val"])
+        probs = {split: decision.calibrated_probabilities(z, temperature) for split, z in logits.items()}
+        score = {split: decision.abnormal_probability(p) for split, p in probs.items()}
+        threshold = (card["thresholds"]["abnormal"] if name == "as trained"
+                     else metrics.threshold_for_sensitivity(y["val"] != 0, score["val"], target))
+        test = metrics.screening_metrics(logits["test"], y["test"], card["labels"], temperature=temperature,
+                                         threshold=threshold)
+        figures = {"macro-F1": test["macro_f1"], "COVID sens.": test["per_class"]["covid"]["recall"],
+                   "COVID prec.": test["per_class"]["covid"]["precision"],
+                   "normal recall": test["per_class"]["normal"]["recall"],
+                   "abn. sens.": test["abnormal"]["sensitivity"], "abn. spec.": test["abnormal"]["specificity"]}
+        if "holdout" in y:
+            abnormal = y["holdout"] != 0
+            flagged = score["holdout"] >= threshold
+            figures["holdout referred" if abnormal.all() else "holdout not referred"] = float(
+                flagged.mean() if abnormal.all() else (~flagged).mean())
+            figures["holdout labelled COVID"] = float((probs["holdout"].argmax(axis=1) == card["labels"].index("covid")).mean())
+        result[name] = figures
+    return result
+
+
+def class_offsets_table(runs: list[Path]) -> str:
+    effects = {run: class_offsets_effect(run) for run in runs if (run / "reports" / "predictions.npz").is_file()}
+    names = list(dict.fromkeys(k for e in effects.values() for k in e["as trained"]))
+    lines = ["| run | offsets | " + " | ".join(f"{n}: as trained → offsets" for n in names) + " |",
+             "|---|---|" + "---|" * len(names)]
+    for run, e in effects.items():
+        cells = [f"{_fmt(e['as trained'].get(n))} → {_fmt(e['class offsets'].get(n))}" for n in names]
+        lines.append(f"| {run.parent.name}/{run.name} | " + " ".join(f"{x:+.2f}" for x in e["offsets"][1:])
+                     + " | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.compare", description=__doc__)
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--runs-only", action="store_true", help="only the table of runs, no per-recipe means")
     p.add_argument("--at-val-specificity", type=float, metavar="S",
                    help="also the held-out runs' figures at the threshold giving specificity S on val")
+    p.add_argument("--class-offsets", action="store_true",
+                   help="also each run's figures with class offsets fitted on its val logits (a run "
+                        "trained before class_prior_correction: what the correction would change)")
     args = p.parse_args(argv)
     missing = [str(r) for r in args.runs if not (r / "reports" / "metrics.json").is_file()]
     if missing:
@@ -171,6 +219,9 @@ def main(argv=None) -> int:
     if args.at_val_specificity is not None:
         print(f"\nHeld-out sources at one in-distribution specificity ({args.at_val_specificity:.2f} on val):\n")
         print(at_specificity_table(args.runs, args.at_val_specificity))
+    if args.class_offsets:
+        print("\nClass offsets fitted on val (temperature and threshold refitted after them), test split:\n")
+        print(class_offsets_table(args.runs))
     return 0
 
 

@@ -107,16 +107,17 @@ class TrainConfig:
         path = Path(path)
         text = path.read_text()
         values = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-        if path.suffix == ".json":       # a run's config.json: one saved before class offsets trained without
-            values.setdefault("class_prior_correction", False)
         try:
-            return cls.from_dict(values, **overrides)
+            return cls.from_dict(values, saved_run=path.suffix == ".json", **overrides)
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from None
 
     @classmethod
-    def from_dict(cls, values: dict, **overrides) -> "TrainConfig":
+    def from_dict(cls, values: dict, *, saved_run: bool = False, **overrides) -> "TrainConfig":
+        """`saved_run`: the values are a run's config.json (TrainConfig.save), not a recipe."""
         values = dict(values)
+        if saved_run:                     # a run saved before class offsets existed trained without them
+            values.setdefault("class_prior_correction", False)
         if "balance_sources" in values:   # runs made before source_weight_power replaced it
             if values.pop("balance_sources"):
                 values.update(class_weight_power=1.0, source_weight_power=1.0)
