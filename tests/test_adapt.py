@@ -35,6 +35,8 @@ def test_adapted_run_records_what_it_was_fitted_on_and_refits_the_card(curve, ti
     assert (run / card["dataset"]["adapted"]["from"]).resolve() == tiny_run.resolve()     # relative: cards ship
     assert (run / card["dataset"]["root"]).resolve() == (tiny_run / original["dataset"]["root"]).resolve()
     assert card["temperature"] == result["after"]["temperature"]
+    # the class offsets were refitted on the calibration images, as training fits them on val
+    assert list(result["after"]["class_offsets"]) == card["labels"] and result["after"]["class_offsets"]["normal"] == 0
     assert card["thresholds"]["abnormal"] == result["after"]["threshold"]
     assert card["thresholds"]["ood"] == result["after"]["ood_threshold"]
     assert card["labels"] == original["labels"] and card["input"] == original["input"]

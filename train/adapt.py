@@ -129,7 +129,10 @@ def adapt(run_dir: str | Path, data: str | Path, out: str | Path, cfg: AdaptConf
     model.fit(make_dataset(x_fit, y_fit, spec, batch_size=cfg.batch_size, training=True, config=config,
                            seed=cfg.seed), epochs=cfg.epochs, verbose=1 if progress else 2)
 
-    temperature, threshold = evaluate.calibrate(evaluate.predict(model, x_cal, y_cal, spec), y_cal,
+    logits_cal = {"calibration": evaluate.predict(model, x_cal, y_cal, spec)}
+    offsets = (evaluate.correct_class_priors(model, logits_cal, y_cal, fit_on="calibration")
+               if config.class_prior_correction else np.zeros(len(labels)))   # the fine-tune's class mix moved the priors
+    temperature, threshold = evaluate.calibrate(logits_cal["calibration"], y_cal,
                                                 [r for c in calibration for r in c[2]],
                                                 card.thresholds.get("target_sensitivity", config.target_sensitivity))
     after = _evaluate(model, card, sets, temperature, threshold, cfg.bootstrap)
@@ -164,7 +167,8 @@ def adapt(run_dir: str | Path, data: str | Path, out: str | Path, cfg: AdaptConf
     result = {"run": str(run_dir), "local": str(local.root), "config": dataclasses.asdict(cfg), "counts": counts,
               "before": {"temperature": before_temperature, "threshold": before_threshold,
                          "ood_flagged": before_flagged, **before},
-              "after": {"temperature": temperature, "threshold": threshold, "ood_threshold": ood_threshold,
+              "after": {"class_offsets": dict(zip(labels, offsets.tolist())),
+                        "temperature": temperature, "threshold": threshold, "ood_threshold": ood_threshold,
                         "ood_flagged": after_flagged, **after}}
     (out / "reports" / "adapt.json").write_text(json.dumps(result, indent=2))
     (out / "reports" / "adapt.md").write_text(adapt_report(result, labels))
