@@ -38,6 +38,10 @@ def main(argv=None) -> int:
                    help="post-training int8: quantise linear activations over their [100-P, P] percentiles "
                         "(100: calibration's min/max)")
     p.add_argument("--qat-epochs", type=int, default=defaults.qat_epochs)
+    p.add_argument("--qat-learning-rate", type=float, default=defaults.qat_learning_rate)
+    p.add_argument("--qat-objective", choices=("distill", "labels"), default=defaults.qat_objective,
+                   help="QAT (and pruned QAT) fine-tunes towards the float model's logits (distill: a copy) "
+                        "or the labels with the run's loss (a new model)")
     p.add_argument("--prune-epochs", type=int, default=defaults.prune_epochs)
     p.add_argument("--pqat-epochs", type=int, default=defaults.pqat_epochs)
     p.add_argument("--steps-per-epoch", type=int, help="cap the fine-tune epochs (default: the whole train split)")
@@ -49,7 +53,8 @@ def main(argv=None) -> int:
         cfg = ConvertConfig(representative_per_class=args.representative_per_class, int8_io=args.int8_io,
                             bias_correction=not args.no_bias_correction,
                             linear_percentile=args.linear_percentile,
-                            qat_epochs=args.qat_epochs, prune_sparsity=args.prune, prune_epochs=args.prune_epochs,
+                            qat_epochs=args.qat_epochs, qat_learning_rate=args.qat_learning_rate,
+                            qat_objective=args.qat_objective, prune_sparsity=args.prune, prune_epochs=args.prune_epochs,
                             pqat_epochs=args.pqat_epochs, steps_per_epoch=args.steps_per_epoch)
     except ValueError as exc:
         p.error(str(exc))

@@ -7,8 +7,11 @@ prune(model, 0.5)     magnitude pruning, polynomial decay of the sparsity to the
                       fine-tuned, then stripped (plain layers, zeros in the kernels).
 pqat(pruned)          QAT that keeps the pruned zeros (Default8BitPrunePreserveQuantizeScheme).
 
+QAT fine-tunes towards the float model's logits by default (ConvertConfig.qat_objective): the
+int8 file is then a copy of the model that was evaluated, not a new one.
+
 Every fine-tune runs on the training run's own data pipeline (train.pipeline.make_dataset,
-with its augmentation and class weights) and loss.
+with its augmentation; class weights and loss where it learns from the labels).
 """
 from __future__ import annotations
 
@@ -56,9 +59,12 @@ class FineTuneData:
     train_config: TrainConfig
     weights: np.ndarray    # per image, as the run trained (train.pipeline.image_weights)
 
-    def dataset(self, cfg: ConvertConfig) -> tf.data.Dataset:
+    def dataset(self, cfg: ConvertConfig, *, augment: bool = True) -> tf.data.Dataset:
+        """Shuffled batches of (model input, label, weight), augmented as the run trained, or
+        without augmentation (the device's inputs)."""
         ds = make_dataset(self.images, self.labels, self.spec, batch_size=cfg.batch_size, training=True,
-                          config=self.train_config, seed=self.train_config.seed, sample_weights=self.weights)
+                          config=self.train_config if augment else None, seed=self.train_config.seed,
+                          sample_weights=self.weights)
         return ds.repeat() if cfg.steps_per_epoch else ds  # capped epochs continue, never run dry
 
     def calibration_inputs(self, cfg: ConvertConfig, n: int = 256) -> np.ndarray:
@@ -106,11 +112,31 @@ def check_quantizable(model: keras.Model) -> None:
 
 
 def qat(model: keras.Model, data: FineTuneData, cfg: ConvertConfig, *, progress: bool = True) -> keras.Model:
-    """The model wrapped for quantisation-aware training, its ranges calibrated, fine-tuned."""
+    """The model wrapped for quantisation-aware training, its ranges calibrated, fine-tuned
+    towards `model`'s logits or the labels (cfg.qat_objective)."""
     check_quantizable(model)
     q = tfmot.quantization.keras.quantize_model(_clone(model))
     calibrate_ranges(q, model, data.calibration_inputs(cfg))
-    return _fit(q, data, cfg, cfg.qat_epochs, cfg.qat_learning_rate, [], progress)
+    return _fit_quantised(q, model, data, cfg, cfg.qat_epochs, progress)
+
+
+def _fit_quantised(q: keras.Model, teacher: keras.Model, data: FineTuneData, cfg: ConvertConfig, epochs: int,
+                   progress: bool) -> keras.Model:
+    """Fine-tune a fake-quantised model. "distill": towards the float `teacher`'s logits on the
+    training images as the device sees them (not augmented: the ranges settle where the device's
+    activations are; mean squared error, no labels, no class weights, no dropout), which keeps its
+    decisions the teacher's; "labels": the run's loss on augmented batches, as training."""
+    if cfg.qat_objective == "labels":
+        return _fit(q, data, cfg, epochs, cfg.qat_learning_rate, [], progress)
+    for layer in q.layers:      # no dropout: it would ask a noisy copy to match a deterministic teacher
+        inner = getattr(layer, "layer", layer)
+        if isinstance(inner, keras.layers.Dropout):
+            inner.rate = 0.0
+    q.compile(optimizer=keras.optimizers.Adam(cfg.qat_learning_rate), loss=keras.losses.MeanSquaredError())
+    if epochs:
+        batches = data.dataset(cfg, augment=False).map(lambda x, *_: (x, teacher(x, training=False)))
+        q.fit(batches, epochs=epochs, steps_per_epoch=cfg.steps_per_epoch, verbose=1 if progress else 2)
+    return q
 
 
 def calibrate_ranges(quantized: keras.Model, model: keras.Model, inputs: np.ndarray, batch_size: int = 32) -> int:
@@ -196,7 +222,7 @@ def pqat(pruned: keras.Model, data: FineTuneData, cfg: ConvertConfig, *, progres
     annotated = tfmot.quantization.keras.quantize_annotate_model(_clone(pruned))
     q = tfmot.quantization.keras.quantize_apply(annotated, scheme.Default8BitPrunePreserveQuantizeScheme())
     calibrate_ranges(q, pruned, data.calibration_inputs(cfg))
-    return _fit(q, data, cfg, cfg.pqat_epochs, cfg.qat_learning_rate, [], progress)
+    return _fit_quantised(q, pruned, data, cfg, cfg.pqat_epochs, progress)
 
 
 def sparsity(model: keras.Model) -> dict:

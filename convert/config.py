@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+QAT_OBJECTIVES = ("distill", "labels")
 INT8_IO = ("int8", "float")
 
 
@@ -25,6 +26,10 @@ class ConvertConfig:
     # quantisation-aware training
     qat_epochs: int = 2
     qat_learning_rate: float = 1e-5
+    qat_objective: str = "distill"        # distill: the fake-quantised model learns the float model's logits
+                                          # (mean squared error, on the training images as the device sees
+                                          # them), so it stays a copy; labels: the run's own loss on the labels
+                                          # (a new model: it moved 5-10 COVID-19 films away from Keras's answers)
     # pruning (prune_low_magnitude, polynomial decay from 0 to the target sparsity)
     prune_sparsity: float | None = None   # e.g. 0.5; None: no pruned variants
     prune_epochs: int = 4                 # the sparsity ramps up over all but the last epoch
@@ -50,5 +55,7 @@ class ConvertConfig:
             raise ValueError(f"int8_io must be one of {INT8_IO}, got {self.int8_io!r}")
         if self.linear_percentile is not None and not 50.0 < self.linear_percentile <= 100.0:
             raise ValueError(f"linear_percentile must be in (50, 100], got {self.linear_percentile}")
+        if self.qat_objective not in QAT_OBJECTIVES:
+            raise ValueError(f"qat_objective must be one of {QAT_OBJECTIVES}, got {self.qat_objective!r}")
         if self.prune_sparsity is not None and not 0.0 < self.prune_sparsity < 1.0:
             raise ValueError(f"prune sparsity must be in (0, 1), got {self.prune_sparsity}")
