@@ -368,33 +368,3 @@ def test_int8_mixed_keeps_depthwise_and_linear_bottleneck_convolutions_float():
     # (converted tensor names do not say which convolution is which: count them instead)
     assert sorted(inputs["CONV_2D"]) == sorted(["float32"] * len(projections) + ["int8"] * (len(convs) - len(projections)))
 
-
-def test_distilled_qat_stays_a_copy_of_the_float_model(tiny_run):
-    """QAT towards the float model's logits (qat_objective "distill", the default) ends nearer to
-    them than it started (ranges calibrated, no fine-tune), and nearer than QAT on labels that are
-    unrelated to the float model's answers."""
-    import train  # noqa: F401
-
-    from convert import compress
-    from convert.config import ConvertConfig
-    from edge_app import graph_names
-    from train.pipeline import model_inputs
-    from train.trainer import load_run
-
-    teacher, card, config = load_run(tiny_run)
-    logits = teacher.get_layer(graph_names.LOGITS)      # the two-epoch model answers almost a constant:
-    logits.kernel.assign(logits.kernel * 100.0)           # spread its answers so there is something to copy
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (96, card.input.size, card.input.size), dtype=np.uint8)
-    labels = rng.integers(0, 3, 96).astype(np.int32)
-    data = compress.FineTuneData(images, labels, card.input, config, np.ones(96, np.float32))
-    x = model_inputs(images, card.input)
-    reference = teacher.predict(x, verbose=0)
-    assert reference.std(axis=0).max() > 0.05             # the float model's answers vary with the image
-    distance = lambda q: float(np.mean((q.predict(x, verbose=0) - reference) ** 2))
-    fit = lambda **kw: compress.qat(teacher, data, ConvertConfig(batch_size=16, qat_learning_rate=1e-4, **kw),
-                                    progress=False)
-    start = distance(fit(qat_epochs=0))
-    distilled = distance(fit(qat_epochs=3))
-    on_labels = distance(fit(qat_epochs=3, qat_objective="labels"))
-    assert distilled < start and distilled < on_labels
