@@ -233,8 +233,7 @@ def _refit(model, card, with_ood: bool, data: compress.FineTuneData, splits: dic
     describe this model."""
     val = splits["val"]
     logits = {"val": model.predict(val["x"], batch_size=64, verbose=0)}
-    offsets = (evaluate.correct_class_priors(model, logits, val["y"])
-               if config.class_prior_correction else np.zeros(len(card.labels)))
+    offsets = evaluate.correct_class_priors(model, logits, val["y"], enabled=config.class_prior_correction)
     temperature, threshold = evaluate.calibrate(logits["val"], val["y"], val["records"], config.target_sensitivity,
                                                 config.threshold_rule)
     thresholds = {**card.thresholds, "abnormal": threshold}

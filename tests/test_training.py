@@ -316,7 +316,9 @@ def test_class_offsets_go_into_the_logits_layer_and_the_logits(wrapped):
     bias.assign(bias.numpy() + np.array([0.0, 1.0, 2.0]))   # the model now over-calls classes 1 and 2
     logits = {split: model(v, training=False).numpy() for split, v in x.items()}
     before, bias_before = {split: v.copy() for split, v in logits.items()}, bias.numpy()
-    offsets = evaluate.correct_class_priors(model, logits, y)
+    assert not evaluate.correct_class_priors(model, logits, y, enabled=False).any()   # off: nothing moves
+    np.testing.assert_allclose(bias.numpy(), bias_before)
+    offsets = evaluate.correct_class_priors(model, logits, y, enabled=True)
     assert offsets[0] == 0.0 and np.isfinite(offsets).all()
     np.testing.assert_allclose(bias.numpy(), bias_before + offsets, atol=1e-6)
     for split in x:

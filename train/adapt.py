@@ -130,8 +130,8 @@ def adapt(run_dir: str | Path, data: str | Path, out: str | Path, cfg: AdaptConf
                            seed=cfg.seed), epochs=cfg.epochs, verbose=1 if progress else 2)
 
     logits_cal = {"calibration": evaluate.predict(model, x_cal, y_cal, spec)}
-    offsets = (evaluate.correct_class_priors(model, logits_cal, y_cal, fit_on="calibration")
-               if config.class_prior_correction else np.zeros(len(labels)))   # the fine-tune's class mix moved the priors
+    offsets = evaluate.correct_class_priors(model, logits_cal, y_cal, fit_on="calibration",   # the fine-tune's
+                                            enabled=config.class_prior_correction)          # class mix moved the priors
     temperature, threshold = evaluate.calibrate(logits_cal["calibration"], y_cal,
                                                 [r for c in calibration for r in c[2]],
                                                 card.thresholds.get("target_sensitivity", config.target_sensitivity))

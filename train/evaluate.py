@@ -34,11 +34,15 @@ def predict(model, x: np.ndarray, y: np.ndarray, spec: InputSpec) -> np.ndarray:
     return model.predict(make_dataset(x, y, spec, batch_size=BATCH, training=False), verbose=0)
 
 
-def correct_class_priors(model, logits: dict[str, np.ndarray], y: np.ndarray, fit_on: str = "val") -> np.ndarray:
+def correct_class_priors(model, logits: dict[str, np.ndarray], y: np.ndarray, *, enabled: bool,
+                         fit_on: str = "val") -> np.ndarray:
     """Fit per-class logit offsets on logits[fit_on] with labels `y` (metrics.fit_class_offsets) and
     add them to the bias of the model's logits layer, so the saved model, every converted file and
     the device compute the corrected logits with no extra step; `logits` (by split) are shifted the
-    same way in place. Returns the offsets."""
+    same way in place. Returns the offsets (zeros, nothing changed, unless `enabled`: the run's
+    TrainConfig.class_prior_correction)."""
+    if not enabled:
+        return np.zeros(logits[fit_on].shape[1])
     offsets = metrics.fit_class_offsets(logits[fit_on], y)
     layer = models.head_layer(model, LOGITS)
     layer = getattr(layer, "layer", layer)          # a QAT wrapper holds the Dense layer

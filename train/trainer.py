@@ -279,8 +279,8 @@ def evaluate_and_card(model, config, dataset, spec, split_data, reports, history
     labels = dataset.labels
     evaluated = [s for s in ("val", "test", run_splits.HOLDOUT) if s in split_data]
     logits = {split: evaluate.predict(model, *split_data[split][:2], spec) for split in evaluated}
-    offsets = (evaluate.correct_class_priors(model, logits, split_data["val"][1])
-               if config.class_prior_correction else np.zeros(len(labels)))
+    offsets = evaluate.correct_class_priors(model, logits, split_data["val"][1],
+                                            enabled=config.class_prior_correction)
     temperature, threshold = evaluate.calibrate(logits["val"], *split_data["val"][1:], config.target_sensitivity,
                                                 config.threshold_rule)
     results = {split: evaluate.split_metrics(logits[split], *split_data[split][1:], labels, temperature=temperature,
