@@ -189,3 +189,12 @@ def test_class_offsets_after_the_fact_undo_a_run_that_over_calls_the_rare_classe
     np.testing.assert_allclose(effect["offsets"], [0.0, -1.5, -2.5], atol=0.3)
     assert effect["class offsets"]["macro-F1"] > effect["as trained"]["macro-F1"] + 0.02
     assert effect["class offsets"]["COVID prec."] > effect["as trained"]["COVID prec."]
+    # a binary task (normal / pneumonia) has no COVID-19 figures, and its offsets are fitted all the same
+    (run / "model_card.json").write_text(json.dumps({
+        "temperature": 1.0, "labels": ["normal", "pneumonia"],
+        "thresholds": {"abnormal": 0.5, "target_sensitivity": 0.95}}))
+    binary = lambda z, y: (z[y < 2][:, :2], y[y < 2])
+    np.savez(run / "reports" / "predictions.npz", **dict(zip(("val_logits", "val_labels"), binary(val_logits, val_labels))),
+             **dict(zip(("test_logits", "test_labels"), binary(test_logits, test_labels))))
+    effect = class_offsets_effect(run)
+    assert len(effect["offsets"]) == 2 and "COVID sens." not in effect["class offsets"]

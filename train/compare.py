@@ -172,16 +172,19 @@ def class_offsets_effect(run: Path) -> dict:
                      else metrics.threshold_for_sensitivity(y["val"] != 0, score["val"], target))
         test = metrics.screening_metrics(logits["test"], y["test"], card["labels"], temperature=temperature,
                                          threshold=threshold)
-        figures = {"macro-F1": test["macro_f1"], "COVID sens.": test["per_class"]["covid"]["recall"],
-                   "COVID prec.": test["per_class"]["covid"]["precision"],
-                   "normal recall": test["per_class"]["normal"]["recall"],
+        covid = card["labels"].index("covid") if "covid" in card["labels"] else None   # not in the binary tasks
+        figures = {"macro-F1": test["macro_f1"], "normal recall": test["per_class"]["normal"]["recall"],
                    "abn. sens.": test["abnormal"]["sensitivity"], "abn. spec.": test["abnormal"]["specificity"]}
+        if covid is not None:
+            figures.update({"COVID sens.": test["per_class"]["covid"]["recall"],
+                            "COVID prec.": test["per_class"]["covid"]["precision"]})
         if "holdout" in y:
             abnormal = y["holdout"] != 0
             flagged = score["holdout"] >= threshold
             figures["holdout referred" if abnormal.all() else "holdout not referred"] = float(
                 flagged.mean() if abnormal.all() else (~flagged).mean())
-            figures["holdout labelled COVID"] = float((probs["holdout"].argmax(axis=1) == card["labels"].index("covid")).mean())
+            if covid is not None:
+                figures["holdout labelled COVID"] = float((probs["holdout"].argmax(axis=1) == covid).mean())
         result[name] = figures
     return result
 
