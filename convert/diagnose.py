@@ -5,8 +5,12 @@ This separates them on the run's val split:
 - "int8 weights, float activations": the Keras model with exactly TFLite's int8 weights
   (`with_int8_weights`), computed in float: the loss due to weight rounding alone, before and after
   bias correction (convert.bias_correction);
+- "input rounding only": the float Keras model on its input rounded to the int8 file's input grid
+  (the file quantises the float CLAHE output to 8 bits: a floor no weight or range choice removes);
 - "int8": the full-integer model as `python -m convert` makes it (bias-corrected, linear activations
   over percentiles: ConvertConfig.linear_percentile);
+each with its class agreement, referral flips, mean logit shift (systematic) and the logits' noise
+(the spread of the error around that shift: what a bias correction cannot remove);
 and, per linear activation (projection outputs and residual sums, which have no ReLU6 to bound
 them), its range as calibration sees it (min/max over the calibration images) against its
 0.01-99.99 percentiles and its spread: an int8 step of a large fraction of the standard deviation
@@ -53,7 +57,20 @@ def agreement(logits: np.ndarray, reference: np.ndarray, temperature: float, thr
     return {"agreement": float((logits.argmax(1) == reference.argmax(1)).mean()),
             "decisions_flipped": int(((p(logits) >= threshold) != (p(reference) >= threshold)).sum()),
             "mean_logit_shift": [float(v) for v in np.mean(logits - reference, axis=0)],
+            "logit_noise_sd": float(np.mean(np.std(logits - reference, axis=0))),
             "mean_abs_dp_abnormal": float(np.abs(p(logits) - p(reference)).mean())}
+
+
+def on_input_grid(flatbuffer: bytes, inputs: np.ndarray) -> np.ndarray:
+    """`inputs` rounded to the int8 grid of the file's input (its scale and zero point), as the file's
+    quantisation of a float input does; float inputs (no quantisation) come back unchanged."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    scale, zero_point = Interpreter(model_content=flatbuffer).get_input_details()[0]["quantization"]
+    if not scale:
+        return inputs
+    levels = np.clip(np.round(inputs / scale) + zero_point, -128, 127)
+    return ((levels - zero_point) * scale).astype(np.float32)
 
 
 def activation_ranges(model, inputs: np.ndarray, *, batch: int = 16) -> list[dict]:
@@ -99,6 +116,8 @@ def diagnose(run_dir: Path, *, progress: bool = True) -> dict:
         "int8 weights, float activations": compare(with_int8_weights(model).predict(val["x"], verbose=0)),
         "int8 weights bias-corrected, float activations": compare(
             with_int8_weights(corrected).predict(val["x"], verbose=0)),
+        "input rounding only (float model, int8 input grid)": compare(
+            model.predict(on_input_grid(flatbuffer, val["x"]), verbose=0)),
         "int8 as python -m convert makes it (bias-corrected, percentile ranges)": compare(
             parity.run_variant(flatbuffer, val["x"], desc="int8 on val", progress=progress)["logits"]),
         "linear_activations": activation_ranges(model, representative),
@@ -107,13 +126,13 @@ def diagnose(run_dir: Path, *, progress: bool = True) -> dict:
 
 def markdown(result: dict) -> str:
     lines = [f"# Where int8 loses agreement: {result['run']} ({result['split']}, {result['images']} images)", "",
-             "| model | class agreement | decisions flipped | mean logit shift | mean \\|ΔP(abnormal)\\| |",
-             "|---|---|---|---|---|"]
+             "| model | class agreement | decisions flipped | mean logit shift | logit noise (sd) | mean \\|ΔP(abnormal)\\| |",
+             "|---|---|---|---|---|---|"]
     for name, m in result.items():
         if isinstance(m, dict) and "agreement" in m:
             shift = " / ".join(f"{v:+.3f}" for v in m["mean_logit_shift"])
             lines.append(f"| {name} | {m['agreement']:.2%} | {m['decisions_flipped']} | {shift} | "
-                         f"{m['mean_abs_dp_abnormal']:.4f} |")
+                         f"{m['logit_noise_sd']:.3f} | {m['mean_abs_dp_abnormal']:.4f} |")
     lines += ["", "Linear activations (no ReLU6 bounds them): calibration's range against the values' spread.", "",
               "| layer | min | max | p0.01 | p99.99 | std | int8 step / std | largest channel max | next |",
               "|---|---|---|---|---|---|---|---|---|"]

@@ -137,3 +137,32 @@ def test_diagnosis_separates_weight_rounding_and_finds_the_range_setting_channel
     assert row["layer"] == "block_1_project_BN"
     assert row["top_channel_max"] > 20 * row["next_channel_max"]
     assert row["step_in_std"] > 0
+
+
+def test_diagnosis_parts_input_rounding_and_systematic_shift_from_noise():
+    """convert.diagnose: `on_input_grid` rounds inputs to the int8 file's own input grid (within half
+    a step, every value on it) and leaves a float-input file's inputs alone; `agreement` reports a
+    constant logit offset as a shift with no noise, and a random error as noise."""
+    from convert import export
+    from convert.diagnose import agreement, on_input_grid
+    from ai_edge_litert.interpreter import Interpreter
+
+    rng = np.random.default_rng(4)
+    model = spiky_model(rng)
+    x = rng.uniform(0, 1, (16, 8, 8, 16)).astype(np.float32)
+    int8_file = export.convert(model, "int8", x, int8_io="int8")
+    scale, zero_point = Interpreter(model_content=int8_file).get_input_details()[0]["quantization"]
+    rounded = on_input_grid(int8_file, x)
+    assert rounded.dtype == np.float32 and not np.array_equal(rounded, x)
+    assert np.abs(rounded - x).max() <= scale / 2 * 1.001
+    levels = rounded / scale + zero_point
+    np.testing.assert_allclose(levels, np.round(levels), atol=1e-3)
+    assert on_input_grid(export.convert(model, "fp32"), x) is x
+
+    reference = rng.normal(0, 2, (200, 3)).astype(np.float32)
+    shifted = agreement(reference + np.float32([0.5, 0, 0]), reference, 1.0, 0.5)
+    assert shifted["mean_logit_shift"][0] == pytest.approx(0.5, abs=1e-5)
+    assert shifted["logit_noise_sd"] == pytest.approx(0.0, abs=1e-5)
+    noisy = agreement(reference + rng.normal(0, 0.3, reference.shape), reference, 1.0, 0.5)
+    assert noisy["logit_noise_sd"] == pytest.approx(0.3, rel=0.2)
+    assert noisy["agreement"] < 1.0
