@@ -2,7 +2,7 @@
 
   python -m edge_app [app] [--model M] [--kiosk --pin PIN] [--size 800x480]   the Kivy app
   python -m edge_app predict IMAGE_OR_FOLDER... --model M [--json] [--csv FILE]
-  python -m edge_app validate DIR_OR_CSV --model M [--out DIR] [--target-sensitivity 0.95]
+  python -m edge_app validate DIR_OR_CSV --model M [--out DIR] [--target-sensitivity S]
                               [--write-site-config [--site NAME]]
   python -m edge_app info --model M
   python -m edge_app bench --model M [--image IMAGE_OR_FOLDER...] [--runs N]
@@ -166,8 +166,10 @@ def cmd_validate(args) -> int:
         return 2
     labelled, left_out = validate.read_labelled(args.images)   # layout errors before the model loads
     classifier = _classifier(args, use_site_config=False)       # measured at the model card's threshold
+    target = (args.target_sensitivity if args.target_sensitivity is not None
+              else classifier.card.thresholds.get("target_sensitivity", DEFAULT_TARGET_SENSITIVITY))
     result = validate.validate(classifier, args.images, labelled, left_out,
-                               target_sensitivity=args.target_sensitivity, bootstrap=args.bootstrap)
+                               target_sensitivity=target, bootstrap=args.bootstrap)
     paths = validate.write_reports(result, args.out)
     print(validate.text_summary(result))
     print("Reports: " + ", ".join(map(str, paths)))
@@ -238,14 +240,19 @@ def parser(command: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
+DEFAULT_TARGET_SENSITIVITY = 0.95   # a model card that does not say what its threshold was set for
+
+
 def add_validate_parser(sub, with_model) -> None:
     sp = with_model(sub.add_parser("validate", help="commissioning: the model's figures on a site's own "
                                    "labelled images"))
     sp.add_argument("images", help="a folder of class folders (normal/, pneumonia/, covid/ or their synonyms), "
                     "searched recursively, or a CSV of file,label")
     sp.add_argument("--out", default="validation", help="folder for validation.{json,md} and reliability.png")
-    sp.add_argument("--target-sensitivity", type=_fraction, default=0.95,
-                    help="the abnormal sensitivity the site threshold must reach on these images")
+    sp.add_argument("--target-sensitivity", type=_fraction,
+                    help="the abnormal sensitivity the site threshold must reach on these images "
+                         "(default: the one the model's own threshold was set for, its card's "
+                         f"thresholds.target_sensitivity, else {DEFAULT_TARGET_SENSITIVITY})")
     sp.add_argument("--bootstrap", type=int, default=1000, help="resamples for the AUC and threshold intervals")
     sp.add_argument("--write-site-config", action="store_true",
                     help="store that threshold beside the model (M.site.json) for predict and the app")

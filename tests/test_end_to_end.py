@@ -164,6 +164,25 @@ def test_class_offsets_fitted_after_the_fact_change_a_corrected_run_by_nothing(t
     assert f"| {tiny_run.parent.name}/{tiny_run.name} | +0.00 +0.00 | " in out.replace("-0.00", "+0.00")
 
 
+def test_a_run_refitted_for_its_own_target_sensitivity_scores_as_trained(tiny_run):
+    """train.compare --target-sensitivity: refitting the threshold on val for the run's own target
+    reproduces its threshold and test figures; a higher target never lowers the test sensitivity."""
+    from train.compare import at_target_sensitivity
+
+    metrics = json.loads((tiny_run / "reports" / "metrics.json").read_text())
+    card = json.loads((tiny_run / "model_card.json").read_text())
+    own = at_target_sensitivity(tiny_run, card["thresholds"]["target_sensitivity"])
+    assert own["threshold"] == pytest.approx(card["thresholds"]["abnormal"], abs=1e-3)
+    for figure in ("sensitivity", "specificity"):
+        assert own["test"]["abnormal"][figure] == pytest.approx(metrics["test"]["abnormal"][figure], abs=0.02)
+    assert own["test"]["macro_f1"] == pytest.approx(metrics["test"]["macro_f1"], abs=0.02)
+    higher = at_target_sensitivity(tiny_run, 0.99)
+    assert higher["threshold"] <= own["threshold"]
+    assert higher["test"]["abnormal"]["sensitivity"] >= own["test"]["abnormal"]["sensitivity"]
+    out = run_module("train.compare", tiny_run, "--runs-only", "--target-sensitivity", "0.99").stdout
+    assert f"| {tiny_run.parent.name}/{tiny_run.name} | 0.99 | {higher['threshold']:.3f} | " in out
+
+
 def test_class_offsets_after_the_fact_undo_a_run_that_over_calls_the_rare_classes(tmp_path):
     """A run whose logits are calibrated ones plus +1.5 / +2.5 on pneumonia / COVID-19 (what class
     weights do): the offsets fitted on val take the shift back and the test macro-F1 rises."""

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_module
+from conftest import run_module, with_card
 from edge_app import metrics
 from edge_app.errors import InputError
 from edge_app.inputs import collect
@@ -230,3 +230,17 @@ def test_progress_bar_only_on_a_terminal():
     assert list(progress(range(4), "validating", pipe)) == [0, 1, 2, 3]
     assert pipe.getvalue() == ""
     assert "validating [" in terminal.getvalue() and "4/4" in terminal.getvalue()
+
+
+def test_site_threshold_aims_at_the_models_own_target_sensitivity(model, site, tmp_path):
+    """Without --target-sensitivity the site threshold is set for the sensitivity the model's own
+    threshold was set for (its card's thresholds.target_sensitivity); the flag overrides it."""
+    from edge_app.classifier import load_model_file
+
+    card = load_model_file(model)[1]
+    aimed = with_card(model, tmp_path / "aimed.tflite",
+                      thresholds={**card.thresholds, "target_sensitivity": 0.9})
+    _, report = _validate(aimed, site, tmp_path / "default")
+    assert report["target"]["target_sensitivity"] == 0.9
+    _, report = _validate(aimed, site, tmp_path / "flag", "--target-sensitivity", "0.8")
+    assert report["target"]["target_sensitivity"] == 0.8

@@ -8,6 +8,10 @@ on a difference larger than the run-to-run noise.
 specificity on val, from its saved logits. Each run's own operating threshold mixes how well a recipe
 ranks an unseen source with where its threshold fell; at one in-distribution specificity for all,
 recipes compare on the first.
+
+`--target-sensitivity 0.95 0.97`: each run's test, adult-cohort and held-out figures with its operating
+threshold refitted on val for each target (after class offsets fitted on val), as training fits it:
+what the choice of `target_sensitivity` trades, in distribution and on an unseen source.
 """
 from __future__ import annotations
 
@@ -201,6 +205,45 @@ def class_offsets_table(runs: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def at_target_sensitivity(run: Path, target: float) -> dict:
+    """A run's figures (metrics.json's shape: test, holdout) with its temperature and operating
+    threshold refitted on val for `target` abnormal sensitivity by the run's own threshold rule,
+    after class offsets fitted on val (which change nothing for a run trained with them), from its
+    saved logits: no image is read."""
+    from train import evaluate
+    from train.data import run_splits
+
+    saved = np.load(run / "reports" / "predictions.npz")
+    labels = json.loads((run / "model_card.json").read_text())["labels"]
+    config = TrainConfig.from_file(run / "config.json")
+    dataset, held_out = run_splits.load(run)
+    records = {"val": dataset.split("val"), "test": dataset.split("test"), run_splits.HOLDOUT: held_out}
+    splits = [s for s in records if f"{s}_logits" in saved.files]
+    y = {s: saved[f"{s}_labels"] for s in splits}
+    offsets = metrics.fit_class_offsets(saved["val_logits"], y["val"])
+    logits = {s: saved[f"{s}_logits"] + offsets for s in splits}
+    temperature, threshold = evaluate.calibrate(logits["val"], y["val"], records["val"], target, config.threshold_rule)
+    results = {s: evaluate.split_metrics(logits[s], y[s], records[s], labels, temperature=temperature,
+                                         threshold=threshold, bootstrap=0) for s in splits if s != "val"}
+    return {**results, "threshold": threshold}
+
+
+TARGET_FIGURES = tuple((name, path) for name, path in FIGURES
+                       if name in ("macro-F1", "abn. sens.", "abn. spec.", "COVID sens.", "adult pneumonia sens.",
+                                   "adult normal spec.", "holdout sens.", "holdout spec."))
+
+
+def target_sensitivity_table(runs: list[Path], targets: list[float]) -> str:
+    names = [name for name, _ in TARGET_FIGURES]
+    lines = ["| run | target (val) | threshold | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
+    for run in runs:
+        for target in targets:
+            m = at_target_sensitivity(run, target)
+            lines.append(f"| {run.parent.name}/{run.name} | {target:.2f} | {m['threshold']:.3f} | "
+                         + " | ".join(_fmt(_get(m, path)) for _, path in TARGET_FIGURES) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.compare", description=__doc__)
     p.add_argument("runs", nargs="+", type=Path)
@@ -210,6 +253,9 @@ def main(argv=None) -> int:
     p.add_argument("--class-offsets", action="store_true",
                    help="also each run's figures with class offsets fitted on its val logits (a run "
                         "trained before class_prior_correction: what the correction would change)")
+    p.add_argument("--target-sensitivity", type=float, nargs="+", metavar="S",
+                   help="also each run's figures with its threshold refitted on val for these target "
+                        "sensitivities (after class offsets fitted on val)")
     args = p.parse_args(argv)
     missing = [str(r) for r in args.runs if not (r / "reports" / "metrics.json").is_file()]
     if missing:
@@ -225,6 +271,9 @@ def main(argv=None) -> int:
     if args.class_offsets:
         print("\nClass offsets fitted on val (temperature and threshold refitted after them), test split:\n")
         print(class_offsets_table(args.runs))
+    if args.target_sensitivity:
+        print("\nOperating threshold refitted on val for each target sensitivity (class offsets fitted on val first):\n")
+        print(target_sensitivity_table(args.runs, args.target_sensitivity))
     return 0
 
 
