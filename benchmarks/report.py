@@ -1,6 +1,7 @@
 """report.md of a benchmark results JSON: one table per concern, read top to bottom."""
 from __future__ import annotations
 
+from benchmarks import accelerators
 from benchmarks.gates import latency
 
 
@@ -94,6 +95,11 @@ def markdown(results: dict, plot_name: str, clinic_plot: str | None = None) -> s
                          f"| {_ms(latency(v, 'pipeline', t or None, runtime))} |")
         for u in v["unavailable"]:
             lines.append(f"| {name} | {u['runtime']} | | unavailable: {u['reason'][:160]} | |")
+    if results.get("accelerators_elsewhere"):
+        lines += ["", "## LiteRT's GPU accelerator on other machines", "",
+                  "Measured there by `python -m benchmarks.accelerators` (files reports/accelerators-*.json beside "
+                  "the run), not on this machine.", ""]
+        lines += [accelerators.markdown(r) for r in results["accelerators_elsewhere"]]
     r = results["ratios"]
     lines += ["", f"## Ratios ({ref}, {r['threads']} threads)", "",
               "Pipeline / inference: the median over pipeline calls of each call's total over its own inference "

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import ai_edge_litert
 
+from benchmarks import accelerators
 from benchmarks import compare as compare_mod
 from benchmarks import gates as gates_mod
 from benchmarks.runtimes import REFERENCE
@@ -108,6 +109,7 @@ class Collector:
             "speedup_vs_fp32": self.speedups,
             "clinic": self.clinic,
             "keras_reference": self.keras_reference(),
+            "accelerators_elsewhere": accelerators.load(self.run),
         }
 
 

@@ -104,3 +104,29 @@ def test_bad_gpu_delegate_path_falls_back_cleanly(device_run, tiny_dataset):
     result = _json("predict", _images(tiny_dataset)[1], "--model", model, "--gpu-delegate", missing,
                    "--json", env=NO_GPU)
     assert result["results"][0]["backend"] == "litert-interpreter"
+
+
+def test_accelerator_timing_on_a_gpu_and_on_a_machine_without_one(swiftshader, device_run, tiny_dataset, tmp_path):
+    """`python -m benchmarks.accelerators` (what a lent GPU machine runs): on SwiftShader the GPU row
+    is timed, fully on the GPU and equal to the CPU's outputs; with no Vulkan driver it says "not
+    available" and why, and still times the CPU; both files are found beside the run."""
+    from benchmarks import accelerators
+
+    reports = tmp_path / "reports"
+    for name, env in (("swiftshader", SWIFTSHADER), ("plain", NO_GPU)):
+        run_module("benchmarks.accelerators", device_run, "--images", tiny_dataset / "test", "--variants", "fp32",
+                   "--threads", "1,2", "--runs", "5", "--name", name, "--out", reports, env=env)
+    plain, gpu = accelerators.load(tmp_path)     # sorted by name
+    assert (plain["name"], gpu["name"]) == ("plain", "swiftshader")
+    assert gpu["images"] == plain["images"] == 18  # every test image of the three classes
+    rows = {(r["runtime"], r["threads"]): r for r in gpu["variants"][0]["rows"]}
+    assert set(rows) == {("litert-cpu", 1), ("litert-cpu", 2), ("litert-gpu", None)}
+    assert all(r["available"] and r["median_ms"] > 0 and r["runs"] == 5 for r in rows.values())
+    on_gpu = rows[("litert-gpu", None)]
+    assert on_gpu["fully_accelerated"] is True
+    assert on_gpu["vs_cpu"]["class_agreement"] == 1.0 and on_gpu["vs_cpu"]["max_abs_prob_diff"] < 1e-4
+    off = {(r["runtime"], r["threads"]): r for r in plain["variants"][0]["rows"]}
+    assert off[("litert-gpu", None)]["available"] is False and off[("litert-gpu", None)]["reason"] == NO_ADAPTER
+    assert off[("litert-cpu", 1)]["vs_cpu"]["max_abs_logit_diff"] == 0   # the reference itself
+    assert off[("litert-cpu", 2)]["available"]
+    assert f"| fp32 | litert-gpu | – | not available: {NO_ADAPTER}" in accelerators.markdown(plain)
