@@ -169,6 +169,26 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, tiny_dataset):
     assert (out / "model.keras").is_file() and (out / "model_card.json").is_file()
 
 
+
+def test_a_run_with_mixup_trains_on_blended_labels_and_records_it(tmp_path, tiny_dataset):
+    """`mixup` in a run's config: training takes the blended labels (the loss and the accuracy metric
+    accept them; validation keeps class indices), and the run's config says it was on."""
+    import json
+
+    from conftest import run_module
+
+    config = tmp_path / "run.toml"
+    config.write_text("mixup = 0.2\nbootstrap = 0\n")
+    out = tmp_path / "run"
+    result = run_module("train", "--model", "cnn", "--weights", "none", "--data", tiny_dataset, "--out", out,
+                        "--config", config, "--image-size", "64", "--epochs", "2", "--strategy", "full",
+                        "--batch-size", "8", "--input-contrast", "none", "--no-progress")
+    assert "Epoch 2/2" in result.stdout
+    losses = [float(line.split(",")[2]) for line in (out / "training_phase1.csv").read_text().splitlines()[1:]]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    assert json.loads((out / "config.json").read_text())["mixup"] == 0.2
+    assert (out / "model.keras").is_file()
+
 def test_training_from_scratch_never_freezes_a_random_backbone():
     from train.config import SCRATCH_MODELS, TrainConfig
 
@@ -366,3 +386,35 @@ def test_every_shipped_recipe_is_a_valid_training_config(path):
     config = TrainConfig.from_file(path)
     for key, value in tomllib.loads(path.read_text()).items():
         assert getattr(config, key) == (list(value) if isinstance(value, list) else value), key
+
+
+def test_crossentropy_takes_blended_labels_as_their_blend_of_losses():
+    """mixup's labels (a distribution over the classes) cost the same blend of the class indices'
+    losses, with and without smoothing."""
+    from train.trainer import smoothed_crossentropy
+
+    logits = np.log(np.array([[0.7, 0.2, 0.1]], dtype=np.float32))
+    for e in (0.0, 0.1):
+        loss = smoothed_crossentropy(e)
+        blended = float(loss(np.array([[0.6, 0.4, 0.0]], np.float32), logits)[0])
+        assert blended == pytest.approx(0.6 * float(loss(np.array([0]), logits)[0])
+                                        + 0.4 * float(loss(np.array([1]), logits)[0]), rel=1e-5)
+    assert float(smoothed_crossentropy(0.0)(np.array([2]), logits)[0]) == pytest.approx(-np.log(0.1), rel=1e-5)
+
+
+def test_mix_batches_blends_inputs_labels_and_weights_alike():
+    """Image i is filled with the value i, is class i and weighs i + 1: every mixed example's label
+    names the two images and their shares, and its pixels and weight are the same blend."""
+    import tensorflow as tf
+
+    from train.pipeline import mix_batches
+
+    n = 8
+    x = np.broadcast_to(np.arange(n, dtype=np.float32)[:, None, None, None], (n, 4, 4, 1)).copy()
+    ds = tf.data.Dataset.from_tensor_slices((x, np.arange(n, dtype=np.int32), np.arange(1, n + 1, dtype=np.float32)))
+    (mx, my, mw), = mix_batches(ds.batch(n), 0.4, n, seed=0).as_numpy_iterator()
+    assert my.shape == (n, n) and np.allclose(my.sum(1), 1) and (my >= 0).all()
+    assert (np.count_nonzero(my > 1e-6, axis=1) <= 2).all() and not np.allclose(my, np.eye(n))
+    expected = my @ np.arange(n)                 # sum of share * image value
+    assert np.allclose(mx[:, :, :, 0], expected[:, None, None], atol=1e-5)
+    assert np.allclose(mw, my @ np.arange(1, n + 1), atol=1e-5)

@@ -56,6 +56,8 @@ class TrainConfig:
                                           # total kept (train.pipeline.image_weights); 1: every source of a
                                           # class weighs the same
     label_smoothing: float = 0.0          # cross-entropy against (1 - e) one-hot + e / classes
+    mixup: float = 0.0                    # mixup's Beta(a, a): each training input blended with another of
+                                          # its batch, labels and weights alike (train.pipeline.mix_batches); 0 off
     augment: bool = True
     rotation_degrees: float = 7.0
     zoom: float = 0.1
@@ -101,6 +103,9 @@ class TrainConfig:
                              "(python -m train.lungs)")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.mixup < 0 or (self.mixup and self.loss == "focal"):
+            raise ValueError(f"mixup must be >= 0 and goes with the cross-entropy loss, got mixup {self.mixup} "
+                             f"with loss {self.loss!r}")
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides) -> "TrainConfig":

@@ -193,3 +193,21 @@ def make_dataset(images: np.ndarray, labels: np.ndarray, spec: preprocess.InputS
             to_model_input = numpy_step(preprocess.normalise, (spec.channels,))
         ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.map(to_model_input, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def mix_batches(ds: tf.data.Dataset, alpha: float, num_classes: int, seed: int) -> tf.data.Dataset:
+    """mixup (Zhang et al., 2018): each input of a batch of (input, class index[, weight]) blended
+    with another of the same batch, x = l x_i + (1 - l) x_j with l ~ Beta(alpha, alpha) per image; the
+    labels become the same blend of one-hot vectors (train.trainer.smoothed_crossentropy takes them),
+    the weights the same blend of the two weights."""
+    def mix(x, y, *weights):
+        n = tf.shape(x)[0]
+        a, b = tf.random.gamma([n], alpha, seed=seed), tf.random.gamma([n], alpha, seed=seed + 1)
+        lam = a / (a + b)
+        other = tf.random.shuffle(tf.range(n), seed=seed + 2)
+        x = lam[:, None, None, None] * x + (1 - lam[:, None, None, None]) * tf.gather(x, other)
+        one_hot = tf.one_hot(y, num_classes)
+        y = lam[:, None] * one_hot + (1 - lam[:, None]) * tf.gather(one_hot, other)
+        weights = tuple(tf.cast(lam, w.dtype) * w + tf.cast(1 - lam, w.dtype) * tf.gather(w, other) for w in weights)
+        return (x, y, *weights)
+    return ds.map(mix, num_parallel_calls=tf.data.AUTOTUNE)

@@ -28,7 +28,7 @@ from train.config import TrainConfig
 from train.data import load_dataset, run_splits, sources
 from train.data.leakage import check_leakage
 from train.data.records import SPLITS
-from train.pipeline import contrasted, image_weights, lung_refusals, make_dataset
+from train.pipeline import contrasted, image_weights, lung_refusals, make_dataset, mix_batches
 from edge_app.preprocess import normalise
 
 MONITOR = "val_abnormal_auc"
@@ -59,13 +59,17 @@ def sparse_focal_loss(gamma: float):
 
 
 def smoothed_crossentropy(smoothing: float):
-    """Cross-entropy on logits against (1 - e) * one-hot + e / classes: the model is never pushed to
-    certainty on labels that are themselves noisy (a report's 'Infiltration', a squashed film)."""
+    """Cross-entropy on logits against (1 - e) * target + e / classes: the model is never pushed to
+    certainty on labels that are themselves noisy (a report's 'Infiltration', a squashed film).
+    The target is a class index, or a distribution over the classes (mixup's blended labels)."""
     def loss(y_true, logits):
-        y_true = tf.cast(tf.reshape(y_true, [-1]), tf.int32)
-        log_p = tf.nn.log_softmax(tf.cast(logits, tf.float32))
-        nll = -tf.gather(log_p, y_true, axis=1, batch_dims=1)
-        return (1.0 - smoothing) * nll - smoothing * tf.reduce_mean(log_p, axis=1)
+        y_true, log_p = tf.convert_to_tensor(y_true), tf.nn.log_softmax(tf.cast(logits, tf.float32))
+        classes = log_p.shape[-1]
+        if y_true.shape.rank == 2 and y_true.shape[-1] == classes and classes != 1:
+            target = tf.cast(y_true, tf.float32)
+        else:
+            target = tf.one_hot(tf.cast(tf.reshape(y_true, [-1]), tf.int32), classes)
+        return -tf.reduce_sum(((1.0 - smoothing) * target + smoothing / classes) * log_p, axis=1)
     return loss
 
 
@@ -185,6 +189,8 @@ def run(config: TrainConfig, out: str | Path, *, resume: bool = False, progress:
                               source_power=config.source_weight_power)
     train_ds = make_dataset(x_train, y_train, spec, batch_size=batch, training=True, config=config,
                             seed=config.seed, sample_weights=per_image)
+    if config.mixup:
+        train_ds = mix_batches(train_ds, config.mixup, len(labels), seed=config.seed)
     val_ds = make_dataset(x_val, y_val, spec, batch_size=batch, training=False)
     print(f"{replicas} replica(s) on {strategy.__class__.__name__}; global batch {batch}; image weights "
           + ", ".join(f"{s} {c}: {per_image[[(r.source, r.label) == (s, c) for r in train_records]][0]:.2f}"
@@ -195,7 +201,7 @@ def run(config: TrainConfig, out: str | Path, *, resume: bool = False, progress:
                              weights=config.weights, weights_dirs=config.weights_dirs,
                              dropout=config.dropout)
     loss = (sparse_focal_loss(config.focal_gamma) if config.loss == "focal"
-            else smoothed_crossentropy(config.label_smoothing) if config.label_smoothing
+            else smoothed_crossentropy(config.label_smoothing) if config.label_smoothing or config.mixup
             else keras.losses.SparseCategoricalCrossentropy(from_logits=True))
 
     phases = [(1, config.epochs, config.learning_rate)]
