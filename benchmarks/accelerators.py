@@ -8,7 +8,8 @@ It needs only the device side (ai-edge-litert, numpy, Pillow; no TensorFlow, no 
 where `make benchmark` cannot: a lent machine with a real GPU, a tablet. It writes
 accelerators-NAME.json and .md to --out (default RUN/reports); `make benchmark` puts every such file
 it finds beside the run into the benchmark report, labelled with the machine it was measured on.
-The GPU's outputs are compared with the CPU Interpreter's (1 thread) on the same tensors.
+The GPU's outputs are compared with the CPU Interpreter's (1 thread) on the same tensors, in the
+device's float32 arithmetic (`litert-gpu`) and in LiteRT's default, float16 allowed (`litert-gpu-f16`).
 A machine with no GPU adapter records "not available" and why, and still times the CPU.
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.runtimes import RUNTIMES
+from benchmarks.runtimes import GPU_FLOAT16, RUNTIMES
 from edge_app import decision, preprocess
 from edge_app.classifier import Classifier
 from edge_app.errors import ModelError
@@ -67,13 +68,16 @@ def timed(backend, tensors: list[np.ndarray], runs: int) -> tuple[dict, list[np.
             "runs": runs}, logits
 
 
-def compare(logits: list[np.ndarray], reference: list[np.ndarray], temperature: float) -> dict:
-    """How far one runtime's outputs are from the reference's on the same tensors."""
-    p = np.array([decision.calibrated_probabilities(z, temperature) for z in logits])
-    q = np.array([decision.calibrated_probabilities(z, temperature) for z in reference])
+def compare(logits: list[np.ndarray], reference: list[np.ndarray], card) -> dict:
+    """How far one runtime's outputs are from the reference's on the same tensors: logits,
+    calibrated probabilities, predicted classes and referrals at the card's threshold."""
+    p = np.array([decision.calibrated_probabilities(z, card.temperature) for z in logits])
+    q = np.array([decision.calibrated_probabilities(z, card.temperature) for z in reference])
+    refer_p, refer_q = (decision.abnormal_probability(x) >= card.abnormal_threshold for x in (p, q))
     return {"max_abs_logit_diff": float(np.max(np.abs(np.array(logits) - np.array(reference)))),
             "max_abs_prob_diff": float(np.max(np.abs(p - q))),
-            "class_agreement": float(np.mean(p.argmax(1) == q.argmax(1)))}
+            "class_agreement": float(np.mean(p.argmax(1) == q.argmax(1))),
+            "referrals_flipped": int(np.sum(refer_p != refer_q))}
 
 
 def measure(model: Path, images: list[Path], threads: list[int], runs: int) -> dict:
@@ -81,11 +85,12 @@ def measure(model: Path, images: list[Path], threads: list[int], runs: int) -> d
     tensors = [preprocess.preprocess(path, classifier.spec)[None] for path in images]
     data = model.read_bytes()
     rows, reference = [], None
-    for name, counts in (("litert-cpu", threads), ("litert-gpu", [None])):
+    for runtime, counts in ((RUNTIMES["litert-cpu"], threads), (RUNTIMES["litert-gpu"], [None]), (GPU_FLOAT16, [None])):
+        name = runtime.name
         for t in counts:
-            row = {"runtime": name, "label": RUNTIMES[name].label, "threads": t}
+            row = {"runtime": name, "label": runtime.label, "threads": t}
             try:
-                backend = RUNTIMES[name].make(data, t or 1)
+                backend = runtime.make(data, t or 1)
             except NoGpuAdapter as exc:
                 rows.append({**row, "available": False, "reason": exc.message})
                 continue
@@ -95,8 +100,8 @@ def measure(model: Path, images: list[Path], threads: list[int], runs: int) -> d
             stats, logits = timed(backend, tensors, runs)
             reference = reference if reference is not None else logits
             rows.append({**row, "available": True, "fully_accelerated": backend.fully_accelerated, **stats,
-                         "vs_cpu": compare(logits, reference, classifier.card.temperature)})
-            print(f"{model.stem:>6} {name:<11} {t or '':>2}: {stats['median_ms']:.3f} ms median", file=sys.stderr)
+                         "vs_cpu": compare(logits, reference, classifier.card)})
+            print(f"{model.stem:>6} {name:<14} {t or '':>2}: {stats['median_ms']:.3f} ms median", file=sys.stderr)
     return {"variant": model.stem, "bytes": len(data), "rows": rows}
 
 
@@ -107,18 +112,19 @@ def markdown(result: dict) -> str:
              f"Inference only, batch 1, {result['images']} test images in turn; median of each runtime's "
              "calls after a warm-up. Outputs compared with the 1-thread CPU Interpreter on the same tensors.", "",
              "| variant | runtime | threads | fully on GPU | median ms | p10–p90 ms | max abs Δ logit "
-             "| max abs Δ P | class agreement |", "|---" * 9 + "|"]
+             "| max abs Δ P | class agreement | referrals flipped |", "|---" * 10 + "|"]
     for v in result["variants"]:
         for r in v["rows"]:
             if not r["available"]:
                 lines.append(f"| {v['variant']} | {r['runtime']} | {r['threads'] or '–'} | not available: "
-                             f"{r['reason'][:160]} | | | | | |")
+                             f"{r['reason'][:160]} | | | | | | |")
                 continue
             c = r["vs_cpu"]
             full = "–" if r["fully_accelerated"] is None else ("yes" if r["fully_accelerated"] else "no")
             lines.append(f"| {v['variant']} | {r['runtime']} | {r['threads'] or '–'} | {full} "
                          f"| {r['median_ms']:.3f} | {r['p10_ms']:.3f}–{r['p90_ms']:.3f} "
-                         f"| {c['max_abs_logit_diff']:.2g} | {c['max_abs_prob_diff']:.2g} | {c['class_agreement']:.3f} |")
+                         f"| {c['max_abs_logit_diff']:.2g} | {c['max_abs_prob_diff']:.2g} | {c['class_agreement']:.3f} "
+                         f"| {c['referrals_flipped']} |")
     return "\n".join(lines) + "\n"
 
 

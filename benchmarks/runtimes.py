@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from edge_app.errors import ModelError
-from edge_app.runtime import CompiledModelBackend, InterpreterBackend, NoGpuAdapter, open_gpu
+from edge_app.runtime import GPU_ENFORCE_F32, CompiledModelBackend, InterpreterBackend, NoGpuAdapter, open_gpu
 
 
 def _interpreter(module: str, name: str):
@@ -30,9 +30,10 @@ def _interpreter(module: str, name: str):
     return make
 
 
-def _compiled(accelerator: str):
+def _compiled(accelerator: str, enforce_f32: bool = GPU_ENFORCE_F32):
     def make(data: bytes, threads: int):
-        backend = open_gpu(data, threads) if accelerator == "gpu" else CompiledModelBackend(data, accelerator, threads)
+        backend = (open_gpu(data, threads, enforce_f32=enforce_f32) if accelerator == "gpu"
+                   else CompiledModelBackend(data, accelerator, threads))
         if accelerator == "gpu" and not backend.fully_accelerated:
             raise RuntimeError("the GPU accelerator did not take every op (part would run on the CPU)")
         return backend
@@ -56,9 +57,15 @@ class Runtime:
 LABELS = {
     "litert-cpu": "LiteRT Interpreter, XNNPACK, CPU",
     "litert-compiled-cpu": "LiteRT CompiledModel, CPU",
-    "litert-gpu": "LiteRT GPU (CompiledModel, GPU accelerator)",
+    "litert-gpu": "LiteRT GPU (CompiledModel, GPU accelerator, float32 arithmetic)",
+    "litert-gpu-f16": "LiteRT GPU (CompiledModel, GPU accelerator), float16 arithmetic allowed (LiteRT's default)",
     "tflite-runtime": "tflite_runtime Interpreter, CPU",
 }
+
+# LiteRT's default GPU arithmetic (float16 allowed), which the device does not use (edge_app.runtime.
+# GPU_ENFORCE_F32); not timed by `make benchmark` (SwiftShader computes in float32 either way):
+# benchmarks.accelerators compares the two on a real GPU.
+GPU_FLOAT16 = Runtime("litert-gpu-f16", _compiled("gpu", enforce_f32=False), False, "ai_edge_litert.compiled_model")
 
 RUNTIMES = {r.name: r for r in (
     Runtime("litert-cpu", _interpreter("ai_edge_litert.interpreter", "litert-cpu"), True,

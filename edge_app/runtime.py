@@ -27,6 +27,10 @@ from edge_app.errors import ModelError
 from edge_app.tflite_metadata import float_io
 
 ACCELERATORS = ("auto", "gpu", "cpu")
+# The GPU computes in float32. LiteRT's default lets it use float16: on an NVIDIA H200 that moved
+# P(abnormal) by up to 0.028 and flipped 1 referral of 481 test images against the CPU, where
+# float32 moved it by 6e-6 and flipped none, for 6 % more time (docs/RESULTS.md, 2026-12-04).
+GPU_ENFORCE_F32 = True
 FLOAT_IO_ONLY = "CompiledModel backend runs float-I/O models only"  # int8-I/O models use the Interpreter
 # "1": a machine without a GPU adapter fails the GPU checks instead of skipping them (CI, where
 # SwiftShader is installed: losing the Vulkan driver must fail loudly, not skip quietly).
@@ -78,14 +82,17 @@ class InterpreterBackend:
 class CompiledModelBackend:
     """LiteRT's CompiledModel API, the one that drives the GPU accelerator."""
 
-    def __init__(self, model_bytes: bytes, accelerator: str, num_threads: int):
+    def __init__(self, model_bytes: bytes, accelerator: str, num_threads: int, *,
+                 enforce_f32: bool = GPU_ENFORCE_F32):
+        """`enforce_f32`: the GPU computes in float32 (False: LiteRT's default, float16 allowed)."""
         from ai_edge_litert import compiled_model as cm
 
         accel = cm.HardwareAccelerator.CPU
         if accelerator == "gpu":
             accel = cm.HardwareAccelerator.GPU | cm.HardwareAccelerator.CPU
         options = cm.Options(hardware_accelerators=accel,
-                             cpu_options=cm.CpuOptions(num_threads=num_threads))
+                             cpu_options=cm.CpuOptions(num_threads=num_threads),
+                             gpu_options=cm.GpuOptions(enforce_f32=enforce_f32) if accelerator == "gpu" else None)
         self._model = cm.CompiledModel.from_buffer(model_bytes, options=options)
         self.name = f"litert-compiled-{accelerator}"
         self.fully_accelerated = bool(self._model.is_fully_accelerated()) if accelerator == "gpu" else None
@@ -205,13 +212,13 @@ def open_backend(model_bytes: bytes, *, accelerator: str = "auto", num_threads: 
     raise ModelError("no_runtime", f"no TFLite runtime could load the model ({detail})")
 
 
-def open_gpu(model_bytes: bytes, num_threads: int) -> CompiledModelBackend:
+def open_gpu(model_bytes: bytes, num_threads: int, *, enforce_f32: bool = GPU_ENFORCE_F32) -> CompiledModelBackend:
     """CompiledModel on the GPU accelerator. NoGpuAdapter where the machine has none; any other
     failure is raised with LiteRT's own error lines in its message."""
     native: list[str] = []
     try:
         with _native_log(native):
-            return CompiledModelBackend(model_bytes, "gpu", num_threads)
+            return CompiledModelBackend(model_bytes, "gpu", num_threads, enforce_f32=enforce_f32)
     except ModelError:
         raise
     except Exception as exc:

@@ -120,13 +120,37 @@ def test_accelerator_timing_on_a_gpu_and_on_a_machine_without_one(swiftshader, d
     assert (plain["name"], gpu["name"]) == ("plain", "swiftshader")
     assert gpu["images"] == plain["images"] == 18  # every test image of the three classes
     rows = {(r["runtime"], r["threads"]): r for r in gpu["variants"][0]["rows"]}
-    assert set(rows) == {("litert-cpu", 1), ("litert-cpu", 2), ("litert-gpu", None)}
+    assert set(rows) == {("litert-cpu", 1), ("litert-cpu", 2), ("litert-gpu", None), ("litert-gpu-f16", None)}
     assert all(r["available"] and r["median_ms"] > 0 and r["runs"] == 5 for r in rows.values())
-    on_gpu = rows[("litert-gpu", None)]
-    assert on_gpu["fully_accelerated"] is True
-    assert on_gpu["vs_cpu"]["class_agreement"] == 1.0 and on_gpu["vs_cpu"]["max_abs_prob_diff"] < 1e-4
+    for name in ("litert-gpu", "litert-gpu-f16"):
+        on_gpu = rows[(name, None)]
+        assert on_gpu["fully_accelerated"] is True
+        vs_cpu = on_gpu["vs_cpu"]
+        assert vs_cpu["class_agreement"] == 1.0 and vs_cpu["referrals_flipped"] == 0 and vs_cpu["max_abs_prob_diff"] < 1e-4
     off = {(r["runtime"], r["threads"]): r for r in plain["variants"][0]["rows"]}
-    assert off[("litert-gpu", None)]["available"] is False and off[("litert-gpu", None)]["reason"] == NO_ADAPTER
+    for name in ("litert-gpu", "litert-gpu-f16"):
+        assert off[(name, None)]["available"] is False and off[(name, None)]["reason"] == NO_ADAPTER
     assert off[("litert-cpu", 1)]["vs_cpu"]["max_abs_logit_diff"] == 0   # the reference itself
     assert off[("litert-cpu", 2)]["available"]
-    assert f"| fp32 | litert-gpu | – | not available: {NO_ADAPTER}" in accelerators.markdown(plain)
+    assert f"| fp32 | litert-gpu | – | not available: {NO_ADAPTER} |" in accelerators.markdown(plain)
+
+
+def test_the_device_asks_the_gpu_for_float32_arithmetic(device_run, monkeypatch):
+    """LiteRT lets a GPU compute in float16 unless told otherwise; a real GPU then moves the
+    probabilities (SwiftShader computes in float32 either way, so the request itself is checked)."""
+    from ai_edge_litert import compiled_model
+
+    from edge_app.runtime import open_backend
+
+    asked = []
+    real = compiled_model.Options
+
+    def options(**kwargs):
+        asked.append(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr(compiled_model, "Options", options)
+    open_backend((device_run / "tflite" / "fp32.tflite").read_bytes(), accelerator="gpu")   # GPU, else CPU
+    gpu = [a for a in asked if a.get("gpu_options") is not None]
+    assert gpu and all(a["gpu_options"].enforce_f32 is True for a in gpu)
+    assert all(a.get("gpu_options") is None for a in asked if a not in gpu)   # the CPU fallback asks no GPU options
