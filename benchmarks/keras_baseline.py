@@ -31,20 +31,19 @@ def main(argv=None) -> int:
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
 
-    import tf_keras as keras
-
     from benchmarks.probe import peak_rss_mib
     from benchmarks.stats import time_calls
     from benchmarks.testset import Split
     from convert.parity import headline
     from convert import parity
     from edge_app import decision, preprocess
+    from train.trainer import load_run
 
     split = Split.of_run(args.run, args.data_root)
     card, spec = split.card, split.card.input
     before = peak_rss_mib()
     t0 = time.perf_counter()
-    model = keras.models.load_model(args.run / "model.keras", compile=False)
+    model, _, _ = load_run(args.run)   # and the run's lung segmenter, where its preprocessing crops
     serve = tf.function(lambda x: model(x, training=False))
     load_ms = 1000.0 * (time.perf_counter() - t0)
 

@@ -116,14 +116,17 @@ def markdown(results: dict, plot_name: str, clinic_plot: str | None = None) -> s
                      f"| {_ms(st.get('postprocess'))} | {_ms(overhead)} | {_ms(r['speedup_vs_fp32'].get(name))} "
                      f"| {_ms(drop)} |")
     lines += ["", "## Out-of-distribution warning", "",
-              "Share of in-distribution test images the warning withholds a label from (false alarms), and of "
-              "generated non-radiographs it catches (benchmarks/nonradiographs.py).", "",
-              "| variant | carries the warning | test flagged | non-radiographs flagged |", "|---|---|---|---|"]
+              "Share of in-distribution test images the device withholds a label from (false alarms), and of "
+              "generated non-radiographs it catches (benchmarks/nonradiographs.py): the warning, or a refusal to "
+              "screen the image at all (a lung-cropping model's \"no chest found\"), whose share is in brackets.", "",
+              "| variant | carries the warning | test flagged (refused) | non-radiographs flagged (refused) |",
+              "|---|---|---|---|"]
     for name, v in results["variants"].items():
         ood = v.get("ood")
         if ood is not None:
             lines.append(f"| {name} | {'yes' if ood['carried'] else 'no'} | {_f(ood.get('test_flagged'))} "
-                         f"| {_f(ood.get('nonradiograph_flagged'))} |")
+                         f"({_f(ood.get('test_refused'))}) | {_f(ood.get('nonradiograph_flagged'))} "
+                         f"({_f(ood.get('nonradiograph_refused'))}) |")
     if (results.get("clinic") or {}).get("files"):
         lines += _clinic(results, clinic_plot)
     lines += ["",

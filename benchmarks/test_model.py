@@ -9,6 +9,7 @@ from convert.parity import headline
 from convert import parity
 from edge_app import decision
 from edge_app.classifier import Classifier
+from edge_app.errors import InputError
 
 MEMORY_THREADS = 2  # the device default
 
@@ -51,17 +52,29 @@ def test_accuracy(pytestconfig, results, variant, split, test_inputs):
 
 def test_ood_warning(pytestconfig, results, variant, split, tmp_path_factory):
     """Share of test images (false alarms) and of generated non-radiographs (catches) that the
-    out-of-distribution warning flags, for the variants that carry it."""
+    device withholds a label from, for the variants that carry the out-of-distribution warning:
+    the warning itself, or a refusal to screen the image at all (a lung-cropping model's "no chest
+    found"), counted apart as `..._refused`."""
     classifier = Classifier(run_dir(pytestconfig) / "tflite" / f"{variant}.tflite", accelerator="cpu")
     if not classifier.info["ood_warning"]:
         results.variant(variant)["ood"] = {"carried": False}
         return
     others = nonradiographs.write(tmp_path_factory.mktemp("nonradiographs"))
 
-    def flagged(paths):
-        return float(sum(classifier.predict(p).decision == decision.UNRELIABLE for p in paths) / len(paths))
+    def outcome(path):
+        try:
+            return classifier.predict(path).decision
+        except InputError:
+            return "refused"
 
-    measured = {"carried": True, "test_flagged": flagged(split.paths), "nonradiograph_flagged": flagged(others),
+    def shares(paths):
+        seen = [outcome(p) for p in paths]
+        return (float(sum(d in (decision.UNRELIABLE, "refused") for d in seen) / len(seen)),
+                float(sum(d == "refused" for d in seen) / len(seen)))
+
+    (test_flagged, test_refused), (others_flagged, others_refused) = shares(split.paths), shares(others)
+    measured = {"carried": True, "test_flagged": test_flagged, "test_refused": test_refused,
+                "nonradiograph_flagged": others_flagged, "nonradiograph_refused": others_refused,
                 "nonradiographs": len(others)}
     results.variant(variant)["ood"] = measured
     assert 0 <= measured["test_flagged"] <= 1
