@@ -29,7 +29,7 @@ from edge_app.tflite_metadata import float_io
 ACCELERATORS = ("auto", "gpu", "cpu")
 # The GPU computes in float32. LiteRT's default lets it use float16: on an NVIDIA H200 that moved
 # P(abnormal) by up to 0.028 and flipped 1 referral of 481 test images against the CPU, where
-# float32 moved it by 6e-6 and flipped none, for 6 % more time (docs/RESULTS.md, 2026-12-04).
+# float32 moved it by 6e-6 and flipped none, for 0-6 % more GPU time (docs/RESULTS.md, 2026-12-04).
 GPU_ENFORCE_F32 = True
 FLOAT_IO_ONLY = "CompiledModel backend runs float-I/O models only"  # int8-I/O models use the Interpreter
 # "1": a machine without a GPU adapter fails the GPU checks instead of skipping them (CI, where
