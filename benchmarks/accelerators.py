@@ -8,7 +8,8 @@ It needs only the device side (ai-edge-litert, numpy, Pillow; no TensorFlow, no 
 where `make benchmark` cannot: a lent machine with a real GPU, a tablet. It writes
 accelerators-NAME.json and .md to --out (default RUN/reports); `make benchmark` puts every such file
 it finds beside the run into the benchmark report, labelled with the machine it was measured on.
-The GPU's outputs are compared with the CPU Interpreter's (1 thread) on the same tensors, in the
+The GPU's outputs are compared with the CPU Interpreter's (its first thread count, 1 by default) on
+the same tensors, in the
 device's float32 arithmetic (`litert-gpu`) and in LiteRT's default, float16 allowed (`litert-gpu-f16`).
 A machine with no GPU adapter records "not available" and why, and still times the CPU.
 """
@@ -110,7 +111,7 @@ def markdown(result: dict) -> str:
     lines = [f"### {result['name']}: {m['gpu'] or 'no GPU named by a driver'} ({m['cpu_count']} CPUs, "
              f"ai-edge-litert {m['ai_edge_litert']}, {result['created']})", "",
              f"Inference only, batch 1, {result['images']} test images in turn; median of each runtime's "
-             "calls after a warm-up. Outputs compared with the 1-thread CPU Interpreter on the same tensors.", "",
+             "calls after a warm-up. Outputs compared with the first CPU row's on the same tensors.", "",
              "| variant | runtime | threads | fully on GPU | median ms | p10–p90 ms | max abs Δ logit "
              "| max abs Δ P | class agreement | referrals flipped |", "|---" * 10 + "|"]
     for v in result["variants"]:
