@@ -9,8 +9,8 @@ where `make benchmark` cannot: a lent machine with a real GPU, a tablet. It writ
 accelerators-NAME.json and .md to --out (default RUN/reports); `make benchmark` puts every such file
 it finds beside the run into the benchmark report, labelled with the machine it was measured on.
 The GPU's outputs are compared with the CPU Interpreter's (its first thread count, 1 by default) on
-the same tensors, in the
-device's float32 arithmetic (`litert-gpu`) and in LiteRT's default, float16 allowed (`litert-gpu-f16`).
+the same tensors, in the device's float32 arithmetic (`litert-gpu`) and in LiteRT's default, float16
+allowed (`litert-gpu-f16`).
 A machine with no GPU adapter records "not available" and why, and still times the CPU.
 """
 from __future__ import annotations
