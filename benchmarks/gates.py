@@ -154,6 +154,11 @@ def evaluate(results: dict, gates: dict, *, device: str | None = None,
             rows.append(GateResult("benchmarked", name, None, 1.0, ">=", "", False,
                                    f"no benchmark of {name!r}; benchmarked: {sorted(measured)}"))
             continue
+        parity = (results.get("conversion_gates") or {}).get(name)   # the budgets of [conversion.VARIANT]
+        rows.append(GateResult("conversion.parity", name, None if parity is None else float(len(parity["failures"])),
+                               0.0, "<=", "failures", bool(parity and parity["passed"]),
+                               "not measured (no reports/conversion.json entry)" if parity is None
+                               else "; ".join(parity["failures"])[:300]))
         metrics = v.get("metrics") or {}
         for key, limit in gates.get("accuracy", {}).items():
             metric = key.split("_", 1)[1]

@@ -110,7 +110,17 @@ class Collector:
             "clinic": self.clinic,
             "keras_reference": self.keras_reference(),
             "accelerators_elsewhere": accelerators.load(self.run),
+            "conversion_gates": self.conversion_gates(),
         }
+
+    def conversion_gates(self) -> dict:
+        """Each variant's parity gate as `python -m convert` decided it (reports/conversion.json):
+        decisions flipped, agreement, COVID-19 images lost, CIs of the differences (convert.parity)."""
+        conversion = self.run / "reports" / "conversion.json"
+        if not conversion.is_file():
+            return {}
+        return {name: {"passed": bool(v["gate"]["passed"]), "failures": list(v["gate"]["failures"])}
+                for name, v in json.loads(conversion.read_text())["variants"].items()}
 
 
 def _finite(obj):

@@ -70,6 +70,7 @@ def measured() -> dict:
                          for v in ("fp32", "int8")},
               "cold_start": {"cli": {"available": True, "median_s": 0.6}, "app": {"available": True, "median_s": 0.9}}}
     return {"model": {"labels": ["normal", "pneumonia", "covid"]},
+            "conversion_gates": {v: {"passed": True, "failures": []} for v in ("fp32", "int8")},
             "variants": {"keras": variant("keras", 0.90, 30.0, 34.0, 8.0),
                          "fp32": {**variant("tflite", 0.90, 20.0, 24.0, 8.0),
                                   "ood": {"carried": True, "test_flagged": 0.01, "nonradiograph_flagged": 1.0}},
@@ -100,6 +101,20 @@ def test_a_variant_without_the_ood_warning_fails_the_release_and_the_smallest_pa
     measured["variants"]["fp32"]["metrics"]["macro_f1"] = 0.5
     assert gates.best_variant(gates.evaluate(measured, gates.load_gates()), measured) is None
 
+
+def test_a_variant_that_failed_its_conversion_parity_gate_never_ships(measured):
+    """Conversion's parity verdict (decisions flipped, COVID-19 images lost) is a gate of the release
+    too: a variant that passed every benchmark figure but flipped decisions does not ship."""
+    flips = "test: 8 of 481 referral decisions flipped (1.66%; budget 0.50%)"
+    measured["conversion_gates"]["int8"] = {"passed": False, "failures": [flips]}
+    rows = gates.evaluate(measured, gates.load_gates())
+    (row,) = [r for r in rows if r.name == "conversion.parity[int8]"]
+    assert not row.passed and row.measured == 1.0 and row.note == flips
+    assert [r.name for r in rows if not r.passed] == ["conversion.parity[int8]"]
+    assert gates.best_variant(rows, measured) == "fp32"
+    del measured["conversion_gates"]
+    assert {r.name for r in gates.evaluate(measured, gates.load_gates()) if not r.passed} == \
+        {"conversion.parity[fp32]", "conversion.parity[int8]"}    # not measured: never waved through
 
 def test_ratios_prefer_one_paired_measurement_over_two_medians(measured):
     measured["speedup_vs_fp32"] = {"int8": {"speedup": 1.1}}
