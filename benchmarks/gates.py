@@ -275,9 +275,16 @@ def table(rows: list[GateResult]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4] for row in cells)
 
 
-def best_variant(rows: list[GateResult], results: dict) -> str | None:
+# the gates about what a variant answers, not how fast or how big it is
+DECISION_SECTIONS = ("conversion", "accuracy", "drop_vs_keras", "ood")
+
+
+def best_variant(rows: list[GateResult], results: dict, *, decisions_only: bool = False) -> str | None:
     """The variant to ship: the smallest file among those that passed every one of their gates
-    (None when none did)."""
+    (None when none did); with `decisions_only`, every gate about its answers (DECISION_SECTIONS),
+    speed, size and memory aside."""
+    if decisions_only:
+        rows = [r for r in rows if r.gate.split(".", 1)[0] in DECISION_SECTIONS]
     failed = {r.variant for r in rows if not r.passed}
     passed = {r.variant for r in rows if r.variant} - failed
     return min(sorted(passed), key=lambda n: results["variants"][n]["bytes"], default=None)
@@ -304,13 +311,17 @@ def main(argv=None) -> int:
     p.add_argument("--variants", help="comma-separated variants to ship (default: every benchmarked one)")
     p.add_argument("--best", action="store_true",
                    help="print only the variant to ship (the smallest that passed all its gates); exit 1 if none")
+    p.add_argument("--keeping-decisions", action="store_true",
+                   help="with --best: among the variants that passed every gate about their answers "
+                        f"({', '.join(DECISION_SECTIONS)}), speed and size aside")
     args = p.parse_args(argv)
     results = json.loads(args.results.read_text())
     rows = evaluate(results, load_gates(args.gates), device=args.device,
                     variants=args.variants.split(",") if args.variants else None)
     if args.best:
-        best = best_variant(rows, results)
-        print(best or f"no variant passed every gate: {summary(rows)}", file=sys.stdout if best else sys.stderr)
+        best = best_variant(rows, results, decisions_only=args.keeping_decisions)
+        kind = "gate about its answers" if args.keeping_decisions else "gate"
+        print(best or f"no variant passed every {kind}: {summary(rows)}", file=sys.stdout if best else sys.stderr)
         return 0 if best else 1
     print(table(rows))
     print(summary(rows))

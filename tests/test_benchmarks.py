@@ -112,9 +112,16 @@ def test_a_variant_that_failed_its_conversion_parity_gate_never_ships(measured):
     assert not row.passed and row.measured == 1.0 and row.note == flips
     assert [r.name for r in rows if not r.passed] == ["conversion.parity[int8]"]
     assert gates.best_variant(rows, measured) == "fp32"
+    measured["speedup_vs_fp32"] = {"int8": {"speedup": 1.1}}
+    measured["variants"]["fp32"]["latency"][3]["overhead_ratio"] = 9.0     # fp32 fails a speed gate
+    rows = gates.evaluate(measured, gates.load_gates())
+    assert gates.best_variant(rows, measured) is None
+    assert gates.best_variant(rows, measured, decisions_only=True) == "fp32"   # int8 flips decisions
+    measured["conversion_gates"]["int8"] = {"passed": True, "failures": []}
+    assert gates.best_variant(gates.evaluate(measured, gates.load_gates()), measured, decisions_only=True) == "int8"
     del measured["conversion_gates"]
-    assert {r.name for r in gates.evaluate(measured, gates.load_gates()) if not r.passed} == \
-        {"conversion.parity[fp32]", "conversion.parity[int8]"}    # not measured: never waved through
+    assert {"conversion.parity[fp32]", "conversion.parity[int8]"} <= \
+        {r.name for r in gates.evaluate(measured, gates.load_gates()) if not r.passed}   # not measured: never waved through
 
 def test_ratios_prefer_one_paired_measurement_over_two_medians(measured):
     measured["speedup_vs_fp32"] = {"int8": {"speedup": 1.1}}
