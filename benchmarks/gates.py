@@ -27,6 +27,7 @@ SCHEMA = {
     "size": {"max_mib", "max_gzip_mib"},
     "ratios": {"threads", "max_pipeline_overhead", "min_int8_speedup"},
     "ood": {"required", "max_test_flagged", "min_nonradiograph_flagged"},
+    "lungs": {"max_segmenter_kib", "max_segmenter_vs_inference"},
     "regression": {"latency_floor", "max_metric_drop", "max_size_growth", "max_rss_growth", "max_rss_growth_mib"},
     "clinic": {"max_decode_vs_library", "max_preprocess_vs_inference", "max_pipeline_vs_library_and_inference",
                "max_peak_rss_mib", "max_cold_start_s"},
@@ -186,6 +187,8 @@ def evaluate(results: dict, gates: dict, *, device: str | None = None,
         if carried is not False:      # a variant without the OOD output has no figures to gate
             for key, limit in ood_gates.items():
                 check(f"ood.{key}", name, ood.get(key.split("_", 1)[1]), key, limit, "")
+        if results["model"].get("lung_crop", "none") != "none":
+            rows += lung_step_rows(results.get("lung_step") or {}, gates.get("lungs", {}), name)
         if "max_pipeline_overhead" in gates.get("ratios", {}):
             check("ratios.max_pipeline_overhead", name, derived["pipeline_overhead"].get(name),
                   "max_pipeline_overhead", gates["ratios"]["max_pipeline_overhead"], "x")
@@ -245,6 +248,24 @@ def clinic_rows(clinic: dict, gates: dict, variant: str) -> list[GateResult]:
         rows.append(GateResult(f"clinic.{memory['kind'] if memory else 'largest'}.max_peak_rss_mib", variant, value,
                                limit, "<=", "MiB", value is not None and value <= limit,
                                f"peak RSS {_over(value, limit)}" if memory else "not measured"))
+    return rows
+
+
+def lung_step_rows(lung_step: dict, gates: dict, variant: str) -> list[GateResult]:
+    """The embedded lung segmenter of a lung-cropping variant: its size and its inference against
+    the variant's (benchmarks/test_lung_step.py); not measured fails."""
+    m = lung_step.get(variant)
+    figures = {"max_segmenter_kib": m and m["segmenter_bytes"] / 1024,
+               "max_segmenter_vs_inference": m and m["segmenter_vs_inference"]}
+    rows = []
+    for key, limit in gates.items():
+        value = figures[key]
+        note = ("not measured (benchmarks/test_lung_step.py)" if m is None else
+                f"segmenter {m['segmenter_ms']:.2f} ms vs inference {m['inference_ms']:.2f} ms; whole lung step "
+                f"{m['step_ms']:.2f} ms = {m['step_vs_inference']:.2f} x" if key == "max_segmenter_vs_inference"
+                else f"{m['segmenter_input_size']} px input")
+        rows.append(GateResult(f"lungs.{key}", variant, value, float(limit), "<=",
+                               "KiB" if key.endswith("kib") else "x", value is not None and value <= limit, note))
     return rows
 
 

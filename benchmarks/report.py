@@ -115,6 +115,16 @@ def markdown(results: dict, plot_name: str, clinic_plot: str | None = None) -> s
         lines.append(f"| {name} | {_ms(st.get('decode'))} | {_ms(st.get('preprocess'))} | {_ms(st.get('inference'))} "
                      f"| {_ms(st.get('postprocess'))} | {_ms(overhead)} | {_ms(r['speedup_vs_fp32'].get(name))} "
                      f"| {_ms(drop)} |")
+    steps = {n: m for n, m in (results.get("lung_step") or {}).items() if m}
+    if steps:
+        lines += ["", f"## The lung step ({ref}, {r['threads']} threads)", "",
+                  "The segmenter embedded in each variant, and the whole lung step (its input, inference, the lung "
+                  "field, the crop), each alternated call by call with the variant's inference on a real test image.",
+                  "", "| variant | segmenter KiB | segmenter input px | segmenter ms | inference ms | segmenter / inference "
+                  "| lung step ms | lung step / inference |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {n} | {m['segmenter_bytes'] / 1024:.0f} | {m['segmenter_input_size']} | {_ms(m['segmenter_ms'])} "
+                  f"| {_ms(m['inference_ms'])} | {_ms(m['segmenter_vs_inference'])} | {_ms(m['step_ms'])} "
+                  f"| {_ms(m['step_vs_inference'])} |" for n, m in steps.items()]
     lines += ["", "## Out-of-distribution warning", "",
               "Share of in-distribution test images the device withholds a label from (false alarms), and of "
               "generated non-radiographs it catches (benchmarks/nonradiographs.py): the warning, or a refusal to "

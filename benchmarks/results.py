@@ -43,6 +43,7 @@ class Collector:
         self.variants: dict[str, dict] = {}
         self.test_split: dict = {}
         self.speedups: dict[str, dict] = {}
+        self.lung_steps: dict[str, dict | None] = {}     # benchmarks/test_lung_step.py; None: no lung step
         self.clinic: dict = {"runtime": REFERENCE, "threads": None, "pipeline_kind": None, "reference_kind": None,
                              "files": {}, "stages": {}, "memory": {}, "cold_start": {}}   # benchmarks/test_clinic.py
         self.started = time.time()
@@ -71,6 +72,9 @@ class Collector:
 
     def speedup(self, variant: str, measured: dict) -> None:
         self.speedups[variant] = measured
+
+    def lung_step(self, variant: str, measured: dict | None) -> None:
+        self.lung_steps[variant] = measured
 
     def clinic_stages(self, variant: str, kind: str, measured: dict) -> None:
         self.clinic["stages"].setdefault(variant, {})[kind] = measured
@@ -101,12 +105,13 @@ class Collector:
                         "ai_edge_litert": getattr(ai_edge_litert, "__version__", "unknown")},
             "device": self.device,
             "model": {"name": self.card.name, "task": self.card.task, "labels": list(self.card.labels),
-                      "input_size": self.card.input.size},
+                      "input_size": self.card.input.size, "lung_crop": self.card.input.lung_crop},
             "test_split": self.test_split,
             "settings": {"threads": self.threads, "reference_runtime": REFERENCE},
             "runtimes": self.runtimes,
             "variants": {n: self.variants[n] for n in order},
             "speedup_vs_fp32": self.speedups,
+            "lung_step": self.lung_steps,
             "clinic": self.clinic,
             "keras_reference": self.keras_reference(),
             "accelerators_elsewhere": accelerators.load(self.run),

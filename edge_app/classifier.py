@@ -101,7 +101,7 @@ class Classifier:
             self.backend, self.backend_attempts = runtime(data), []
         self._check_card_matches_model()
         self.spec = self.card.input
-        lungs.use_embedded(data, self.spec, self.model_path)   # the lung crop's segmenter, if the spec crops
+        self.segmenter = lungs.use_embedded(data, self.spec, self.model_path)   # the lung crop's, if the spec crops
         try:   # warm-up: the model alone (a black image has no lung field for a lung-cropping spec)
             self._run(np.zeros((1, self.spec.size, self.spec.size, self.spec.channels), np.float32))
         except ModelError as exc:

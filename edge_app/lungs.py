@@ -81,7 +81,7 @@ class Segmenter:
     """A lung segmenter (`.tflite` bytes), its card checked against the model; thread-safe."""
 
     def __init__(self, data: bytes, *, source=None, num_threads: int = 2):
-        self.data, self.source = data, source
+        self.data, self.source, self.num_threads = data, source, num_threads
         self.sha256 = hashlib.sha256(data).hexdigest()
         try:
             self.card = LungCard.from_json(read_metadata(data)[LUNG_CARD_METADATA_NAME])

@@ -185,6 +185,24 @@ def test_a_failed_clinic_gate_says_which_kind_and_stage_and_by_how_much(measured
     assert not [r for r in rows if ".devset." in r.gate]   # the development-set image is only a reference
 
 
+def test_a_lung_cropping_variant_is_gated_on_its_segmenter(measured):
+    assert not [r for r in gates.evaluate(measured, gates.load_gates()) if r.gate.startswith("lungs.")]
+    measured["model"]["lung_crop"] = "box"
+    step = {"segmenter_sha256": "0" * 64, "segmenter_bytes": 109464, "segmenter_input_size": 96, "segmenter_threads": 2,
+            "inference_ms": 3.0, "segmenter_ms": 0.5, "segmenter_vs_inference": 0.5 / 3.0, "step_ms": 1.5,
+            "step_vs_inference": 0.5, "pairs": 40}
+    measured["lung_step"] = {"fp32": step, "int8": {**step, "segmenter_vs_inference": 0.26, "inference_ms": 1.9}}
+    rows = [r for r in gates.evaluate(measured, gates.load_gates()) if r.gate.startswith("lungs.")]
+    assert {r.name for r in rows} == {f"lungs.{k}[{v}]" for k in ("max_segmenter_kib", "max_segmenter_vs_inference")
+                                      for v in ("fp32", "int8")}
+    assert [r.name for r in rows if not r.passed] == ["lungs.max_segmenter_vs_inference[int8]"]
+    assert "segmenter 0.50 ms vs inference 1.90 ms; whole lung step 1.50 ms = 0.50 x" in gates.table(rows)
+    del measured["lung_step"]["int8"]            # a lung-cropping variant not measured fails
+    rows = [r for r in gates.evaluate(measured, gates.load_gates()) if r.gate.startswith("lungs.")]
+    assert {r.name for r in rows if not r.passed} == {"lungs.max_segmenter_kib[int8]",
+                                                      "lungs.max_segmenter_vs_inference[int8]"}
+
+
 def test_device_budgets_are_checked_only_with_a_device(measured):
     gate_file = gates.load_gates()
     assert not [r for r in gates.evaluate(measured, gate_file) if r.gate.startswith("devices.")]
@@ -278,6 +296,7 @@ def test_benchmark_suite_measures_every_variant(suite, tiny_run):
         pipeline = next(r for r in v["latency"] if (r["runtime"], r["threads"], r["stage"]) == ("litert-cpu", 2, "pipeline"))
         assert pipeline["overhead_ratio"] >= 1 and set(pipeline["stages_ms"]) >= {"decode", "inference", "total"}
     assert set(results["speedup_vs_fp32"]) == set(VARIANTS) - {"fp32"}
+    assert results["lung_step"] == {n: None for n in VARIANTS}    # tiny_run does not crop: no lung step
     clinic = results["clinic"]
     assert set(clinic["files"]) == {"devset", *clinic_files.KINDS} and clinic["pipeline_kind"] == "dicom-mono2"
     assert all(2000 <= min(f["width"], f["height"]) <= max(f["width"], f["height"]) <= 3000

@@ -142,6 +142,7 @@ def test_classifier_file_carries_its_segmenter_and_the_device_crops_with_it(lung
 
     monkeypatch.setattr(lungs, "_opened", {})      # the device has only the classifier file
     classifier = Classifier(path, accelerator="cpu")
+    assert classifier.segmenter.sha256 == spec.lung_model   # what the benchmark times (test_lung_step.py)
     xray = sorted((shared_data / "val" / "normal").iterdir())[0]
     prediction = classifier.predict(xray)            # the device's path: decode, square (lung crop), normalise
     expected = decision.calibrated_probabilities(classifier.logits(preprocess.preprocess(xray, spec)[None])[0])
