@@ -23,6 +23,7 @@ from edge_app.runtime import REQUIRE_GPU_ENV, gpu_required
 
 RESULTS_KEY = pytest.StashKey[results_mod.Collector]()
 OUTCOME_KEY = pytest.StashKey[results_mod.Outcome]()
+PARTIAL_KEY = pytest.StashKey[bool]()
 
 
 def pytest_addoption(parser):
@@ -84,6 +85,14 @@ def pytest_collection_modifyitems(config, items):
                                 "or point --run / CXR_RUN at a converted run")
 
 
+def pytest_deselected(items):
+    """A session that leaves benchmarks out (-k, -m) measures part of the suite: its results are
+    saved, but they never replace the run's recorded benchmark (reports/benchmark.json, which
+    `make release` and SHIPPED read)."""
+    if items:
+        items[0].config.stash[PARTIAL_KEY] = True
+
+
 def pytest_generate_tests(metafunc):
     config = metafunc.config
     if "variant" in metafunc.fixturenames:
@@ -139,7 +148,8 @@ def pytest_sessionfinish(session, exitstatus):
     outcome = results_mod.finish(
         config.stash[RESULTS_KEY], gates_file=Path(config.getoption("gates")),
         results_dir=Path(config.getoption("results_dir")), shipped=shipped.split(",") if shipped else None,
-        compare=config.getoption("compare"), pytest_benchmark_json=config.getoption("benchmark_json"))
+        compare=config.getoption("compare"), pytest_benchmark_json=config.getoption("benchmark_json"),
+        beside_run=not config.stash.get(PARTIAL_KEY, False))
     config.stash[OUTCOME_KEY] = outcome
     if not outcome.passed:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

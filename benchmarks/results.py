@@ -154,8 +154,9 @@ class Outcome:
 
 
 def finish(collector: Collector, *, gates_file: Path, results_dir: Path, shipped: list[str] | None,
-           compare: str | None, pytest_benchmark_json: Path | None) -> Outcome:
-    """Gates, comparison, results JSON, report and plot; the lines to print at the end."""
+           compare: str | None, pytest_benchmark_json: Path | None, beside_run: bool = True) -> Outcome:
+    """Gates, comparison, results JSON, report and plot; the lines to print at the end. With
+    `beside_run` (a whole suite), also the run's recorded benchmark (reports/benchmark.*)."""
     from benchmarks import plot, report
 
     results = _finite(collector.to_json())
@@ -181,14 +182,15 @@ def finish(collector: Collector, *, gates_file: Path, results_dir: Path, shipped
     clinic_plot = plot.clinic_stages(results, results_dir / f"{stem}-clinic.png")
     report_path = results_dir / f"{stem}.md"
     report_path.write_text(report.markdown(results, plot_path.name, clinic_plot and clinic_plot.name))
-    reports = collector.run / "reports"  # the latest benchmark beside the run, for `make release`
-    reports.mkdir(exist_ok=True)
-    shutil.copy(path, reports / "benchmark.json")
-    shutil.copy(plot_path, reports / "benchmark_pareto.png")
-    if clinic_plot:
-        shutil.copy(clinic_plot, reports / "benchmark_clinic.png")
-    (reports / "benchmark.md").write_text(report.markdown(results, "benchmark_pareto.png",
-                                                          clinic_plot and "benchmark_clinic.png"))
+    reports = collector.run / "reports"  # the latest whole benchmark beside the run, for `make release`
+    if beside_run:
+        reports.mkdir(exist_ok=True)
+        shutil.copy(path, reports / "benchmark.json")
+        shutil.copy(plot_path, reports / "benchmark_pareto.png")
+        if clinic_plot:
+            shutil.copy(clinic_plot, reports / "benchmark_clinic.png")
+        (reports / "benchmark.md").write_text(report.markdown(results, "benchmark_pareto.png",
+                                                              clinic_plot and "benchmark_clinic.png"))
 
     lines = ["", "release gates (" + (f"device profile {collector.device}" if collector.device else
                                       "ratios; device budgets only with --device") + f", {gates_file}):",
@@ -196,5 +198,6 @@ def finish(collector: Collector, *, gates_file: Path, results_dir: Path, shipped
     if compare:
         lines += [f"REGRESSION {c}" for c in changes] or [f"no regression beyond noise against {compare}"]
     lines += [f"results: {path}", f"report: {report_path}", f"plot: {plot_path}"]
+    lines += [] if beside_run else [f"part of the suite only (-k / -m): {reports / 'benchmark.json'} left as it was"]
     lines += [f"clinic files plot: {clinic_plot}"] if clinic_plot else []
     return Outcome(path, all(r.passed for r in rows) and not changes, lines)

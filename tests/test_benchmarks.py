@@ -375,6 +375,15 @@ def test_compare_against_itself_finds_nothing_and_a_slower_copy_is_flagged(suite
     assert compare.main([str(path), str(tmp_path / "slower.json")]) == 1
 
 
+@pytest.mark.slow
+def test_part_of_the_suite_never_replaces_the_runs_recorded_benchmark(suite, tiny_run, tmp_path):
+    recorded = (tiny_run / "reports" / "benchmark.json").read_bytes()   # the whole suite's, above
+    proc = run_benchmarks(tiny_run, tmp_path, PERMISSIVE, "-k", "lung_step")
+    assert "part of the suite only (-k / -m)" in proc.stdout, proc.stdout[-3000:]
+    assert len(list(tmp_path.glob("tiny-*.json"))) == 1
+    assert (tiny_run / "reports" / "benchmark.json").read_bytes() == recorded
+
+
 # --- release -------------------------------------------------------------------------------------
 
 @pytest.mark.slow
