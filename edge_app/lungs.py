@@ -32,7 +32,6 @@ from edge_app.tflite_metadata import read_metadata, write_metadata
 LUNG_CARD_METADATA_NAME = "cxr_edge_lung_card"         # in the segmenter's file
 SEGMENTER_METADATA_NAME = "cxr_edge_lung_segmenter"    # the segmenter's file, in a classifier's
 OUTPUT = "lung_logits"
-MARGIN = 0.10                    # of the box's width and height, added on every side
 MIN_AREA = 0.03                  # lung share of the (padded) segmenter input below this: no lungs
 MAX_AREA = 0.70                  # above this: not a chest radiograph as the segmenter knows them
                                  # (cxr-lungs: 0.045-0.55 of the image; padding only lowers it)
@@ -112,10 +111,10 @@ class Segmenter:
         logits = self.backend.run(x)[OUTPUT][0, ..., 0]
         return 1.0 / (1.0 + np.exp(-logits))
 
-    def find(self, gray: np.ndarray) -> "LungField":
-        """The lung field of a grey [0, 1] image of any size."""
+    def find(self, gray: np.ndarray, margin: float = preprocess.LUNG_MARGIN) -> "LungField":
+        """The lung field of a grey [0, 1] image of any size, its box widened by `margin`."""
         square = preprocess.square(gray, self.spec)
-        return LungField.of(self.probabilities(square) > self.card.threshold, gray.shape)
+        return LungField.of(self.probabilities(square) > self.card.threshold, gray.shape, margin=margin)
 
 
 def regions(mask: np.ndarray) -> list[np.ndarray]:
@@ -167,10 +166,13 @@ class LungField:
     box: tuple[float, float, float, float]
     mask: np.ndarray | None
     lungs_found: int
+    margin: float = preprocess.LUNG_MARGIN
 
     @classmethod
-    def of(cls, mask: np.ndarray, shape: tuple[int, int], path=None) -> "LungField":
-        """The checked lung field of a (s, s) lung mask of an image of `shape` fitted with pad."""
+    def of(cls, mask: np.ndarray, shape: tuple[int, int], path=None,
+           margin: float = preprocess.LUNG_MARGIN) -> "LungField":
+        """The checked lung field of a (s, s) lung mask of an image of `shape` fitted with pad; its box
+        widened by `margin` of its height and width on every side (InputSpec.lung_margin)."""
         h, w = shape
         scale, top, left, new_h, new_w = _padded(mask.shape[0], shape)
         found = [r for r in regions(mask) if r.sum() >= MIN_REGION * new_h * new_w]
@@ -194,12 +196,12 @@ class LungField:
         if cut > MAX_SIDES_CUT:
             raise InputError("no_chest_found", f"the lung field runs off the image on {cut} sides: this is "
                              "not a whole chest X-ray (a detail or a zoomed crop?)", path)
-        dy, dx = MARGIN * (y1 - y0), MARGIN * (x1 - x0)
+        dy, dx = margin * (y1 - y0), margin * (x1 - x0)
         box = ((y0 - dy - top) / scale, (x0 - dx - left) / scale, (y1 + dy - top) / scale, (x1 + dx - left) / scale)
         if len(lungs) == 1:
             box = (box[0], 0.0, box[2], float(w))
         box = (max(0.0, box[0]), max(0.0, box[1]), min(float(h), box[2]), min(float(w), box[3]))
-        return cls(box=box, mask=union if len(lungs) == 2 else None, lungs_found=len(lungs))
+        return cls(box=box, mask=union if len(lungs) == 2 else None, lungs_found=len(lungs), margin=margin)
 
     def crop(self, gray: np.ndarray, blank: bool) -> np.ndarray:
         """The image inside the box, widened to a square about its centre (shifted to stay on
@@ -222,7 +224,7 @@ class LungField:
         """The lung mask, widened by the margin, on the image's own pixels."""
         grown = self.mask.copy()
         rows, cols = np.flatnonzero(grown.any(axis=1)), np.flatnonzero(grown.any(axis=0))
-        for _ in range(max(1, round(MARGIN * max(rows[-1] - rows[0], cols[-1] - cols[0])))):
+        for _ in range(max(1, round(self.margin * max(rows[-1] - rows[0], cols[-1] - cols[0])))):
             step = grown.copy()
             step[1:] |= grown[:-1]
             step[:-1] |= grown[1:]
@@ -291,4 +293,4 @@ def _registered(spec: preprocess.InputSpec) -> Segmenter:
 
 def crop(gray: np.ndarray, spec: preprocess.InputSpec) -> np.ndarray:
     """The preprocessing's lung step: `gray` cropped to its lung field as `spec.lung_crop` says."""
-    return _registered(spec).find(gray).crop(gray, blank=spec.lung_crop == "mask")
+    return _registered(spec).find(gray, spec.lung_margin).crop(gray, blank=spec.lung_crop == "mask")

@@ -110,6 +110,9 @@ _DEEP_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # stretched robustl
 _ALPHA_MODES = ("P", "PA", "LA", "La", "RGBA", "RGBa")       # composited on black
 _COLOUR_MODES = ("RGB", "RGBX", "CMYK")
 
+LUNG_MARGIN = 0.10            # InputSpec.lung_margin's default: the lung masks cover the aerated lung only
+                              # (edge_app.lungs), so the box gets a tenth of its size on every side
+
 CAFFE_BGR_MEAN = np.array([103.939, 116.779, 123.68], np.float32)
 TORCH_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 TORCH_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -127,6 +130,7 @@ class InputSpec:
     borders: str = "keep"     # keep | trim (see BORDERS)
     lung_crop: str = "none"   # none | box | mask (see LUNG_CROPS)
     lung_model: str = ""      # SHA-256 of the lung segmenter that lung_crop uses
+    lung_margin: float = LUNG_MARGIN  # added around the lungs' box, a share of its height and width
 
     def __post_init__(self):
         if isinstance(self.size, bool) or not isinstance(self.size, numbers.Integral) or self.size < 1:
@@ -152,6 +156,9 @@ class InputSpec:
                                              and all(c in "0123456789abcdef" for c in self.lung_model)):
             raise ValueError(f"InputSpec.lung_crop {self.lung_crop!r} needs lung_model, the segmenter's "
                              f"SHA-256 (64 lower-case hex digits), got {self.lung_model!r}")
+        if not (isinstance(self.lung_margin, numbers.Real) and 0.0 <= self.lung_margin <= 0.5):
+            raise ValueError(f"InputSpec.lung_margin must be a share from 0 to 0.5, got {self.lung_margin!r}")
+        object.__setattr__(self, "lung_margin", float(self.lung_margin))
         object.__setattr__(self, "size", int(self.size))        # numpy ints -> JSON-able ints
         object.__setattr__(self, "channels", int(self.channels))
 

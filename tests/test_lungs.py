@@ -42,6 +42,19 @@ def test_box_has_the_margin_and_is_mapped_onto_the_image():
     assert field.lungs_found == 2
 
 
+def test_the_box_has_the_specs_margin_and_a_missing_margin_reads_as_the_default():
+    tight = lungs.LungField.of(two_lungs(), (96, 96), margin=0.05)
+    default = lungs.LungField.of(two_lungs(), (96, 96))
+    rows, cols = (20, 75), (15, 82)
+    np.testing.assert_allclose(tight.box, [20 - 0.05 * 55, 15 - 0.05 * 67, 75 + 0.05 * 55, 82 + 0.05 * 67])
+    assert default.box[0] < tight.box[0] and default.margin == preprocess.LUNG_MARGIN == 0.10
+    spec = preprocess.InputSpec(size=64, lung_crop="box", lung_model="0" * 64)
+    assert preprocess.InputSpec.from_dict({k: v for k, v in spec.to_dict().items() if k != "lung_margin"}) == spec
+    for bad in (-0.1, 0.6, "0.1"):
+        with pytest.raises(ValueError, match="lung_margin"):
+            preprocess.InputSpec(size=64, lung_margin=bad)
+
+
 def test_the_box_spans_the_two_lungs_not_smaller_regions():
     mask = two_lungs()
     mask[85:95, 0:12] = True                 # dark air outside the body, taken for lung

@@ -784,7 +784,7 @@ def test_input_spec_round_trip():
     spec = pp.InputSpec(size=224, channels=3, normalisation="caffe", fit="pad")
     d = spec.to_dict()
     assert d == {"size": 224, "channels": 3, "normalisation": "caffe", "fit": "pad", "contrast": "none",
-                 "borders": "keep", "lung_crop": "none", "lung_model": ""}
+                 "borders": "keep", "lung_crop": "none", "lung_model": "", "lung_margin": 0.1}
     assert pp.InputSpec.from_dict(json.loads(json.dumps(d))) == spec
     assert pp.InputSpec.from_dict({"size": 128}) == pp.InputSpec(128)
     assert pp.InputSpec(np.int64(64)).to_dict()["size"].__class__ is int

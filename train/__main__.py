@@ -34,6 +34,8 @@ def parse_args(argv=None):
     p.add_argument("--input-borders", choices=BORDERS, help="trim uniform borders first, or keep them")
     p.add_argument("--lung-crop", choices=LUNG_CROPS, help="crop to the lung field found by --lung-model")
     p.add_argument("--lung-model", help="lung segmenter .tflite (python -m train.lungs)")
+    p.add_argument("--lung-margin", type=float, help="added around the lungs' box on every side, a share of "
+                   "its height and width (default 0.1)")
     p.add_argument("--strategy", choices=STRATEGIES)
     p.add_argument("--epochs", type=int)
     p.add_argument("--fine-tune-epochs", type=int)

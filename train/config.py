@@ -11,6 +11,8 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from edge_app.preprocess import LUNG_MARGIN
+
 STRATEGIES = ("frozen", "finetune", "full")
 SCRATCH_MODELS = ("cnn",)  # models with no ImageNet weights (train.models: weights_file None)
 LOSSES = ("crossentropy", "focal")
@@ -35,6 +37,7 @@ class TrainConfig:
     input_borders: str = "trim"           # keep | trim: cut uniform frames off first (InputSpec.borders)
     lung_crop: str = "none"               # none | box | mask: crop to the lung field (InputSpec.lung_crop)
     lung_model: str = ""                  # the lung segmenter .tflite it crops with (python -m train.lungs)
+    lung_margin: float = LUNG_MARGIN      # around the lungs' box, a share of its size (InputSpec.lung_margin)
     strategy: str | None = None           # frozen | finetune | full; None -> finetune from
                                           # pretrained weights, full from scratch (weights "none")
     epochs: int = 8                       # head epochs (frozen/finetune) or all epochs (full)

@@ -166,7 +166,8 @@ def run(config: TrainConfig, out: str | Path, *, resume: bool = False, progress:
     spec = models.input_spec(config.model, config.image_size, config.fit, config.input_contrast,
                              config.input_borders)
     if config.lung_crop != "none":
-        spec = dataclasses.replace(spec, lung_crop=config.lung_crop, lung_model=lungs.use(config.lung_model).sha256)
+        spec = dataclasses.replace(spec, lung_crop=config.lung_crop, lung_model=lungs.use(config.lung_model).sha256,
+                                   lung_margin=config.lung_margin)
         refused = lung_refusals(dataset.records + held_out, spec, progress=progress)
         (reports / "lung_refusals.json").write_text(json.dumps(refused, indent=2))
         gone = {r["file"] for r in refused}
