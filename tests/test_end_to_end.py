@@ -108,6 +108,31 @@ def test_runs_compare_as_one_table(tiny_run, tmp_path):
     assert refused.returncode == 2 and "not a finished training run" in refused.stderr
 
 
+def test_test_time_views_of_a_lung_cropping_run(tiny_dataset, lung_segmenter, tiny_run, tmp_path):
+    """train.tta: the view at the margin the run trained with is the run itself (its saved logits,
+    its metrics after the refit); another margin is another view; a run that does not crop is refused."""
+    from train import tta
+
+    run = tmp_path / "lungs-run"
+    run_module("train", "--model", "cnn", "--data", tiny_dataset, "--out", run, "--image-size", "64",
+               "--epochs", "1", "--batch-size", "8", "--input-contrast", "none", "--bootstrap", "0",
+               "--no-progress", "--lung-crop", "box", "--lung-model", lung_segmenter)
+    logits, y, records, labels, config = tta.view_logits(run, (0.1, 0.25), progress=False)
+    saved = np.load(run / "reports" / "predictions.npz")
+    np.testing.assert_allclose(logits[0.1]["test"], saved["test_logits"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(y["test"], saved["test_labels"])
+    assert np.abs(logits[0.25]["test"] - logits[0.1]["test"]).max() > 1e-4
+    out = run_module("train.tta", run, "--margins", "0.1", "0.25", "--no-progress").stdout
+    result = json.loads((run / "reports" / "tta.json").read_text())
+    metrics = json.loads((run / "reports" / "metrics.json").read_text())
+    assert set(result["rows"]) == {"margin 0.1", "margin 0.25", "mean of 2 views"}
+    assert result["rows"]["margin 0.1"]["test"]["macro_f1"] == pytest.approx(metrics["test"]["macro_f1"])
+    assert result["rows"]["margin 0.1"]["temperature"] == pytest.approx(metrics["temperature"], rel=1e-3)
+    assert "| lungs-run | mean of 2 views |" in out
+    refused = run_module("train.tta", tiny_run, check=False)
+    assert refused.returncode == 2 and "does not crop to the lung field" in refused.stderr
+
+
 def test_an_ensemble_of_a_run_with_itself_scores_as_the_run(tiny_run, tmp_path):
     """train.ensemble refits temperature and threshold on val like training: averaging a run with
     itself gives the run's own logits, scaled by the refitted temperature. That is 1 where the run's

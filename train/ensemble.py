@@ -50,16 +50,8 @@ def ensemble_metrics(runs: list[Path]) -> dict:
     # log of the mean probability: logits whose softmax is the ensemble's probability
     logits = {s: np.log(np.clip(np.mean([m[0][s] for m in members], axis=0), 1e-12, 1.0)) for s in records}
     y = {s: np.array([labels.index(r.label) for r in records[s]]) for s in records}
-    temperature, threshold = evaluate.calibrate(logits["val"], y["val"], records["val"], config.target_sensitivity,
-                                                config.threshold_rule)
-    results = {s: evaluate.split_metrics(logits[s], y[s], records[s], labels, temperature=temperature,
-                                         threshold=threshold, bootstrap=config.bootstrap) for s in records}
-    if run_splits.HOLDOUT in results:
-        against = evaluate.holdout_auc_against_test(logits[run_splits.HOLDOUT], y[run_splits.HOLDOUT], logits["test"],
-                                                    y["test"], temperature=temperature, bootstrap=config.bootstrap)
-        if against:
-            results[run_splits.HOLDOUT]["abnormal"]["auc_against_test"] = against
-    return {**results, "temperature": temperature, "members": [str(r) for r in runs]}
+    results = evaluate.refitted_metrics(logits, y, records, labels, config)
+    return {**results, "members": [str(r) for r in runs]}
 
 
 def table(runs: list[Path], ensemble: dict) -> str:

@@ -14,7 +14,7 @@ from edge_app import decision, metrics
 from edge_app.graph_names import LOGITS, POOL
 from edge_app.preprocess import InputSpec
 from train import models
-from train.data import sources
+from train.data import run_splits, sources
 from train.data.records import Record, label_indices
 from train.pipeline import load_images, make_dataset
 
@@ -96,6 +96,24 @@ def holdout_auc_against_test(holdout_logits: np.ndarray, y_holdout: np.ndarray, 
     if bootstrap:
         result["auc_ci95"] = metrics.bootstrap_auc_ci(positive, scores, n=bootstrap)
     return result
+
+
+def refitted_metrics(logits: dict[str, np.ndarray], y: dict[str, np.ndarray], records: dict[str, list[Record]],
+                     labels, config) -> dict:
+    """What a run's reports/metrics.json would say of other logits for its images (an ensemble's,
+    test-time views'): temperature and threshold fitted on logits["val"] as training fits them
+    (`config`: the run's TrainConfig), the figures of every split, and a held-out source's AUC
+    against test; so such a row compares like with like with the run's own."""
+    temperature, threshold = calibrate(logits["val"], y["val"], records["val"], config.target_sensitivity,
+                                       config.threshold_rule)
+    results = {s: split_metrics(logits[s], y[s], records[s], labels, temperature=temperature, threshold=threshold,
+                                bootstrap=config.bootstrap) for s in logits}
+    if run_splits.HOLDOUT in results:
+        against = holdout_auc_against_test(logits[run_splits.HOLDOUT], y[run_splits.HOLDOUT], logits["test"],
+                                           y["test"], temperature=temperature, bootstrap=config.bootstrap)
+        if against:
+            results[run_splits.HOLDOUT]["abnormal"]["auc_against_test"] = against
+    return {**results, "temperature": temperature}
 
 
 def _cohorts(records: list[Record]) -> list[str | None]:
