@@ -131,6 +131,8 @@ def test_test_time_views_of_a_lung_cropping_run(tiny_dataset, lung_segmenter, ti
     assert "| lungs-run | mean of 2 views |" in out
     refused = run_module("train.tta", tiny_run, check=False)
     assert refused.returncode == 2 and "does not crop to the lung field" in refused.stderr
+    # train.compare names the segmenter a lung-cropping recipe used
+    assert f"lung_crop box, segmenter {lung_segmenter} |" in run_module("train.compare", run).stdout
 
 
 def test_an_ensemble_of_a_run_with_itself_scores_as_the_run(tiny_run, tmp_path):

@@ -55,6 +55,8 @@ FIGURES = (("macro-F1", ("test", "macro_f1")), ("abn. sens.", ("test", "abnormal
 def measures(config: dict) -> str:
     """The measures against shortcuts a run had switched on (configs/shortcuts/)."""
     on = [f"{k} {config[k]}" for k, off in SHORTCUTS_OFF.items() if config.get(k, off) != off]
+    if config.get("lung_crop", "none") != "none" and config.get("lung_model"):
+        on.append(f"segmenter {config['lung_model']}")      # which one found the lungs to crop to
     return ", ".join(on) or "none"
 
 
