@@ -83,7 +83,9 @@ MAX_PIXELS = 50_000_000       # more pixels -> too_large, from the header: ~7070
                               # `load` at the limit: ~0.15 GB for a 16-bit PNG (Pillow's image, read
                               # into numpy in strips, reduced before any float step; JPEGs drafted).
 DEEP_STRIP_ROWS = 512        # deep (16-bit) images are read into numpy this many rows at a time
-BLOCK_STRIP_ROWS = 64        # integer block means (and DICOM's unused-bits correction): rows at a time
+BLOCK_STRIP_ROWS = 128       # integer block means (and DICOM's unused-bits correction): rows at a time;
+                             # 128 against 64: DICOM decode 6-12 % faster on x86 (fewer Python steps). A strip
+                             # and its corrected copy of a 2 k-column film: ~1 MiB, a Pi 4's L2
 STRETCH_PERCENTILES = (0.5, 99.5)  # deep images without a VOI window: these -> 0 and 255 (robust to
                                    # hot/dead pixels and burnt-in labels)
 STRETCH_SAMPLE_PIXELS = 1 << 16    # the percentiles are taken on a fixed grid of about this many pixels
