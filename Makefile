@@ -12,6 +12,7 @@
 #   make app APP_ARGS="--kiosk --pin 2468" the screening kiosk
 #   make benchmark RUN=mobilenet_v2-cxr    latency, memory, size, accuracy of every variant + the gates
 #   make summary RUN=mobilenet_v2-cxr      the run on one screen (what `make all` ends with)
+#   make robustness RUN=mobilenet_v2-cxr   the shipped variant's answers under other acquisitions (blur, noise, ...)
 #   make release RUN=mobilenet_v2-cxr      dist/<model>-<version>/, only when every gate passes
 #   make bundle-pi RUN=mobilenet_v2-cxr    dist/ folder + tarball for 64-bit Raspberry Pi OS
 #   sudo make verify-pi RUN=...            install it on an emulated aarch64 Debian 12, compare with x86
@@ -96,7 +97,7 @@ endif
 PI_BUNDLE    = dist/cxr-edge-pi-$(RUN)-$(PI_VARIANT)
 PREDICT_IMAGE = $(firstword $(wildcard $(DATASET)/test/covid/* $(DATASET)/test/pneumonia/*))
 
-.PHONY: all summary setup system-deps data train lungs adapt convert benchmark release predict app bundle-pi verify-pi \
+.PHONY: all summary robustness setup system-deps data train lungs adapt convert benchmark release predict app bundle-pi verify-pi \
         test test-device fuzz clean
 
 CONVERT      = $(PY) -m convert $(RUN_DIR) $(if $(PRUNE),--prune $(PRUNE)) $(CONVERT_ARGS)
@@ -153,6 +154,10 @@ benchmark: setup
 	$(BENCH_ENV) $(PY) -m benchmarks -q $(BENCH_QUIET) -p no:cacheprovider --run $(RUN_DIR) --gates $(GATES) \
 		$(if $(DEVICE),--device $(DEVICE)) $(if $(VARIANTS),--variants $(VARIANTS)) \
 		$(if $(COMPARE),--compare $(COMPARE)) --benchmark-json=$(RUN_DIR)/reports/pytest-benchmark.json $(BENCH_ARGS)
+
+# The shipped variant on the test films as other acquisitions would give them: reports/robustness.{json,md,png}.
+robustness: setup
+	$(PY) -m benchmarks.robustness --run $(RUN_DIR) --model $(APP_MODEL)
 
 # The run on one screen: data, Keras metrics, variants (size, parity, GPU, latency, gates), failures.
 summary: setup

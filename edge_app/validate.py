@@ -219,31 +219,31 @@ def write_reports(result: dict, out) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "validation.json", out / "validation.md", out / "reliability.png"]
-    paths[0].write_text(json.dumps(_json_safe(result), indent=2) + "\n")
+    paths[0].write_text(json.dumps(json_safe(result), indent=2) + "\n")
     paths[1].write_text(markdown(result))
     reliability_png(result["reliability"]["bins"], paths[2])
     return paths
 
 
-def _json_safe(value):
+def json_safe(value):
     """NaN (a figure these images cannot give) as null: JSON has no NaN."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
-def _fmt(rate: dict) -> str:
+def format_rate(rate: dict) -> str:
     if rate["value"] is None:
         return "– (no images)"
     lo, hi = rate["ci95"]
     return f"{rate['value']:.3f} ({lo:.3f}–{hi:.3f}) {rate['k']}/{rate['n']}"
 
 
-def _num(value) -> str:
+def format_number(value) -> str:
     return "–" if value is None or math.isnan(value) else f"{value:.3f}"
 
 
@@ -267,12 +267,13 @@ def markdown(r: dict) -> str:
         t = r["target"]
         rows.append((f"for sensitivity ≥ {t['target_sensitivity']:.2f} on these images", t,
                      f" (95 % CI {_interval(t['threshold_ci95'])}, bootstrap)"))
-    lines += [f"| {name}: {row['threshold']:.3f}{extra} | {_fmt(row['sensitivity'])} | {_fmt(row['specificity'])} |"
-              for name, row, extra in rows]
+    lines += [f"| {name}: {row['threshold']:.3f}{extra} | {format_rate(row['sensitivity'])} | "
+              f"{format_rate(row['specificity'])} |" for name, row, extra in rows]
     auc = r["abnormal_auc"]
-    lines += ["", f"Abnormal AUC {_num(auc['value'])} (95 % CI {_interval(auc['ci95'])}, {auc['method']}).", "",
+    lines += ["", f"Abnormal AUC {format_number(auc['value'])} (95 % CI {_interval(auc['ci95'])}, "
+              f"{auc['method']}).", "",
               "## Recall per class (most probable class)", "", "| class | recall (95 % CI) k/n |", "|---|---|"]
-    lines += [f"| {label} | {_fmt(rate)} |" for label, rate in r["per_class_recall"].items()]
+    lines += [f"| {label} | {format_rate(rate)} |" for label, rate in r["per_class_recall"].items()]
     cm = r["confusion_matrix"]["counts"]
     lines += ["", "## Confusion matrix (rows: true class, columns: most probable class)", "",
               "| true \\ predicted | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
@@ -282,11 +283,11 @@ def markdown(r: dict) -> str:
         lines.append("This model carries no out-of-distribution score.")
     else:
         lines.append(f"Answered 'unlike the training images' (OOD score above {r['ood']['threshold']:.3g}): "
-                     f"{_fmt(r['ood']['share'])}; per class: "
-                     + ", ".join(f"{label} {_fmt(rate)}" for label, rate in r["ood"]["per_class"].items()) + ".")
+                     f"{format_rate(r['ood']['share'])}; per class: "
+                     + ", ".join(f"{label} {format_rate(rate)}" for label, rate in r["ood"]["per_class"].items()) + ".")
     lines += ["", "## Reliability", "", "![reliability](reliability.png)", "",
               f"Top-1 confidence against accuracy per confidence bin; expected calibration error "
-              f"{_num(r['reliability']['ece'])}.", ""]
+              f"{format_number(r['reliability']['ece'])}.", ""]
     lines += ["## Images that could not be read", ""]
     lines += [f"- `{u['source']}` ({u['class']}): [{u['code']}] {u['message']}" for u in r["unreadable"]] or ["None."]
     lines += ["", "## Files left out", ""]
@@ -332,13 +333,13 @@ def text_summary(r: dict) -> str:
     rows = [("model card", r["card_threshold"])] + ([("site", r["site_threshold"])] if r["site_threshold"] else [])
     if r["target"]:
         rows.append((f"for sensitivity {r['target']['target_sensitivity']:.2f}", r["target"]))
-    lines += [f"threshold {row['threshold']:.3f} ({name}): sensitivity {_fmt(row['sensitivity'])}, "
-              f"specificity {_fmt(row['specificity'])}" for name, row in rows]
+    lines += [f"threshold {row['threshold']:.3f} ({name}): sensitivity {format_rate(row['sensitivity'])}, "
+              f"specificity {format_rate(row['specificity'])}" for name, row in rows]
     if r["target"]:
         lines.append(f"  its 95 % CI (bootstrap): {_interval(r['target']['threshold_ci95'])}")
     auc = r["abnormal_auc"]
-    lines.append(f"abnormal AUC {_num(auc['value'])} (95 % CI {_interval(auc['ci95'])})")
+    lines.append(f"abnormal AUC {format_number(auc['value'])} (95 % CI {_interval(auc['ci95'])})")
     if r["ood"] is not None:
-        lines.append(f"out of distribution: {_fmt(r['ood']['share'])}")
+        lines.append(f"out of distribution: {format_rate(r['ood']['share'])}")
     lines += [f"CANNOT SCREEN [{u['code']}] {u['source']}: {u['message']}" for u in r["unreadable"]]
     return "\n".join(lines)

@@ -6,6 +6,7 @@ import copy
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -429,3 +430,32 @@ def test_release_refuses_results_that_do_not_describe_the_files(suite, tiny_run,
     assert release_main([str(run), "--results", str(suite[1]), "--gates", str(tmp_path / "ok.toml"),
                          "--dist", str(tmp_path / "dist")]) == 1
     assert "changed since it was benchmarked" in capsys.readouterr().err
+
+
+def test_robustness_reacquires_every_test_film_and_measures_what_moved(tiny_run, tmp_path):
+    """benchmarks.robustness on the tiny run's test films: every acquisition scores every film or lists
+    it as refused; the films as stored move nothing against themselves, the re-acquired ones do; a
+    seeded acquisition writes the same file twice; the reports are written."""
+    from benchmarks import robustness
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    run_module("benchmarks.robustness", "--run", run, "--model", run / "tflite" / "fp32.tflite", "--bootstrap", "0")
+    result = json.loads((run / "reports" / "robustness.json").read_text())
+    rows = result["acquisitions"]
+    assert list(rows) == [a.name for a in robustness.ACQUISITIONS] and result["n_films"] == 18
+    for row in rows.values():
+        assert row["n_scored"] + len(row["refused"]) == result["n_films"]
+        assert row["against_stored"]["n"] == row["n_scored"]
+    stored = rows[robustness.AS_STORED]["against_stored"]
+    assert stored["referrals_flipped"] == stored["classes_changed"] == 0 and stored["max_abs_delta_p"] == 0.0
+    assert max(row["against_stored"]["max_abs_delta_p"] for row in rows.values()) > 0.0
+    markdown = (run / "reports" / "robustness.md").read_text()
+    assert all(f"| {name} (" in markdown for name in rows)
+    assert (run / "reports" / "robustness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    noisy = next(a for a in robustness.ACQUISITIONS if a.name == "noisy")
+    paths = robustness.Split.of_run(run).paths[:1]
+    first = robustness.write_acquired(noisy, paths, tmp_path / "a", seed=3)[0].read_bytes()
+    assert robustness.write_acquired(noisy, paths, tmp_path / "b", seed=3)[0].read_bytes() == first
+    assert robustness.write_acquired(noisy, paths, tmp_path / "c", seed=4)[0].read_bytes() != first

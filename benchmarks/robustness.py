@@ -1,0 +1,225 @@
+"""How the device's answers move when the same films are acquired differently (issue 11: the next
+hospital images with another detector, exposure, compression and resolution than the development set).
+
+    python -m benchmarks.robustness --run artifacts/RUN --model artifacts/RUN/tflite/VARIANT.tflite [--limit N]
+    make robustness RUN=...                  (the variant the run ships)
+
+Every test image of the run (`benchmarks.testset`) is decoded, changed as one acquisition might change it
+(ACQUISITIONS), written to a file and classified from that file by `edge_app.validate.classify`, i.e.
+`Classifier.predict`, the path of `predict` and the app. Per acquisition: `edge_app.validate.summarise`'s
+figures (sensitivity and specificity at the card's threshold with Wilson intervals, AUC, per-class recall,
+out-of-distribution share) and, against the same films as stored: referral decisions flipped (P(abnormal)
+crossing the card's threshold either way), predicted classes changed, mean and max |delta P(abnormal)|,
+films refused. reports/robustness.{json,md,png}. It measures where the model is fragile; no gate reads it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import matplotlib
+import numpy as np
+from PIL import Image, ImageFilter
+
+from benchmarks import clinic_files
+from benchmarks.testset import Split
+from edge_app import preprocess, validate
+from edge_app.classifier import Classifier
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+AS_STORED = "as stored"
+EXPORT_SCALE = 8          # the full-size export: a 256 px film becomes ~2,000 px
+
+
+@dataclass(frozen=True)
+class Acquisition:
+    name: str
+    what: str
+    change: Callable[[Path, np.ndarray, np.random.Generator], Image.Image] | None   # None: the file itself
+    suffix: str = ".png"
+    quality: int | None = None     # JPEG
+
+
+def _grey(values) -> Image.Image:
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+
+
+def _exposure(power: float):
+    return lambda path, grey, rng: _grey(255.0 * (grey / 255.0) ** power)
+
+
+def _half_resolution(path, grey, rng) -> Image.Image:
+    image = Image.fromarray(grey, "L")
+    small = image.resize((max(1, grey.shape[1] // 2), max(1, grey.shape[0] // 2)), Image.Resampling.BILINEAR)
+    return small.resize(image.size, Image.Resampling.BILINEAR)
+
+
+def _full_size_export(path, grey, rng) -> Image.Image:
+    """The film upscaled, as 12-bit detector counts with quantum and fixed-pattern noise, stored as
+    8-bit grey (benchmarks.clinic_files' png8 kind)."""
+    h, w = grey.shape
+    kind = clinic_files.Kind("export", w * EXPORT_SCALE, h * EXPORT_SCALE, ".png", "full-size export")
+    counts = clinic_files.detector_counts(path, kind, rng)
+    return Image.fromarray((counts >> (clinic_files.BITS - 8)).astype(np.uint8), "L")
+
+
+ACQUISITIONS = (
+    Acquisition(AS_STORED, "the test file itself", None),
+    Acquisition("blurred", "Gaussian blur, sigma 1.5 px", lambda p, g, r: Image.fromarray(g, "L").filter(
+        ImageFilter.GaussianBlur(1.5))),
+    Acquisition("sharpened", "unsharp mask, radius 2 px, 100 %", lambda p, g, r: Image.fromarray(g, "L").filter(
+        ImageFilter.UnsharpMask(radius=2, percent=100, threshold=0))),
+    Acquisition("noisy", "Gaussian noise, sd 4 % of full scale", lambda p, g, r: _grey(g + r.normal(0.0, 0.04 * 255,
+                                                                                              g.shape))),
+    Acquisition("darker", "grey curve x^1.5", _exposure(1.5)),
+    Acquisition("brighter", "grey curve x^0.67", _exposure(0.67)),
+    Acquisition("jpeg q30", "JPEG quality 30", lambda p, g, r: Image.fromarray(g, "L"), ".jpg", 30),
+    Acquisition("half resolution", "down to half size and back (bilinear)", _half_resolution),
+    Acquisition("tilted 5 deg", "rotated 5 degrees, black corners", lambda p, g, r: Image.fromarray(g, "L").rotate(
+        5, resample=Image.Resampling.BILINEAR, fillcolor=0)),
+    Acquisition("full-size export", f"{EXPORT_SCALE} x upscaled as detector counts with noise, 8-bit PNG",
+                _full_size_export),
+)
+
+
+def write_acquired(acquisition: Acquisition, paths: list[Path], folder: Path, seed: int) -> list[Path]:
+    """The films as `acquisition` would give them, one file each in `folder` (the files themselves
+    for AS_STORED); seeded per film, so a film's noise does not depend on the others."""
+    if acquisition.change is None:
+        return list(paths)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, path in enumerate(paths):
+        rng = np.random.default_rng([seed, i])
+        image = acquisition.change(path, preprocess.decode(path), rng)
+        target = folder / f"{i:05d}{acquisition.suffix}"
+        image.save(target, **({"quality": acquisition.quality} if acquisition.quality else {"compress_level": 1}))
+        out.append(target)
+    return out
+
+
+def against_stored(stored: dict[int, dict], acquired: dict[int, dict], threshold: float, labels) -> dict:
+    """What changed for the films scored both as stored and as acquired."""
+    both = sorted(set(stored) & set(acquired))
+    p0 = np.array([stored[i]["abnormal_probability"] for i in both], float)
+    p1 = np.array([acquired[i]["abnormal_probability"] for i in both], float)
+    top = lambda r: max(labels, key=lambda label: r["probabilities"][label])  # noqa: E731
+    flipped = [i for i, a, b in zip(both, p0, p1) if (a >= threshold) != (b >= threshold)]
+    return {"n": len(both),
+            "referrals_flipped": len(flipped),
+            "newly_referred": int(((p1 >= threshold) & (p0 < threshold)).sum()),
+            "no_longer_referred": int(((p0 >= threshold) & (p1 < threshold)).sum()),
+            "classes_changed": sum(top(stored[i]) != top(acquired[i]) for i in both),
+            "mean_abs_delta_p": float(np.abs(p1 - p0).mean()) if both else None,
+            "max_abs_delta_p": float(np.abs(p1 - p0).max()) if both else None,
+            "flipped_films": flipped}
+
+
+def measure(run: Path, model: Path, *, limit: int | None = None, seed: int = 0, bootstrap: int = 200,
+            work: Path | None = None) -> dict:
+    split = Split.of_run(run)
+    classifier = Classifier(model, accelerator="cpu")
+    labels, card = classifier.card.labels, classifier.card
+    films = list(zip(split.paths, (split.card.labels[c] for c in split.y)))[:limit]
+    paths = [p for p, _ in films]
+    work = Path(tempfile.mkdtemp(prefix="robustness-")) if work is None else work
+    rows, stored = {}, None
+    try:
+        for acquisition in ACQUISITIONS:
+            files = write_acquired(acquisition, paths, work / acquisition.name.replace(" ", "-"), seed)
+            index = {str(f): i for i, f in enumerate(files)}
+            records, refused = validate.classify(classifier, [(str(f), cls) for f, (_, cls) in zip(files, films)])
+            by_film = {index[r["source"]]: r for r in records}
+            stored = by_film if acquisition.name == AS_STORED else stored
+            summary = validate.summarise(records, labels, card_threshold=card.abnormal_threshold,
+                                         ood_threshold=card.thresholds.get("ood"), target_sensitivity=0.95,
+                                         bootstrap=bootstrap)
+            summary.pop("target")
+            rows[acquisition.name] = {
+                "what": acquisition.what, **summary,
+                "refused": [{"film": str(paths[index[u["source"]]]), "code": u["code"], "message": u["message"]}
+                            for u in refused],
+                "against_stored": against_stored(stored, by_film, card.abnormal_threshold, labels),
+            }
+            change = rows[acquisition.name]["against_stored"]
+            change["flipped_films"] = [str(paths[i]) for i in change["flipped_films"]]
+            if acquisition.change is not None:
+                shutil.rmtree(work / acquisition.name.replace(" ", "-"), ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"run": str(run), "model": str(model), "model_sha256": classifier.model_sha256,
+            "n_films": len(films), "threshold": card.abnormal_threshold, "seed": seed, "acquisitions": rows}
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# Robustness to acquisition: {result['model']}", "",
+             f"{result['n_films']} test films of {result['run']}, each changed as below and classified from the "
+             f"file by the device's code; referral threshold {result['threshold']:.3f}. Flips and |dP| against "
+             "the same films as stored.", "",
+             "| acquisition | scored | refused | sensitivity [95 % CI] | specificity [95 % CI] | AUC | "
+             "OOD share | referrals flipped (new / lost) | classes changed | mean / max abs dP |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in result["acquisitions"].items():
+        sens, spec = r["card_threshold"]["sensitivity"], r["card_threshold"]["specificity"]
+        change = r["against_stored"]
+        ood = "—" if r["ood"] is None else validate.format_rate(r["ood"]["share"])
+        delta = ("—" if change["mean_abs_delta_p"] is None
+                 else f"{change['mean_abs_delta_p']:.3f} / {change['max_abs_delta_p']:.3f}")
+        lines.append(f"| {name} ({r['what']}) | {r['n_scored']} | {len(r['refused'])} | {validate.format_rate(sens)} | "
+                     f"{validate.format_rate(spec)} | {validate.format_number(r['abnormal_auc']['value'])} | {ood} | "
+                     f"{change['referrals_flipped']} ({change['newly_referred']} / {change['no_longer_referred']}) | "
+                     f"{change['classes_changed']} | {delta} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> Path:
+    """Abnormal sensitivity and specificity per acquisition, with their Wilson intervals."""
+    names = list(result["acquisitions"])
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    x = np.arange(len(names))
+    for offset, what, colour in ((-0.18, "sensitivity", "tab:red"), (0.18, "specificity", "tab:blue")):
+        rates = [result["acquisitions"][n]["card_threshold"][what] for n in names]
+        values = np.array([np.nan if r["value"] is None else r["value"] for r in rates])
+        low = np.maximum(values - np.array([r["ci95"][0] for r in rates]), 0.0)    # (rounding: Wilson's
+        high = np.maximum(np.array([r["ci95"][1] for r in rates]) - values, 0.0)   # interval holds the value)
+        ax.bar(x + offset, values, 0.36, yerr=[low, high], capsize=3, color=colour, alpha=0.8,
+               label=f"abnormal {what}")
+    ax.set_xticks(x, names, rotation=30, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("at the card's threshold (95 % CI)")
+    ax.set_title(f"Acquisition changes, {result['n_films']} test films: {Path(result['model']).name}")
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.robustness", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", required=True, type=Path, help="the run folder (its test split and reports/)")
+    p.add_argument("--model", required=True, type=Path, help="the .tflite to measure (the variant the run ships)")
+    p.add_argument("--limit", type=int, help="only the first N test films")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bootstrap", type=int, default=200, help="AUC interval resamples (0: none)")
+    args = p.parse_args(argv)
+    result = measure(args.run, args.model, limit=args.limit, seed=args.seed, bootstrap=args.bootstrap)
+    reports = args.run / "reports"
+    (reports / "robustness.json").write_text(json.dumps(validate.json_safe(result), indent=2) + "\n")
+    (reports / "robustness.md").write_text(markdown(result))
+    plot(result, reports / "robustness.png")
+    print(markdown(result))
+    print(f"written: {reports / 'robustness.json'}, .md, .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
