@@ -123,14 +123,13 @@ def against_stored(stored: dict[int, dict], acquired: dict[int, dict], threshold
             "flipped_films": flipped}
 
 
-def measure(run: Path, model: Path, *, limit: int | None = None, seed: int = 0, bootstrap: int = 200,
-            work: Path | None = None) -> dict:
+def measure(run: Path, model: Path, *, limit: int | None = None, seed: int = 0, bootstrap: int = 200) -> dict:
     split = Split.of_run(run)
     classifier = Classifier(model, accelerator="cpu")
     labels, card = classifier.card.labels, classifier.card
     films = list(zip(split.paths, (split.card.labels[c] for c in split.y)))[:limit]
     paths = [p for p, _ in films]
-    work = Path(tempfile.mkdtemp(prefix="robustness-")) if work is None else work
+    work = Path(tempfile.mkdtemp(prefix="robustness-"))      # one acquisition's files at a time
     rows, stored = {}, None
     try:
         for acquisition in ACQUISITIONS:
