@@ -133,15 +133,15 @@ def measure(run: Path, model: Path, *, limit: int | None = None, seed: int = 0, 
     rows, stored = {}, None
     try:
         for acquisition in ACQUISITIONS:
-            files = write_acquired(acquisition, paths, work / acquisition.name.replace(" ", "-"), seed)
+            folder = work / acquisition.name.replace(" ", "-")
+            files = write_acquired(acquisition, paths, folder, seed)
             index = {str(f): i for i, f in enumerate(files)}
             records, refused = validate.classify(classifier, [(str(f), cls) for f, (_, cls) in zip(files, films)])
             by_film = {index[r["source"]]: r for r in records}
             stored = by_film if acquisition.name == AS_STORED else stored
             summary = validate.summarise(records, labels, card_threshold=card.abnormal_threshold,
-                                         ood_threshold=card.thresholds.get("ood"), target_sensitivity=0.95,
+                                         ood_threshold=card.thresholds.get("ood"), target_sensitivity=None,
                                          bootstrap=bootstrap)
-            summary.pop("target")
             rows[acquisition.name] = {
                 "what": acquisition.what, **summary,
                 "refused": [{"film": str(paths[index[u["source"]]]), "code": u["code"], "message": u["message"]}
@@ -151,7 +151,7 @@ def measure(run: Path, model: Path, *, limit: int | None = None, seed: int = 0, 
             change = rows[acquisition.name]["against_stored"]
             change["flipped_films"] = [str(paths[i]) for i in change["flipped_films"]]
             if acquisition.change is not None:
-                shutil.rmtree(work / acquisition.name.replace(" ", "-"), ignore_errors=True)
+                shutil.rmtree(folder, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"run": str(run), "model": str(model), "model_sha256": classifier.model_sha256,

@@ -122,9 +122,9 @@ def at_threshold(positive, scores, threshold: float) -> dict:
 
 
 def summarise(records: list[dict], labels, *, card_threshold: float, ood_threshold: float | None,
-              target_sensitivity: float, bootstrap: int, site=None) -> dict:
+              target_sensitivity: float | None, bootstrap: int, site=None) -> dict:
     """Every figure of the report, from the per-image records (site: a SiteConfig already stored
-    for this model, also reported at its threshold)."""
+    for this model, also reported at its threshold; target_sensitivity None: no target threshold)."""
     y = np.array([labels.index(r["class"]) for r in records], dtype=int)
     probs = np.array([[r["probabilities"][label] for label in labels] for r in records],
                      dtype=float).reshape(len(records), len(labels))
@@ -148,7 +148,7 @@ def summarise(records: list[dict], labels, *, card_threshold: float, ood_thresho
         "reliability": {"bins": [dict(zip(("confidence", "accuracy", "share"), b))
                                  for b in metrics.calibration_bins(probs, y)],
                         "ece": metrics.expected_calibration_error(probs, y) if len(records) else math.nan},
-        "target": _target(positive, scores, target_sensitivity, bootstrap),
+        "target": None if target_sensitivity is None else _target(positive, scores, target_sensitivity, bootstrap),
     }
 
 
