@@ -206,7 +206,8 @@ def test_acquisition_augmentation_changes_how_not_what():
     from train.pipeline import acquisition_augmentation
 
     assert acquisition_augmentation(TrainConfig(), 0) is None      # off by default
-    config = TrainConfig(crop_scale=0.7, gamma=0.5, blur=1.5, noise=0.03, min_resolution=0.5, jpeg_quality=40)
+    config = TrainConfig(crop_scale=0.7, gamma=0.5, blur=1.5, sharpen=1.0, noise=0.03, min_resolution=0.5,
+                         jpeg_quality=40)
     augment = acquisition_augmentation(config, 0)
     y, x = np.mgrid[:64, :64] / 63.0
     batch = np.stack([(0.2 + 0.6 * x * y), (0.8 - 0.5 * x)])[..., None].astype(np.float32)
@@ -216,6 +217,18 @@ def test_acquisition_augmentation_changes_how_not_what():
     assert np.abs(out - batch).mean() > 0.005                        # it did change the pixels
     for a, b in zip(out[..., 0], batch[..., 0]):                     # ... but not the picture
         assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.9
+
+
+def test_sharpening_overshoots_an_edge_that_blur_would_soften():
+    from train.config import TrainConfig
+    from train.pipeline import acquisition_augmentation
+
+    edge = np.where(np.arange(32) < 16, 0.3, 0.7).astype(np.float32)
+    batch = np.broadcast_to(edge, (8, 32, 32))[..., None].copy()
+    out = acquisition_augmentation(TrainConfig(sharpen=1.0), 0)(batch).numpy()
+    assert out.max() > 0.75 and out.min() < 0.25                    # halos either side of the edge
+    np.testing.assert_allclose(out[:, :, :8], 0.3, atol=1e-5)         # flat grey away from it is kept
+    np.testing.assert_allclose(out[:, :, -8:], 0.7, atol=1e-5)
 
 
 def test_blur_keeps_flat_grey_and_spreads_a_point():

@@ -76,6 +76,7 @@ class TrainConfig:
     crop_scale: float = 1.0               # random resized crop of area in [crop_scale, 1], aspect 3:4-4:3
     gamma: float = 0.0                    # grey curve x ** g, log g uniform in [-log(1+gamma), log(1+gamma)]
     blur: float = 0.0                     # Gaussian blur, sigma uniform in [0, blur] pixels
+    sharpen: float = 0.0                  # unsharp mask x + a (x - blur(x, 1.5 px)), a uniform in [0, sharpen]
     noise: float = 0.0                    # Gaussian noise, std uniform in [0, noise]
     min_resolution: float = 1.0           # down- and back up-sampled by a factor in [min_resolution, 1]
     jpeg_quality: int = 0                 # re-encoded as JPEG at a quality in [jpeg_quality, 95]

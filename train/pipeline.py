@@ -89,14 +89,14 @@ def augmentation(config: TrainConfig, seed: int) -> keras.Sequential:
 
 def acquisition_augmentation(config: TrainConfig, seed: int):
     """Batch -> batch changes of how an image was taken, not of what it shows: random resized crops
-    (framing, collimation), grey curve (gamma), blur, detector noise, resolution and JPEG
+    (framing, collimation), grey curve (gamma), blur or sharpening, detector noise, resolution and JPEG
     re-compression, so that a model cannot tell hospitals apart by them. None when all are off.
 
     They act before the contrast step (`make_dataset`), as an acquisition does before the device's:
     a grey curve (gamma) is then partly undone by CLAHE (almost wholly by equalize), and noise is
     amplified by CLAHE in flat regions just as a detector's would be (noise std 0.02 on [0, 1]
     comes out larger; that is intended)."""
-    if not (config.crop_scale < 1.0 or config.gamma or config.blur or config.noise
+    if not (config.crop_scale < 1.0 or config.gamma or config.blur or config.sharpen or config.noise
             or config.min_resolution < 1.0 or config.jpeg_quality):
         return None
     rng = tf.random.Generator.from_seed(seed)
@@ -115,6 +115,8 @@ def acquisition_augmentation(config: TrainConfig, seed: int):
             x = tf.pow(tf.maximum(x, 1e-6), tf.exp(log_g))
         if config.blur:
             x = _gaussian_blur(x, rng.uniform((), 0.0, config.blur), radius=int(np.ceil(3 * config.blur)))
+        if config.sharpen:   # a detector's or an export's edge enhancement, the opposite of blur
+            x = x + rng.uniform((n, 1, 1, 1), 0.0, config.sharpen) * (x - _gaussian_blur(x, 1.5, radius=5))
         if config.min_resolution < 1.0:
             scale = rng.uniform((), config.min_resolution, 1.0)
             small = tf.cast(tf.round(tf.cast(size, tf.float32) * scale), tf.int32)
