@@ -125,6 +125,21 @@ def markdown(results: dict, plot_name: str, clinic_plot: str | None = None) -> s
         lines += [f"| {n} | {m['segmenter_bytes'] / 1024:.0f} | {m['segmenter_input_size']} | {_ms(m['segmenter_ms'])} "
                   f"| {_ms(m['inference_ms'])} | {_ms(m['segmenter_vs_inference'])} | {_ms(m['step_ms'])} "
                   f"| {_ms(m['step_vs_inference'])} |" for n, m in steps.items()]
+    robust = results.get("robustness") or {}
+    if robust:
+        lines += ["", "## Robustness to acquisition", "",
+                  "The test films re-acquired (blurred, sharpened, noisy, darker, brighter, JPEG, half resolution, "
+                  "tilted, a full-size export) and classified from the files (benchmarks/robustness.py; every "
+                  "acquisition in reports/robustness.md): the acquisition that silently clears the largest share of "
+                  "the abnormal films referred as stored (\"no abnormality\", no warning).", "",
+                  "| variant | worst acquisition | silently cleared [95 % CI] | films cleared / referred as stored |",
+                  "|---|---|---|---|"]
+        for name, m in robust.items():
+            cleared = m["silently_cleared"] or {}
+            share = ("—" if cleared.get("value") is None else
+                     f"{cleared['value']:.3f} [{cleared['ci95'][0]:.3f}–{cleared['ci95'][1]:.3f}]")
+            lines.append(f"| {name} | {m['acquisition'] or '—'} | {share} | {cleared.get('k', '—')} / "
+                         f"{cleared.get('n', '—')} |")
     lines += ["", "## Out-of-distribution warning", "",
               "Share of in-distribution test images the device withholds a label from (false alarms), and of "
               "generated non-radiographs it catches (benchmarks/nonradiographs.py): the warning, or a refusal to "

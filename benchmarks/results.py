@@ -44,6 +44,7 @@ class Collector:
         self.test_split: dict = {}
         self.speedups: dict[str, dict] = {}
         self.lung_steps: dict[str, dict | None] = {}     # benchmarks/test_lung_step.py; None: no lung step
+        self.robustness_worst: dict[str, dict] = {}      # benchmarks/test_robustness.py
         self.clinic: dict = {"runtime": REFERENCE, "threads": None, "pipeline_kind": None, "reference_kind": None,
                              "files": {}, "stages": {}, "memory": {}, "cold_start": {}}   # benchmarks/test_clinic.py
         self.started = time.time()
@@ -75,6 +76,9 @@ class Collector:
 
     def lung_step(self, variant: str, measured: dict | None) -> None:
         self.lung_steps[variant] = measured
+
+    def robustness(self, variant: str, worst: dict) -> None:
+        self.robustness_worst[variant] = worst
 
     def clinic_stages(self, variant: str, kind: str, measured: dict) -> None:
         self.clinic["stages"].setdefault(variant, {})[kind] = measured
@@ -112,6 +116,7 @@ class Collector:
             "variants": {n: self.variants[n] for n in order},
             "speedup_vs_fp32": self.speedups,
             "lung_step": self.lung_steps,
+            "robustness": self.robustness_worst,
             "clinic": self.clinic,
             "keras_reference": self.keras_reference(),
             "accelerators_elsewhere": accelerators.load(self.run),

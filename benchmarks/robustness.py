@@ -1,16 +1,18 @@
 """How the device's answers move when the same films are acquired differently (issue 11: the next
 hospital images with another detector, exposure, compression and resolution than the development set).
 
-    python -m benchmarks.robustness --run artifacts/RUN --model artifacts/RUN/tflite/VARIANT.tflite [--limit N]
-    make robustness RUN=...                  (the variant the run ships)
+    python -m benchmarks.robustness --run artifacts/RUN [--model artifacts/RUN/tflite/VARIANT.tflite ...] [--limit N]
+    make robustness RUN=...                  (every variant of the run)
 
 Every test image of the run (`benchmarks.testset`) is decoded, changed as one acquisition might change it
 (ACQUISITIONS), written to a file and classified from that file by `edge_app.validate.classify`, i.e.
-`Classifier.predict`, the path of `predict` and the app. Per acquisition: `edge_app.validate.summarise`'s
-figures (sensitivity and specificity at the card's threshold with Wilson intervals, AUC, per-class recall,
-out-of-distribution share) and, against the same films as stored: referral decisions flipped (P(abnormal)
-crossing the card's threshold either way), predicted classes changed, mean and max |delta P(abnormal)|,
-films refused. reports/robustness.{json,md,png}. It measures where the model is fragile; no gate reads it.
+`Classifier.predict`, the path of `predict` and the app. Per variant and acquisition:
+`edge_app.validate.summarise`'s figures (sensitivity and specificity at the card's threshold with Wilson
+intervals, AUC, per-class recall, out-of-distribution share) and, against the same films as stored: referral
+decisions flipped (P(abnormal) crossing the card's threshold either way), abnormal films silently cleared
+(referred as stored, "no abnormality" and no warning as acquired), predicted classes changed, mean and max
+|delta P(abnormal)|, films refused. reports/robustness.{json,md,png}. `make benchmark` runs it on every
+benchmarked variant (benchmarks/test_robustness.py) and the `[robustness]` gates read the worst acquisition.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from PIL import Image, ImageFilter
 
 from benchmarks import clinic_files
 from benchmarks.testset import Split
-from edge_app import preprocess, validate
+from edge_app import decision, metrics, preprocess, validate
 from edge_app.classifier import Classifier
 
 matplotlib.use("Agg")
@@ -107,116 +109,168 @@ def write_acquired(acquisition: Acquisition, paths: list[Path], folder: Path, se
 
 
 def against_stored(stored: dict[int, dict], acquired: dict[int, dict], threshold: float, labels) -> dict:
-    """What changed for the films scored both as stored and as acquired."""
+    """What changed for the films scored both as stored and as acquired. `silently_cleared`: the
+    abnormal films referred as stored that the acquisition turns into "no abnormality detected" with
+    no out-of-distribution warning, as a share of the abnormal films referred as stored (Wilson
+    interval): the error a screening aid must not make when the next hospital's detector differs."""
     both = sorted(set(stored) & set(acquired))
     p0 = np.array([stored[i]["abnormal_probability"] for i in both], float)
     p1 = np.array([acquired[i]["abnormal_probability"] for i in both], float)
     top = lambda r: max(labels, key=lambda label: r["probabilities"][label])  # noqa: E731
     flipped = [i for i, a, b in zip(both, p0, p1) if (a >= threshold) != (b >= threshold)]
+    referred = [i for i, a in zip(both, p0) if stored[i]["class"] != labels[0] and a >= threshold]
+    cleared = [i for i in referred if acquired[i]["decision"] == decision.NO_ABNORMALITY]
+    k, n = len(cleared), len(referred)
     return {"n": len(both),
             "referrals_flipped": len(flipped),
             "newly_referred": int(((p1 >= threshold) & (p0 < threshold)).sum()),
             "no_longer_referred": int(((p0 >= threshold) & (p1 < threshold)).sum()),
+            "silently_cleared": {"value": k / n if n else None, "ci95": list(metrics.wilson_interval(k, n)),
+                                 "k": k, "n": n},
             "classes_changed": sum(top(stored[i]) != top(acquired[i]) for i in both),
             "mean_abs_delta_p": float(np.abs(p1 - p0).mean()) if both else None,
             "max_abs_delta_p": float(np.abs(p1 - p0).max()) if both else None,
-            "flipped_films": flipped}
+            "flipped_films": flipped, "silently_cleared_films": cleared}
 
 
-def measure(run: Path, model: Path, *, limit: int | None = None, seed: int = 0, bootstrap: int = 200) -> dict:
+def worst(rows: dict) -> dict:
+    """The acquisition that silently clears the largest share of referred abnormal films."""
+    measured = {name: r["against_stored"]["silently_cleared"] for name, r in rows.items()
+                if r["against_stored"]["silently_cleared"]["value"] is not None}
+    if not measured:
+        return {"acquisition": None, "silently_cleared": None}
+    name = max(measured, key=lambda n: measured[n]["value"])
+    return {"acquisition": name, "silently_cleared": measured[name]}
+
+
+def measure(run: Path, models: dict[str, Path], *, limit: int | None = None, seed: int = 0,
+            bootstrap: int = 200) -> dict:
+    """Each acquisition's files are written once and classified by every model in `models`
+    (variant name -> .tflite), so the variants are compared on the same files."""
     split = Split.of_run(run)
-    classifier = Classifier(model, accelerator="cpu")
-    labels, card = classifier.card.labels, classifier.card
+    classifiers = {name: Classifier(path, accelerator="cpu") for name, path in models.items()}
     films = list(zip(split.paths, (split.card.labels[c] for c in split.y)))[:limit]
     paths = [p for p, _ in films]
+    rows: dict[str, dict] = {name: {} for name in models}
+    stored: dict[str, dict] = {}
     work = Path(tempfile.mkdtemp(prefix="robustness-"))      # one acquisition's files at a time
-    rows, stored = {}, None
     try:
         for acquisition in ACQUISITIONS:
             folder = work / acquisition.name.replace(" ", "-")
             files = write_acquired(acquisition, paths, folder, seed)
             index = {str(f): i for i, f in enumerate(files)}
-            records, refused = validate.classify(classifier, [(str(f), cls) for f, (_, cls) in zip(files, films)])
-            by_film = {index[r["source"]]: r for r in records}
-            stored = by_film if acquisition.name == AS_STORED else stored
-            summary = validate.summarise(records, labels, card_threshold=card.abnormal_threshold,
-                                         ood_threshold=card.thresholds.get("ood"), target_sensitivity=None,
-                                         bootstrap=bootstrap)
-            rows[acquisition.name] = {
-                "what": acquisition.what, **summary,
-                "refused": [{"film": str(paths[index[u["source"]]]), "code": u["code"], "message": u["message"]}
-                            for u in refused],
-                "against_stored": against_stored(stored, by_film, card.abnormal_threshold, labels),
-            }
-            change = rows[acquisition.name]["against_stored"]
-            change["flipped_films"] = [str(paths[i]) for i in change["flipped_films"]]
+            labelled = [(str(f), cls) for f, (_, cls) in zip(files, films)]
+            for name, classifier in classifiers.items():
+                card = classifier.card
+                records, refused = validate.classify(classifier, labelled)
+                by_film = {index[r["source"]]: r for r in records}
+                if acquisition.name == AS_STORED:
+                    stored[name] = by_film
+                summary = validate.summarise(records, card.labels, card_threshold=card.abnormal_threshold,
+                                             ood_threshold=card.thresholds.get("ood"), target_sensitivity=None,
+                                             bootstrap=bootstrap)
+                change = against_stored(stored[name], by_film, card.abnormal_threshold, card.labels)
+                for key in ("flipped_films", "silently_cleared_films"):
+                    change[key] = [str(paths[i]) for i in change[key]]
+                rows[name][acquisition.name] = {
+                    "what": acquisition.what, **summary,
+                    "refused": [{"film": str(paths[index[u["source"]]]), "code": u["code"], "message": u["message"]}
+                                for u in refused],
+                    "against_stored": change}
             if acquisition.change is not None:
                 shutil.rmtree(folder, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return {"run": str(run), "model": str(model), "model_sha256": classifier.model_sha256,
-            "n_films": len(films), "threshold": card.abnormal_threshold, "seed": seed, "acquisitions": rows}
+    return {"run": str(run), "n_films": len(films), "seed": seed,
+            "acquisitions": {a.name: a.what for a in ACQUISITIONS},
+            "variants": {name: {"model": str(models[name]), "model_sha256": c.model_sha256,
+                                "threshold": c.card.abnormal_threshold, "acquisitions": rows[name],
+                                "worst": worst(rows[name])}
+                         for name, c in classifiers.items()}}
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# Robustness to acquisition: {result['model']}", "",
-             f"{result['n_films']} test films of {result['run']}, each changed as below and classified from the "
-             f"file by the device's code; referral threshold {result['threshold']:.3f}. Flips and |dP| against "
-             "the same films as stored.", "",
-             "| acquisition | scored | refused | sensitivity [95 % CI] | specificity [95 % CI] | AUC | "
-             "OOD share | referrals flipped (new / lost) | classes changed | mean / max abs dP |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, r in result["acquisitions"].items():
-        sens, spec = r["card_threshold"]["sensitivity"], r["card_threshold"]["specificity"]
-        change = r["against_stored"]
-        ood = "—" if r["ood"] is None else validate.format_rate(r["ood"]["share"])
-        delta = ("—" if change["mean_abs_delta_p"] is None
-                 else f"{change['mean_abs_delta_p']:.3f} / {change['max_abs_delta_p']:.3f}")
-        lines.append(f"| {name} ({r['what']}) | {r['n_scored']} | {len(r['refused'])} | {validate.format_rate(sens)} | "
-                     f"{validate.format_rate(spec)} | {validate.format_number(r['abnormal_auc']['value'])} | {ood} | "
-                     f"{change['referrals_flipped']} ({change['newly_referred']} / {change['no_longer_referred']}) | "
-                     f"{change['classes_changed']} | {delta} |")
-    return "\n".join(lines) + "\n"
+    lines = [f"# Robustness to acquisition: {result['run']}", "",
+             f"{result['n_films']} test films, each changed as below and classified from the file by the device's "
+             "code, at each variant's referral threshold. Flips, silently cleared films and |dP| are against the "
+             "same films as stored; silently cleared: abnormal films referred as stored that the acquisition turns "
+             "into \"no abnormality\" without the out-of-distribution warning (share of those referred).", ""]
+    for name, v in result["variants"].items():
+        w = v["worst"]
+        lines += [f"## {name} (`{v['model']}`, threshold {v['threshold']:.3f})", "",
+                  f"Worst: {w['acquisition']}, {validate.format_rate(w['silently_cleared'])} silently cleared."
+                  if w["acquisition"] else "No abnormal film referred as stored: nothing to clear.", "",
+                  "| acquisition | scored | refused | sensitivity [95 % CI] | specificity [95 % CI] | AUC | "
+                  "OOD share | referrals flipped (new / lost) | silently cleared [95 % CI] | classes changed | "
+                  "mean / max abs dP |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for acquisition, r in v["acquisitions"].items():
+            sens, spec = r["card_threshold"]["sensitivity"], r["card_threshold"]["specificity"]
+            change = r["against_stored"]
+            ood = "—" if r["ood"] is None else validate.format_rate(r["ood"]["share"])
+            delta = ("—" if change["mean_abs_delta_p"] is None
+                     else f"{change['mean_abs_delta_p']:.3f} / {change['max_abs_delta_p']:.3f}")
+            lines.append(f"| {acquisition} ({r['what']}) | {r['n_scored']} | {len(r['refused'])} | "
+                         f"{validate.format_rate(sens)} | {validate.format_rate(spec)} | "
+                         f"{validate.format_number(r['abnormal_auc']['value'])} | {ood} | "
+                         f"{change['referrals_flipped']} ({change['newly_referred']} / "
+                         f"{change['no_longer_referred']}) | {validate.format_rate(change['silently_cleared'])} | "
+                         f"{change['classes_changed']} | {delta} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def plot(result: dict, path: Path) -> Path:
-    """Abnormal sensitivity and specificity per acquisition, with their Wilson intervals."""
+    """Per variant, abnormal sensitivity and specificity per acquisition with their Wilson intervals."""
     names = list(result["acquisitions"])
-    fig, ax = plt.subplots(figsize=(9, 4.2))
+    fig, axes = plt.subplots(len(result["variants"]), 1, figsize=(9, 3.6 * len(result["variants"]) + 0.8),
+                             squeeze=False, sharex=True)
     x = np.arange(len(names))
-    for offset, what, colour in ((-0.18, "sensitivity", "tab:red"), (0.18, "specificity", "tab:blue")):
-        rates = [result["acquisitions"][n]["card_threshold"][what] for n in names]
-        values = np.array([np.nan if r["value"] is None else r["value"] for r in rates])
-        low = np.maximum(values - np.array([r["ci95"][0] for r in rates]), 0.0)    # (rounding: Wilson's
-        high = np.maximum(np.array([r["ci95"][1] for r in rates]) - values, 0.0)   # interval holds the value)
-        ax.bar(x + offset, values, 0.36, yerr=[low, high], capsize=3, color=colour, alpha=0.8,
-               label=f"abnormal {what}")
-    ax.set_xticks(x, names, rotation=30, ha="right")
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("at the card's threshold (95 % CI)")
-    ax.set_title(f"Acquisition changes, {result['n_films']} test films: {Path(result['model']).name}")
-    ax.legend(loc="lower left")
+    for ax, (variant, v) in zip(axes[:, 0], result["variants"].items()):
+        for offset, what, colour in ((-0.18, "sensitivity", "tab:red"), (0.18, "specificity", "tab:blue")):
+            rates = [v["acquisitions"][n]["card_threshold"][what] for n in names]
+            values = np.array([np.nan if r["value"] is None else r["value"] for r in rates])
+            low = np.maximum(values - np.array([r["ci95"][0] for r in rates]), 0.0)    # (rounding: Wilson's
+            high = np.maximum(np.array([r["ci95"][1] for r in rates]) - values, 0.0)   # interval holds the value)
+            ax.bar(x + offset, values, 0.36, yerr=[low, high], capsize=3, color=colour, alpha=0.8,
+                   label=f"abnormal {what}")
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("at the threshold (95 % CI)")
+        ax.set_title(f"{variant}: {Path(v['model']).name}", fontsize=10)
+        ax.legend(loc="lower left", fontsize=8)
+    axes[-1, 0].set_xticks(x, names, rotation=30, ha="right")
+    fig.suptitle(f"Acquisition changes, {result['n_films']} test films")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
+def write_reports(result: dict, reports: Path) -> list[Path]:
+    reports.mkdir(parents=True, exist_ok=True)
+    (reports / "robustness.json").write_text(json.dumps(validate.json_safe(result), indent=2) + "\n")
+    (reports / "robustness.md").write_text(markdown(result))
+    return [reports / "robustness.json", reports / "robustness.md", plot(result, reports / "robustness.png")]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.robustness", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, type=Path, help="the run folder (its test split and reports/)")
-    p.add_argument("--model", required=True, type=Path, help="the .tflite to measure (the variant the run ships)")
+    p.add_argument("--model", action="append", type=Path,
+                   help="a .tflite to measure, named by its file's stem (repeatable; default: every "
+                        ".tflite in the run's tflite/)")
     p.add_argument("--limit", type=int, help="only the first N test films")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bootstrap", type=int, default=200, help="AUC interval resamples (0: none)")
     args = p.parse_args(argv)
-    result = measure(args.run, args.model, limit=args.limit, seed=args.seed, bootstrap=args.bootstrap)
-    reports = args.run / "reports"
-    (reports / "robustness.json").write_text(json.dumps(validate.json_safe(result), indent=2) + "\n")
-    (reports / "robustness.md").write_text(markdown(result))
-    plot(result, reports / "robustness.png")
+    models = args.model or sorted((args.run / "tflite").glob("*.tflite"))
+    if not models:
+        p.error(f"no .tflite in {args.run / 'tflite'}: convert the run first, or name one with --model")
+    result = measure(args.run, {m.stem: m for m in models}, limit=args.limit, seed=args.seed,
+                     bootstrap=args.bootstrap)
+    written = write_reports(result, args.run / "reports")
     print(markdown(result))
-    print(f"written: {reports / 'robustness.json'}, .md, .png")
+    print("written: " + ", ".join(map(str, written)))
     return 0
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from benchmarks import clinic_files, compare, gates, results as results_mod
+from benchmarks import clinic_files, compare, gates, results as results_mod, robustness
 from benchmarks.release import main as release_main
 from edge_app.classifier import Classifier
 from tests.conftest import REPO, run_module
@@ -77,7 +77,10 @@ def measured() -> dict:
                                   "ood": {"carried": True, "test_flagged": 0.01, "nonradiograph_flagged": 1.0}},
                          "int8": {**variant("tflite", 0.895, 10.0, 14.0, 2.0),
                                   "ood": {"carried": True, "test_flagged": 0.02, "nonradiograph_flagged": 0.95}}},
-            "clinic": clinic}
+            "clinic": clinic,
+            "robustness": {v: {"model_sha256": "0" * 64, "n_films": 481, "acquisition": "blurred",
+                               "silently_cleared": {"value": 0.02, "ci95": [0.008, 0.05], "k": 4, "n": 200}}
+                           for v in ("fp32", "int8")}}
 
 
 def test_healthy_measurements_pass_every_gate(measured):
@@ -166,6 +169,9 @@ def test_without_tensorflow_the_drops_use_the_recorded_keras_metrics(measured):
     (lambda r: r["clinic"]["cold_start"].update(cli={"available": False, "reason": "no X"}),   # not measured
      "clinic.cli.max_cold_start_s[int8]"),
     (lambda r: r.pop("clinic"), "clinic.files.max_decode_vs_library[fp32]"),                  # an older results file
+    (lambda r: r["robustness"]["int8"]["silently_cleared"].update(value=0.32, k=64),
+     "robustness.max_silently_cleared[int8]"),
+    (lambda r: r.pop("robustness"), "robustness.max_silently_cleared[fp32]"),                  # not measured
 ])
 def test_a_failing_measurement_fails_its_gate_and_the_command(measured, tmp_path, capsys, spoil, failed):
     spoil(measured)
@@ -202,6 +208,25 @@ def test_a_lung_cropping_variant_is_gated_on_its_segmenter(measured):
     rows = [r for r in gates.evaluate(measured, gates.load_gates()) if r.gate.startswith("lungs.")]
     assert {r.name for r in rows if not r.passed} == {"lungs.max_segmenter_kib[int8]",
                                                       "lungs.max_segmenter_vs_inference[int8]"}
+
+
+def test_silently_cleared_counts_only_referred_abnormal_films_cleared_without_a_warning():
+    labels = ["normal", "pneumonia", "covid"]
+
+    def film(cls, p, decision):
+        return {"class": cls, "abnormal_probability": p, "decision": decision,
+                "probabilities": {"normal": 1 - p, "pneumonia": p, "covid": 0.0}}
+    stored = {0: film("pneumonia", 0.9, "refer"), 1: film("pneumonia", 0.8, "refer"),
+              2: film("covid", 0.7, "refer"), 3: film("pneumonia", 0.3, "no_abnormality"),
+              4: film("normal", 0.9, "refer")}
+    acquired = {0: film("pneumonia", 0.2, "no_abnormality"),    # cleared, no warning: counted
+                1: film("pneumonia", 0.2, "unreliable"),        # cleared, but the warning shows
+                2: film("covid", 0.9, "refer"),                 # still referred
+                3: film("pneumonia", 0.1, "no_abnormality"),    # never referred: not in the share
+                4: film("normal", 0.1, "no_abnormality")}       # a normal film: not in the share
+    change = robustness.against_stored(stored, acquired, 0.5, labels)
+    assert change["silently_cleared"]["k"] == 1 and change["silently_cleared"]["n"] == 3
+    assert change["silently_cleared_films"] == [0] and change["no_longer_referred"] == 3
 
 
 def test_device_budgets_are_checked_only_with_a_device(measured):
@@ -298,6 +323,10 @@ def test_benchmark_suite_measures_every_variant(suite, tiny_run):
         assert pipeline["overhead_ratio"] >= 1 and set(pipeline["stages_ms"]) >= {"decode", "inference", "total"}
     assert set(results["speedup_vs_fp32"]) == set(VARIANTS) - {"fp32"}
     assert results["lung_step"] == {n: None for n in VARIANTS}    # tiny_run does not crop: no lung step
+    for name in VARIANTS:       # every variant on the re-acquired films, its worst acquisition kept for the gate
+        robust = results["robustness"][name]
+        assert robust["n_films"] == 18 and robust["model_sha256"] == results["variants"][name]["sha256"]
+        assert robust["acquisition"] in {a.name for a in robustness.ACQUISITIONS} | {None}
     clinic = results["clinic"]
     assert set(clinic["files"]) == {"devset", *clinic_files.KINDS} and clinic["pipeline_kind"] == "dicom-mono2"
     assert all(2000 <= min(f["width"], f["height"]) <= max(f["width"], f["height"]) <= 3000
@@ -433,25 +462,33 @@ def test_release_refuses_results_that_do_not_describe_the_files(suite, tiny_run,
 
 
 def test_robustness_reacquires_every_test_film_and_measures_what_moved(tiny_run, tmp_path):
-    """benchmarks.robustness on the tiny run's test films: every acquisition scores every film or lists
-    it as refused; the films as stored move nothing against themselves, the re-acquired ones do; a
-    seeded acquisition writes the same file twice; the reports are written."""
-    from benchmarks import robustness
-
+    """benchmarks.robustness on the tiny run's test films with two variants: every acquisition scores
+    every film or lists it as refused; the films as stored move nothing against themselves, the
+    re-acquired ones do; the worst acquisition is the one that clears most; a seeded acquisition writes
+    the same file twice; the reports are written."""
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    run_module("benchmarks.robustness", "--run", run, "--model", run / "tflite" / "fp32.tflite", "--bootstrap", "0")
+    run_module("benchmarks.robustness", "--run", run, "--model", run / "tflite" / "fp32.tflite",
+               "--model", run / "tflite" / "int8.tflite", "--bootstrap", "0")
     result = json.loads((run / "reports" / "robustness.json").read_text())
-    rows = result["acquisitions"]
-    assert list(rows) == [a.name for a in robustness.ACQUISITIONS] and result["n_films"] == 18
-    for row in rows.values():
-        assert row["n_scored"] + len(row["refused"]) == result["n_films"]
-        assert row["against_stored"]["n"] == row["n_scored"]
-    stored = rows[robustness.AS_STORED]["against_stored"]
-    assert stored["referrals_flipped"] == stored["classes_changed"] == 0 and stored["max_abs_delta_p"] == 0.0
-    assert max(row["against_stored"]["max_abs_delta_p"] for row in rows.values()) > 0.0
+    assert list(result["variants"]) == ["fp32", "int8"] and result["n_films"] == 18
+    for variant in result["variants"].values():
+        rows = variant["acquisitions"]
+        assert list(rows) == [a.name for a in robustness.ACQUISITIONS]
+        for row in rows.values():
+            assert row["n_scored"] + len(row["refused"]) == result["n_films"]
+            assert row["against_stored"]["n"] == row["n_scored"]
+        stored = rows[robustness.AS_STORED]["against_stored"]
+        assert stored["referrals_flipped"] == stored["classes_changed"] == 0 and stored["max_abs_delta_p"] == 0.0
+        assert stored["silently_cleared"]["k"] == 0 and stored["silently_cleared"]["n"] > 0
+        assert max(row["against_stored"]["max_abs_delta_p"] for row in rows.values()) > 0.0
+        worst = variant["worst"]
+        assert worst["silently_cleared"]["value"] == max(r["against_stored"]["silently_cleared"]["value"]
+                                                         for r in rows.values())
+        assert rows[worst["acquisition"]]["against_stored"]["silently_cleared"] == worst["silently_cleared"]
     markdown = (run / "reports" / "robustness.md").read_text()
-    assert all(f"| {name} (" in markdown for name in rows)
+    assert "## fp32 (" in markdown and "## int8 (" in markdown
+    assert all(f"| {name} (" in markdown for name in result["acquisitions"])
     assert (run / "reports" / "robustness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     noisy = next(a for a in robustness.ACQUISITIONS if a.name == "noisy")
