@@ -280,7 +280,7 @@ def robustness_rows(worst: dict | None, gates: dict, variant: str) -> list[GateR
     cleared = (worst or {}).get("silently_cleared") or {}
     value = cleared.get("value")
     note = ("not measured (benchmarks/test_robustness.py)" if value is None else
-            f"worst: {worst['acquisition']}, {cleared['k']} of {cleared['n']} referred abnormal films cleared "
+            f"worst: {cleared['acquisition']}, {cleared['k']} of {cleared['n']} referred abnormal films cleared "
             f"without a warning (95 % CI {cleared['ci95'][0]:.3f}-{cleared['ci95'][1]:.3f})")
     return [GateResult("robustness.max_silently_cleared", variant, value, limit, "<=", "",
                        value is not None and value <= limit, note)]

@@ -112,35 +112,47 @@ def against_stored(stored: dict[int, dict], acquired: dict[int, dict], threshold
     """What changed for the films scored both as stored and as acquired. `silently_cleared`: the
     abnormal films referred as stored that the acquisition turns into "no abnormality detected" with
     no out-of-distribution warning, as a share of the abnormal films referred as stored (Wilson
-    interval): the error a screening aid must not make when the next hospital's detector differs."""
+    interval): the error a screening aid must not make when the next hospital's detector differs.
+    `needlessly_referred`, its mirror: normal films not referred as stored that the acquisition refers
+    (no warning), as a share of those."""
     both = sorted(set(stored) & set(acquired))
     p0 = np.array([stored[i]["abnormal_probability"] for i in both], float)
     p1 = np.array([acquired[i]["abnormal_probability"] for i in both], float)
     top = lambda r: max(labels, key=lambda label: r["probabilities"][label])  # noqa: E731
     flipped = [i for i, a, b in zip(both, p0, p1) if (a >= threshold) != (b >= threshold)]
-    referred = [i for i, a in zip(both, p0) if stored[i]["class"] != labels[0] and a >= threshold]
+    abnormal = {i: stored[i]["class"] != labels[0] for i in both}
+    referred = [i for i, a in zip(both, p0) if abnormal[i] and a >= threshold]
     cleared = [i for i in referred if acquired[i]["decision"] == decision.NO_ABNORMALITY]
-    k, n = len(cleared), len(referred)
+    not_referred = [i for i, a in zip(both, p0) if not abnormal[i] and a < threshold]
+    needless = [i for i in not_referred if acquired[i]["decision"] == decision.REFER]
     return {"n": len(both),
             "referrals_flipped": len(flipped),
             "newly_referred": int(((p1 >= threshold) & (p0 < threshold)).sum()),
             "no_longer_referred": int(((p0 >= threshold) & (p1 < threshold)).sum()),
-            "silently_cleared": {"value": k / n if n else None, "ci95": list(metrics.wilson_interval(k, n)),
-                                 "k": k, "n": n},
+            "silently_cleared": _share(len(cleared), len(referred)),
+            "needlessly_referred": _share(len(needless), len(not_referred)),
             "classes_changed": sum(top(stored[i]) != top(acquired[i]) for i in both),
             "mean_abs_delta_p": float(np.abs(p1 - p0).mean()) if both else None,
             "max_abs_delta_p": float(np.abs(p1 - p0).max()) if both else None,
             "flipped_films": flipped, "silently_cleared_films": cleared}
 
 
+def _share(k: int, n: int) -> dict:
+    return {"value": k / n if n else None, "ci95": list(metrics.wilson_interval(k, n)), "k": k, "n": n}
+
+
+WORST_OF = ("silently_cleared", "needlessly_referred")
+
+
 def worst(rows: dict) -> dict:
-    """The acquisition that silently clears the largest share of referred abnormal films."""
-    measured = {name: r["against_stored"]["silently_cleared"] for name, r in rows.items()
-                if r["against_stored"]["silently_cleared"]["value"] is not None}
-    if not measured:
-        return {"acquisition": None, "silently_cleared": None}
-    name = max(measured, key=lambda n: measured[n]["value"])
-    return {"acquisition": name, "silently_cleared": measured[name]}
+    """Per figure of WORST_OF, the acquisition with the largest share, and that share."""
+    out = {}
+    for figure in WORST_OF:
+        measured = {name: r["against_stored"][figure] for name, r in rows.items()
+                    if r["against_stored"][figure]["value"] is not None}
+        name = max(measured, key=lambda n: measured[n]["value"], default=None)
+        out[figure] = {"acquisition": name, **(measured[name] if name else _share(0, 0))}
+    return out
 
 
 def measure(run: Path, models: dict[str, Path], *, limit: int | None = None, seed: int = 0,
@@ -194,16 +206,17 @@ def markdown(result: dict) -> str:
              f"{result['n_films']} test films, each changed as below and classified from the file by the device's "
              "code, at each variant's referral threshold. Flips, silently cleared films and |dP| are against the "
              "same films as stored; silently cleared: abnormal films referred as stored that the acquisition turns "
-             "into \"no abnormality\" without the out-of-distribution warning (share of those referred).", ""]
+             "into \"no abnormality\" without the out-of-distribution warning (share of those referred); needlessly "
+             "referred: normal films not referred as stored that it refers without the warning.", ""]
     for name, v in result["variants"].items():
-        w = v["worst"]
+        cleared, needless = v["worst"]["silently_cleared"], v["worst"]["needlessly_referred"]
         lines += [f"## {name} (`{v['model']}`, threshold {v['threshold']:.3f})", "",
-                  f"Worst: {w['acquisition']}, {validate.format_rate(w['silently_cleared'])} silently cleared."
-                  if w["acquisition"] else "No abnormal film referred as stored: nothing to clear.", "",
+                  f"Worst: {cleared['acquisition'] or '—'} silently clears {validate.format_rate(cleared)}; "
+                  f"{needless['acquisition'] or '—'} needlessly refers {validate.format_rate(needless)}.", "",
                   "| acquisition | scored | refused | sensitivity [95 % CI] | specificity [95 % CI] | AUC | "
-                  "OOD share | referrals flipped (new / lost) | silently cleared [95 % CI] | classes changed | "
-                  "mean / max abs dP |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "OOD share | referrals flipped (new / lost) | silently cleared [95 % CI] | "
+                  "needlessly referred [95 % CI] | classes changed | mean / max abs dP |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for acquisition, r in v["acquisitions"].items():
             sens, spec = r["card_threshold"]["sensitivity"], r["card_threshold"]["specificity"]
             change = r["against_stored"]
@@ -215,7 +228,8 @@ def markdown(result: dict) -> str:
                          f"{validate.format_number(r['abnormal_auc']['value'])} | {ood} | "
                          f"{change['referrals_flipped']} ({change['newly_referred']} / "
                          f"{change['no_longer_referred']}) | {validate.format_rate(change['silently_cleared'])} | "
-                         f"{change['classes_changed']} | {delta} |")
+                         f"{validate.format_rate(change['needlessly_referred'])} | {change['classes_changed']} | "
+                         f"{delta} |")
         lines.append("")
     return "\n".join(lines)
 

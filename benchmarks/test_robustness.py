@@ -1,7 +1,7 @@
 """Every benchmarked variant on the test films as other acquisitions would give them
 (benchmarks/robustness.py): the files are written once and classified by each variant, the reports
-written beside the run's others, and the worst acquisition's silently cleared share kept for the
-`[robustness]` gate."""
+written beside the run's others, and the worst acquisitions' shares of films silently cleared and
+needlessly referred kept for the `[robustness]` gate and the report."""
 from benchmarks import robustness
 from benchmarks.conftest import run_dir, variants
 

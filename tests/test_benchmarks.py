@@ -78,8 +78,11 @@ def measured() -> dict:
                          "int8": {**variant("tflite", 0.895, 10.0, 14.0, 2.0),
                                   "ood": {"carried": True, "test_flagged": 0.02, "nonradiograph_flagged": 0.95}}},
             "clinic": clinic,
-            "robustness": {v: {"model_sha256": "0" * 64, "n_films": 481, "acquisition": "blurred",
-                               "silently_cleared": {"value": 0.02, "ci95": [0.008, 0.05], "k": 4, "n": 200}}
+            "robustness": {v: {"model_sha256": "0" * 64, "n_films": 481,
+                               "silently_cleared": {"acquisition": "blurred", "value": 0.02, "ci95": [0.008, 0.05],
+                                                    "k": 4, "n": 200},
+                               "needlessly_referred": {"acquisition": "jpeg q30", "value": 0.2, "ci95": [0.15, 0.26],
+                                                       "k": 48, "n": 240}}
                            for v in ("fp32", "int8")}}
 
 
@@ -210,7 +213,7 @@ def test_a_lung_cropping_variant_is_gated_on_its_segmenter(measured):
                                                       "lungs.max_segmenter_vs_inference[int8]"}
 
 
-def test_silently_cleared_counts_only_referred_abnormal_films_cleared_without_a_warning():
+def test_silently_cleared_and_needlessly_referred_count_only_changed_decisions_without_a_warning():
     labels = ["normal", "pneumonia", "covid"]
 
     def film(cls, p, decision):
@@ -227,6 +230,10 @@ def test_silently_cleared_counts_only_referred_abnormal_films_cleared_without_a_
     change = robustness.against_stored(stored, acquired, 0.5, labels)
     assert change["silently_cleared"]["k"] == 1 and change["silently_cleared"]["n"] == 3
     assert change["silently_cleared_films"] == [0] and change["no_longer_referred"] == 3
+    stored[5], acquired[5] = film("normal", 0.2, "no_abnormality"), film("normal", 0.7, "refer")       # counted
+    stored[6], acquired[6] = film("normal", 0.2, "no_abnormality"), film("normal", 0.9, "unreliable")  # warned
+    needless = robustness.against_stored(stored, acquired, 0.5, labels)["needlessly_referred"]
+    assert (needless["k"], needless["n"]) == (1, 2)
 
 
 def test_device_budgets_are_checked_only_with_a_device(measured):
@@ -326,7 +333,8 @@ def test_benchmark_suite_measures_every_variant(suite, tiny_run):
     for name in VARIANTS:       # every variant on the re-acquired films, its worst acquisition kept for the gate
         robust = results["robustness"][name]
         assert robust["n_films"] == 18 and robust["model_sha256"] == results["variants"][name]["sha256"]
-        assert robust["acquisition"] in {a.name for a in robustness.ACQUISITIONS} | {None}
+        for figure in robustness.WORST_OF:
+            assert robust[figure]["acquisition"] in {a.name for a in robustness.ACQUISITIONS} | {None}
     clinic = results["clinic"]
     assert set(clinic["files"]) == {"devset", *clinic_files.KINDS} and clinic["pipeline_kind"] == "dicom-mono2"
     assert all(2000 <= min(f["width"], f["height"]) <= max(f["width"], f["height"]) <= 3000
@@ -465,7 +473,7 @@ def test_robustness_reacquires_every_test_film_and_measures_what_moved(tiny_run,
     """benchmarks.robustness on the tiny run's test films with two variants: every acquisition scores
     every film or lists it as refused; the films as stored move nothing against themselves, the
     re-acquired ones do; the worst acquisition is the one that clears most; a seeded acquisition writes
-    the same file twice; the reports are written."""
+    the same file twice; the reports are written, and train.compare shows the worst shares."""
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     run_module("benchmarks.robustness", "--run", run, "--model", run / "tflite" / "fp32.tflite",
@@ -482,13 +490,16 @@ def test_robustness_reacquires_every_test_film_and_measures_what_moved(tiny_run,
         assert stored["referrals_flipped"] == stored["classes_changed"] == 0 and stored["max_abs_delta_p"] == 0.0
         assert stored["silently_cleared"]["k"] == 0 and stored["silently_cleared"]["n"] > 0
         assert max(row["against_stored"]["max_abs_delta_p"] for row in rows.values()) > 0.0
-        worst = variant["worst"]
-        assert worst["silently_cleared"]["value"] == max(r["against_stored"]["silently_cleared"]["value"]
-                                                         for r in rows.values())
-        assert rows[worst["acquisition"]]["against_stored"]["silently_cleared"] == worst["silently_cleared"]
+        for figure, worst in variant["worst"].items():
+            shares = [r["against_stored"][figure]["value"] for r in rows.values()]
+            assert worst["value"] == max(v for v in shares if v is not None)
+            assert {**rows[worst["acquisition"]]["against_stored"][figure], "acquisition": worst["acquisition"]} == worst
     markdown = (run / "reports" / "robustness.md").read_text()
     assert "## fp32 (" in markdown and "## int8 (" in markdown
     assert all(f"| {name} (" in markdown for name in result["acquisitions"])
+    cleared = result["variants"]["fp32"]["worst"]["silently_cleared"]     # train.compare reads the first variant
+    compared = run_module("train.compare", run).stdout
+    assert f"| {tmp_path.name}/run | fp32 | {cleared['value']:.3f} [" in compared
     assert (run / "reports" / "robustness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     noisy = next(a for a in robustness.ACQUISITIONS if a.name == "noisy")

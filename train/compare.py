@@ -232,6 +232,42 @@ def at_target_sensitivity(run: Path, target: float) -> dict:
     return {**results, "threshold": threshold}
 
 
+# abnormal films referred as stored that an acquisition clears without a warning; normal films not
+# referred as stored that an acquisition refers without one (benchmarks.robustness.against_stored)
+ROBUSTNESS_FIGURES = ("silently cleared", "needlessly referred")
+
+
+def robustness(run: Path) -> dict | None:
+    """The first variant of the run's reports/robustness.json (benchmarks.robustness): per figure of
+    ROBUSTNESS_FIGURES, its worst acquisition and share; None for a run not measured."""
+    path = run / "reports" / "robustness.json"
+    variants = json.loads(path.read_text()).get("variants") if path.is_file() else None
+    if not variants:
+        return None
+    name, measured = next(iter(variants.items()))
+    return {"variant": name, **{figure: measured["worst"][figure.replace(" ", "_")] for figure in ROBUSTNESS_FIGURES}}
+
+
+def robustness_table(runs: list[Path]) -> str:
+    """Per run, then per recipe (mean ± sd over seeds): the worst acquisition's share of each figure."""
+    measured = {run: m for run in runs if (m := robustness(run)) is not None}
+    names = ROBUSTNESS_FIGURES
+    lines = ["| run | variant | " + " | ".join(f"worst {n} (acquisition)" for n in names) + " |",
+             "|---|---|" + "---|" * len(names)]
+    for run, m in measured.items():
+        lines.append(f"| {run.parent.name}/{run.name} | {m['variant']} | " + " | ".join(
+            f"{interval(m[n])} ({m[n]['acquisition'] or '—'})" for n in names) + " |")
+    groups: dict[str, list[dict]] = {}
+    for run, m in measured.items():
+        groups.setdefault(recipe(load(run)[1]), []).append(m)
+    lines += ["", "| recipe (shortcut measures) | runs | " + " | ".join(f"worst {n}" for n in names) + " |",
+              "|---|---|" + "---|" * len(names)]
+    for key, members in groups.items():
+        lines.append(f"| {measures(json.loads(key))} | {len(members)} | " + " | ".join(
+            mean_sd_range([m[n]["value"] for m in members if m[n]["value"] is not None]) for n in names) + " |")
+    return "\n".join(lines)
+
+
 TARGET_FIGURES = tuple((name, path) for name, path in FIGURES
                        if name in ("macro-F1", "abn. sens.", "abn. spec.", "COVID sens.", "adult pneumonia sens.",
                                    "adult normal spec.", "holdout sens.", "holdout spec."))
@@ -269,6 +305,10 @@ def main(argv=None) -> int:
     if not args.runs_only:
         print("\nPer recipe (mean ± sd over seeds, range in brackets; adult cohorts on the test split):\n")
         print(recipe_table(args.runs))
+    if any(robustness(run) for run in args.runs):
+        print("\nRobustness to acquisition (reports/robustness.json, benchmarks.robustness; worst acquisition per run, "
+              "Wilson 95 % CI):\n")
+        print(robustness_table(args.runs))
     if args.at_val_specificity is not None:
         print(f"\nHeld-out sources at one in-distribution specificity ({args.at_val_specificity:.2f} on val):\n")
         print(at_specificity_table(args.runs, args.at_val_specificity))
