@@ -142,7 +142,8 @@ def markdown(results: dict, plot_name: str, clinic_plot: str | None = None) -> s
                   "| variant | silently cleared [95 % CI] | by | needlessly referred [95 % CI] | by |",
                   "|---|---|---|---|---|"]
         for name, m in robust.items():
-            cells = [f"{_share(m[f])} | {m[f]['acquisition'] or '—'}" for f in ("silently_cleared", "needlessly_referred")]
+            cells = [f"{_share(m[f])} | {m[f]['acquisition'] or '—'}"
+                     for f in ("silently_cleared", "needlessly_referred")]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "## Out-of-distribution warning", "",
               "Share of in-distribution test images the device withholds a label from (false alarms), and of "

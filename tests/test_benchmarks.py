@@ -493,7 +493,8 @@ def test_robustness_reacquires_every_test_film_and_measures_what_moved(tiny_run,
         for figure, worst in variant["worst"].items():
             shares = [r["against_stored"][figure]["value"] for r in rows.values()]
             assert worst["value"] == max(v for v in shares if v is not None)
-            assert {**rows[worst["acquisition"]]["against_stored"][figure], "acquisition": worst["acquisition"]} == worst
+            at_worst = rows[worst["acquisition"]]["against_stored"][figure]
+            assert {**at_worst, "acquisition": worst["acquisition"]} == worst
     markdown = (run / "reports" / "robustness.md").read_text()
     assert "## fp32 (" in markdown and "## int8 (" in markdown
     assert all(f"| {name} (" in markdown for name in result["acquisitions"])
