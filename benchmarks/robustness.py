@@ -155,11 +155,12 @@ def worst(rows: dict) -> dict:
     return out
 
 
-def measure(run: Path, models: dict[str, Path], *, limit: int | None = None, seed: int = 0,
-            bootstrap: int = 200) -> dict:
+def measure(run: Path, models: dict[str, Path], *, split: Split | None = None, limit: int | None = None,
+            seed: int = 0, bootstrap: int = 200) -> dict:
     """Each acquisition's files are written once and classified by every model in `models`
-    (variant name -> .tflite), so the variants are compared on the same files."""
-    split = Split.of_run(run)
+    (variant name -> .tflite), so the variants are compared on the same files; `split`: the run's
+    test split where it was loaded already (the benchmark's, with its --data-root)."""
+    split = split or Split.of_run(run)
     classifiers = {name: Classifier(path, accelerator="cpu") for name, path in models.items()}
     films = list(zip(split.paths, (split.card.labels[c] for c in split.y)))[:limit]
     paths = [p for p, _ in films]

@@ -6,10 +6,10 @@ from benchmarks import robustness
 from benchmarks.conftest import run_dir, variants
 
 
-def test_robustness_to_acquisition(pytestconfig, results):
+def test_robustness_to_acquisition(pytestconfig, results, split):
     run = run_dir(pytestconfig)
     models = {name: run / "tflite" / f"{name}.tflite" for name in variants(pytestconfig)}
-    result = robustness.measure(run, models, bootstrap=0)
+    result = robustness.measure(run, models, split=split, bootstrap=0)
     robustness.write_reports(result, run / "reports")
     for name, measured in result["variants"].items():
         results.variant(name)    # benchmarked, whichever tests of the suite run
