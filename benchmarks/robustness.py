@@ -31,7 +31,7 @@ from PIL import Image, ImageFilter
 
 from benchmarks import clinic_files
 from benchmarks.testset import Split
-from edge_app import decision, metrics, preprocess, validate
+from edge_app import decision, preprocess, validate
 from edge_app.classifier import Classifier
 
 matplotlib.use("Agg")
@@ -122,23 +122,19 @@ def against_stored(stored: dict[int, dict], acquired: dict[int, dict], threshold
     flipped = [i for i, a, b in zip(both, p0, p1) if (a >= threshold) != (b >= threshold)]
     abnormal = {i: stored[i]["class"] != labels[0] for i in both}
     referred = [i for i, a in zip(both, p0) if abnormal[i] and a >= threshold]
-    cleared = [i for i in referred if acquired[i]["decision"] == decision.NO_ABNORMALITY]
+    cleared = [acquired[i]["decision"] == decision.NO_ABNORMALITY for i in referred]
     not_referred = [i for i, a in zip(both, p0) if not abnormal[i] and a < threshold]
-    needless = [i for i in not_referred if acquired[i]["decision"] == decision.REFER]
+    needless = [acquired[i]["decision"] == decision.REFER for i in not_referred]
     return {"n": len(both),
             "referrals_flipped": len(flipped),
             "newly_referred": int(((p1 >= threshold) & (p0 < threshold)).sum()),
             "no_longer_referred": int(((p0 >= threshold) & (p1 < threshold)).sum()),
-            "silently_cleared": _share(len(cleared), len(referred)),
-            "needlessly_referred": _share(len(needless), len(not_referred)),
+            "silently_cleared": validate.rate(cleared),
+            "needlessly_referred": validate.rate(needless),
             "classes_changed": sum(top(stored[i]) != top(acquired[i]) for i in both),
             "mean_abs_delta_p": float(np.abs(p1 - p0).mean()) if both else None,
             "max_abs_delta_p": float(np.abs(p1 - p0).max()) if both else None,
-            "flipped_films": flipped, "silently_cleared_films": cleared}
-
-
-def _share(k: int, n: int) -> dict:
-    return {"value": k / n if n else None, "ci95": list(metrics.wilson_interval(k, n)), "k": k, "n": n}
+            "flipped_films": flipped, "silently_cleared_films": [i for i, c in zip(referred, cleared) if c]}
 
 
 WORST_OF = ("silently_cleared", "needlessly_referred")
@@ -151,7 +147,7 @@ def worst(rows: dict) -> dict:
         measured = {name: r["against_stored"][figure] for name, r in rows.items()
                     if r["against_stored"][figure]["value"] is not None}
         name = max(measured, key=lambda n: measured[n]["value"], default=None)
-        out[figure] = {"acquisition": name, **(measured[name] if name else _share(0, 0))}
+        out[figure] = {"acquisition": name, **(measured[name] if name else validate.rate([]))}
     return out
 
 

@@ -106,7 +106,7 @@ def classify(classifier, labelled: list[tuple[str, str]]) -> tuple[list[dict], l
     return records, unreadable
 
 
-def _rate(hits) -> dict:
+def rate(hits) -> dict:
     """A proportion with its 95 % Wilson interval and counts."""
     hits = np.asarray(hits, bool)
     k, n = int(hits.sum()), int(hits.size)
@@ -117,8 +117,8 @@ def at_threshold(positive, scores, threshold: float) -> dict:
     """Sensitivity and specificity of P(abnormal) >= threshold, with Wilson intervals."""
     flagged = np.asarray(scores) >= threshold
     positive = np.asarray(positive, bool)
-    return {"threshold": float(threshold), "sensitivity": _rate(flagged[positive]),
-            "specificity": _rate(~flagged[~positive])}
+    return {"threshold": float(threshold), "sensitivity": rate(flagged[positive]),
+            "specificity": rate(~flagged[~positive])}
 
 
 def summarise(records: list[dict], labels, *, card_threshold: float, ood_threshold: float | None,
@@ -141,7 +141,7 @@ def summarise(records: list[dict], labels, *, card_threshold: float, ood_thresho
                          "ci95": metrics.bootstrap_auc_ci(positive, scores, n=bootstrap)
                          if bootstrap and both_classes else [math.nan, math.nan],
                          "method": f"percentile bootstrap over images, {bootstrap} resamples"},
-        "per_class_recall": {label: _rate(predicted[y == c] == c) for c, label in enumerate(labels)},
+        "per_class_recall": {label: rate(predicted[y == c] == c) for c, label in enumerate(labels)},
         "confusion_matrix": {"rows_true_columns_predicted": list(labels),
                              "counts": metrics.confusion_matrix(y, predicted, len(labels)).tolist()},
         "ood": _ood(records, labels, ood_threshold),
@@ -159,8 +159,8 @@ def _ood(records: list[dict], labels, ood_threshold: float | None) -> dict | Non
         return None
     unreliable = np.array([r["decision"] == decision.UNRELIABLE for r in records], bool)
     classes = np.array([r["class"] for r in records])
-    return {"threshold": ood_threshold, "share": _rate(unreliable),
-            "per_class": {label: _rate(unreliable[classes == label]) for label in labels}}
+    return {"threshold": ood_threshold, "share": rate(unreliable),
+            "per_class": {label: rate(unreliable[classes == label]) for label in labels}}
 
 
 def _target(positive, scores, target: float, bootstrap: int) -> dict | None:
