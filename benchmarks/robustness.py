@@ -111,8 +111,9 @@ def write_acquired(acquisition: Acquisition, paths: list[Path], folder: Path, se
 def against_stored(stored: dict[int, dict], acquired: dict[int, dict], threshold: float, labels) -> dict:
     """What changed for the films scored both as stored and as acquired. `silently_cleared`: the
     abnormal films referred as stored that the acquisition turns into "no abnormality detected" with
-    no out-of-distribution warning, as a share of the abnormal films referred as stored (Wilson
-    interval): the error a screening aid must not make when the next hospital's detector differs.
+    no warning (out of distribution, too little detail), as a share of the abnormal films referred as
+    stored (Wilson interval): the error a screening aid must not make when the next hospital's
+    detector differs.
     `needlessly_referred`, its mirror: normal films not referred as stored that the acquisition refers
     (no warning), as a share of those."""
     both = sorted(set(stored) & set(acquired))
@@ -177,6 +178,7 @@ def measure(run: Path, models: dict[str, Path], *, split: Split | None = None, l
                     stored[name] = by_film
                 summary = validate.summarise(records, card.labels, card_threshold=card.abnormal_threshold,
                                              ood_threshold=card.thresholds.get("ood"), target_sensitivity=None,
+                                             detail_threshold=card.thresholds.get("detail"),
                                              bootstrap=bootstrap)
                 change = against_stored(stored[name], by_film, card.abnormal_threshold, card.labels)
                 for key in ("flipped_films", "silently_cleared_films"):
@@ -203,26 +205,28 @@ def markdown(result: dict) -> str:
              f"{result['n_films']} test films, each changed as below and classified from the file by the device's "
              "code, at each variant's referral threshold. Flips, silently cleared films and |dP| are against the "
              "same films as stored; silently cleared: abnormal films referred as stored that the acquisition turns "
-             "into \"no abnormality\" without the out-of-distribution warning (share of those referred); needlessly "
-             "referred: normal films not referred as stored that it refers without the warning.", ""]
+             "into \"no abnormality\" without a warning (out of distribution or too little detail; share of those "
+             "referred); needlessly referred: normal films not referred as stored that it refers without a "
+             "warning.", ""]
     for name, v in result["variants"].items():
         cleared, needless = v["worst"]["silently_cleared"], v["worst"]["needlessly_referred"]
         lines += [f"## {name} (`{v['model']}`, threshold {v['threshold']:.3f})", "",
                   f"Worst: {cleared['acquisition'] or '—'} silently clears {validate.format_rate(cleared)}; "
                   f"{needless['acquisition'] or '—'} needlessly refers {validate.format_rate(needless)}.", "",
                   "| acquisition | scored | refused | sensitivity [95 % CI] | specificity [95 % CI] | AUC | "
-                  "OOD share | referrals flipped (new / lost) | silently cleared [95 % CI] | "
+                  "OOD share | low-detail share | referrals flipped (new / lost) | silently cleared [95 % CI] | "
                   "needlessly referred [95 % CI] | classes changed | mean / max abs dP |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for acquisition, r in v["acquisitions"].items():
             sens, spec = r["card_threshold"]["sensitivity"], r["card_threshold"]["specificity"]
             change = r["against_stored"]
-            ood = "—" if r["ood"] is None else validate.format_rate(r["ood"]["share"])
+            ood, low_detail = ("—" if r[key] is None else validate.format_rate(r[key]["share"])
+                               for key in ("ood", "low_detail"))
             delta = ("—" if change["mean_abs_delta_p"] is None
                      else f"{change['mean_abs_delta_p']:.3f} / {change['max_abs_delta_p']:.3f}")
             lines.append(f"| {acquisition} ({r['what']}) | {r['n_scored']} | {len(r['refused'])} | "
                          f"{validate.format_rate(sens)} | {validate.format_rate(spec)} | "
-                         f"{validate.format_number(r['abnormal_auc']['value'])} | {ood} | "
+                         f"{validate.format_number(r['abnormal_auc']['value'])} | {ood} | {low_detail} | "
                          f"{change['referrals_flipped']} ({change['newly_referred']} / "
                          f"{change['no_longer_referred']}) | {validate.format_rate(change['silently_cleared'])} | "
                          f"{validate.format_rate(change['needlessly_referred'])} | {change['classes_changed']} | "

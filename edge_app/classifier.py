@@ -21,7 +21,7 @@ class Prediction:
     label: str                          # most probable class
     probabilities: dict[str, float]     # calibrated, in the model card's label order
     abnormal_probability: float         # P(pneumonia or COVID-19)
-    decision: str                       # decision.REFER, NO_ABNORMALITY or UNRELIABLE (out of distribution)
+    decision: str                       # decision.REFER, NO_ABNORMALITY or UNRELIABLE (`warning` says why)
     message: str                        # the triage message shown to people
     threshold: float                    # the operating threshold that made the decision
     timings_ms: dict[str, float]        # decode, preprocess, inference, postprocess, total
@@ -29,6 +29,8 @@ class Prediction:
     heatmap: np.ndarray | None = field(default=None, repr=False)  # (h, w) in [0, 1], where it looked
     source: str | None = None
     ood_score: float | None = None      # compared with the card's thresholds["ood"]
+    detail: float | None = None         # preprocess.detail of the model's square, vs thresholds["detail"]
+    warning: str | None = None          # decision.OUT_OF_DISTRIBUTION, LOW_DETAIL or None
 
     def to_dict(self) -> dict:
         return {
@@ -40,6 +42,8 @@ class Prediction:
             "message": self.message,
             "threshold": self.threshold,
             "ood_score": self.ood_score,
+            "detail": self.detail,
+            "warning": self.warning,
             "notice": decision.NOT_A_DIAGNOSIS,
             "timings_ms": self.timings_ms,
             "backend": self.backend,
@@ -184,15 +188,18 @@ class Classifier:
 
     def _predict_gray(self, gray: np.ndarray, t0: float) -> Prediction:
         t_decoded = time.perf_counter()
-        x = preprocess.normalise(preprocess.square(gray, self.spec), self.spec)
+        square8 = preprocess.square8(gray, self.spec)
+        detail = preprocess.detail(square8)
+        x = preprocess.normalise(preprocess.contrast_step(square8, self.spec), self.spec)
         t_preprocessed = time.perf_counter()
         outputs = self._run(x[None])
         t_inferred = time.perf_counter()
         probs = decision.calibrated_probabilities(outputs[LOGITS][0], self.card.temperature)
         p_abnormal = float(decision.abnormal_probability(probs))
         ood_score = ood_score_of(outputs)
-        triage = decision.triage(p_abnormal, self.threshold, ood_score,
-                                 self.card.thresholds.get("ood"))
+        warning = decision.warning(ood_score, self.card.thresholds.get("ood"),
+                                   detail, self.card.thresholds.get("detail"))
+        triage = decision.triage(p_abnormal, self.threshold, warning)
         heatmap = outputs.get(HEATMAP)
         if heatmap is not None:
             heatmap = np.maximum(heatmap.reshape(heatmap.shape[1:3]), 0.0)
@@ -204,7 +211,7 @@ class Classifier:
             probabilities={l: float(p) for l, p in zip(self.card.labels, probs)},
             abnormal_probability=p_abnormal,
             decision=triage,
-            message=decision.TRIAGE_MESSAGES[triage],
+            message=decision.WARNING_MESSAGES[warning] if warning else decision.TRIAGE_MESSAGES[triage],
             threshold=self.threshold,
             timings_ms={"decode": ms(t0, t_decoded), "preprocess": ms(t_decoded, t_preprocessed),
                         "inference": ms(t_preprocessed, t_inferred),
@@ -212,4 +219,6 @@ class Classifier:
             backend=self.backend.name,
             heatmap=heatmap,
             ood_score=ood_score,
+            detail=detail,
+            warning=warning,
         )

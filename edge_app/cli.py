@@ -54,21 +54,22 @@ def _write_csv(path, labels, results) -> None:
     import csv
 
     columns = ["source", "label", *(f"p_{label}" for label in labels), "abnormal_probability",
-               "threshold", "decision", "ood_score", "error_code", "error_message"]
+               "threshold", "decision", "warning", "ood_score", "detail", "error_code", "error_message"]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
         for r in results:
             error = r.get("error") or {}
             writer.writerow({**{k: r.get(k) for k in ("source", "label", "abnormal_probability", "threshold",
-                                                      "decision", "ood_score")},
+                                                      "decision", "warning", "ood_score", "detail")},
                              **{f"p_{label}": r.get("probabilities", {}).get(label) for label in labels},
                              "error_code": error.get("code"), "error_message": error.get("message")})
 
 
 def _format(prediction) -> str:
     probs = "  ".join(f"{label} {p:6.1%}" for label, p in prediction.probabilities.items())
-    likely = "no label" if prediction.decision == decision.UNRELIABLE else f"most likely: {prediction.label}"
+    likely = (f"no label: {decision.WARNING_SHORT[prediction.warning]}" if prediction.warning
+              else f"most likely: {prediction.label}")
     return (f"{prediction.source}\n  {prediction.message.upper()}  (P(abnormal) {prediction.abnormal_probability:.3f}"
             f" vs threshold {prediction.threshold:.3f}; {likely})\n  {probs}\n"
             f"  {prediction.timings_ms['total']:.1f} ms on {prediction.backend}"

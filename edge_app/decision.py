@@ -16,6 +16,19 @@ TRIAGE_MESSAGES = {
     UNRELIABLE: ("This image is unlike the images the model was trained on; the result is unreliable. "
                  "Refer for clinical review"),
 }
+# Why a result is UNRELIABLE: the model's features are unlike any training image's (OOD score above
+# the card's thresholds["ood"]), or the model input holds less fine detail than the validation images
+# (preprocess.detail below the card's thresholds["detail"]: a blurred film, or one enlarged from a
+# small copy, which the model clears far more often than the same film as stored).
+OUT_OF_DISTRIBUTION = "out_of_distribution"
+LOW_DETAIL = "low_detail"
+WARNING_MESSAGES = {
+    OUT_OF_DISTRIBUTION: TRIAGE_MESSAGES[UNRELIABLE],
+    LOW_DETAIL: ("This image holds less fine detail than the images the model was checked on (blurred, or "
+                 "enlarged from a small copy); the result is unreliable. Load the original full-resolution "
+                 "file, or refer for clinical review"),
+}
+WARNING_SHORT = {OUT_OF_DISTRIBUTION: "unlike the training images", LOW_DETAIL: "too little fine detail"}
 NOT_A_DIAGNOSIS = "Screening aid, not a diagnosis"
 
 
@@ -32,10 +45,20 @@ def abnormal_probability(probabilities: np.ndarray) -> np.ndarray:
     return 1.0 - np.asarray(probabilities)[..., 0]
 
 
-def triage(p_abnormal: float, threshold: float, ood_score: float | None = None,
-           ood_threshold: float | None = None) -> str:
-    """UNRELIABLE when the image is out of the training distribution (its OOD score is above the
-    card's threshold), else REFER when the abnormal probability reaches the operating threshold."""
+def warning(ood_score: float | None = None, ood_threshold: float | None = None,
+            detail: float | None = None, detail_threshold: float | None = None) -> str | None:
+    """OUT_OF_DISTRIBUTION, LOW_DETAIL or None; a check whose score or threshold is None is not made
+    (models exported without the OOD outputs, cards without a detail threshold)."""
     if ood_score is not None and ood_threshold is not None and ood_score > ood_threshold:
+        return OUT_OF_DISTRIBUTION
+    if detail is not None and detail_threshold is not None and detail < detail_threshold:
+        return LOW_DETAIL
+    return None
+
+
+def triage(p_abnormal: float, threshold: float, warned: str | None = None) -> str:
+    """UNRELIABLE when a warning (`warning`) stands, else REFER when the abnormal probability
+    reaches the operating threshold."""
+    if warned is not None:
         return UNRELIABLE
     return REFER if p_abnormal >= threshold else NO_ABNORMALITY

@@ -18,7 +18,8 @@ NORMAL = "normal"
 # Every threshold a card may carry, with its allowed range (inclusive): the device refuses a card
 # whose numbers it would silently misuse (temperature inf makes every probability 1/3; an OOD
 # threshold NaN turns the warning off).
-THRESHOLD_RANGES = {"abnormal": (0.0, 1.0), "target_sensitivity": (0.0, 1.0), "ood": (0.0, math.inf)}
+THRESHOLD_RANGES = {"abnormal": (0.0, 1.0), "target_sensitivity": (0.0, 1.0), "ood": (0.0, math.inf),
+                    "detail": (0.0, math.inf)}
 
 
 @dataclass

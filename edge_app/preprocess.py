@@ -913,6 +913,22 @@ def square(gray: np.ndarray, spec: InputSpec) -> np.ndarray:
     return contrast_step(square8(gray, spec), spec)
 
 
+def detail(square8_image: np.ndarray) -> float:
+    """How much fine detail the model's square holds, whatever its contrast: the summed |Laplacian|
+    over the summed |first differences| (both directions), on `square8`'s uint8 image. A film blurred
+    or enlarged from a small copy scores far below every stored development film, and the model clears
+    such films (docs/RESULTS.md, 2026-12-05 morning); the card's thresholds["detail"] (train.detail)
+    turns them into a warning (decision.LOW_DETAIL). Integer sums: every CPU gets the same value."""
+    u = np.asarray(square8_image)
+    if u.ndim != 2 or min(u.shape) < 3:
+        raise ValueError(f"detail needs a 2-D image of at least 3 x 3 pixels, got shape {u.shape}")
+    u = u.astype(np.int16)
+    dx, dy = u[:, 1:] - u[:, :-1], u[1:] - u[:-1]
+    laplacian = (dx[1:-1, 1:] - dx[1:-1, :-1]) + (dy[1:, 1:-1] - dy[:-1, 1:-1])
+    differences = int(np.abs(dx).sum(dtype=np.int64) + np.abs(dy).sum(dtype=np.int64))
+    return int(np.abs(laplacian).sum(dtype=np.int64)) / differences if differences else 0.0
+
+
 def normalise(images: np.ndarray, spec: InputSpec) -> np.ndarray:
     """[0, 1] squares (..., size, size) -> model inputs (..., size, size, channels), float32.
 

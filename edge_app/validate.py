@@ -27,7 +27,8 @@ from edge_app.labels import canonical_label
 from edge_app.progress import progress
 
 # What each image's record keeps of Prediction.to_dict (timings and backend vary from run to run).
-IMAGE_FIELDS = ("source", "label", "probabilities", "abnormal_probability", "decision", "threshold", "ood_score")
+IMAGE_FIELDS = ("source", "label", "probabilities", "abnormal_probability", "decision", "threshold", "warning",
+                "ood_score", "detail")
 
 
 def read_labelled(source) -> tuple[list[tuple[str, str]], list[dict]]:
@@ -122,7 +123,8 @@ def at_threshold(positive, scores, threshold: float) -> dict:
 
 
 def summarise(records: list[dict], labels, *, card_threshold: float, ood_threshold: float | None,
-              target_sensitivity: float | None, bootstrap: int, site=None) -> dict:
+              target_sensitivity: float | None, bootstrap: int, site=None,
+              detail_threshold: float | None = None) -> dict:
     """Every figure of the report, from the per-image records (site: a SiteConfig already stored
     for this model, also reported at its threshold; target_sensitivity None: no target threshold)."""
     y = np.array([labels.index(r["class"]) for r in records], dtype=int)
@@ -144,7 +146,8 @@ def summarise(records: list[dict], labels, *, card_threshold: float, ood_thresho
         "per_class_recall": {label: rate(predicted[y == c] == c) for c, label in enumerate(labels)},
         "confusion_matrix": {"rows_true_columns_predicted": list(labels),
                              "counts": metrics.confusion_matrix(y, predicted, len(labels)).tolist()},
-        "ood": _ood(records, labels, ood_threshold),
+        "ood": _warned(records, labels, decision.OUT_OF_DISTRIBUTION, ood_threshold, "ood_score"),
+        "low_detail": _warned(records, labels, decision.LOW_DETAIL, detail_threshold, "detail"),
         "reliability": {"bins": [dict(zip(("confidence", "accuracy", "share"), b))
                                  for b in metrics.calibration_bins(probs, y)],
                         "ece": metrics.expected_calibration_error(probs, y) if len(records) else math.nan},
@@ -152,15 +155,15 @@ def summarise(records: list[dict], labels, *, card_threshold: float, ood_thresho
     }
 
 
-def _ood(records: list[dict], labels, ood_threshold: float | None) -> dict | None:
-    """The share of images the device answers 'unlike the training images' for; None when the
-    model carries no OOD score."""
-    if ood_threshold is None or any(r["ood_score"] is None for r in records):
+def _warned(records: list[dict], labels, warning: str, threshold: float | None, score: str) -> dict | None:
+    """The share of images the device answered unreliable for with `warning` (decision.warning:
+    out of distribution, too little detail); None when the model or its card makes no such check."""
+    if threshold is None or any(r[score] is None for r in records):
         return None
-    unreliable = np.array([r["decision"] == decision.UNRELIABLE for r in records], bool)
+    warned = np.array([r["warning"] == warning for r in records], bool)
     classes = np.array([r["class"] for r in records])
-    return {"threshold": ood_threshold, "share": rate(unreliable),
-            "per_class": {label: rate(unreliable[classes == label]) for label in labels}}
+    return {"threshold": threshold, "share": rate(warned),
+            "per_class": {label: rate(warned[classes == label]) for label in labels}}
 
 
 def _target(positive, scores, target: float, bootstrap: int) -> dict | None:
@@ -181,6 +184,7 @@ def validate(classifier, source, labelled, left_out, *, target_sensitivity: floa
     records, unreadable = classify(classifier, labelled)
     summary = summarise(records, classifier.card.labels, card_threshold=classifier.card.abnormal_threshold,
                         ood_threshold=classifier.card.thresholds.get("ood"),
+                        detail_threshold=classifier.card.thresholds.get("detail"),
                         target_sensitivity=target_sensitivity, bootstrap=bootstrap,
                         site=existing_site_config(classifier))
     return {
@@ -285,6 +289,12 @@ def markdown(r: dict) -> str:
         lines.append(f"Answered 'unlike the training images' (OOD score above {r['ood']['threshold']:.3g}): "
                      f"{format_rate(r['ood']['share'])}; per class: "
                      + ", ".join(f"{label} {format_rate(rate)}" for label, rate in r["ood"]["per_class"].items()) + ".")
+    if r["low_detail"] is not None:
+        lines.append("")
+        lines.append(f"Answered 'too little fine detail' (detail below {r['low_detail']['threshold']:.3g}: blurred "
+                     f"or enlarged from a small copy): {format_rate(r['low_detail']['share'])}; per class: "
+                     + ", ".join(f"{label} {format_rate(rate)}"
+                                 for label, rate in r["low_detail"]["per_class"].items()) + ".")
     lines += ["", "## Reliability", "", "![reliability](reliability.png)", "",
               f"Top-1 confidence against accuracy per confidence bin; expected calibration error "
               f"{format_number(r['reliability']['ece'])}.", ""]
@@ -341,5 +351,7 @@ def text_summary(r: dict) -> str:
     lines.append(f"abnormal AUC {format_number(auc['value'])} (95 % CI {_interval(auc['ci95'])})")
     if r["ood"] is not None:
         lines.append(f"out of distribution: {format_rate(r['ood']['share'])}")
+    if r["low_detail"] is not None:
+        lines.append(f"too little fine detail: {format_rate(r['low_detail']['share'])}")
     lines += [f"CANNOT SCREEN [{u['code']}] {u['source']}: {u['message']}" for u in r["unreadable"]]
     return "\n".join(lines)

@@ -133,6 +133,7 @@ CARD_CASES = [
     *[("thresholds.abnormal", v) for v in (NAN, INF, -0.1, 1.5, "0.5", None, "missing")],
     *[("thresholds.ood", v) for v in (NAN, INF, -INF, -1.0, "12.5", None, [3.0])],
     *[("thresholds.target_sensitivity", v) for v in (NAN, 1.01, "0.9")],
+    *[("thresholds.detail", v) for v in (NAN, INF, -0.1, "0.3", None)],
     ("thresholds.new_limit", 0.5),
     *[("thresholds", v) for v in ("0.5", [0.5], None)],
     *[("preprocessing_version", v) for v in ("99", "0", 1, None, "missing")],

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +86,8 @@ def test_validate_equals_predict_image_for_image(model, site, tmp_path):
     assert len(report["per_image"]) == 3 * PER_CLASS + 1 == report["n_scored"]
     for record in report["per_image"]:
         p = by_source[record["source"]]
-        for key in ("label", "probabilities", "abnormal_probability", "decision", "threshold", "ood_score"):
+        for key in ("label", "probabilities", "abnormal_probability", "decision", "threshold", "warning",
+                    "ood_score", "detail"):
             assert record[key] == p[key], (record["source"], key)
     assert any(Path(r["source"]).name == "IM0001" and r["class"] == "pneumonia" for r in report["per_image"])
 
@@ -120,7 +122,10 @@ def test_validate_equals_predict_image_for_image(model, site, tmp_path):
     assert target["sensitivity"]["value"] >= 0.95
     assert target["threshold_ci95"][0] <= target["threshold_ci95"][1]
     unreliable = sum(p["decision"] == "unreliable" for _, p in rows)
-    assert report["ood"]["share"]["k"] == unreliable
+    warned = Counter(p["warning"] for _, p in rows if p["warning"])
+    assert report["ood"]["share"]["k"] == warned["out_of_distribution"]
+    assert report["low_detail"]["share"]["k"] == warned["low_detail"]
+    assert sum(warned.values()) == unreliable
 
     md = (tmp_path / "out" / "validation.md").read_text()
     assert "truncated.jpg" in md and "[not_an_image]" in md and "notes.txt" in md

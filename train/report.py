@@ -198,6 +198,12 @@ def write(reports: Path, results: dict, labels, logits: dict, ys: dict, history:
               f"(the {100 * ood.VAL_QUANTILE:g}th percentile on validation) are reported as unlike the training "
               "images, with no confident label. Share flagged: "
               + ", ".join(f"{split} {share:.1%}" for split, share in flagged.items()) + "."]
+    low = results.get("detail")
+    if low:
+        lines += ["", f"Images whose model input holds less fine detail than **{low['threshold']:.3f}** (the "
+                  f"{100 * low['val_quantile']:g}th percentile on validation; blurred, or enlarged from a small "
+                  "copy) are reported as too soft to screen. Share flagged: "
+                  + ", ".join(f"{split} {share:.1%}" for split, share in low["flagged"].items()) + "."]
     probe = results.get("shortcut_probe")
     if probe:
         lines += ["", "## Shortcut probe", "",

@@ -23,7 +23,7 @@ import tf_keras as keras
 
 from edge_app import decision, lungs, metrics
 from edge_app.model_card import ModelCard
-from train import evaluate, gradcam, models, ood, report, shortcuts
+from train import detail, evaluate, gradcam, models, ood, report, shortcuts
 from train.config import TrainConfig
 from train.data import load_dataset, run_splits, sources
 from train.data.leakage import check_leakage
@@ -304,6 +304,7 @@ def evaluate_and_card(model, config, dataset, spec, split_data, reports, history
     if probe:
         results["shortcut_probe"] = probe
     results["ood"] = _fit_ood(features, reports.parent)
+    results["detail"] = detail.fit({split: split_data[split][0] for split in evaluated})
     results["temperature"] = temperature
     results["class_offsets"] = dict(zip(labels, offsets.tolist()))
     results["target_sensitivity"] = config.target_sensitivity
@@ -319,7 +320,7 @@ def evaluate_and_card(model, config, dataset, spec, split_data, reports, history
     return ModelCard(
         name=model.name, task=config.task, labels=labels, input=spec, temperature=temperature,
         thresholds={"abnormal": threshold, "target_sensitivity": config.target_sensitivity,
-                    "ood": results["ood"]["threshold"]},
+                    "ood": results["ood"]["threshold"], "detail": results["detail"]["threshold"]},
         dataset={"root": run_splits.relative_to_run(dataset.root, reports.parent), "fingerprint": dataset.fingerprint(),
                  "counts": dataset.counts(), "seed": config.seed,
                  **({"holdout_source": config.holdout_source} if config.holdout_source else {})},

@@ -108,7 +108,7 @@ class ResultScreen(Screen):
         for label, value in p.probabilities.items():
             bars.add_widget(ProbabilityBar(text=label, value=value))
         t = p.timings_ms
-        likely = ("No label: unlike the training images." if p.decision == decision.UNRELIABLE
+        likely = (f"No label: {decision.WARNING_SHORT[p.warning]}." if p.warning
                   else f"Most likely: {p.label}.")
         self.ids.details.text = (f"{likely} {Path(outcome.screening.image_path).name}\n"
                                  f"Operating {App.get_running_app().classifier.threshold_note}.\n"
