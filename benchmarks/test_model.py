@@ -53,8 +53,8 @@ def test_accuracy(pytestconfig, results, variant, split, test_inputs):
 def test_ood_warning(pytestconfig, results, variant, split, tmp_path_factory):
     """Share of test images (false alarms) and of generated non-radiographs (catches) that the
     device withholds a label from, for the variants that carry the out-of-distribution warning:
-    the warning itself, or a refusal to screen the image at all (a lung-cropping model's "no chest
-    found"), counted apart as `..._refused`."""
+    a warning (out of distribution, or too little fine detail), or a refusal to screen the image at
+    all (a lung-cropping model's "no chest found"), counted apart as `..._refused`."""
     classifier = Classifier(run_dir(pytestconfig) / "tflite" / f"{variant}.tflite", accelerator="cpu")
     if not classifier.info["ood_warning"]:
         results.variant(variant)["ood"] = {"carried": False}

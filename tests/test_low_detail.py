@@ -67,6 +67,24 @@ def test_the_threshold_is_the_validation_quantile_and_flags_that_share():
     assert result["flagged"] == {"val": 0.01, "test": 1.0}
 
 
+def test_with_sources_the_softest_source_sets_the_threshold():
+    """A soft source (here: every square blurred) is not warned about as a whole: the threshold is
+    the lowest of the sources' own quantiles; a source too small to estimate one does not count."""
+    rng = np.random.default_rng(1)
+    sharp = rng.integers(0, 256, (100, 32, 32)).astype(np.uint8)
+    soft = np.stack([np.asarray(Image.fromarray(s).filter(ImageFilter.GaussianBlur(1))) for s in sharp])
+    tiny = np.stack([np.asarray(Image.fromarray(s).filter(ImageFilter.GaussianBlur(3))) for s in sharp[:3]])
+    soft_scores = [preprocess.detail(s) for s in soft]
+    plain = detail.fit({"val": np.concatenate([sharp, soft])})
+    by_source = detail.fit({"val": np.concatenate([sharp, soft])}, ["sharp"] * 100 + ["soft"] * 100)
+    assert by_source["threshold"] == pytest.approx(np.quantile(soft_scores, detail.VAL_QUANTILE))
+    assert by_source["val_flagged_per_source"] == {"sharp": 0.0, "soft": 0.01}
+    assert plain["threshold"] > by_source["threshold"]     # the plain quantile: 2 % of the soft source warned
+    with_tiny = detail.fit({"val": np.concatenate([sharp, soft, tiny])}, ["sharp"] * 100 + ["soft"] * 100 + ["tiny"] * 3)
+    assert with_tiny["threshold"] == by_source["threshold"]
+    assert with_tiny["val_flagged_per_source"]["tiny"] == 1.0
+
+
 def test_training_writes_the_threshold_and_every_variant_carries_it(tiny_run):
     from edge_app.classifier import load_model_file
 

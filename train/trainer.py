@@ -304,7 +304,8 @@ def evaluate_and_card(model, config, dataset, spec, split_data, reports, history
     if probe:
         results["shortcut_probe"] = probe
     results["ood"] = _fit_ood(features, reports.parent)
-    results["detail"] = detail.fit({split: split_data[split][0] for split in evaluated})
+    results["detail"] = detail.fit({split: split_data[split][0] for split in evaluated},
+                                   [r.source or "unknown" for r in split_data["val"][2]])
     results["temperature"] = temperature
     results["class_offsets"] = dict(zip(labels, offsets.tolist()))
     results["target_sensitivity"] = config.target_sensitivity
