@@ -33,7 +33,7 @@ from pathlib import Path
 
 from edge_app.errors import HistoryError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2   # 2: the warning column (a version-1 file gains it at open)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS screenings (
     id                   INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -44,6 +44,7 @@ CREATE TABLE IF NOT EXISTS screenings (
     probabilities        TEXT,             -- JSON {label: probability}, calibrated
     abnormal_probability REAL,
     decision             TEXT,
+    warning              TEXT,             -- why the decision is "unreliable": edge_app.decision's warnings
     threshold            REAL,
     model_sha256         TEXT NOT NULL,
     backend              TEXT NOT NULL,
@@ -54,6 +55,7 @@ CREATE TABLE IF NOT EXISTS screenings (
 );
 CREATE INDEX IF NOT EXISTS screenings_at ON screenings (screened_at);
 """
+SEARCHED = ("image_path", "image_sha256", "label", "decision", "warning", "error_code")   # by search(text)
 
 
 @dataclass
@@ -69,6 +71,7 @@ class Screening:
     probabilities: dict[str, float] | None = None
     abnormal_probability: float | None = None
     decision: str | None = None
+    warning: str | None = None
     threshold: float | None = None
     latency_ms: float | None = None
     error_code: str | None = None
@@ -122,6 +125,8 @@ class History:
             self._conn.execute("BEGIN IMMEDIATE")      # a read-only file or folder fails here, at open
             for statement in filter(str.strip, _SCHEMA.split(";")):   # executescript would COMMIT
                 self._conn.execute(statement)
+            if "warning" not in {c["name"] for c in self._conn.execute("PRAGMA table_info(screenings)")}:
+                self._conn.execute("ALTER TABLE screenings ADD COLUMN warning TEXT")   # a version-1 history
             self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             self._conn.execute("COMMIT")
 
@@ -162,13 +167,12 @@ class History:
 
     def search(self, text: str = "", *, label: str | None = None, since: str | None = None,
                until: str | None = None, limit: int | None = 500) -> list[Screening]:
-        """Newest first. `text` matches path, hash, label, decision or error code (substring);
+        """Newest first. `text` matches path, hash, label, decision, warning or error code (substring);
         `since`/`until` are dates or times (ISO-8601, UTC), `until` inclusive of its whole day."""
         where, params = [], []
         if text:
-            where.append("(" + " OR ".join(f"{c} LIKE ?" for c in
-                                           ("image_path", "image_sha256", "label", "decision", "error_code")) + ")")
-            params += [f"%{text}%"] * 5
+            where.append("(" + " OR ".join(f"{c} LIKE ?" for c in SEARCHED) + ")")
+            params += [f"%{text}%"] * len(SEARCHED)
         if label:
             where.append("label = ?")
             params.append(label)

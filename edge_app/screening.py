@@ -35,5 +35,5 @@ def screen(classifier: Classifier, history: History, path: str | os.PathLike) ->
     screening = history.add(Screening(
         **record, label=prediction.label, probabilities=prediction.probabilities,
         abnormal_probability=prediction.abnormal_probability, decision=prediction.decision,
-        threshold=prediction.threshold, latency_ms=prediction.timings_ms["total"]))
+        warning=prediction.warning, threshold=prediction.threshold, latency_ms=prediction.timings_ms["total"]))
     return Outcome(screening, prediction)

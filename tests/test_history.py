@@ -37,6 +37,7 @@ def test_screenings_and_errors_are_recorded_in_full(tmp_path, classifier, tiny_d
     assert row.image_path == str(good) and row.image_sha256 == file_sha256(good)
     assert row.model_sha256 == classifier.model_sha256 and row.backend == classifier.backend.name
     assert row.label == ok.prediction.label and row.decision == ok.prediction.decision
+    assert row.warning == ok.prediction.warning
     assert row.probabilities == ok.prediction.probabilities
     assert row.threshold == classifier.card.abnormal_threshold and row.error_code is None
     row = history.get(failed.screening.id)
@@ -75,6 +76,26 @@ def test_search_by_text_label_and_date_and_csv_export(tmp_path):
     assert [r["image_path"] for r in rows] == ["/clinic/c.png", "/clinic/b.dcm", "/clinic/a.jpg"]
     assert rows[2]["p_pneumonia"] == "0.7" and rows[2]["decision"] == "refer"
     assert rows[0]["error_code"] == "truncated" and rows[0]["p_normal"] == ""
+
+
+def test_a_version_1_history_gains_the_warning_column_and_keeps_its_rows(tmp_path):
+    """Schema 1 had no warning column: a clinic's existing history opens, old rows read no warning."""
+    path = tmp_path / "h.sqlite3"
+    History(path).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("ALTER TABLE screenings DROP COLUMN warning")
+        conn.execute("INSERT INTO screenings (screened_at, image_path, model_sha256, backend, label, decision) "
+                     "VALUES ('2026-03-01T10:00:00.000+00:00', '/clinic/old.jpg', 'm', 'cpu', 'normal', 'unreliable')")
+        conn.execute("PRAGMA user_version=1")
+    history = History(path)
+    old = history.search()[0]
+    assert (old.image_path, old.decision, old.warning) == ("/clinic/old.jpg", "unreliable", None)
+    history.add(Screening(now(), "/clinic/new.png", "cc33", "m", "cpu", label="covid", decision="unreliable",
+                          warning="low_detail", abnormal_probability=0.9))
+    assert [s.image_path for s in history.search("low_detail")] == ["/clinic/new.png"]
+    assert history._conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    rows = list(csv.DictReader(export_csv(history.search(), tmp_path / "h.csv").open()))
+    assert [r["warning"] for r in rows] == ["low_detail", ""]
 
 
 # A screening loop as the app runs it: it prints a screening's id only once `screen` returned,

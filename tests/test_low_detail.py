@@ -80,7 +80,8 @@ def test_with_sources_the_softest_source_sets_the_threshold():
     assert by_source["threshold"] == pytest.approx(np.quantile(soft_scores, detail.VAL_QUANTILE))
     assert by_source["val_flagged_per_source"] == {"sharp": 0.0, "soft": 0.01}
     assert plain["threshold"] > by_source["threshold"]     # the plain quantile: 2 % of the soft source warned
-    with_tiny = detail.fit({"val": np.concatenate([sharp, soft, tiny])}, ["sharp"] * 100 + ["soft"] * 100 + ["tiny"] * 3)
+    with_tiny = detail.fit({"val": np.concatenate([sharp, soft, tiny])},
+                           ["sharp"] * 100 + ["soft"] * 100 + ["tiny"] * 3)
     assert with_tiny["threshold"] == by_source["threshold"]
     assert with_tiny["val_flagged_per_source"]["tiny"] == 1.0
 
@@ -136,3 +137,20 @@ def test_commissioning_counts_the_low_detail_answers(tiny_run, tiny_dataset, tmp
     assert report["low_detail"]["share"]["k"] == len(warned) == 2
     assert all(r["decision"] == "unreliable" and r["detail"] < limit for r in warned)
     assert "too little fine detail" in (out / "validation.md").read_text()
+
+
+def test_the_history_records_why_a_screening_was_unreliable(tiny_run, tiny_dataset, tmp_path):
+    from edge_app.classifier import Classifier
+    from edge_app.history import History
+    from edge_app.screening import screen
+
+    model = tiny_run / "tflite" / "fp32.tflite"
+    image = sorted((tiny_dataset / "test").rglob("*.jp*g"))[0]
+    card = Classifier(model, accelerator="cpu").card
+    doctored = with_card(model, tmp_path / "soft.tflite", thresholds={**card.thresholds, "detail": 1e9, "ood": 1e9})
+    history = History(tmp_path / "h.sqlite3")
+    outcome = screen(Classifier(doctored, accelerator="cpu"), history, image)
+    row = history.get(outcome.screening.id)
+    assert (row.decision, row.warning) == ("unreliable", "low_detail") == (outcome.prediction.decision,
+                                                                          outcome.prediction.warning)
+    assert [s.id for s in history.search("low_detail")] == [row.id]

@@ -532,7 +532,9 @@ def _history_line(s) -> str:
     name = Path(s.image_path).name
     sha = (s.image_sha256 or "-")[:10]
     if s.ok:
-        return f"{when}  {VERDICTS[s.decision]:<14}  {s.label:<9} P(abn) {s.abnormal_probability:.2f}  {name}  #{sha}"
+        why = f" ({decision.WARNING_SHORT[s.warning]})" if s.warning else ""
+        return (f"{when}  {VERDICTS[s.decision]:<14}  {s.label:<9} P(abn) {s.abnormal_probability:.2f}  {name}  "
+                f"#{sha}{why}")
     return f"{when}  NOT SCREENED [{s.error_code}]  {name}  #{sha}"
 
 
