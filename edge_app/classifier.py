@@ -98,6 +98,8 @@ class Classifier:
         self.model_sha256 = hashlib.sha256(data).hexdigest()
         self.site = site_config.load(self.model_path, self.model_sha256) if use_site_config else None
         self.threshold = self.site.threshold if self.site else self.card.abnormal_threshold
+        self.detail_threshold = (self.site.detail_threshold if self.site and self.site.detail_threshold is not None
+                                 else self.card.thresholds.get("detail"))
         if runtime is None:
             self.backend, self.backend_attempts = open_backend(
                 data, accelerator=accelerator, num_threads=num_threads, gpu_delegate=gpu_delegate)
@@ -198,7 +200,7 @@ class Classifier:
         p_abnormal = float(decision.abnormal_probability(probs))
         ood_score = ood_score_of(outputs)
         warning = decision.warning(ood_score, self.card.thresholds.get("ood"),
-                                   detail, self.card.thresholds.get("detail"))
+                                   detail, self.detail_threshold)
         triage = decision.triage(p_abnormal, self.threshold, warning)
         heatmap = outputs.get(HEATMAP)
         if heatmap is not None:

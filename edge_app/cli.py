@@ -160,7 +160,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from edge_app import validate
+    from edge_app import site_config, validate
 
     if args.site and not args.write_site_config:
         print("error: --site names the site of --write-site-config", file=sys.stderr)
@@ -175,9 +175,11 @@ def cmd_validate(args) -> int:
     print(validate.text_summary(result))
     print("Reports: " + ", ".join(map(str, paths)))
     if args.write_site_config:
-        path = validate.write_site_config(classifier, result, args.site)
-        print(f"Site config written: {path} (threshold {result['target']['threshold']:.3f}); "
-              "predict and the app now use it.")
+        site = validate.write_site_config(classifier, result, args.site)
+        detail = ("" if site.detail_threshold is None else f"; low-detail threshold {site.detail_threshold:.4f}, "
+                  f"the site's own, below the card's {classifier.card.thresholds['detail']:.4f}")
+        print(f"Site config written: {site_config.path_for(classifier.model_path)} (threshold {site.threshold:.3f}"
+              f"{detail}); predict and the app now use it.")
     return 1 if result["unreadable"] else 0
 
 

@@ -29,6 +29,7 @@ WARNING_MESSAGES = {
                  "file, or refer for clinical review"),
 }
 WARNING_SHORT = {OUT_OF_DISTRIBUTION: "unlike the training images", LOW_DETAIL: "too little fine detail"}
+LOW_DETAIL_QUANTILE = 0.01   # ~1 % of each development source's (or a commissioned site's) films warned about
 NOT_A_DIAGNOSIS = "Screening aid, not a diagnosis"
 
 
@@ -54,6 +55,14 @@ def warning(ood_score: float | None = None, ood_threshold: float | None = None,
     if detail is not None and detail_threshold is not None and detail < detail_threshold:
         return LOW_DETAIL
     return None
+
+
+def low_detail_threshold(groups, quantile: float = LOW_DETAIL_QUANTILE) -> float | None:
+    """The low-detail warning's threshold for groups of `preprocess.detail` scores (a development
+    set's sources: train.detail; one site's images: commissioning): the lowest of the groups'
+    `quantile`s, over the groups with at least 1 / quantile scores; None when none has that many."""
+    estimable = [np.asarray(group, dtype=float) for group in groups if len(group) * quantile >= 1]
+    return min(float(np.quantile(group, quantile)) for group in estimable) if estimable else None
 
 
 def triage(p_abnormal: float, threshold: float, warned: str | None = None) -> str:

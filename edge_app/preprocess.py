@@ -917,7 +917,7 @@ def detail(square8_image: np.ndarray) -> float:
     """How much fine detail the model's square holds, whatever its contrast: the summed |Laplacian|
     over the summed |first differences| (both directions), on `square8`'s uint8 image. A film blurred
     or enlarged from a small copy scores far below every stored development film, and the model clears
-    such films (docs/RESULTS.md, 2026-12-05 morning); the card's thresholds["detail"] (train.detail)
+    such films (docs/RESULTS.md, 2026-12-05 evening); the card's thresholds["detail"] (train.detail)
     turns them into a warning (decision.LOW_DETAIL). Integer sums: every CPU gets the same value."""
     u = np.asarray(square8_image)
     if u.ndim != 2 or min(u.shape) < 3:

@@ -1,5 +1,6 @@
 """A site's own operating threshold, set by commissioning the device on the site's labelled images
-(`python -m edge_app validate --write-site-config`).
+(`python -m edge_app validate --write-site-config`), and where the site's films are softer than the
+development set's, its own low-detail threshold (else the model card's applies).
 
 It lives beside the model, `M.site.json` for `M.tflite`, never inside it: the model file and its
 SHA-256 stay those of the release. The file names the model's SHA-256, and a site config made for
@@ -10,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 from edge_app.errors import ModelError
@@ -24,6 +25,9 @@ class SiteConfig:
     n_images: int                 # labelled images it was measured on
     target_sensitivity: float     # the sensitivity the threshold reached on them
     model_sha256: str
+    # preprocess.detail below which the device warns at this site (decision.LOW_DETAIL): the 1st
+    # percentile of the site's own images where that is below the card's; None: the card's
+    detail_threshold: float | None = None
 
     def describe(self) -> str:
         return f"commissioned for {self.site} on {self.date} with {self.n_images} images"
@@ -42,10 +46,14 @@ def load(model_path, model_sha256: str) -> SiteConfig | None:
         return None
     try:
         data = json.loads(path.read_text())
-        config = SiteConfig(**{f.name: data[f.name] for f in fields(SiteConfig)})
+        config = SiteConfig(**{f.name: data[f.name] for f in fields(SiteConfig)
+                               if f.name in data or f.default is MISSING})   # older files: no detail_threshold
         if not (isinstance(config.threshold, (int, float)) and math.isfinite(config.threshold)
                 and 0.0 <= config.threshold <= 1.0):
             raise ValueError(f"threshold must be a number in [0, 1], got {config.threshold!r}")
+        detail = config.detail_threshold
+        if detail is not None and not (isinstance(detail, (int, float)) and math.isfinite(detail) and detail >= 0):
+            raise ValueError(f"detail_threshold must be a number >= 0 or null, got {detail!r}")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelError("site_config_invalid", f"the site config cannot be used ({exc!r}); "
                          "commission the model again or remove the file", path) from exc

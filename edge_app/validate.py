@@ -198,16 +198,24 @@ def validate(classifier, source, labelled, left_out, *, target_sensitivity: floa
     }
 
 
-def write_site_config(classifier, result: dict, site: str | None) -> Path:
-    """Stores the threshold for the target sensitivity beside the model (site_config)."""
+def write_site_config(classifier, result: dict, site: str | None) -> site_config.SiteConfig:
+    """Stores beside the model (site_config) the threshold for the target sensitivity and, where
+    the site's films hold less fine detail than the card's threshold allows for, their own
+    low-detail threshold: the target threshold was measured on those very films, so the device need
+    not call them unreliable (a blurred copy of them still falls below)."""
     target = result["target"]
     if target is None or result["card_threshold"]["specificity"]["n"] == 0:
         raise InputError("no_images", "commissioning needs normal and abnormal images that could be read")
+    card_detail = classifier.card.thresholds.get("detail")
+    site_detail = decision.low_detail_threshold([[r["detail"] for r in result["per_image"]]])
     config = site_config.SiteConfig(
         site=site or socket.gethostname(), threshold=target["threshold"], date=result["date"],
         n_images=result["n_scored"], target_sensitivity=target["target_sensitivity"],
-        model_sha256=classifier.model_sha256)
-    return site_config.write(classifier.model_path, config)
+        model_sha256=classifier.model_sha256,
+        detail_threshold=site_detail if None not in (card_detail, site_detail) and site_detail < card_detail
+        else None)
+    site_config.write(classifier.model_path, config)
+    return config
 
 
 def existing_site_config(classifier):

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from conftest import run_module, with_card
-from edge_app import preprocess
+from edge_app import decision, preprocess
 from edge_app.model_card import ModelCard
 from train import detail
 
@@ -63,7 +63,8 @@ def test_the_threshold_is_the_validation_quantile_and_flags_that_share():
     soft = np.stack([np.asarray(Image.fromarray(s).filter(ImageFilter.GaussianBlur(2))) for s in sharp[:5]])
     val = np.concatenate([sharp, soft[:1]])                                  # 1 soft square in 100
     result = detail.fit({"val": val, "test": soft})
-    assert result["threshold"] == pytest.approx(np.quantile([preprocess.detail(s) for s in val], detail.VAL_QUANTILE))
+    scores = [preprocess.detail(s) for s in val]
+    assert result["threshold"] == pytest.approx(np.quantile(scores, decision.LOW_DETAIL_QUANTILE))
     assert result["flagged"] == {"val": 0.01, "test": 1.0}
 
 
@@ -77,7 +78,7 @@ def test_with_sources_the_softest_source_sets_the_threshold():
     soft_scores = [preprocess.detail(s) for s in soft]
     plain = detail.fit({"val": np.concatenate([sharp, soft])})
     by_source = detail.fit({"val": np.concatenate([sharp, soft])}, ["sharp"] * 100 + ["soft"] * 100)
-    assert by_source["threshold"] == pytest.approx(np.quantile(soft_scores, detail.VAL_QUANTILE))
+    assert by_source["threshold"] == pytest.approx(np.quantile(soft_scores, decision.LOW_DETAIL_QUANTILE))
     assert by_source["val_flagged_per_source"] == {"sharp": 0.0, "soft": 0.01}
     assert plain["threshold"] > by_source["threshold"]     # the plain quantile: 2 % of the soft source warned
     with_tiny = detail.fit({"val": np.concatenate([sharp, soft, tiny])},

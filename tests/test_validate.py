@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from conftest import run_module, with_card
 from edge_app import metrics
@@ -164,7 +164,8 @@ def test_site_config_round_trip(model, site, tmp_path, tiny_run):
     today = datetime.date.today().isoformat()
     assert config == {"site": "Clinic A", "threshold": report["target"]["threshold"], "date": today,
                       "n_images": report["n_scored"], "target_sensitivity": 0.9,
-                      "model_sha256": hashlib.sha256(before).hexdigest()}
+                      "model_sha256": hashlib.sha256(before).hexdigest(),
+                      "detail_threshold": None}        # too few images for a site's own 1st percentile
 
     # predict uses it and says so
     note = f"commissioned for Clinic A on {today} with {report['n_scored']} images"
@@ -189,6 +190,58 @@ def test_site_config_round_trip(model, site, tmp_path, tiny_run):
     refused = run_module("edge_app", "predict", "--model", other, site / "NORMAL", check=False)
     assert refused.returncode == 2 and "site_config_mismatch" in refused.stderr
     assert "made for another model" in refused.stderr
+
+
+def test_a_site_with_softer_films_gets_its_own_low_detail_threshold(tiny_run, shared_data, tmp_path):
+    """A site whose films hold less fine detail than the card's threshold allows for (here: the card's
+    threshold doctored to the median of 120 real films) would hear "unreliable" for half of them;
+    commissioning on them stores their own 1st percentile, and a blurred copy is still warned about."""
+    from edge_app import decision, preprocess
+    from edge_app.classifier import Classifier
+
+    site = tmp_path / "soft-site"
+    for cls in ("normal", "pneumonia"):
+        (site / cls).mkdir(parents=True)
+        for f in sorted((shared_data / "test" / cls).iterdir())[:60]:
+            shutil.copy(f, site / cls / f.name)
+    original = tiny_run / "tflite" / "int8.tflite"
+    card = Classifier(original, accelerator="cpu").card
+    details = [preprocess.detail(preprocess.load8(f, card.input)) for f in sorted(site.rglob("*.*"))]
+    soft = with_card(original, tmp_path / "soft.tflite", thresholds={**card.thresholds, "ood": 1e9,
+                                                                     "detail": float(np.median(details))})
+    _, report = _validate(soft, site, tmp_path / "out", "--write-site-config", "--target-sensitivity", "0.9")
+    assert 0.4 <= report["low_detail"]["share"]["value"] <= 0.6            # at the card's threshold
+    config = json.loads((tmp_path / "soft.site.json").read_text())
+    assert config["detail_threshold"] == pytest.approx(np.quantile(details, decision.LOW_DETAIL_QUANTILE))
+    assert config["detail_threshold"] < np.median(details)
+
+    predicted = _predict_json(soft, site)["results"]
+    assert sum(r["warning"] == "low_detail" for r in predicted) <= 2       # ~1 % of 120, not half
+    blurred = tmp_path / "blurred.png"
+    Image.open(sorted(site.rglob("*.*"))[0]).convert("L").filter(ImageFilter.GaussianBlur(3)).save(blurred)
+    assert _predict_json(soft, blurred)["results"][0]["warning"] == "low_detail"
+
+    # films sharper than the card's threshold: the card's stays (the site config stores none)
+    sharp = with_card(original, tmp_path / "sharp.tflite", thresholds={**card.thresholds,
+                                                                       "detail": 0.5 * min(details)})
+    _validate(sharp, site, tmp_path / "sharp-out", "--write-site-config", "--target-sensitivity", "0.9")
+    assert json.loads((tmp_path / "sharp.site.json").read_text())["detail_threshold"] is None
+
+
+def test_a_site_config_from_before_loads_and_a_bad_one_is_refused(tmp_path):
+    from edge_app import site_config
+    from edge_app.errors import ModelError
+
+    model = tmp_path / "m.tflite"
+    older = {"site": "Clinic A", "threshold": 0.3, "date": "2026-12-01", "n_images": 40,
+             "target_sensitivity": 0.97, "model_sha256": "ab" * 32}                # no detail_threshold
+    site_config.path_for(model).write_text(json.dumps(older))
+    assert site_config.load(model, "ab" * 32).detail_threshold is None
+    for bad in ("soft", -0.1, float("nan")):
+        site_config.path_for(model).write_text(json.dumps({**older, "detail_threshold": bad}))
+        with pytest.raises(ModelError, match="detail_threshold") as caught:
+            site_config.load(model, "ab" * 32)
+        assert caught.value.code == "site_config_invalid"
 
 
 def test_folders_are_searched_recursively(site, tmp_path):

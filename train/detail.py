@@ -1,7 +1,7 @@
 """The low-detail warning's threshold: the model card's thresholds["detail"].
 
 The device warns ("too little fine detail", decision.LOW_DETAIL) when the model's square holds less
-fine detail (`edge_app.preprocess.detail`) than all but VAL_QUANTILE of any source's validation squares: a
+fine detail (`edge_app.preprocess.detail`) than all but 1 % of any source's validation squares: a
 blurred film, or one enlarged from a small copy, which the model clears far more often than the
 same film as stored (benchmarks/robustness.py). Training fits it on its cached squares; a run
 trained before gets it once with
@@ -19,24 +19,23 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_app import lungs, preprocess
+from edge_app import decision, lungs, preprocess
 from edge_app.model_card import ModelCard
-
-VAL_QUANTILE = 0.01      # ~1 % of each source's validation films warned about
 
 
 def fit(squares: dict[str, np.ndarray], val_sources: list[str] | None = None,
-        quantile: float = VAL_QUANTILE) -> dict:
+        quantile: float = decision.LOW_DETAIL_QUANTILE) -> dict:
     """The threshold from squares["val"] ((N, size, size) uint8, `square8`), and the share of each
     split's squares below it. With `val_sources` (one per val square), the lowest of the quantiles of
     the sources with at least 1 / quantile films: the softest source (the set's adult normals,
-    docs/RESULTS.md 2026-12-05 morning) is warned about no more often than the others, instead of
+    docs/RESULTS.md 2026-12-05 evening) is warned about no more often than the others, instead of
     carrying the whole quantile; too few films to estimate it: the quantile of all val."""
     scores = {split: np.array([preprocess.detail(s) for s in images]) for split, images in squares.items()}
     sources = np.asarray(val_sources if val_sources is not None else [""] * len(scores["val"]))
     groups = {str(source): scores["val"][sources == source] for source in sorted(set(sources))}
-    estimable = [group for group in groups.values() if len(group) * quantile >= 1] or [scores["val"]]
-    threshold = min(float(np.quantile(group, quantile)) for group in estimable)
+    threshold = decision.low_detail_threshold(groups.values(), quantile)
+    if threshold is None:                      # no source large enough for its own quantile
+        threshold = float(np.quantile(scores["val"], quantile))
     return {"threshold": threshold, "val_quantile": quantile,
             "flagged": {split: float((s < threshold).mean()) for split, s in scores.items()},
             **({"val_flagged_per_source": {source: float((group < threshold).mean())
