@@ -87,6 +87,20 @@ def test_with_sources_the_softest_source_sets_the_threshold():
     assert with_tiny["val_flagged_per_source"]["tiny"] == 1.0
 
 
+def test_leave_one_source_out_refits_without_each_source():
+    """Held out, the softest source sets no threshold and is warned about far more than the others."""
+    rng = np.random.default_rng(2)
+    sharp, soft = rng.normal(0.8, 0.03, 400), rng.normal(0.65, 0.03, 400)
+    scores = np.concatenate([sharp, soft])
+    splits = np.tile(np.repeat(["train", "val", "test", "val"], 100), 2)
+    names = ["sharp"] * 400 + ["soft"] * 400
+    result = detail.leave_one_source_out(scores, splits, names)
+    assert result["soft"]["threshold"] == pytest.approx(np.quantile(sharp[splits[:400] == "val"], 0.01))
+    assert result["sharp"]["threshold"] == pytest.approx(np.quantile(soft[splits[:400] == "val"], 0.01))
+    assert result["soft"]["held_out_warned"] > 0.5 > 0.02 > result["sharp"]["held_out_warned"]
+    assert result["soft"]["n"] == 400 and 0 <= result["soft"]["other_test_warned"] <= 0.05
+
+
 def test_training_writes_the_threshold_and_every_variant_carries_it(tiny_run):
     from edge_app.classifier import load_model_file
 
