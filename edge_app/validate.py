@@ -174,7 +174,24 @@ def _target(positive, scores, target: float, bootstrap: int) -> dict | None:
     threshold = metrics.threshold_for_sensitivity(positive, scores, target)
     ci = metrics.bootstrap_threshold_ci(positive, scores, target, n=bootstrap) if bootstrap else [math.nan] * 2
     return {"target_sensitivity": target, **at_threshold(positive, scores, threshold), "threshold_ci95": ci,
-            "method": f"percentile bootstrap over images, {bootstrap} resamples"}
+            "method": f"percentile bootstrap over images, {bootstrap} resamples",
+            "abnormal_needed": abnormal_images_needed(target)}
+
+
+def abnormal_images_needed(target: float, z: float = 1.959963984540054) -> int | None:
+    """The fewest abnormal images, every one found, whose Wilson interval lies at or above `target`
+    (n / (n + z²) >= target): with fewer, no threshold can show that it reaches the target here."""
+    return None if target >= 1 else math.ceil(target * z * z / (1 - target) - 1e-9)
+
+
+def _too_few_abnormal(t: dict) -> str | None:
+    """The caveat when these images cannot show the target sensitivity, whatever the threshold."""
+    n, needed = t["sensitivity"]["n"], t["abnormal_needed"]
+    if needed is None or n >= needed:
+        return None
+    return (f"only {n} abnormal images: too few to show sensitivity >= {t['target_sensitivity']:.2f} at any "
+            f"threshold (at least {needed}, all found, would be needed); the site threshold's sensitivity "
+            f"elsewhere may be as low as {t['sensitivity']['ci95'][0]:.3f}")
 
 
 def validate(classifier, source, labelled, left_out, *, target_sensitivity: float, bootstrap: int) -> dict:
@@ -281,6 +298,8 @@ def markdown(r: dict) -> str:
                      f" (95 % CI {_interval(t['threshold_ci95'])}, bootstrap)"))
     lines += [f"| {name}: {row['threshold']:.3f}{extra} | {format_rate(row['sensitivity'])} | "
               f"{format_rate(row['specificity'])} |" for name, row, extra in rows]
+    caveat = r["target"] and _too_few_abnormal(r["target"])
+    lines += ["", f"**Caution:** {caveat}."] if caveat else []
     auc = r["abnormal_auc"]
     lines += ["", f"Abnormal AUC {format_number(auc['value'])} (95 % CI {_interval(auc['ci95'])}, "
               f"{auc['method']}).", "",
@@ -355,6 +374,8 @@ def text_summary(r: dict) -> str:
               f"specificity {format_rate(row['specificity'])}" for name, row in rows]
     if r["target"]:
         lines.append(f"  its 95 % CI (bootstrap): {_interval(r['target']['threshold_ci95'])}")
+        caveat = _too_few_abnormal(r["target"])
+        lines += [f"  CAUTION: {caveat}"] if caveat else []
     auc = r["abnormal_auc"]
     lines.append(f"abnormal AUC {format_number(auc['value'])} (95 % CI {_interval(auc['ci95'])})")
     if r["ood"] is not None:

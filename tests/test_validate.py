@@ -121,6 +121,10 @@ def test_validate_equals_predict_image_for_image(model, site, tmp_path):
     assert target["threshold"] == metrics.threshold_for_sensitivity(y != 0, scores, 0.95)
     assert target["sensitivity"]["value"] >= 0.95
     assert target["threshold_ci95"][0] <= target["threshold_ci95"][1]
+    # 11 abnormal images cannot show a sensitivity of 0.95: the report says so, and how many could
+    assert target["abnormal_needed"] == 73 and target["sensitivity"]["n"] == 11
+    assert "too few to show sensitivity >= 0.95" in result.stdout
+    assert "too few to show sensitivity >= 0.95" in (tmp_path / "out" / "validation.md").read_text()
     unreliable = sum(p["decision"] == "unreliable" for _, p in rows)
     warned = Counter(p["warning"] for _, p in rows if p["warning"])
     assert report["ood"]["share"]["k"] == warned["out_of_distribution"]
@@ -226,6 +230,14 @@ def test_a_site_with_softer_films_gets_its_own_low_detail_threshold(tiny_run, sh
                                                                        "detail": 0.5 * min(details)})
     _validate(sharp, site, tmp_path / "sharp-out", "--write-site-config", "--target-sensitivity", "0.9")
     assert json.loads((tmp_path / "sharp.site.json").read_text())["detail_threshold"] is None
+
+
+@pytest.mark.parametrize("target", [0.8, 0.9, 0.95, 0.97, 0.99])
+def test_abnormal_images_needed_is_the_fewest_whose_interval_clears_the_target(target):
+    from edge_app.validate import abnormal_images_needed
+
+    n = abnormal_images_needed(target)
+    assert wilson_by_hand(n, n)[0] >= target - 1e-9 > wilson_by_hand(n - 1, n - 1)[0]
 
 
 def test_a_site_config_from_before_loads_and_a_bad_one_is_refused(tmp_path):
