@@ -288,7 +288,10 @@ def per_group_metrics(logits, y_true, groups, labels, *, temperature: float, thr
     return result
 
 
-def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+Z_95 = 1.959963984540054   # the normal quantile of a two-sided 95 % interval
+
+
+def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float]:
     """95 % Wilson score interval of a proportion: honest at the small counts of a cohort (a
     normal-approximation interval of 20/21 would pass 1.0)."""
     if n == 0:

@@ -178,7 +178,7 @@ def _target(positive, scores, target: float, bootstrap: int) -> dict | None:
             "abnormal_needed": abnormal_images_needed(target)}
 
 
-def abnormal_images_needed(target: float, z: float = 1.959963984540054) -> int | None:
+def abnormal_images_needed(target: float, z: float = metrics.Z_95) -> int | None:
     """The fewest abnormal images, every one found, whose Wilson interval lies at or above `target`
     (n / (n + z²) >= target): with fewer, no threshold can show that it reaches the target here."""
     return None if target >= 1 else math.ceil(target * z * z / (1 - target) - 1e-9)
@@ -225,12 +225,12 @@ def write_site_config(classifier, result: dict, site: str | None) -> site_config
         raise InputError("no_images", "commissioning needs normal and abnormal images that could be read")
     card_detail = classifier.card.thresholds.get("detail")
     site_detail = decision.low_detail_threshold([[r["detail"] for r in result["per_image"]]])
+    softer = card_detail is not None and site_detail is not None and site_detail < card_detail
     config = site_config.SiteConfig(
         site=site or socket.gethostname(), threshold=target["threshold"], date=result["date"],
         n_images=result["n_scored"], target_sensitivity=target["target_sensitivity"],
         model_sha256=classifier.model_sha256,
-        detail_threshold=site_detail if None not in (card_detail, site_detail) and site_detail < card_detail
-        else None)
+        detail_threshold=site_detail if softer else None)
     site_config.write(classifier.model_path, config)
     return config
 

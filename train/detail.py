@@ -36,17 +36,17 @@ def fit(squares: dict[str, np.ndarray], val_sources: list[str] | None = None,
     carrying the whole quantile; too few films to estimate it: the quantile of all val."""
     scores = {split: np.array([preprocess.detail(s) for s in images]) for split, images in squares.items()}
     sources = np.asarray(val_sources if val_sources is not None else [""] * len(scores["val"]))
-    threshold = _threshold(scores["val"], sources, quantile)
     groups = {str(source): scores["val"][sources == source] for source in sorted(set(sources))}
+    threshold = _threshold(groups.values(), scores["val"], quantile)
     return {"threshold": threshold, "val_quantile": quantile,
             "flagged": {split: float((s < threshold).mean()) for split, s in scores.items()},
             **({"val_flagged_per_source": {source: float((group < threshold).mean())
                                            for source, group in groups.items()}} if val_sources is not None else {})}
 
 
-def _threshold(val_scores: np.ndarray, val_sources: np.ndarray, quantile: float) -> float:
-    threshold = decision.low_detail_threshold([val_scores[val_sources == s] for s in sorted(set(val_sources))],
-                                              quantile)
+def _threshold(groups, val_scores: np.ndarray, quantile: float) -> float:
+    """decision.low_detail_threshold over the sources; no source large enough: the quantile of all val."""
+    threshold = decision.low_detail_threshold(groups, quantile)
     return float(np.quantile(val_scores, quantile)) if threshold is None else threshold
 
 
@@ -57,7 +57,8 @@ def leave_one_source_out(scores, splits, sources, quantile: float = decision.LOW
     result = {}
     for held in sorted(set(sources)):
         rest_val = (splits == "val") & (sources != held)
-        threshold = _threshold(scores[rest_val], sources[rest_val], quantile)
+        threshold = _threshold([scores[rest_val & (sources == s)] for s in sorted(set(sources[rest_val]))],
+                               scores[rest_val], quantile)
         others_test = (splits == "test") & (sources != held)
         result[held] = {"threshold": threshold, "n": int((sources == held).sum()),
                         "held_out_warned": float((scores[sources == held] < threshold).mean()),
