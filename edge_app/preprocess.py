@@ -667,11 +667,15 @@ def _dicom_first_frame(ds, path) -> tuple[np.ndarray, int]:
 def _correct_unused_bits(values: np.ndarray, shift: int, out: np.ndarray | None = None) -> np.ndarray:
     """pydicom's correction of the bits above BitsStored (a left, then a right shift by `shift`
     in the values' own dtype): unsigned values masked (the same bits, one pass), signed ones
-    sign-extended. `shift` <= 0: the values as they are."""
+    sign-extended. `shift` <= 0: the values as they are. Unsigned values whose unused bits are all
+    clear (the usual case) are returned as they are: a max is read-only, half the cost of the mask."""
     if shift <= 0:
         return values
     if values.dtype.kind == "u":
-        return np.bitwise_and(values, values.dtype.type((1 << (8 * values.dtype.itemsize - shift)) - 1), out=out)
+        mask = values.dtype.type((1 << (8 * values.dtype.itemsize - shift)) - 1)
+        if values.size and values.max() <= mask:
+            return values
+        return np.bitwise_and(values, mask, out=out)
     out = np.left_shift(values, shift, out=out)
     return np.right_shift(out, shift, out=out)
 

@@ -340,6 +340,11 @@ def test_block_mean_is_the_exact_rounded_mean(dtype, bits):
                 rng.integers(0, 2 ** shift, shape) << bits).astype(np.uint8 if dtype == np.uint8 else np.uint16)
             np.testing.assert_array_equal(pp._block_mean(raw.view(dtype), factor, bits, shift),
                                           block_means(values, factor), err_msg=f"factor {factor}, shift")
+            one_junk = values.view(raw.dtype).copy()     # clean bits but one pixel's: still corrected
+            one_junk[-4, 2] |= one_junk.dtype.type(1 << bits)
+            for stored in (values.view(raw.dtype), one_junk):
+                np.testing.assert_array_equal(pp._block_mean(stored.view(dtype), factor, bits, shift),
+                                              block_means(values, factor), err_msg=f"factor {factor}, shift")
 
 
 def test_3k_16bit_dicom_is_never_held_whole_while_decoding(tmp_path):
