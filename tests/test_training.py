@@ -72,6 +72,44 @@ def test_strategies_freeze_exactly_the_layers_they_claim():
     assert _trainable(model) == {l.name for l in model.layers if l.weights}
 
 
+def test_weight_average_is_what_validation_sees_and_the_raw_weights_train_on():
+    """WeightAverage: after each epoch the model holds the exponential moving average of the weights of
+    every step so far (what validation and the checkpoint then read); the next epoch trains on from the
+    raw weights, and the run ends on the average."""
+    from train.trainer import WeightAverage
+
+    model = keras.Sequential([keras.layers.Dense(3, input_shape=(4,))])
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 4)).astype("float32"), rng.normal(size=(64, 3)).astype("float32")
+    steps, epoch_ends, epoch_starts = [], [], []
+
+    class Watch(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            steps.append(self.model.get_weights())
+
+        def on_epoch_end(self, epoch, logs=None):
+            epoch_ends.append(self.model.get_weights())
+
+        def on_epoch_begin(self, epoch, logs=None):
+            epoch_starts.append(self.model.get_weights())
+
+    average = model.get_weights()
+    model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=[WeightAverage(0.9), Watch()])
+    expected = []
+    for weights in steps:                         # 4 steps an epoch
+        average = [0.9 * a + 0.1 * w for a, w in zip(average, weights)]
+        expected.append(average)
+    for got, want in zip(epoch_ends + [model.get_weights()], [expected[3], expected[7], expected[7]]):
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+    for g, w in zip(epoch_starts[1], steps[3]):   # the second epoch starts from the raw weights
+        np.testing.assert_array_equal(g, w)
+    assert not np.allclose(steps[3][0], expected[3][0])
+    with pytest.raises(ValueError, match="momentum"):
+        WeightAverage(1.0)
+
+
 def test_mirrored_strategy_step_on_two_logical_cpus():
     code = """
 import numpy as np

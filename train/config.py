@@ -47,6 +47,9 @@ class TrainConfig:
     learning_rate: float = 1e-3           # per replica of batch_size; scaled by replicas
     fine_tune_learning_rate: float = 1e-4
     dropout: float = 0.2
+    weight_average: float = 0.0           # momentum per step of an exponential moving average of the weights,
+                                          # which validation, the checkpoint and the run's model use
+                                          # (train.trainer.WeightAverage); 0 off
     loss: str = "crossentropy"            # crossentropy | focal
     focal_gamma: float = 2.0
     class_weight_power: float = 0.5       # class weights (1/frequency)^power: 1 balances the classes,

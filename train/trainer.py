@@ -109,6 +109,39 @@ class ValidationMetrics(keras.callbacks.Callback):
               f"- val_macro_f1: {logs['val_macro_f1']:.4f}")
 
 
+class WeightAverage(keras.callbacks.Callback):
+    """An exponential moving average of the trainable weights, `momentum` per training step, which
+    validation, the checkpoint and so the run's model see instead of the last step's weights:
+    fine-tuning's validation figures swing by up to ten points from one epoch to the next
+    (training_phase2.csv), and the average sits between the swings. Put it before the validation
+    callback; the raw weights train on from the next epoch. A resumed run starts a new average."""
+
+    def __init__(self, momentum: float):
+        super().__init__()
+        if not 0.0 < momentum < 1.0:
+            raise ValueError(f"the weight average's momentum must be in (0, 1), got {momentum}")
+        self.momentum = momentum
+        self.average, self.raw = [], None
+
+    def on_train_begin(self, logs=None):
+        self.average = [tf.Variable(w, trainable=False) for w in self.model.trainable_weights]
+
+    def on_train_batch_end(self, batch, logs=None):
+        for average, w in zip(self.average, self.model.trainable_weights):
+            average.assign(self.momentum * average + (1.0 - self.momentum) * w)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.raw = [w.numpy() for w in self.model.trainable_weights]
+        for average, w in zip(self.average, self.model.trainable_weights):
+            w.assign(average)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.raw is not None:
+            for value, w in zip(self.raw, self.model.trainable_weights):
+                w.assign(value)
+            self.raw = None
+
+
 def _versions() -> dict:
     import edge_app.preprocess as pp
     return {"tensorflow": tf.__version__, "tf_keras": keras.__version__, "numpy": np.__version__,
@@ -221,7 +254,8 @@ def run(config: TrainConfig, out: str | Path, *, resume: bool = False, progress:
                           metrics=["accuracy"], jit_compile=config.xla)
         print(f"phase {phase}: {sum(np.prod(w.shape) for w in model.trainable_weights):,} trainable "
               f"parameters, {epochs} epochs, learning rate {lr * replicas:g}")
-        callbacks = [
+        callbacks = [WeightAverage(config.weight_average)] if config.weight_average else []
+        callbacks += [
             ValidationMetrics(val_ds, y_val, loss),
             keras.callbacks.ModelCheckpoint(str(checkpoints / "best.weights.h5"), monitor=MONITOR,
                                             mode="max", save_best_only=True, save_weights_only=True),
