@@ -108,6 +108,10 @@ def test_weight_average_is_what_validation_sees_and_the_raw_weights_train_on():
     assert not np.allclose(steps[3][0], expected[3][0])
     with pytest.raises(ValueError, match="momentum"):
         WeightAverage(1.0)
+    from train.config import TrainConfig
+
+    with pytest.raises(ValueError, match="weight_average"):     # a recipe says so before any data is read
+        TrainConfig(weight_average=1.5)
 
 
 def test_mirrored_strategy_step_on_two_logical_cpus():

@@ -108,6 +108,8 @@ class TrainConfig:
         if self.lung_crop != "none" and not self.lung_model:
             raise ValueError(f"lung_crop {self.lung_crop!r} needs lung_model, the lung segmenter's .tflite "
                              "(python -m train.lungs)")
+        if not (self.weight_average == 0.0 or 0.0 < self.weight_average < 1.0):
+            raise ValueError(f"weight_average is a momentum in (0, 1), or 0 for off; got {self.weight_average}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.mixup < 0 or (self.mixup and self.loss == "focal"):

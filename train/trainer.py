@@ -112,7 +112,7 @@ class ValidationMetrics(keras.callbacks.Callback):
 class WeightAverage(keras.callbacks.Callback):
     """An exponential moving average of the trainable weights, `momentum` per training step, which
     validation, the checkpoint and so the run's model see instead of the last step's weights:
-    fine-tuning's validation figures swing by up to ten points from one epoch to the next
+    fine-tuning's validation accuracy swings by up to 15 points from one epoch to the next
     (training_phase2.csv), and the average sits between the swings. Put it before the validation
     callback; the raw weights train on from the next epoch. A resumed run starts a new average."""
 
