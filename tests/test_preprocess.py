@@ -872,6 +872,37 @@ def test_trim_borders_removes_frames_and_letterboxing_but_no_anatomy(xray_file):
     np.testing.assert_array_equal(pp.square(framed, spec), pp.fit_square(pp.trim_borders(film), 64))
 
 
+def test_trim_borders_reads_only_the_edges_yet_cuts_where_every_line_says():
+    """trim_borders reads lines from the edges inwards and stops at the first busy one; it must cut
+    exactly where the std of every sampled line (float64 here) says: frames of every width up to and
+    past the quarter limit, on one side or several, uniform lines inside the film, all-uniform images."""
+    def every_line(gray):
+        col_step, row_step = max(1, gray.shape[1] // pp.BORDER_SAMPLES), max(1, gray.shape[0] // pp.BORDER_SAMPLES)
+
+        def kept(std):
+            busy, limit = np.flatnonzero(std >= pp.BORDER_STD * 255), int(len(std) * pp.BORDER_MAX_TRIM)
+            if busy.size == 0:
+                return slice(0, len(std))
+            return slice(min(busy[0], limit), len(std) - min(len(std) - 1 - busy[-1], limit))
+        rows = kept(gray[:, ::col_step].astype(np.float64).std(axis=1))
+        cols = kept(gray[rows][::row_step].astype(np.float64).std(axis=0))
+        return gray[rows, cols]
+
+    rng = np.random.default_rng(11)
+    for case in range(300):
+        h, w = rng.integers(8, 300, 2)
+        gray = rng.integers(0, 256, (h, w), dtype=np.uint8)
+        for _ in range(rng.integers(0, 5)):            # uniform bands anywhere: edges, inside, past the limit
+            axis = rng.integers(0, 2)
+            width = rng.integers(1, max(2, (h, w)[axis] // 2))
+            at = rng.choice([0, (h, w)[axis] - width, rng.integers(0, (h, w)[axis])])   # top/left, bottom/right, inside
+            band = np.s_[at:at + width] if axis == 0 else np.s_[:, at:at + width]
+            gray[band] = rng.integers(0, 256)
+        if case % 50 == 0:
+            gray[:] = rng.integers(0, 256)              # all uniform
+        np.testing.assert_array_equal(pp.trim_borders(gray), every_line(gray), err_msg=f"case {case}")
+
+
 # --- the model input's bits ------------------------------------------------------------------
 
 def pattern(h: int, w: int, top: int) -> np.ndarray:
