@@ -107,25 +107,31 @@ def _voi_lut_item(counts: np.ndarray):
 
 
 def write_kind(source, kind: Kind, path: Path, rng: np.random.Generator) -> Path:
-    counts = detector_counts(source, kind, rng)
-    if kind.name == "png16":
-        Image.fromarray(counts).save(path)        # mode I;16: a 16-bit PNG, values 0-4095
-    elif kind.name in ("png8", "png-rgb", "jpeg95"):
+    return store(detector_counts(source, kind, rng), kind.name, path)
+
+
+def store(counts: np.ndarray, kind: str, path: Path, *, compress_level: int = 6) -> Path:
+    """12-bit detector counts written as the clinic file kind `kind` says (any size); PNGs at
+    `compress_level` (Pillow's default 6; 1 writes several times faster, the same pixels)."""
+    png = {"compress_level": compress_level}
+    if kind == "png16":
+        Image.fromarray(counts).save(path, **png)        # mode I;16: a 16-bit PNG, values 0-4095
+    elif kind in ("png8", "png-rgb", "jpeg95"):
         grey = Image.fromarray((counts >> (BITS - 8)).astype(np.uint8))
-        if kind.name == "png-rgb":
-            grey.convert("RGB").save(path)
+        if kind == "png-rgb":
+            grey.convert("RGB").save(path, **png)
         else:
-            grey.save(path, **({"quality": 95} if kind.name == "jpeg95" else {}))
-    elif kind.name == "dicom-voilut":
+            grey.save(path, **({"quality": 95} if kind == "jpeg95" else png))
+    elif kind == "dicom-voilut":
         _write_dicom(path, counts, "MONOCHROME2", VOILUTSequence=[_voi_lut_item(counts)])
-    elif kind.name.startswith("dicom-"):
+    elif kind.startswith("dicom-"):
         centre, width = _voi_window(counts)
-        mono1 = kind.name == "dicom-mono1"
+        mono1 = kind == "dicom-mono1"
         _write_dicom(path, FULL - counts if mono1 else counts, "MONOCHROME1" if mono1 else "MONOCHROME2",
                      RescaleSlope=SLOPE, RescaleIntercept=INTERCEPT, RescaleType="US",
                      WindowCenter=centre, WindowWidth=width)
     else:
-        raise ValueError(f"unknown clinic file kind {kind.name!r}; known: {sorted(KINDS)}")
+        raise ValueError(f"unknown clinic file kind {kind!r}; known: {sorted(KINDS)}")
     return path
 
 

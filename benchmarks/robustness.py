@@ -2,6 +2,7 @@
 hospital images with another detector, exposure, compression and resolution than the development set).
 
     python -m benchmarks.robustness --run artifacts/RUN [--model artifacts/RUN/tflite/VARIANT.tflite ...] [--limit N]
+                                    [--exports]
     make robustness RUN=...                  (every variant of the run)
 
 Every test image of the run (`benchmarks.testset`) is decoded, changed as one acquisition might change it
@@ -13,6 +14,12 @@ decisions flipped (P(abnormal) crossing the card's threshold either way), abnorm
 (referred as stored, "no abnormality" and no warning as acquired), predicted classes changed, mean and max
 |delta P(abnormal)|, films refused. reports/robustness.{json,md,png}. `make benchmark` runs it on every
 benchmarked variant (benchmarks/test_robustness.py) and the `[robustness]` gates read the worst acquisition.
+
+`--exports` adds the full-size export's detector counts stored as every other kind of clinic file
+(`benchmarks.clinic_files`: 16-bit PNG, RGB PNG, JPEG q95, DICOM MONOCHROME2/1 with a VOI window, DICOM
+with a VOI LUT Sequence), the same counts for every kind, and says how many films get a different referral
+decision from one storage to another (`across_exports`): how much the way a clinic exports its films
+moves the answer. Not part of `make benchmark` (a few seconds of writing per film).
 """
 from __future__ import annotations
 
@@ -33,6 +40,7 @@ from benchmarks import clinic_files
 from benchmarks.testset import Split
 from edge_app import decision, preprocess, validate
 from edge_app.classifier import Classifier
+from edge_app.progress import progress
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -48,6 +56,7 @@ class Acquisition:
     change: Callable[[Path, np.ndarray, np.random.Generator], Image.Image] | None   # None: the file itself
     suffix: str = ".png"
     quality: int | None = None     # JPEG
+    export: str | None = None      # a benchmarks.clinic_files kind: the full-size export stored as that kind
 
 
 def _grey(values) -> Image.Image:
@@ -62,15 +71,6 @@ def _half_resolution(path, grey, rng) -> Image.Image:
     image = Image.fromarray(grey, "L")
     small = image.resize((max(1, grey.shape[1] // 2), max(1, grey.shape[0] // 2)), Image.Resampling.BILINEAR)
     return small.resize(image.size, Image.Resampling.BILINEAR)
-
-
-def _full_size_export(path, grey, rng) -> Image.Image:
-    """The film upscaled, as 12-bit detector counts with quantum and fixed-pattern noise, stored as
-    8-bit grey (benchmarks.clinic_files' png8 kind)."""
-    h, w = grey.shape
-    kind = clinic_files.Kind("export", w * EXPORT_SCALE, h * EXPORT_SCALE, ".png", "full-size export")
-    counts = clinic_files.detector_counts(path, kind, rng)
-    return Image.fromarray((counts >> (clinic_files.BITS - 8)).astype(np.uint8), "L")
 
 
 ACQUISITIONS = (
@@ -88,22 +88,33 @@ ACQUISITIONS = (
     Acquisition("tilted 5 deg", "rotated 5 degrees, black corners", lambda p, g, r: Image.fromarray(g, "L").rotate(
         5, resample=Image.Resampling.BILINEAR, fillcolor=0)),
     Acquisition("full-size export", f"{EXPORT_SCALE} x upscaled as detector counts with noise, 8-bit PNG",
-                _full_size_export),
+                None, export="png8"),
 )
+EXPORTS = tuple(Acquisition(f"exported as {kind}", f"the full-size export's counts as {clinic_files.KINDS[kind].what}",
+                            None, clinic_files.KINDS[kind].suffix, export=kind)
+                for kind in ("png16", "png-rgb", "jpeg95", "dicom-mono2", "dicom-mono1", "dicom-voilut"))
 
 
 def write_acquired(acquisition: Acquisition, paths: list[Path], folder: Path, seed: int) -> list[Path]:
     """The films as `acquisition` would give them, one file each in `folder` (the files themselves
-    for AS_STORED); seeded per film, so a film's noise does not depend on the others."""
-    if acquisition.change is None:
+    for AS_STORED); seeded per film, so a film's noise does not depend on the others, and every
+    export kind stores the same detector counts of a film."""
+    if acquisition.change is None and acquisition.export is None:
         return list(paths)
     folder.mkdir(parents=True, exist_ok=True)
     out = []
-    for i, path in enumerate(paths):
+    for i, path in enumerate(progress(paths, f"writing {acquisition.name}")):
         rng = np.random.default_rng([seed, i])
-        image = acquisition.change(path, preprocess.decode(path), rng)
+        grey = preprocess.decode(path)
         target = folder / f"{i:05d}{acquisition.suffix}"
-        image.save(target, **({"quality": acquisition.quality} if acquisition.quality else {"compress_level": 1}))
+        if acquisition.export:
+            h, w = grey.shape
+            size = clinic_files.Kind("export", w * EXPORT_SCALE, h * EXPORT_SCALE, acquisition.suffix, acquisition.what)
+            clinic_files.store(clinic_files.detector_counts(path, size, rng), acquisition.export, target,
+                               compress_level=1)
+        else:
+            image = acquisition.change(path, grey, rng)
+            image.save(target, **({"quality": acquisition.quality} if acquisition.quality else {"compress_level": 1}))
         out.append(target)
     return out
 
@@ -138,6 +149,23 @@ def against_stored(stored: dict[int, dict], acquired: dict[int, dict], threshold
             "flipped_films": flipped, "silently_cleared_films": [i for i, c in zip(referred, cleared) if c]}
 
 
+def across_exports(by_export: dict[str, dict[int, dict]], threshold: float) -> dict:
+    """The films scored from every export (kind -> {film: record}): on how many the referral decision
+    (P(abnormal) >= threshold) is not the same for all of them, and how far P(abnormal) spreads
+    between the exports of one film."""
+    films = sorted(set.intersection(*(set(records) for records in by_export.values())))
+    p = np.array([[records[i]["abnormal_probability"] for records in by_export.values()] for i in films],
+                 float).reshape(len(films), len(by_export))
+    referred = p >= threshold
+    differs = referred.any(axis=1) & ~referred.all(axis=1)
+    spread = p.max(axis=1) - p.min(axis=1) if films else np.zeros(0)
+    return {"exports": list(by_export), "decision_differs": validate.rate(differs),
+            "referred": {kind: validate.rate(referred[:, k]) for k, kind in enumerate(by_export)},
+            "mean_spread": float(spread.mean()) if films else None,
+            "max_spread": float(spread.max()) if films else None,
+            "differing_films": [films[k] for k in np.flatnonzero(differs)]}
+
+
 WORST_OF = ("silently_cleared", "needlessly_referred")
 
 
@@ -153,19 +181,22 @@ def worst(rows: dict) -> dict:
 
 
 def measure(run: Path, models: dict[str, Path], *, split: Split | None = None, limit: int | None = None,
-            seed: int = 0, bootstrap: int = 200) -> dict:
+            seed: int = 0, bootstrap: int = 200, exports: bool = False) -> dict:
     """Each acquisition's files are written once and classified by every model in `models`
     (variant name -> .tflite), so the variants are compared on the same files; `split`: the run's
-    test split where it was loaded already (the benchmark's, with its --data-root)."""
+    test split where it was loaded already (the benchmark's, with its --data-root); `exports`: also
+    EXPORTS, and `across_exports` per variant."""
+    acquisitions = ACQUISITIONS + (EXPORTS if exports else ())
     split = split or Split.of_run(run)
     classifiers = {name: Classifier(path, accelerator="cpu") for name, path in models.items()}
     films = list(zip(split.paths, (split.card.labels[c] for c in split.y)))[:limit]
     paths = [p for p, _ in films]
     rows: dict[str, dict] = {name: {} for name in models}
     stored: dict[str, dict] = {}
+    exported: dict[str, dict] = {name: {} for name in models}    # variant -> export kind -> {film: record}
     work = Path(tempfile.mkdtemp(prefix="robustness-"))      # one acquisition's files at a time
     try:
-        for acquisition in ACQUISITIONS:
+        for acquisition in acquisitions:
             folder = work / acquisition.name.replace(" ", "-")
             files = write_acquired(acquisition, paths, folder, seed)
             index = {str(f): i for i, f in enumerate(files)}
@@ -176,6 +207,8 @@ def measure(run: Path, models: dict[str, Path], *, split: Split | None = None, l
                 by_film = {index[r["source"]]: r for r in records}
                 if acquisition.name == AS_STORED:
                     stored[name] = by_film
+                if acquisition.export:
+                    exported[name][acquisition.export] = by_film
                 summary = validate.summarise(records, card.labels, card_threshold=card.abnormal_threshold,
                                              ood_threshold=card.thresholds.get("ood"), target_sensitivity=None,
                                              detail_threshold=card.thresholds.get("detail"),
@@ -188,16 +221,24 @@ def measure(run: Path, models: dict[str, Path], *, split: Split | None = None, l
                     "refused": [{"film": str(paths[index[u["source"]]]), "code": u["code"], "message": u["message"]}
                                 for u in refused],
                     "against_stored": change}
-            if acquisition.change is not None:
+            if acquisition.name != AS_STORED:
                 shutil.rmtree(folder, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"run": str(run), "n_films": len(films), "seed": seed,
-            "acquisitions": {a.name: a.what for a in ACQUISITIONS},
+            "acquisitions": {a.name: a.what for a in acquisitions},
             "variants": {name: {"model": str(models[name]), "model_sha256": c.model_sha256,
                                 "threshold": c.card.abnormal_threshold, "acquisitions": rows[name],
-                                "worst": worst(rows[name])}
+                                "worst": worst(rows[name]),
+                                "across_exports": _across_exports_of(exported[name], c.card.abnormal_threshold,
+                                                                     paths) if exports else None}
                          for name, c in classifiers.items()}}
+
+
+def _across_exports_of(by_export: dict[str, dict[int, dict]], threshold: float, paths: list[Path]) -> dict:
+    result = across_exports(by_export, threshold)
+    result["differing_films"] = [str(paths[i]) for i in result["differing_films"]]
+    return result
 
 
 def markdown(result: dict) -> str:
@@ -232,6 +273,14 @@ def markdown(result: dict) -> str:
                          f"{validate.format_rate(change['needlessly_referred'])} | {change['classes_changed']} | "
                          f"{delta} |")
         lines.append("")
+        across = v.get("across_exports")
+        if across:
+            referred = ", ".join(f"{kind} {r['k']}" for kind, r in across["referred"].items())
+            lines += [f"Across the {len(across['exports'])} exports of the same detector counts "
+                      f"({', '.join(across['exports'])}): the referral decision differs between them for "
+                      f"{validate.format_rate(across['decision_differs'])} films; P(abnormal) spreads by "
+                      f"{across['mean_spread']:.3f} on average, {across['max_spread']:.3f} at most. "
+                      f"Films referred: {referred}.", ""]
     return "\n".join(lines)
 
 
@@ -277,12 +326,15 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, help="only the first N test films")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bootstrap", type=int, default=200, help="AUC interval resamples (0: none)")
+    p.add_argument("--exports", action="store_true",
+                   help="also the full-size export stored as every kind of clinic file (PNG, JPEG, DICOM), and how "
+                        "often the storage changes the referral decision")
     args = p.parse_args(argv)
     models = args.model or sorted((args.run / "tflite").glob("*.tflite"))
     if not models:
         p.error(f"no .tflite in {args.run / 'tflite'}: convert the run first, or name one with --model")
     result = measure(args.run, {m.stem: m for m in models}, limit=args.limit, seed=args.seed,
-                     bootstrap=args.bootstrap)
+                     bootstrap=args.bootstrap, exports=args.exports)
     written = write_reports(result, args.run / "reports")
     print(markdown(result))
     print("written: " + ", ".join(map(str, written)))

@@ -12,10 +12,12 @@ import sys
 from pathlib import Path
 
 import jsonschema
+import numpy as np
 import pytest
 
 from benchmarks import clinic_files, compare, gates, results as results_mod, robustness
 from benchmarks.release import main as release_main
+from edge_app import preprocess
 from edge_app.classifier import Classifier
 from tests.conftest import REPO, run_module
 
@@ -508,3 +510,41 @@ def test_robustness_reacquires_every_test_film_and_measures_what_moved(tiny_run,
     first = robustness.write_acquired(noisy, paths, tmp_path / "a", seed=3)[0].read_bytes()
     assert robustness.write_acquired(noisy, paths, tmp_path / "b", seed=3)[0].read_bytes() == first
     assert robustness.write_acquired(noisy, paths, tmp_path / "c", seed=4)[0].read_bytes() != first
+
+
+def test_across_exports_counts_films_whose_referral_depends_on_how_they_were_stored():
+    def films(*ps):
+        return {i: {"abnormal_probability": p} for i, p in enumerate(ps) if p is not None}
+    by_export = {"png8": films(0.9, 0.1, 0.55, 0.45, 0.7),
+                 "png16": films(0.8, 0.2, 0.45, 0.40, None),      # film 4 refused as png16: left out
+                 "dicom-voilut": films(0.95, 0.1, 0.60, 0.49, 0.1)}
+    across = robustness.across_exports(by_export, 0.5)
+    assert across["exports"] == ["png8", "png16", "dicom-voilut"]
+    assert (across["decision_differs"]["k"], across["decision_differs"]["n"]) == (1, 4)
+    assert across["differing_films"] == [2]                        # 0.55 / 0.45 / 0.60 around 0.5
+    assert [across["referred"][k]["k"] for k in by_export] == [2, 1, 2]
+    assert across["max_spread"] == pytest.approx(0.15)
+    assert across["mean_spread"] == pytest.approx((0.15 + 0.1 + 0.15 + 0.09) / 4)
+
+
+def test_every_export_kind_stores_the_same_detector_counts(shared_data, tmp_path):
+    """The robustness benchmark's exports differ only in how the same counts are stored."""
+    import pydicom
+    from PIL import Image
+
+    film = sorted((shared_data / "test" / "normal").iterdir())[:1]
+    written = {a.export: robustness.write_acquired(a, film, tmp_path / a.export, seed=5)[0]
+               for a in robustness.ACQUISITIONS + robustness.EXPORTS if a.export}
+    assert set(written) == {"png8", "png16", "png-rgb", "jpeg95", "dicom-mono2", "dicom-mono1", "dicom-voilut"}
+    with Image.open(written["png16"]) as im:
+        counts = np.asarray(im).astype(np.int64)
+    h, w = preprocess.decode(film[0]).shape
+    assert counts.shape == (h * robustness.EXPORT_SCALE, w * robustness.EXPORT_SCALE)
+    assert counts.max() <= clinic_files.FULL and counts.max() - counts.min() > 2000
+    np.testing.assert_array_equal(pydicom.dcmread(written["dicom-mono2"]).pixel_array, counts)
+    np.testing.assert_array_equal(pydicom.dcmread(written["dicom-voilut"]).pixel_array, counts)
+    np.testing.assert_array_equal(clinic_files.FULL - pydicom.dcmread(written["dicom-mono1"]).pixel_array, counts)
+    with Image.open(written["png8"]) as im:
+        np.testing.assert_array_equal(np.asarray(im), counts >> (clinic_files.BITS - 8))
+    with Image.open(written["png-rgb"]) as im:
+        np.testing.assert_array_equal(np.asarray(im)[..., 1], counts >> (clinic_files.BITS - 8))
