@@ -65,9 +65,9 @@ def detector_counts(source, kind: Kind, rng: np.random.Generator) -> np.ndarray:
     return np.clip(np.round(counts), 0, FULL).astype(np.uint16)
 
 
-def _voi_window(counts: np.ndarray) -> tuple[float, float]:
-    """(centre, width) in rescaled units over the 1st-99th percentile, as a modality would set it."""
-    lo, hi = np.percentile(counts[::8, ::8], [1, 99]) * SLOPE + INTERCEPT
+def _voi_window(stored: np.ndarray) -> tuple[float, float]:
+    """(centre, width) in rescaled units over the stored values' 1st-99th percentile, as a modality would set it."""
+    lo, hi = np.percentile(stored[::8, ::8], [1, 99]) * SLOPE + INTERCEPT
     return round(float(lo + hi) / 2, 1), round(float(hi - lo), 1)
 
 
@@ -125,9 +125,10 @@ def store(counts: np.ndarray, kind: str, path: Path, *, compress_level: int = 6)
     elif kind == "dicom-voilut":
         _write_dicom(path, counts, "MONOCHROME2", VOILUTSequence=[_voi_lut_item(counts)])
     elif kind.startswith("dicom-"):
-        centre, width = _voi_window(counts)
         mono1 = kind == "dicom-mono1"
-        _write_dicom(path, FULL - counts if mono1 else counts, "MONOCHROME1" if mono1 else "MONOCHROME2",
+        stored = FULL - counts if mono1 else counts      # MONOCHROME1: bright where little reached the detector
+        centre, width = _voi_window(stored)               # the window is on the stored values, rescaled
+        _write_dicom(path, stored, "MONOCHROME1" if mono1 else "MONOCHROME2",
                      RescaleSlope=SLOPE, RescaleIntercept=INTERCEPT, RescaleType="US",
                      WindowCenter=centre, WindowWidth=width)
     else:
