@@ -261,6 +261,20 @@ def test_acquisition_augmentation_changes_how_not_what():
         assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.9
 
 
+def test_contrast_curve_is_monotone_keeps_mid_grey_and_varies_mid_tone_contrast():
+    from train.config import TrainConfig
+    from train.pipeline import acquisition_augmentation
+
+    ramp = np.linspace(0.0, 1.0, 33, dtype=np.float32)
+    batch = np.broadcast_to(ramp, (64, 4, 33))[..., None].copy()
+    out = acquisition_augmentation(TrainConfig(contrast_curve=1.0), 0)(batch).numpy()[:, 0, :, 0]
+    assert (np.diff(out, axis=1) >= -1e-6).all()                      # a grey curve: order kept
+    np.testing.assert_allclose(out[:, 16], 0.5, atol=1e-5)             # mid grey stays mid grey
+    assert out[:, 0].max() < 1e-3 and out[:, -1].min() > 1 - 1e-3     # black and white stay
+    slope = (out[:, 18] - out[:, 14]) / (ramp[18] - ramp[14])          # mid-tone contrast, per image:
+    assert slope.max() > 1.5 and slope.min() < 0.75                   # raised in some, lowered in others
+
+
 def test_sharpening_overshoots_an_edge_that_blur_would_soften():
     from train.config import TrainConfig
     from train.pipeline import acquisition_augmentation

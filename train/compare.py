@@ -34,8 +34,9 @@ from train.report import interval
 COLUMNS = ("run", "model", "size", "strategy", "seed", "shortcut measures", "macro-F1", "abn. sens.", "abn. spec.",
            "abn. AUC", "COVID sens.", "ECE", "adult pneumonia sens.", "adult normal spec.", "train min",
            "holdout sens.", "holdout spec.", "holdout AUC", "holdout AUC vs test", "holdout OOD flagged")
-SHORTCUTS_OFF = {"input_contrast": "none", "input_borders": "keep", "crop_scale": 1.0, "gamma": 0.0, "blur": 0.0,
-                 "sharpen": 0.0, "noise": 0.0, "min_resolution": 1.0, "jpeg_quality": 0, "source_weight_power": 0.0,
+SHORTCUTS_OFF = {"input_contrast": "none", "input_borders": "keep", "crop_scale": 1.0, "gamma": 0.0,
+                 "contrast_curve": 0.0, "blur": 0.0, "sharpen": 0.0, "noise": 0.0, "min_resolution": 1.0,
+                 "jpeg_quality": 0, "source_weight_power": 0.0,
                  "label_smoothing": 0.0, "mixup": 0.0, "lung_crop": "none", "lung_margin": LUNG_MARGIN,
                  "augment_before_contrast": False, "weight_average": 0.0}
 # what a recipe is: the config without the settings that only say which repetition or where

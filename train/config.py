@@ -78,6 +78,9 @@ class TrainConfig:
     # against acquisition shortcuts (see train.pipeline.acquisition_augmentation); 0 turns one off
     crop_scale: float = 1.0               # random resized crop of area in [crop_scale, 1], aspect 3:4-4:3
     gamma: float = 0.0                    # grey curve x ** g, log g uniform in [-log(1+gamma), log(1+gamma)]
+    contrast_curve: float = 0.0           # S-shaped grey curve x^a / (x^a + (1-x)^a), log a uniform in
+                                          # [-log(1+c), log(1+c)]: mid-tone contrast up (a > 1) or down, as
+                                          # display curves (a DICOM VOI LUT) differ between sites
     blur: float = 0.0                     # Gaussian blur, sigma uniform in [0, blur] pixels
     sharpen: float = 0.0                  # unsharp mask x + a (x - blur(x, 1.5 px)), a uniform in [0, sharpen]
     noise: float = 0.0                    # Gaussian noise, std uniform in [0, noise]

@@ -89,15 +89,15 @@ def augmentation(config: TrainConfig, seed: int) -> keras.Sequential:
 
 def acquisition_augmentation(config: TrainConfig, seed: int):
     """Batch -> batch changes of how an image was taken, not of what it shows: random resized crops
-    (framing, collimation), grey curve (gamma), blur or sharpening, detector noise, resolution and JPEG
+    (framing, collimation), grey curves (gamma, S-shaped contrast), blur or sharpening, detector noise, resolution and JPEG
     re-compression, so that a model cannot tell hospitals apart by them. None when all are off.
 
     They act before the contrast step (`make_dataset`), as an acquisition does before the device's:
     a grey curve (gamma) is then partly undone by CLAHE (almost wholly by equalize), and noise is
     amplified by CLAHE in flat regions just as a detector's would be (noise std 0.02 on [0, 1]
     comes out larger; that is intended)."""
-    if not (config.crop_scale < 1.0 or config.gamma or config.blur or config.sharpen or config.noise
-            or config.min_resolution < 1.0 or config.jpeg_quality):
+    if not (config.crop_scale < 1.0 or config.gamma or config.contrast_curve or config.blur or config.sharpen
+            or config.noise or config.min_resolution < 1.0 or config.jpeg_quality):
         return None
     rng = tf.random.Generator.from_seed(seed)
 
@@ -113,6 +113,10 @@ def acquisition_augmentation(config: TrainConfig, seed: int):
         if config.gamma:
             log_g = rng.uniform((n, 1, 1, 1), -np.log1p(config.gamma), np.log1p(config.gamma))
             x = tf.pow(tf.maximum(x, 1e-6), tf.exp(log_g))
+        if config.contrast_curve:
+            a = tf.exp(rng.uniform((n, 1, 1, 1), -np.log1p(config.contrast_curve), np.log1p(config.contrast_curve)))
+            low, high = tf.pow(tf.maximum(x, 1e-6), a), tf.pow(tf.maximum(1.0 - x, 1e-6), a)
+            x = low / (low + high)
         if config.blur:
             x = _gaussian_blur(x, rng.uniform((), 0.0, config.blur), radius=int(np.ceil(3 * config.blur)))
         if config.sharpen:   # a detector's or an export's edge enhancement, the opposite of blur
