@@ -89,8 +89,9 @@ def augmentation(config: TrainConfig, seed: int) -> keras.Sequential:
 
 def acquisition_augmentation(config: TrainConfig, seed: int):
     """Batch -> batch changes of how an image was taken, not of what it shows: random resized crops
-    (framing, collimation), grey curves (gamma, S-shaped contrast), blur or sharpening, detector noise, resolution and JPEG
-    re-compression, so that a model cannot tell hospitals apart by them. None when all are off.
+    (framing, collimation), grey curves (gamma, S-shaped contrast), blur or sharpening, detector noise,
+    resolution and JPEG re-compression, so that a model cannot tell hospitals apart by them. None when
+    all are off.
 
     They act before the contrast step (`make_dataset`), as an acquisition does before the device's:
     a grey curve (gamma) is then partly undone by CLAHE (almost wholly by equalize), and noise is
