@@ -80,7 +80,7 @@ def pareto(results: dict | list[dict], path: Path) -> Path:
     return path
 
 
-CLINIC_STAGES = ("decode", "preprocess", "inference", "postprocess")
+CLINIC_STAGES = ("decode", "preprocess", "lungs", "inference", "postprocess")
 
 
 def clinic_stages(results: dict, path: Path) -> Path | None:

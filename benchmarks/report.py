@@ -33,15 +33,17 @@ def _clinic(results: dict, plot_name: str | None) -> list[str]:
              "| kind | what | pixels | MiB |", "|---|---|---|---|"]
     for kind, f in c.get("files", {}).items():
         lines.append(f"| {kind} | {f['what']} | {f['width']}x{f['height']} | {f['bytes'] / 2**20:.1f} |")
-    lines += ["", "| variant | kind | library decode ms | decode ms | preprocess ms | inference ms | total ms "
+    lines += ["", "Preprocess: border trim, the lung field's geometry and crop, fit, contrast, normalise; lungs: the "
+              "lung segmenter's inference (its own gate, `[lungs]`).", "",
+              "| variant | kind | library decode ms | decode ms | preprocess ms | lungs ms | inference ms | total ms "
               "| decode / library | preprocess / inference | total / (library + inference) |",
-              "|---" * 10 + "|"]
+              "|---" * 11 + "|"]
     for variant, kinds in c.get("stages", {}).items():
         for kind, m in kinds.items():
             st = m["stages_ms"]
             lines.append(f"| {variant} | {kind} | {_ms(m['library_decode_ms'])} | {_ms(st['decode'])} "
-                         f"| {_ms(st['preprocess'])} | {_ms(st['inference'])} | {_ms(st['total'])} "
-                         f"| {_ms(m['decode_vs_library'])} | {_ms(m['preprocess_vs_inference'])} "
+                         f"| {_ms(st['preprocess'])} | {_ms(st.get('lungs'))} | {_ms(st['inference'])} "
+                         f"| {_ms(st['total'])} | {_ms(m['decode_vs_library'])} | {_ms(m['preprocess_vs_inference'])} "
                          f"| {_ms(m['pipeline_vs_library_and_inference'])} |")
     if plot_name:
         lines += ["", f"![Per-stage latency per file kind]({plot_name})"]
@@ -111,14 +113,15 @@ def markdown(results: dict, plot_name: str, clinic_plot: str | None = None) -> s
               "Pipeline / inference: the median over pipeline calls of each call's total over its own inference "
               "time; speed-up: fp32 and the variant alternated call by call. Both halves of each ratio see the "
               "same machine load.", "",
-              "| variant | decode ms | preprocess ms | inference ms | post-process ms | pipeline / inference "
-              "| speed-up vs fp32 | macro-F1 drop vs Keras (points) |", "|---|---|---|---|---|---|---|---|"]
+              "| variant | decode ms | preprocess ms | lungs ms | inference ms | post-process ms | pipeline / inference "
+              "| speed-up vs fp32 | macro-F1 drop vs Keras (points) |", "|---|---|---|---|---|---|---|---|---|"]
     for name, overhead in r["pipeline_overhead"].items():
         row = next((x for x in results["variants"][name]["latency"] if (x["runtime"], x["threads"], x["stage"])
                     == (ref, r["threads"], "pipeline")), {})
         st = row.get("stages_ms", {})
         drop = r["drop_vs_keras_points"].get(name, {}).get("macro_f1")
-        lines.append(f"| {name} | {_ms(st.get('decode'))} | {_ms(st.get('preprocess'))} | {_ms(st.get('inference'))} "
+        lines.append(f"| {name} | {_ms(st.get('decode'))} | {_ms(st.get('preprocess'))} | {_ms(st.get('lungs'))} "
+                     f"| {_ms(st.get('inference'))} "
                      f"| {_ms(st.get('postprocess'))} | {_ms(overhead)} | {_ms(r['speedup_vs_fp32'].get(name))} "
                      f"| {_ms(drop)} |")
     steps = {n: m for n, m in (results.get("lung_step") or {}).items() if m}

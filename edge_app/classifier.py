@@ -24,7 +24,8 @@ class Prediction:
     decision: str                       # decision.REFER, NO_ABNORMALITY or UNRELIABLE (`warning` says why)
     message: str                        # the triage message shown to people
     threshold: float                    # the operating threshold that made the decision
-    timings_ms: dict[str, float]        # decode, preprocess, inference, postprocess, total
+    timings_ms: dict[str, float]        # decode, preprocess, lungs (the segmenter's inference, 0 without
+                                        # a lung crop), inference, postprocess, total
     backend: str
     heatmap: np.ndarray | None = field(default=None, repr=False)  # (h, w) in [0, 1], where it looked
     source: str | None = None
@@ -190,7 +191,8 @@ class Classifier:
 
     def _predict_gray(self, gray: np.ndarray, t0: float) -> Prediction:
         t_decoded = time.perf_counter()
-        square8 = preprocess.square8(gray, self.spec)
+        lung_ms = {}
+        square8 = preprocess.square8(gray, self.spec, timings=lung_ms)
         detail = preprocess.detail(square8)
         x = preprocess.normalise(preprocess.contrast_step(square8, self.spec), self.spec)
         t_preprocessed = time.perf_counter()
@@ -215,8 +217,9 @@ class Classifier:
             decision=triage,
             message=decision.WARNING_MESSAGES[warning] if warning else decision.TRIAGE_MESSAGES[triage],
             threshold=self.threshold,
-            timings_ms={"decode": ms(t0, t_decoded), "preprocess": ms(t_decoded, t_preprocessed),
-                        "inference": ms(t_preprocessed, t_inferred),
+            timings_ms={"decode": ms(t0, t_decoded),
+                        "preprocess": round(ms(t_decoded, t_preprocessed) - lung_ms.get("lungs", 0.0), 3),
+                        "lungs": round(lung_ms.get("lungs", 0.0), 3), "inference": ms(t_preprocessed, t_inferred),
                         "postprocess": ms(t_inferred, t_done), "total": ms(t0, t_done)},
             backend=self.backend.name,
             heatmap=heatmap,

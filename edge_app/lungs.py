@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -105,16 +106,21 @@ class Segmenter:
             raise ModelError("model_not_found", f"lung segmenter not found: {path}", path)
         return cls(path.read_bytes(), source=path, **kwargs)
 
-    def probabilities(self, square: np.ndarray) -> np.ndarray:
-        """(s, s) lung probabilities of a (s, s) [0, 1] square prepared with `self.spec`."""
+    def probabilities(self, square: np.ndarray, timings: dict | None = None) -> np.ndarray:
+        """(s, s) lung probabilities of a (s, s) [0, 1] square prepared with `self.spec`; the
+        inference's ms added to `timings["lungs"]` when given."""
         x = preprocess.normalise(square, self.spec)[None]
+        t0 = time.perf_counter()
         logits = self.backend.run(x)[OUTPUT][0, ..., 0]
+        if timings is not None:
+            timings["lungs"] = timings.get("lungs", 0.0) + 1000.0 * (time.perf_counter() - t0)
         return 1.0 / (1.0 + np.exp(-logits))
 
-    def find(self, gray: np.ndarray, margin: float = preprocess.LUNG_MARGIN) -> "LungField":
+    def find(self, gray: np.ndarray, margin: float = preprocess.LUNG_MARGIN,
+             timings: dict | None = None) -> "LungField":
         """The lung field of a grey [0, 1] image of any size, its box widened by `margin`."""
         square = preprocess.square(gray, self.spec)
-        return LungField.of(self.probabilities(square) > self.card.threshold, gray.shape, margin=margin)
+        return LungField.of(self.probabilities(square, timings) > self.card.threshold, gray.shape, margin=margin)
 
 
 def regions(mask: np.ndarray) -> list[np.ndarray]:
@@ -148,10 +154,12 @@ def regions(mask: np.ndarray) -> list[np.ndarray]:
             if runs[j][1] <= b and a <= runs[j][2]:     # overlapping or diagonal neighbours
                 parent[root(i)] = root(j)
     labels = np.zeros(np.shape(mask), np.int32)
+    sizes: dict[int, int] = {}
     for i, (row, a, b) in enumerate(runs):
-        labels[row, a:b] = root(i) + 1
-    found = [labels == k for k in np.unique(labels) if k]
-    return sorted(found, key=lambda r: -int(r.sum()))
+        k = root(i) + 1
+        labels[row, a:b] = k
+        sizes[k] = sizes.get(k, 0) + b - a
+    return [labels == k for k in sorted(sizes, key=lambda k: (-sizes[k], k))]
 
 
 @dataclass(frozen=True)
@@ -291,6 +299,7 @@ def _registered(spec: preprocess.InputSpec) -> Segmenter:
     return segmenter
 
 
-def crop(gray: np.ndarray, spec: preprocess.InputSpec) -> np.ndarray:
-    """The preprocessing's lung step: `gray` cropped to its lung field as `spec.lung_crop` says."""
-    return _registered(spec).find(gray, spec.lung_margin).crop(gray, blank=spec.lung_crop == "mask")
+def crop(gray: np.ndarray, spec: preprocess.InputSpec, timings: dict | None = None) -> np.ndarray:
+    """The preprocessing's lung step: `gray` cropped to its lung field as `spec.lung_crop` says
+    (`timings`: see `Segmenter.probabilities`)."""
+    return _registered(spec).find(gray, spec.lung_margin, timings).crop(gray, blank=spec.lung_crop == "mask")

@@ -898,26 +898,28 @@ def _kept_lines(n: int, busy) -> slice:
 # ---------------------------------------------------------------------------------------------
 # lung step (InputSpec.lung_crop): the logic lives in edge_app.lungs, this is its place in `square`
 
-def lung_step(gray: np.ndarray, spec: InputSpec) -> np.ndarray:
+def lung_step(gray: np.ndarray, spec: InputSpec, timings: dict | None = None) -> np.ndarray:
     """The image cropped to its lung field (after the border trim, before fitting the square).
 
     Refuses with InputError `no_chest_found` when no plausible lung field is found; needs the
-    segmenter named by spec.lung_model to be opened first (`edge_app.lungs.use`)."""
+    segmenter named by spec.lung_model to be opened first (`edge_app.lungs.use`). `timings`: the
+    segmenter's inference ms is added to it under "lungs" (the device reports it as its own stage)."""
     if spec.lung_crop == "none":
         return gray
     from edge_app import lungs   # lazily: lungs imports this module
 
-    return lungs.crop(gray, spec)
+    return lungs.crop(gray, spec, timings)
 
 
 # ---------------------------------------------------------------------------------------------
 
-def square8(gray: np.ndarray, spec: InputSpec) -> np.ndarray:
+def square8(gray: np.ndarray, spec: InputSpec, timings: dict | None = None) -> np.ndarray:
     """[border trim], [lung crop], fit_square8: the (size, size) uint8 image before the contrast
-    step, from any grey image (see `grey8`). What training caches and augments."""
+    step, from any grey image (see `grey8`). What training caches and augments. `timings`: see
+    `lung_step`."""
     if spec.borders == "trim":
         gray = trim_borders(gray)
-    gray = lung_step(grey8(gray), spec)
+    gray = lung_step(grey8(gray), spec, timings)
     return fit_square8(gray, spec.size, spec.fit)
 
 

@@ -113,8 +113,9 @@ def test_prediction_has_heatmap_and_stage_timings(int8_path, tiny_dataset):
     assert prediction.heatmap.ndim == 2 and prediction.heatmap.shape[0] > 1
     assert prediction.heatmap.min() >= 0.0 and prediction.heatmap.max() <= 1.0
     assert all(v >= 0 for v in prediction.timings_ms.values())
-    stages = sum(prediction.timings_ms[s] for s in ("decode", "preprocess", "inference", "postprocess"))
+    stages = sum(prediction.timings_ms[s] for s in ("decode", "preprocess", "lungs", "inference", "postprocess"))
     assert stages == pytest.approx(prediction.timings_ms["total"], abs=0.05)
+    assert prediction.timings_ms["lungs"] == 0.0      # this model does not crop: no segmenter ran
 
 
 @pytest.mark.parametrize("variant", ["int8", "fp32"])   # Interpreter and CompiledModel backends
@@ -139,4 +140,4 @@ def test_cli_info_and_bench(int8_path):
     info = json.loads(run_module("edge_app", "info", "--model", int8_path).stdout)
     assert info["card"]["variant"] == "int8" and info["backend"].startswith("litert")
     bench = json.loads(run_module("edge_app", "bench", "--model", int8_path, "--runs", "3").stdout)
-    assert set(bench["stages"]) == {"decode", "preprocess", "inference", "postprocess", "total"}
+    assert set(bench["stages"]) == {"decode", "preprocess", "lungs", "inference", "postprocess", "total"}

@@ -59,7 +59,7 @@ def test_device_cli_classifies_a_real_xray(tiny_run, tiny_dataset):
     assert r["decision"] in ("refer", "no_abnormality")
     assert (r["abnormal_probability"] >= r["threshold"]) == (r["decision"] == "refer")
     assert r["backend"].startswith("litert")
-    assert set(r["timings_ms"]) == {"decode", "preprocess", "inference", "postprocess", "total"}
+    assert set(r["timings_ms"]) == {"decode", "preprocess", "lungs", "inference", "postprocess", "total"}
     human = run_module("edge_app", "predict", image, "--model", tiny_run / "tflite" / "int8.tflite")
     assert "Screening aid, not a diagnosis" in human.stdout
 

@@ -160,6 +160,9 @@ def test_classifier_file_carries_its_segmenter_and_the_device_crops_with_it(lung
     prediction = classifier.predict(xray)            # the device's path: decode, square (lung crop), normalise
     expected = decision.calibrated_probabilities(classifier.logits(preprocess.preprocess(xray, spec)[None])[0])
     np.testing.assert_array_equal(list(prediction.probabilities.values()), expected)
+    assert prediction.timings_ms["lungs"] > 0       # the segmenter's inference, its own stage
+    stages = sum(prediction.timings_ms[s] for s in ("decode", "preprocess", "lungs", "inference", "postprocess"))
+    assert stages == pytest.approx(prediction.timings_ms["total"], abs=0.05)
     for blank in (0.0, 0.9):                       # no lungs on a blank film: refused, not scored
         with pytest.raises(InputError) as e:
             classifier.predict_array(np.full((300, 300), blank, np.float32))
