@@ -801,11 +801,12 @@ def clahe(image: np.ndarray, tiles: int = CLAHE_TILES, clip_limit: float = CLAHE
     hist = np.minimum(hist, limit) + excess / bins
     mapping = (np.cumsum(hist, axis=1) / (th * tw)).astype(np.float32).ravel()   # [tile row, tile col, bin]
 
-    grey = q.astype(np.intp)
-    blended = np.take(mapping, corners[0] + grey)        # the 4 corners summed in order, as
-    blended *= weights[0]                                # (mapping[corners + q] * weights).sum(axis=0):
-    for k in (1, 2, 3):                                  # the same float32 operations, the same bits
-        term = np.take(mapping, corners[k] + grey)
+    # the 4 corners summed in order, as (mapping[corners + q] * weights).sum(axis=0): the same float32
+    # operations, the same bits; the indices are in range by construction ("clip" skips the check)
+    blended = np.take(mapping, corners[0] + q, mode="clip")
+    blended *= weights[0]
+    for k in (1, 2, 3):
+        term = np.take(mapping, corners[k] + q, mode="clip")
         term *= weights[k]
         blended += term
     return np.clip(blended, 0.0, 1.0, out=blended)
@@ -815,10 +816,11 @@ def clahe(image: np.ndarray, tiles: int = CLAHE_TILES, clip_limit: float = CLAHE
 def _clahe_geometry(h: int, w: int, tiles: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """What CLAHE needs of an h x w image that depends on its shape only, computed once per
     shape: each pixel's histogram offset (its tile x 256, over the image padded to whole tiles),
-    and `_clahe_blend`'s four nearest tiles and weights."""
+    and `_clahe_blend`'s four nearest tiles and weights. Offsets in 16 bits where they fit (up to
+    16 x 16 tiles): offset + grey level is then a 16-bit add, a third faster to gather with."""
     th, tw = -(-h // tiles), -(-w // tiles)
     tile = (np.arange(th * tiles)[:, None] // th) * tiles + np.arange(tw * tiles)[None, :] // tw
-    tile_bins = tile.astype(np.intp) * 256
+    tile_bins = tile.astype(_clahe_index(tiles)) * 256
     tile_bins.flags.writeable = False
     return (tile_bins, *_clahe_blend(h, w, tiles))
 
@@ -840,11 +842,16 @@ def _clahe_blend(h: int, w: int, tiles: int) -> tuple[np.ndarray, np.ndarray]:
     cols = [(x0 * 256)[None, :], (x1 * 256)[None, :]]
     row_weights = [(np.float32(1) - wy)[:, None], wy[:, None]]
     col_weights = [(np.float32(1) - wx)[None, :], wx[None, :]]
-    corners = np.stack([rows[i] + cols[j] for i in (0, 1) for j in (0, 1)])
+    corners = np.stack([rows[i] + cols[j] for i in (0, 1) for j in (0, 1)]).astype(_clahe_index(tiles))
     weights = np.stack([row_weights[i] * col_weights[j] for i in (0, 1) for j in (0, 1)])
     for array in (corners, weights):
         array.flags.writeable = False     # shared by every call
     return corners, weights
+
+
+def _clahe_index(tiles: int) -> type:
+    """The integer type of CLAHE's flat indices into [tile row, tile col, 256 bins]."""
+    return np.uint16 if tiles * tiles * 256 <= 1 << 16 else np.intp
 
 
 def trim_borders(gray: np.ndarray) -> np.ndarray:
