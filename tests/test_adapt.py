@@ -32,6 +32,8 @@ def test_adapted_run_records_what_it_was_fitted_on_and_refits_the_card(curve, ti
     assert counts["local_fit"] == {"normal": 4, "pneumonia": 4, "covid": 4}        # --per-class 4 of 6
     assert counts["replayed"] == counts["local_fit"]                               # replay 1 per local image
     assert counts["calibration_local"] == {"normal": 3, "pneumonia": 3, "covid": 3}
+    assert counts["local_refused_by_lung_step"] == 0                               # the tiny run does not crop
+    assert json.loads((run / "reports/lung_refusals.json").read_text()) == []
     assert (run / card["dataset"]["adapted"]["from"]).resolve() == tiny_run.resolve()     # relative: cards ship
     assert (run / card["dataset"]["root"]).resolve() == (tiny_run / original["dataset"]["root"]).resolve()
     assert card["temperature"] == result["after"]["temperature"]
@@ -81,3 +83,18 @@ def test_adapt_refuses_to_overwrite_its_run(tiny_run, site):
     result = run_module("train", "adapt", "--run", tiny_run, "--data", site, "--out", tiny_run,
                         "--no-progress", check=False)
     assert result.returncode != 0 and "never overwrites the run" in result.stderr
+
+
+def test_local_sources_by_short_name_or_repo(shared_data):
+    """--source takes the short names --holdout-source takes (rsna-normal, ...), or the manifest's repo."""
+    from train.adapt import _local_dataset
+    from train.config import AdaptConfig
+    from train.data import sources
+
+    by_name = _local_dataset(shared_data, "3class", AdaptConfig(sources=["rsna-normal", "ieee8023"]), False)
+    by_repo = _local_dataset(shared_data, "3class", AdaptConfig(sources=[sources.resolve("rsna-normal"),
+                                                                         sources.resolve("ieee8023")]), False)
+    assert {r.path for r in by_name.records} == {r.path for r in by_repo.records}
+    assert {sources.short_name(r.source) for r in by_name.records} == {"rsna-normal", "ieee8023"}
+    with pytest.raises(ValueError, match="no source"):
+        _local_dataset(shared_data, "3class", AdaptConfig(sources=["no-such-source"]), False)

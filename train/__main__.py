@@ -62,7 +62,8 @@ def parse_adapt_args(argv):
     p.add_argument("--data-root", help="the run's own data folder, where it is not where training found it "
                    "(default: the model card's, relative to the run folder)")
     p.add_argument("--source", dest="sources", action="append",
-                   help="use only this data source of --data (repeatable)")
+                   help="use only this data source of --data (manifest source_repo or a short name, as for "
+                   "--holdout-source; repeatable)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--learning-rate", type=float)
     p.add_argument("--fine-tune-layers", type=int, help="also unfreeze the top N backbone layers")

@@ -31,10 +31,10 @@ import tf_keras as keras
 from train import evaluate, ood
 from train.report import figure
 from train.config import AdaptConfig
-from train.data import load_dataset, run_splits
+from train.data import load_dataset, run_splits, sources
 from train.data.dataset import Dataset
 from train.data.records import Record
-from train.pipeline import make_dataset
+from train.pipeline import lung_refusals, make_dataset
 from train.trainer import load_run, set_trainable
 
 EVALUATED = ("local_test", "run_test")
@@ -44,10 +44,11 @@ def _local_dataset(data, task: str, cfg: AdaptConfig, progress: bool) -> Dataset
     local = load_dataset(data, task=task, seed=cfg.seed, progress=progress)
     if cfg.sources:
         known = local.sources()
-        missing = [s for s in cfg.sources if s not in known]
+        wanted = [sources.resolve(s) for s in cfg.sources]   # short names (rsna-normal, ...) too
+        missing = [s for s, repo in zip(cfg.sources, wanted) if repo not in known]
         if missing:
             raise ValueError(f"no source {missing} in {local.root}; sources: {', '.join(known)}")
-        local = dataclasses.replace(local, records=[r for r in local.records if r.source in cfg.sources])
+        local = dataclasses.replace(local, records=[r for r in local.records if r.source in wanted])
     return local
 
 
@@ -98,6 +99,9 @@ def adapt(run_dir: str | Path, data: str | Path, out: str | Path, cfg: AdaptConf
 
     original, _ = run_splits.load(run_dir, data_root)
     local = _local_dataset(data, card.task, cfg, progress)
+    refused = lung_refusals(local.records, spec, progress=progress)   # the device refuses them: as training,
+    gone = {r["file"] for r in refused}                                 # neither fitted nor scored, but listed
+    local = dataclasses.replace(local, records=[r for r in local.records if str(r.path) not in gone])
     local_fit = _per_class(local.split("train"), labels, cfg.per_class, rng)
     local_cal = _per_class(local.split("val"), labels, cfg.per_class, rng)
     local_paths = {r.path for r in local.records}     # the local set may share images with the run's
@@ -152,7 +156,7 @@ def adapt(run_dir: str | Path, data: str | Path, out: str | Path, cfg: AdaptConf
     shutil.copy(run_dir / run_splits.SPLITS_FILE, out / run_splits.SPLITS_FILE)  # conversion gates on the run's splits
     counts = {"local_fit": _class_counts(local_fit, labels), "replayed": _class_counts(replayed, labels),
               "calibration_local": _class_counts(local_cal, labels), "calibration_run": len(original.split("val")),
-              "local_test": _class_counts(local.split("test"), labels)}
+              "local_test": _class_counts(local.split("test"), labels), "local_refused_by_lung_step": len(refused)}
     card.temperature = temperature
     card.thresholds = {**card.thresholds, "abnormal": threshold, "ood": ood_threshold}
     card.dataset = {**card.dataset, "root": run_splits.relative_to_run(original.root, out),   # folders relative to `out`
@@ -170,6 +174,7 @@ def adapt(run_dir: str | Path, data: str | Path, out: str | Path, cfg: AdaptConf
               "after": {"class_offsets": dict(zip(labels, offsets.tolist())),
                         "temperature": temperature, "threshold": threshold, "ood_threshold": ood_threshold,
                         "ood_flagged": after_flagged, **after}}
+    (out / "reports" / "lung_refusals.json").write_text(json.dumps(refused, indent=2))
     (out / "reports" / "adapt.json").write_text(json.dumps(result, indent=2))
     (out / "reports" / "adapt.md").write_text(adapt_report(result, labels))
     print(f"adapted run saved to {out}\n" + adapt_report(result, labels))
@@ -193,7 +198,10 @@ def adapt_report(result: dict, labels) -> str:
              f"{sum(c['local_fit'].values())} local images ({_fmt_counts(c['local_fit'])}) and "
              f"{sum(c['replayed'].values())} of the run's own training images; temperature and threshold "
              f"refitted on {sum(c['calibration_local'].values())} local validation images "
-             f"({_fmt_counts(c['calibration_local'])}) and the run's {c['calibration_run']} validation images.", "",
+             f"({_fmt_counts(c['calibration_local'])}) and the run's {c['calibration_run']} validation images."
+             + (f" {c['local_refused_by_lung_step']} local images the lung step refuses (no plausible lung field: the "
+                "device would refuse them) are left out (reports/lung_refusals.json)."
+                if c.get("local_refused_by_lung_step") else ""), "",
              "| metric | local test before | local test after | run test before | run test after |",
              "|---|---|---|---|---|"]
     for name, get in ROWS:
