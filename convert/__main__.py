@@ -34,6 +34,9 @@ def main(argv=None) -> int:
     p.add_argument("--representative-per-class", type=int, default=defaults.representative_per_class)
     p.add_argument("--no-bias-correction", action="store_true",
                    help="post-training int8 without the weight-rounding bias correction (convert.bias_correction)")
+    p.add_argument("--equalise", type=float, default=defaults.equalise, metavar="ALPHA",
+                   help="post-training int8: rescale the residual streams' channels first (convert.equalisation; "
+                        "ALPHA 1: activations alone, 0.5: halfway to the weights)")
     p.add_argument("--linear-percentile", type=float, default=defaults.linear_percentile, metavar="P",
                    help="post-training int8: quantise linear activations over their [100-P, P] percentiles "
                         "(100: calibration's min/max)")
@@ -52,7 +55,7 @@ def main(argv=None) -> int:
     try:
         cfg = ConvertConfig(representative_per_class=args.representative_per_class, int8_io=args.int8_io,
                             bias_correction=not args.no_bias_correction,
-                            linear_percentile=args.linear_percentile,
+                            equalise=args.equalise, linear_percentile=args.linear_percentile,
                             qat_epochs=args.qat_epochs, qat_learning_rate=args.qat_learning_rate,
                             qat_objective=args.qat_objective, prune_sparsity=args.prune, prune_epochs=args.prune_epochs,
                             pqat_epochs=args.pqat_epochs, steps_per_epoch=args.steps_per_epoch)

@@ -20,6 +20,8 @@ class ConvertConfig:
     int8_io: str = "int8"                 # int8: integer input/output; float: float I/O, int8 inside
     bias_correction: bool = True          # post-training int8 from a copy whose biases absorb the mean
                                           # int8 weight-rounding error (convert.bias_correction)
+    equalise: float | None = None         # post-training int8: residual-stream equalisation with this migration
+                                          # strength alpha in [0, 1] (convert.equalisation); None: off
     linear_percentile: float | None = 99.99   # post-training int8: linear activations' ranges from this
                                           # percentile of their values (convert.export._int8_linear_percentile);
                                           # None or 100: calibration's min/max
@@ -53,6 +55,8 @@ class ConvertConfig:
     def __post_init__(self):
         if self.int8_io not in INT8_IO:
             raise ValueError(f"int8_io must be one of {INT8_IO}, got {self.int8_io!r}")
+        if self.equalise is not None and not 0.0 <= self.equalise <= 1.0:
+            raise ValueError(f"equalise (alpha) must be in [0, 1], got {self.equalise}")
         if self.linear_percentile is not None and not 50.0 < self.linear_percentile <= 100.0:
             raise ValueError(f"linear_percentile must be in (50, 100], got {self.linear_percentile}")
         if self.qat_objective not in QAT_OBJECTIVES:

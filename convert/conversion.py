@@ -11,7 +11,7 @@ import numpy as np
 import train  # noqa: F401
 import tf_keras as keras
 
-from convert import bias_correction, compress, export, gpu, parity, report
+from convert import bias_correction, compress, equalisation, export, gpu, parity, report
 from benchmarks.gates import GATES_FILE, load_gates
 from convert.config import ConvertConfig
 from edge_app.classifier import load_model_file
@@ -89,6 +89,11 @@ def convert_run(run_dir: str | Path, *, variants=None, cfg: ConvertConfig | None
         # int8 only: int8-mixed computes the layers with most of the rounding bias in float (measured:
         # corrected, it agrees less); QAT models learnt their rounding.
         post_training = recipe == "int8" and source_name in ("trained", "pruned")
+        if post_training and cfg.equalise is not None:
+            if "equalised" not in source:
+                source["equalised"], streams = equalisation.equalised(keras_model, representative, cfg.equalise)
+                results.setdefault("equalisation", {})[source_name] = streams
+            keras_model = source["equalised"]
         if post_training and cfg.bias_correction:
             if "bias_corrected" not in source:
                 source["bias_corrected"] = bias_correction.corrected(keras_model, representative)
