@@ -98,3 +98,25 @@ def test_local_sources_by_short_name_or_repo(shared_data):
     assert {sources.short_name(r.source) for r in by_name.records} == {"rsna-normal", "ieee8023"}
     with pytest.raises(ValueError, match="no source"):
         _local_dataset(shared_data, "3class", AdaptConfig(sources=["no-such-source"]), False)
+
+
+def test_replay_fills_the_classes_a_site_has_no_images_of():
+    """A site that labelled only its normal films: the run's own films of the other classes join the
+    fine-tune as many as the site has per class, so the head does not learn that everything is normal."""
+    import numpy as np
+
+    from train.adapt import _replay
+    from train.data.records import Record
+
+    def records(label, n, split="train"):
+        return [Record(path=Path(f"{label}{i}.png"), label=label, split=split, patient_id=None, source=None)
+                for i in range(n)]
+
+    labels = ("normal", "pneumonia", "covid")
+    pool = records("normal", 30) + records("pneumonia", 30) + records("covid", 30)
+    normals_only = _replay(records("normal", 8), pool, 1, labels, np.random.default_rng(0))
+    assert {label: sum(r.label == label for r in normals_only) for label in labels} == {
+        "normal": 8, "pneumonia": 8, "covid": 8}
+    mixed = _replay(records("normal", 4) + records("covid", 2), pool, 2, labels, np.random.default_rng(0))
+    assert {label: sum(r.label == label for r in mixed) for label in labels} == {"normal": 8, "pneumonia": 6, "covid": 4}
+    assert len({r.path for r in mixed}) == len(mixed)                          # none repeated

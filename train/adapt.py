@@ -67,8 +67,13 @@ def _per_class(records: list[Record], labels, n: int, rng) -> list[Record]:
 
 
 def _replay(local: list[Record], pool: list[Record], times: int, labels, rng) -> list[Record]:
-    """`times` run-training images per local image, class by class, none repeated."""
-    return _draw(pool, {label: times * sum(r.label == label for r in local) for label in labels}, rng)
+    """`times` run-training images per local image, class by class, none repeated. A class the site has
+    no images of gets as many as the site's classes have on average: a site that labelled only its
+    normal films still fine-tunes on every class (else the head would learn that everything is normal)."""
+    counts = {label: sum(r.label == label for r in local) for label in labels}
+    present = [n for n in counts.values() if n]
+    filler = round(sum(present) / len(present)) if present else 0
+    return _draw(pool, {label: times * (n or filler) for label, n in counts.items()}, rng)
 
 
 def _evaluate(model, card, sets: dict, temperature: float, threshold: float, bootstrap: int) -> dict:
