@@ -19,6 +19,9 @@ weights are not coarsened as much. Nagel et al. (ICCV 2019) do the same between 
 the weights; this is the activation side, where MobileNetV2's linear bottlenecks allow it exactly.
 
 `equalised(model, inputs, alpha)` returns the equalised copy; `streams(model)` says what it rescales.
+Measured (docs/RESULTS.md, 2026-12-06 late morning): on real calibration images the streams' channel
+ranges differ only 1.4-2.5 x, and int8's agreement with Keras did not improve beyond the noise on
+three models: off by default (ConvertConfig.equalise), kept to reproduce that table.
 """
 from __future__ import annotations
 
