@@ -114,7 +114,7 @@ def markdown(results: dict, plot_name: str, clinic_plot: str | None = None) -> s
               "time; speed-up: fp32 and the variant alternated call by call. Both halves of each ratio see the "
               "same machine load.", "",
               "| variant | decode ms | preprocess ms | lungs ms | inference ms | post-process ms "
-              "| pipeline / inference | speed-up vs fp32 | macro-F1 drop vs Keras (points) |", "|---|---|---|---|---|---|---|---|---|"]
+              "| pipeline / inference | speed-up vs fp32 | macro-F1 drop vs Keras (points) |", "|---" * 9 + "|"]
     for name, overhead in r["pipeline_overhead"].items():
         row = next((x for x in results["variants"][name]["latency"] if (x["runtime"], x["threads"], x["stage"])
                     == (ref, r["threads"], "pipeline")), {})

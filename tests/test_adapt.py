@@ -118,5 +118,6 @@ def test_replay_fills_the_classes_a_site_has_no_images_of():
     assert {label: sum(r.label == label for r in normals_only) for label in labels} == {
         "normal": 8, "pneumonia": 8, "covid": 8}
     mixed = _replay(records("normal", 4) + records("covid", 2), pool, 2, labels, np.random.default_rng(0))
-    assert {label: sum(r.label == label for r in mixed) for label in labels} == {"normal": 8, "pneumonia": 6, "covid": 4}
+    assert {label: sum(r.label == label for r in mixed) for label in labels} == {
+        "normal": 8, "pneumonia": 6, "covid": 4}
     assert len({r.path for r in mixed}) == len(mixed)                          # none repeated
