@@ -121,3 +121,19 @@ def test_replay_fills_the_classes_a_site_has_no_images_of():
     assert {label: sum(r.label == label for r in mixed) for label in labels} == {
         "normal": 8, "pneumonia": 6, "covid": 4}
     assert len({r.path for r in mixed}) == len(mixed)                          # none repeated
+
+
+def test_site_detail_threshold_is_the_sites_own_only_where_its_films_are_softer():
+    """As commissioning sets it: the site's 1st percentile of detail, from at least 100 films, never
+    above the card's; fewer films, or sharper ones: the card's stands."""
+    import numpy as np
+
+    from edge_app import preprocess
+    from train.adapt import _site_detail
+
+    films = np.random.default_rng(0).integers(0, 256, (120, 32, 32), dtype=np.uint8)
+    site = float(np.quantile([preprocess.detail(f) for f in films], 0.01))
+    assert _site_detail(site + 0.1, films) == {"detail": site}   # softer than the card allows: their own
+    assert _site_detail(site - 0.1, films) == {}            # the card's threshold already lets them through
+    assert _site_detail(site + 0.1, films[:50]) == {}       # too few films to place a 1st percentile
+    assert _site_detail(None, films) == {}                  # a card without the warning stays without it

@@ -28,6 +28,7 @@ import train  # noqa: F401
 import tensorflow as tf
 import tf_keras as keras
 
+from edge_app import decision, preprocess
 from train import evaluate, ood
 from train.report import figure
 from train.config import AdaptConfig
@@ -127,6 +128,7 @@ def adapt(run_dir: str | Path, data: str | Path, out: str | Path, cfg: AdaptConf
     x_fit, y_fit, _ = load(fit_records, "fine-tuning")
 
     before_temperature, before_threshold = card.temperature, card.thresholds["abnormal"]
+    before_detail = card.thresholds.get("detail")
     before = _evaluate(model, card, sets, before_temperature, before_threshold, cfg.bootstrap)
     before_flagged = _ood_flagged(model, spec, sets, ood.OodModel.load(run_dir / "ood.npz"),
                                   card.thresholds["ood"])
@@ -163,7 +165,8 @@ def adapt(run_dir: str | Path, data: str | Path, out: str | Path, cfg: AdaptConf
               "calibration_local": _class_counts(local_cal, labels), "calibration_run": len(original.split("val")),
               "local_test": _class_counts(local.split("test"), labels), "local_refused_by_lung_step": len(refused)}
     card.temperature = temperature
-    card.thresholds = {**card.thresholds, "abnormal": threshold, "ood": ood_threshold}
+    card.thresholds = {**card.thresholds, "abnormal": threshold, "ood": ood_threshold,
+                       **_site_detail(card.thresholds.get("detail"), calibration[0][0])}
     card.dataset = {**card.dataset, "root": run_splits.relative_to_run(original.root, out),   # folders relative to `out`
                     "adapted": {"from": run_splits.relative_to_run(run_dir, out),
                                 "local_root": run_splits.relative_to_run(local.root, out),
@@ -175,15 +178,25 @@ def adapt(run_dir: str | Path, data: str | Path, out: str | Path, cfg: AdaptConf
     (out / "model_card.json").write_text(card.to_json() + "\n")
     result = {"run": str(run_dir), "local": str(local.root), "config": dataclasses.asdict(cfg), "counts": counts,
               "before": {"temperature": before_temperature, "threshold": before_threshold,
-                         "ood_flagged": before_flagged, **before},
+                         "detail_threshold": before_detail, "ood_flagged": before_flagged, **before},
               "after": {"class_offsets": dict(zip(labels, offsets.tolist())),
                         "temperature": temperature, "threshold": threshold, "ood_threshold": ood_threshold,
+                        "detail_threshold": card.thresholds.get("detail"),
                         "ood_flagged": after_flagged, **after}}
     (out / "reports" / "lung_refusals.json").write_text(json.dumps(refused, indent=2))
     (out / "reports" / "adapt.json").write_text(json.dumps(result, indent=2))
     (out / "reports" / "adapt.md").write_text(adapt_report(result, labels))
     print(f"adapted run saved to {out}\n" + adapt_report(result, labels))
     return result
+
+
+def _site_detail(card_detail: float | None, site_squares: np.ndarray) -> dict:
+    """{"detail": the site's own low-detail threshold} where its calibration films (at least 1 / the
+    quantile of them) hold less fine detail than the card's threshold allows for, as commissioning sets
+    it (edge_app.validate.write_site_config): else the site's films would be called unreliable for
+    being what they are. {} otherwise: the card's stands."""
+    site = decision.low_detail_threshold([[preprocess.detail(s) for s in site_squares]])
+    return {"detail": site} if card_detail is not None and site is not None and site < card_detail else {}
 
 
 def _class_counts(records, labels) -> dict[str, int]:
@@ -216,7 +229,11 @@ def adapt_report(result: dict, labels) -> str:
         figure(result[when]["ood_flagged"][split]) for split in EVALUATED for when in ("before", "after")) + " |")
     lines += ["", f"Temperature {result['before']['temperature']:.3f} → {result['after']['temperature']:.3f}; "
               f"operating threshold {result['before']['threshold']:.4f} → {result['after']['threshold']:.4f}; "
-              f"out-of-distribution threshold refitted ({result['after']['ood_threshold']:.1f}).", ""]
+              f"out-of-distribution threshold refitted ({result['after']['ood_threshold']:.1f})"
+              + (f"; low-detail threshold {result['before']['detail_threshold']:.4f} → the site's own "
+                 f"{result['after']['detail_threshold']:.4f}"
+                 if result["after"].get("detail_threshold") != result["before"].get("detail_threshold") else "")
+              + ".", ""]
     return "\n".join(lines)
 
 
