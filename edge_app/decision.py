@@ -65,6 +65,15 @@ def low_detail_threshold(groups, quantile: float = LOW_DETAIL_QUANTILE) -> float
     return min(float(np.quantile(group, quantile)) for group in estimable) if estimable else None
 
 
+def site_low_detail_threshold(card_threshold: float | None, scores) -> float | None:
+    """A site's own low-detail threshold (commissioning, site adaptation): the 1st percentile of its
+    films' `preprocess.detail` scores (enough of them: `low_detail_threshold`) where that is below the
+    card's, so the site's films are not called unreliable for being what they are; None otherwise (the
+    card's stands; a card without the warning stays without it)."""
+    site = low_detail_threshold([scores])
+    return site if card_threshold is not None and site is not None and site < card_threshold else None
+
+
 def triage(p_abnormal: float, threshold: float, warned: str | None = None) -> str:
     """UNRELIABLE when a warning (`warning`) stands, else REFER when the abnormal probability
     reaches the operating threshold."""

@@ -223,14 +223,13 @@ def write_site_config(classifier, result: dict, site: str | None) -> site_config
     target = result["target"]
     if target is None or result["card_threshold"]["specificity"]["n"] == 0:
         raise InputError("no_images", "commissioning needs normal and abnormal images that could be read")
-    card_detail = classifier.card.thresholds.get("detail")
-    site_detail = decision.low_detail_threshold([[r["detail"] for r in result["per_image"]]])
-    softer = card_detail is not None and site_detail is not None and site_detail < card_detail
+    site_detail = decision.site_low_detail_threshold(classifier.card.thresholds.get("detail"),
+                                                     [r["detail"] for r in result["per_image"]])
     config = site_config.SiteConfig(
         site=site or socket.gethostname(), threshold=target["threshold"], date=result["date"],
         n_images=result["n_scored"], target_sensitivity=target["target_sensitivity"],
         model_sha256=classifier.model_sha256,
-        detail_threshold=site_detail if softer else None)
+        detail_threshold=site_detail)
     site_config.write(classifier.model_path, config)
     return config
 

@@ -191,12 +191,10 @@ def adapt(run_dir: str | Path, data: str | Path, out: str | Path, cfg: AdaptConf
 
 
 def _site_detail(card_detail: float | None, site_squares: np.ndarray) -> dict:
-    """{"detail": the site's own low-detail threshold} where its calibration films (at least 1 / the
-    quantile of them) hold less fine detail than the card's threshold allows for, as commissioning sets
-    it (edge_app.validate.write_site_config): else the site's films would be called unreliable for
-    being what they are. {} otherwise: the card's stands."""
-    site = decision.low_detail_threshold([[preprocess.detail(s) for s in site_squares]])
-    return {"detail": site} if card_detail is not None and site is not None and site < card_detail else {}
+    """{"detail": the site's own low-detail threshold} from its calibration squares, as commissioning
+    sets it (decision.site_low_detail_threshold); {} where the card's stands."""
+    site = decision.site_low_detail_threshold(card_detail, [preprocess.detail(s) for s in site_squares])
+    return {} if site is None else {"detail": site}
 
 
 def _class_counts(records, labels) -> dict[str, int]:
