@@ -132,6 +132,41 @@ def test_segmenter_file_crops_real_images(lung_segmenter, shared_data):
         assert not np.array_equal(cropped, preprocess.load(image, none))
 
 
+def film_with_lungs(grey: float, body: float = 0.6, size: int = 300) -> np.ndarray:
+    """A square film: two lung-shaped ellipses at `grey` on a body at `body` (where the stand-in segmenter
+    of conftest looks for lungs)."""
+    yy, xx = np.mgrid[:size, :size] / size
+    film = np.full((size, size), body, np.float32)
+    for cx in (0.3, 0.7):
+        film[((xx - cx) / 0.14) ** 2 + ((yy - 0.5) / 0.3) ** 2 < 1] = grey
+    return film
+
+
+def test_a_negative_film_is_refused_and_its_positive_cropped(lung_segmenter):
+    """The stand-in is sure of lungs at grey 0.2 and unsure of them at 0.8 (p 0.73): the film with lungs at
+    0.8 is the negative of the one with lungs at 0.2, which the inverse check finds."""
+    segmenter = lungs.use(lung_segmenter)
+    positive = film_with_lungs(0.2)
+    assert segmenter.find(positive).lungs_found == 2
+    timings = {}
+    with pytest.raises(InputError) as e:
+        segmenter.find(1.0 - positive, timings=timings)
+    assert e.value.code == "negative_image" and "negative" in e.value.message
+    assert timings["lungs"] > 0                 # both inferences timed as the lung stage
+    spec = preprocess.InputSpec(size=64, lung_crop="box", lung_model=segmenter.sha256)
+    with pytest.raises(InputError) as e:
+        preprocess.square8(1.0 - positive, spec)  # the preprocessing's lung step: training and the device
+    assert e.value.code == "negative_image"
+
+
+def test_an_unsure_film_whose_inverse_shows_no_lungs_is_cropped_not_refused(lung_segmenter):
+    segmenter = lungs.use(lung_segmenter)
+    dark = film_with_lungs(0.04)                 # lungs found unsure (p 0.73); in its inverse none
+    probabilities = segmenter.probabilities(preprocess.square(dark, segmenter.spec))
+    assert probabilities[probabilities > 0.5].mean() < lungs.NEGATIVE_CHECK_BELOW   # the check ran
+    assert segmenter.find(dark).lungs_found == 2
+
+
 def test_classifier_file_carries_its_segmenter_and_the_device_crops_with_it(lung_segmenter, shared_data, tmp_path,
                                                                             monkeypatch):
     import train  # noqa: F401
@@ -183,9 +218,12 @@ def test_training_leaves_out_what_the_lung_step_refuses(lung_segmenter, shared_d
 
     white = tmp_path / "white.png"
     Image.new("L", (300, 300), 240).save(white)
-    files = sorted((shared_data / "val" / "normal").iterdir())[:2] + [white]
+    negative = tmp_path / "negative.png"
+    Image.fromarray(np.rint(255 * (1.0 - film_with_lungs(0.2))).astype(np.uint8)).save(negative)
+    files = sorted((shared_data / "val" / "normal").iterdir())[:2] + [white, negative]
     records = [Record(path=f, label="normal", split="val", patient_id=None, source=None) for f in files]
     spec = preprocess.InputSpec(size=64, lung_crop="box", lung_model=lungs.use(lung_segmenter).sha256)
     refused = lung_refusals(records, spec, progress=False)
-    assert [(r["file"], r["code"]) for r in refused] == [(str(white), "no_chest_found")]
+    assert [(r["file"], r["code"]) for r in refused] == [(str(white), "no_chest_found"),
+                                                         (str(negative), "negative_image")]
     assert lung_refusals(records, preprocess.InputSpec(size=64), progress=False) == []
