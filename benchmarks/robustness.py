@@ -87,6 +87,10 @@ ACQUISITIONS = (
     Acquisition("half resolution", "down to half size and back (bilinear)", _half_resolution),
     Acquisition("tilted 5 deg", "rotated 5 degrees, black corners", lambda p, g, r: Image.fromarray(g, "L").rotate(
         5, resample=Image.Resampling.BILINEAR, fillcolor=0)),
+    Acquisition("negative", "grey inverted: a MONOCHROME1 film exported without its inversion",
+                lambda p, g, r: Image.fromarray(255 - g, "L")),
+    Acquisition("upside down", "rotated 180 degrees: a film digitised the wrong way round",
+                lambda p, g, r: Image.fromarray(g, "L").transpose(Image.Transpose.ROTATE_180)),
     Acquisition("full-size export", f"{EXPORT_SCALE} x upscaled as detector counts with noise, 8-bit PNG",
                 None, export="png8"),
 )

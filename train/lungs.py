@@ -306,23 +306,32 @@ def _evaluate_and_export(model, cfg, out, history, minutes, x_train, x_val, m_va
 
 def survey(model_path: Path, data: str, spec: preprocess.InputSpec, progress: bool = True) -> dict:
     """What the lung step makes of a classification set, per source / class: how many images it
-    refuses (by InputError code) and on how many it finds one lung or two. `spec`: the classifier's
-    preprocessing before the lung step (decoded at its size, borders trimmed as it says)."""
+    refuses (by InputError code) and on how many it finds one lung or two; `negatives`: the same for
+    each image's negative (grey inverted), which it should refuse (negative_image). `spec`: the
+    classifier's preprocessing before the lung step (decoded at its size, borders trimmed as it says)."""
     from train.data import load_dataset
 
     segmenter = lungs.use(model_path)
     dataset = load_dataset(data, check_readable=False, progress=progress)
     outcomes: dict[str, dict[str, int]] = {}
-    for record in tqdm(dataset.records, desc="lung fields", unit="img", disable=not progress):
-        gray = preprocess.decode(record.path, draft_size=spec.size)
-        gray = preprocess.trim_borders(gray) if spec.borders == "trim" else gray
+    negatives: dict[str, dict[str, int]] = {}
+
+    def count(table, group, gray):
         try:
             outcome = f"{segmenter.find(gray).lungs_found} lung(s)"
         except InputError as e:
             outcome = e.code
-        group = outcomes.setdefault(f"{record.source or 'unknown'} / {record.label}", {})
-        group[outcome] = group.get(outcome, 0) + 1
-    return {"model": str(model_path), "sha256": segmenter.sha256, "data": data, "outcomes": outcomes}
+        table.setdefault(group, {})
+        table[group][outcome] = table[group].get(outcome, 0) + 1
+
+    for record in tqdm(dataset.records, desc="lung fields", unit="img", disable=not progress):
+        gray = preprocess.decode(record.path, draft_size=spec.size)
+        gray = preprocess.trim_borders(gray) if spec.borders == "trim" else gray
+        group = f"{record.source or 'unknown'} / {record.label}"
+        count(outcomes, group, gray)
+        count(negatives, group, 255 - gray)
+    return {"model": str(model_path), "sha256": segmenter.sha256, "data": data, "outcomes": outcomes,
+            "negatives": negatives}
 
 
 def report_md(results: dict) -> str:
@@ -352,7 +361,8 @@ def main(argv=None):
             p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), dest=f.name)
     p.add_argument("--export-only", action="store_true", help="evaluate and export the run's trained model")
     p.add_argument("--survey", metavar="DATA", help="instead: run the run's int8 segmenter over a classification "
-                   "set (the default recipe's decode and border trim) and write reports/survey.json")
+                   "set (the default recipe's decode and border trim), and over each image's negative, and write "
+                   "reports/survey.json")
     p.add_argument("--latency-against", metavar="TFLITE", help="instead: time the run's segmenters against this "
                    "classifier file (e.g. artifacts/RUN/tflite/int8.tflite) and write reports/latency.json")
     p.add_argument("--no-progress", action="store_true")
@@ -373,7 +383,7 @@ def main(argv=None):
         spec = input_spec(default.model, default.image_size, default.fit, default.input_contrast, default.input_borders)
         result = survey(out / "tflite" / "lungs-int8.tflite", survey_data, spec, progress)
         (out / "reports" / "survey.json").write_text(json.dumps(result, indent=2) + "\n")
-        print(json.dumps(result["outcomes"], indent=1))
+        print(json.dumps({key: result[key] for key in ("outcomes", "negatives")}, indent=1))
         return
     results = run(cfg, out, progress, export_only)
     print(report_md(results))
