@@ -908,8 +908,8 @@ def _kept_lines(n: int, busy) -> slice:
 def lung_step(gray: np.ndarray, spec: InputSpec, timings: dict | None = None) -> np.ndarray:
     """The image cropped to its lung field (after the border trim, before fitting the square).
 
-    Refuses with InputError `no_chest_found` when no plausible lung field is found; needs the
-    segmenter named by spec.lung_model to be opened first (`edge_app.lungs.use`). `timings`: the
+    Refuses with InputError `no_chest_found` when no plausible lung field is found, `negative_image` for a
+    film stored as its negative (edge_app.lungs.Segmenter.find); needs the segmenter named by spec.lung_model to be opened first (`edge_app.lungs.use`). `timings`: the
     segmenter's inference ms is added to it under "lungs" (the device reports it as its own stage)."""
     if spec.lung_crop == "none":
         return gray
