@@ -909,8 +909,9 @@ def lung_step(gray: np.ndarray, spec: InputSpec, timings: dict | None = None) ->
     """The image cropped to its lung field (after the border trim, before fitting the square).
 
     Refuses with InputError `no_chest_found` when no plausible lung field is found, `negative_image` for a
-    film stored as its negative (edge_app.lungs.Segmenter.find); needs the segmenter named by spec.lung_model to be opened first (`edge_app.lungs.use`). `timings`: the
-    segmenter's inference ms is added to it under "lungs" (the device reports it as its own stage)."""
+    film stored as its negative (edge_app.lungs.Segmenter.find); needs the segmenter named by spec.lung_model
+    to be opened first (`edge_app.lungs.use`). `timings`: the segmenter's inference ms is added to it under
+    "lungs" (the device reports it as its own stage)."""
     if spec.lung_crop == "none":
         return gray
     from edge_app import lungs   # lazily: lungs imports this module
