@@ -32,8 +32,8 @@ class InputError(CxrEdgeError, ValueError):
 
     Codes: not_found, empty, not_an_image, corrupt, truncated, too_small, too_large,
     unsupported_mode, dicom_unsupported, colour_photo, extreme_aspect_ratio, uniform_image,
-    no_chest_found (no plausible lung field, see edge_app.lungs), negative_image (a film stored
-    as its negative, see edge_app.lungs); for a folder or a labelled set:
+    no_chest_found (no plausible lung field, see edge_app.lungs), negative_image, rotated_image (a film
+    stored as its negative or turned on its side, see edge_app.lungs); for a folder or a labelled set:
     no_images, unknown_label, label_not_in_model, bad_csv.
     """
 

@@ -12,7 +12,8 @@ model needs no second file, and the device opens it from there (`use_embedded`).
 The masks it learnt cover the aerated lung only (heart, the lung behind it and below the domes,
 white-out regions left out), so the box gets a margin, and a film on which only one lung is found
 is cropped over its full width. A film stored as a negative (air white, bone black: a MONOCHROME1 image
-exported without its inversion) is refused, not cropped and scored: see `Segmenter.find`. No TensorFlow here.
+exported without its inversion) or turned on its side is refused, not cropped and scored: see `Segmenter.find`.
+No TensorFlow here.
 """
 from __future__ import annotations
 
@@ -39,9 +40,18 @@ MAX_AREA = 0.70                  # above this: not a chest radiograph as the seg
                                  # (cxr-lungs: 0.045-0.55 of the image; padding only lowers it)
 MIN_SECOND_LUNG = 0.15           # the second-largest region must be this share of the largest
 MIN_REGION = 0.002               # regions smaller than this share of the input are specks
-NEGATIVE_CHECK_BELOW = 0.95      # mean lung probability over the lungs found below which the film's negative is
-                                 # segmented too (5-7 % of the shared films; every negative of them ran it)
+NEGATIVE_CHECK_BELOW = 0.95      # mean lung probability over the lungs found below which the film is also segmented
+                                 # as MISSTORED would undo (5-7 % of the shared films; every negative of them)
 UNSURE = (0.1, 0.9)              # a pixel whose lung probability lies between these: the segmenter is unsure
+TURNED = ("this film looks turned on its side: its lungs show more clearly turned by 90 degrees. Rotate it "
+          "upright (the neck at the top) and screen it again")
+MISSTORED = (  # (code, how the segmenter's square is undone, turned by 90 degrees, message): Segmenter.find
+    ("negative_image", lambda square: 1.0 - square, False,
+     "this film looks like a negative (air white, bone black): its lungs show more clearly inverted. Export it "
+     "as it is displayed (a MONOCHROME1 image inverted) and screen it again"),
+    ("rotated_image", lambda square: np.rot90(square, 1), True, TURNED),
+    ("rotated_image", lambda square: np.rot90(square, 3), True, TURNED),
+)
 MAX_SIDES_CUT = 3                # lungs touching all four image sides: not a whole chest. Tightly framed
                                  # films touch up to three (with 2: 48 of 999 pediatric pneumonias of the
                                  # shared set refused); the crop is then clipped to the image
@@ -124,22 +134,28 @@ class Segmenter:
              timings: dict | None = None) -> "LungField":
         """The lung field of a grey [0, 1] image of any size, its box widened by `margin`.
 
-        Refuses a negative film (InputError `negative_image`): where the segmenter is less than sure of
-        the lungs it finds (NEGATIVE_CHECK_BELOW), it segments the film's inverse as well, and a film whose
-        inverse shows a plausible lung field, found with more confidence and fewer unsure pixels, is a
-        negative. Scored as it is, such a film gets an arbitrary answer (two of six negatives of
-        pneumonia films were cleared); on the 7,331 films of the shared sets the check refused exactly the two
-        stored as negatives (docs/RESULTS.md, 2026-12-06 afternoon)."""
+        Refuses a film stored as its negative or turned on its side (InputError `negative_image`,
+        `rotated_image`, MISSTORED): where the segmenter is less than sure of the lungs it finds
+        (NEGATIVE_CHECK_BELOW), it also segments the film inverted and turned both ways, and a film that
+        one of these shows as a plausible lung field, found with more confidence and fewer unsure pixels,
+        is refused with that one's code (the surest). Scored as it is, a negative gets an arbitrary
+        answer (7 of 208 abnormal test films' negatives were cleared); on the 7,331 films of the shared
+        sets the check refused the two stored as negatives and a zoomed-in detail of ribs
+        (docs/RESULTS.md, 2026-12-06 afternoon)."""
         square = preprocess.square(gray, self.spec)
         probabilities = self.probabilities(square, timings)
         confidence, unsure = _certainty(probabilities, self.card.threshold)
         if confidence < NEGATIVE_CHECK_BELOW:
-            inverse = self.probabilities(1.0 - square, timings)
-            inverse_confidence, inverse_unsure = _certainty(inverse, self.card.threshold)
-            if inverse_confidence > confidence and inverse_unsure < unsure and self._plausible(inverse, gray.shape):
-                raise InputError("negative_image", "this film looks like a negative (air white, bone black): its "
-                                 "lungs show more clearly inverted. Export it as it is displayed (a MONOCHROME1 "
-                                 "image inverted), the right way up, and screen it again", None)
+            surest = None
+            for code, undo, turned, message in MISSTORED:
+                candidate = self.probabilities(np.ascontiguousarray(undo(square)), timings)
+                candidate_confidence, candidate_unsure = _certainty(candidate, self.card.threshold)
+                if (candidate_confidence > max(confidence, surest[0] if surest else 0.0)
+                        and candidate_unsure < unsure
+                        and self._plausible(candidate, gray.shape[::-1] if turned else gray.shape)):
+                    surest = (candidate_confidence, code, message)
+            if surest:
+                raise InputError(surest[1], surest[2], None)
         return LungField.of(probabilities > self.card.threshold, gray.shape, margin=margin)
 
     def _plausible(self, probabilities: np.ndarray, shape: tuple[int, int]) -> bool:

@@ -132,9 +132,9 @@ def test_segmenter_file_crops_real_images(lung_segmenter, shared_data):
         assert not np.array_equal(cropped, preprocess.load(image, none))
 
 
-def film_with_lungs(grey: float, body: float = 0.6, size: int = 300) -> np.ndarray:
+def film_with_lungs(grey: float, body: float = 0.98, size: int = 300) -> np.ndarray:
     """A square film: two lung-shaped ellipses at `grey` on a body at `body` (where the stand-in segmenter
-    of conftest looks for lungs)."""
+    of conftest looks for lungs; it takes neither 0.98 nor its inverse for lung)."""
     yy, xx = np.mgrid[:size, :size] / size
     film = np.full((size, size), body, np.float32)
     for cx in (0.3, 0.7):
@@ -152,19 +152,42 @@ def test_a_negative_film_is_refused_and_its_positive_cropped(lung_segmenter):
     with pytest.raises(InputError) as e:
         segmenter.find(1.0 - positive, timings=timings)
     assert e.value.code == "negative_image" and "negative" in e.value.message
-    assert timings["lungs"] > 0                 # both inferences timed as the lung stage
+    assert timings["lungs"] > 0                 # every inference timed as the lung stage
     spec = preprocess.InputSpec(size=64, lung_crop="box", lung_model=segmenter.sha256)
     with pytest.raises(InputError) as e:
         preprocess.square8(1.0 - positive, spec)  # the preprocessing's lung step: training and the device
     assert e.value.code == "negative_image"
 
 
-def test_an_unsure_film_whose_inverse_shows_no_lungs_is_cropped_not_refused(lung_segmenter):
+def knows_up(square, timings=None):
+    """A stand-in segmenter's lung probabilities that know which way is up: sure of two lungs where the
+    square's top rows (a film's neck band) are brighter than its bottom rows, unsure of them otherwise."""
+    return np.where(two_lungs(), 0.99 if square[:8].mean() > square[-8:].mean() + 0.2 else 0.7, 0.01)
+
+
+def test_a_film_turned_on_its_side_is_refused(lung_segmenter, monkeypatch):
+    """Turned either way: rotated_image; inverted: negative_image; upright, 300 x 240 (so a turned candidate
+    is checked on the turned shape): cropped."""
     segmenter = lungs.use(lung_segmenter)
-    dark = film_with_lungs(0.04)                 # lungs found unsure (p 0.73); in its inverse none
-    probabilities = segmenter.probabilities(preprocess.square(dark, segmenter.spec))
-    assert probabilities[probabilities > 0.5].mean() < lungs.NEGATIVE_CHECK_BELOW   # the check ran
-    assert segmenter.find(dark).lungs_found == 2
+    monkeypatch.setattr(segmenter, "probabilities", knows_up)
+    upright = np.full((300, 240), 0.3, np.float32)
+    upright[:40] = 0.95
+    assert segmenter.find(upright).lungs_found == 2
+    for turns in (1, 3):
+        with pytest.raises(InputError) as e:
+            segmenter.find(np.rot90(upright, turns))
+        assert e.value.code == "rotated_image" and "turned on its side" in e.value.message
+    with pytest.raises(InputError) as e:
+        segmenter.find(1.0 - upright)
+    assert e.value.code == "negative_image"
+
+
+def test_an_unsure_film_that_no_undoing_makes_surer_is_cropped_not_refused(lung_segmenter, monkeypatch):
+    segmenter = lungs.use(lung_segmenter)
+    monkeypatch.setattr(segmenter, "probabilities", knows_up)
+    no_way_up = np.full((300, 240), 0.3, np.float32)      # unsure as it is, inverted and turned
+    assert knows_up(preprocess.square(no_way_up, segmenter.spec)).max() < lungs.NEGATIVE_CHECK_BELOW
+    assert segmenter.find(no_way_up).lungs_found == 2
 
 
 def test_classifier_file_carries_its_segmenter_and_the_device_crops_with_it(lung_segmenter, shared_data, tmp_path,
