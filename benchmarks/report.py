@@ -138,7 +138,7 @@ def markdown(results: dict, plot_name: str, clinic_plot: str | None = None) -> s
     if robust:
         lines += ["", "## Robustness to acquisition", "",
                   "The test films re-acquired (blurred, sharpened, noisy, darker, brighter, JPEG, half resolution, "
-                  "tilted, a negative, upside down, a full-size export) and classified from the files "
+                  "tilted, a negative, on its side, upside down, a full-size export) and classified from the files "
                   "(benchmarks/robustness.py; every acquisition in reports/robustness.md): the acquisition that "
                   "silently clears the largest share of the abnormal films referred as stored (\"no abnormality\", "
                   "no warning), and the one that needlessly "

@@ -89,6 +89,8 @@ ACQUISITIONS = (
         5, resample=Image.Resampling.BILINEAR, fillcolor=0)),
     Acquisition("negative", "grey inverted: a MONOCHROME1 film exported without its inversion",
                 lambda p, g, r: Image.fromarray(255 - g, "L")),
+    Acquisition("on its side", "rotated 90 degrees: a film stored turned",
+                lambda p, g, r: Image.fromarray(g, "L").transpose(Image.Transpose.ROTATE_90)),
     Acquisition("upside down", "rotated 180 degrees: a film digitised the wrong way round",
                 lambda p, g, r: Image.fromarray(g, "L").transpose(Image.Transpose.ROTATE_180)),
     Acquisition("full-size export", f"{EXPORT_SCALE} x upscaled as detector counts with noise, 8-bit PNG",
