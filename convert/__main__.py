@@ -33,7 +33,8 @@ def main(argv=None) -> int:
                    help="input/output type of the full-integer variants")
     p.add_argument("--representative-per-class", type=int, default=defaults.representative_per_class)
     p.add_argument("--no-bias-correction", action="store_true",
-                   help="post-training int8 without the weight-rounding bias correction (convert.bias_correction)")
+                   help="post-training int8 and fp16 without the weight-rounding bias correction "
+                        "(convert.bias_correction)")
     p.add_argument("--equalise", type=float, default=defaults.equalise, metavar="ALPHA",
                    help="post-training int8: rescale the residual streams' channels first (convert.equalisation; "
                         "ALPHA 1: activations alone, 0.5: halfway to the weights)")

@@ -18,8 +18,8 @@ class ConvertConfig:
     # post-training int8 calibration
     representative_per_class: int = 100   # calibration images per class, from the training split
     int8_io: str = "int8"                 # int8: integer input/output; float: float I/O, int8 inside
-    bias_correction: bool = True          # post-training int8 from a copy whose biases absorb the mean
-                                          # int8 weight-rounding error (convert.bias_correction)
+    bias_correction: bool = True          # post-training int8 and fp16 from a copy whose biases absorb the mean
+                                          # weight-rounding error (convert.bias_correction)
     equalise: float | None = None         # post-training int8: residual-stream equalisation with this migration
                                           # strength alpha in [0, 1] (convert.equalisation); None: off
     linear_percentile: float | None = 99.99   # post-training int8: linear activations' ranges from this

@@ -86,18 +86,20 @@ def convert_run(run_dir: str | Path, *, variants=None, cfg: ConvertConfig | None
         source = sources[source_name]
         print(f"converting {variant} ...", flush=True)
         keras_model = source["model"]
-        # int8 only: int8-mixed computes the layers with most of the rounding bias in float (measured:
+        # int8 and fp16: int8-mixed computes the layers with most of the rounding bias in float (measured:
         # corrected, it agrees less); QAT models learnt their rounding.
         post_training = recipe == "int8" and source_name in ("trained", "pruned")
+        corrected_as = recipe if recipe in bias_correction.PRECISIONS and source_name in ("trained", "pruned") else None
         if post_training and cfg.equalise is not None:
             if "equalised" not in source:
                 source["equalised"], streams = equalisation.equalised(keras_model, representative, cfg.equalise)
                 results.setdefault("equalisation", {})[source_name] = streams
             keras_model = source["equalised"]
-        if post_training and cfg.bias_correction:
-            if "bias_corrected" not in source:
-                source["bias_corrected"] = bias_correction.corrected(keras_model, representative)
-            keras_model = source["bias_corrected"]
+        if corrected_as and cfg.bias_correction:
+            key = f"bias_corrected_{recipe}"
+            if key not in source:
+                source[key] = bias_correction.corrected(keras_model, representative, recipe)
+            keras_model = source[key]
         flatbuffer = export.convert(export.device_model(keras_model, source["detector"]), recipe, representative,
                                     int8_io=cfg.int8_io, progress=progress,
                                     linear_percentile=cfg.linear_percentile if post_training else None)

@@ -71,7 +71,7 @@ def markdown(results: dict) -> str:
         lines += ["", f"**{name} refused**: {why}"]
     corrected = results.get("config", {}).get("bias_correction")
     lines += ["", "Mean logit shift (variant - Keras) per class: a systematic error, not noise, where it is "
-              f"far from 0 (int8 {'with' if corrected else 'without'} the weight-rounding bias correction, "
+              f"far from 0 (int8 and fp16 {'with' if corrected else 'without'} the weight-rounding bias correction, "
               "convert.bias_correction).", "",
               "| variant | split | " + " | ".join(labels) + " |", "|---" * (2 + len(labels)) + "|"]
     for name, v in results["variants"].items():

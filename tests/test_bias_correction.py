@@ -1,13 +1,13 @@
-"""Bias correction of int8 weight rounding (convert.bias_correction): the rounding it models is
-TFLite's, and converting the corrected copy removes the mean output shift that rounding causes."""
+"""Bias correction of weight rounding (convert.bias_correction): the rounding it models is TFLite's,
+and converting the corrected copy (int8 or fp16) removes the mean output shift that rounding causes."""
 import numpy as np
 import pytest
 
 
-def spiky_model(rng):
+def spiky_model(rng, spike: float | None = 3.0):
     """Depthwise -> BN -> ReLU6 -> 1x1 projection -> BN -> pool -> logits, with one large weight per
-    output channel (coarse int8 steps, as BatchNormalization folding makes in trained MobileNetV2s)
-    and BN statistics far from the identity (so folding matters). 'valid' padding: no border terms."""
+    output channel (coarse int8 steps, as BatchNormalization folding makes in trained MobileNetV2s; None:
+    none) and BN statistics far from the identity (so folding matters). 'valid' padding: no border terms."""
     import train  # noqa: F401
     import tf_keras as keras
 
@@ -20,7 +20,8 @@ def spiky_model(rng):
         weights = layer.get_weights()
         if layer.name in ("depthwise", "project", "logits"):
             kernel = rng.normal(0, 0.1, weights[0].shape)
-            kernel.reshape(-1, kernel.shape[-1])[0] = 3.0
+            if spike is not None:
+                kernel.reshape(-1, kernel.shape[-1])[0] = spike
             layer.set_weights([kernel, *weights[1:]])
         elif layer.name.endswith("_bn"):
             n = weights[0].shape
@@ -29,12 +30,13 @@ def spiky_model(rng):
     return model
 
 
-def int8_outputs(model, x: np.ndarray, calibration: np.ndarray) -> tuple[np.ndarray, object]:
+def int8_outputs(model, x: np.ndarray, calibration: np.ndarray, recipe: str = "int8") -> tuple[np.ndarray, object]:
+    """The outputs of `model` converted with `recipe` (int8 with float I/O, or fp16) on `x`, and its interpreter."""
     from ai_edge_litert.interpreter import Interpreter
 
     from convert import export
 
-    interpreter = Interpreter(model_content=export.convert(model, "int8", calibration, int8_io="float"))
+    interpreter = Interpreter(model_content=export.convert(model, recipe, calibration, int8_io="float"))
     interpreter.allocate_tensors()
     inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
     outputs = []
@@ -101,6 +103,29 @@ def test_int8_of_the_corrected_copy_has_no_mean_output_shift(seed):
                 np.testing.assert_array_equal(original, copied)
             else:
                 assert not np.array_equal(original, copied), (layer.name, i)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fp16_of_the_corrected_copy_has_no_mean_output_shift(seed):
+    """float16 weights shift the outputs too (less than int8's, the same way): the fp16 conversion of the
+    copy corrected for float16 rounding removes at least four fifths of the mean logit shift, and the
+    rounding it models is the float16 cast. No spike: float16's error is relative, so a spike would carry
+    most of it and move with the very inputs that open the ReLU, which a mean correction cannot follow
+    (int8's spike sits on its grid)."""
+    from convert import bias_correction as bc
+
+    rng = np.random.default_rng(seed)
+    model = spiky_model(rng, spike=None)
+    kernel = rng.normal(0, 0.1, (3, 3, 4, 5)).astype(np.float32)
+    np.testing.assert_array_equal(kernel + bc.rounding_error(kernel, (0, 1, 2), "fp16"),
+                                  kernel.astype(np.float16).astype(np.float32))
+    x = rng.uniform(0, 1, (64, 8, 8, 16)).astype(np.float32)
+    reference = model.predict(x, verbose=0)
+    before = np.abs((int8_outputs(model, x, x, "fp16")[0] - reference).mean(axis=0)).sum()
+    after = np.abs((int8_outputs(bc.corrected(model, x, "fp16"), x, x, "fp16")[0] - reference).mean(axis=0)).sum()
+    assert after < 0.2 * before, (before, after)
+    with pytest.raises(ValueError, match="precision"):
+        bc.rounding_error(kernel, (0, 1, 2), "int4")
 
 
 def test_diagnosis_separates_weight_rounding_and_finds_the_range_setting_channel():
