@@ -107,7 +107,7 @@ def _input_means(model, layers, inputs: np.ndarray, batch: int) -> list[np.ndarr
     count = [0] * len(layers)
     for start in range(0, len(inputs), batch):
         outputs = probe(inputs[start:start + batch], training=False)
-        for i, out in enumerate(outputs):
+        for i, out in enumerate(outputs if len(layers) > 1 else [outputs]):   # one output: not a list
             values = np.asarray(out, np.float64).reshape(-1, out.shape[-1])
             sums[i] += values.sum(axis=0)
             count[i] += len(values)

@@ -128,6 +128,23 @@ def test_fp16_of_the_corrected_copy_has_no_mean_output_shift(seed):
         bc.rounding_error(kernel, (0, 1, 2), "int4")
 
 
+def test_a_model_with_one_layer_to_correct_is_corrected():
+    """A head-only model (pooling -> logits): one layer's mean input, which Keras returns bare, not in a list."""
+    import train  # noqa: F401
+    import tf_keras as keras
+
+    from convert import bias_correction as bc
+
+    image = keras.Input((4, 4, 3))
+    model = keras.Model(image, keras.layers.Dense(2, name="logits")(keras.layers.GlobalAveragePooling2D()(image)))
+    x = np.random.default_rng(0).uniform(0, 1, (8, 4, 4, 3)).astype(np.float32)
+    kernel, bias = model.get_layer("logits").get_weights()
+    moved = bc.corrected(model, x, "fp16").get_layer("logits").get_weights()[1] - bias
+    assert np.abs(moved).max() > 0
+    expected = -bc.output_shift(model.get_layer("logits"), kernel, x.mean(axis=(0, 1, 2)), "fp16")
+    np.testing.assert_allclose(moved, expected, rtol=1e-5, atol=1e-9)
+
+
 def test_diagnosis_separates_weight_rounding_and_finds_the_range_setting_channel():
     """convert.diagnose: `with_int8_weights` puts every folded kernel exactly on TFLite's int8 grid
     (the float graph with weight rounding only), and `activation_ranges` names a linear activation
