@@ -86,8 +86,8 @@ def convert_run(run_dir: str | Path, *, variants=None, cfg: ConvertConfig | None
         source = sources[source_name]
         print(f"converting {variant} ...", flush=True)
         keras_model = source["model"]
-        # int8 and fp16: int8-mixed computes the layers with most of the rounding bias in float (measured:
-        # corrected, it agrees less); QAT models learnt their rounding.
+        # bias correction for int8 and fp16 from the trained or pruned model: int8-mixed computes the layers with
+        # most of the rounding bias in float (measured: corrected, it agrees less); QAT models learnt their rounding.
         post_training = recipe == "int8" and source_name in ("trained", "pruned")
         corrected_as = recipe if recipe in bias_correction.PRECISIONS and source_name in ("trained", "pruned") else None
         if post_training and cfg.equalise is not None:

@@ -40,7 +40,7 @@ MAX_AREA = 0.70                  # above this: not a chest radiograph as the seg
                                  # (cxr-lungs: 0.045-0.55 of the image; padding only lowers it)
 MIN_SECOND_LUNG = 0.15           # the second-largest region must be this share of the largest
 MIN_REGION = 0.002               # regions smaller than this share of the input are specks
-NEGATIVE_CHECK_BELOW = 0.95      # mean lung probability over the lungs found below which the film is also segmented
+MISSTORED_CHECK_BELOW = 0.95     # mean lung probability over the lungs found below which the film is also segmented
                                  # as MISSTORED would undo (5-7 % of the shared films; every negative of them)
 UNSURE = (0.1, 0.9)              # a pixel whose lung probability lies between these: the segmenter is unsure
 TURNED = ("this film looks turned on its side: its lungs show more clearly turned by 90 degrees. Rotate it "
@@ -136,7 +136,7 @@ class Segmenter:
 
         Refuses a film stored as its negative or turned on its side (InputError `negative_image`,
         `rotated_image`, MISSTORED): where the segmenter is less than sure of the lungs it finds
-        (NEGATIVE_CHECK_BELOW), it also segments the film inverted and turned both ways, and a film that
+        (MISSTORED_CHECK_BELOW), it also segments the film inverted and turned both ways, and a film that
         one of these shows as a plausible lung field, found with more confidence and fewer unsure pixels,
         is refused with that one's code (the surest). Scored as it is, a negative gets an arbitrary
         answer (7 of 208 abnormal test films' negatives were cleared); on the 7,331 films of the shared
@@ -145,7 +145,7 @@ class Segmenter:
         square = preprocess.square(gray, self.spec)
         probabilities = self.probabilities(square, timings)
         confidence, unsure = _certainty(probabilities, self.card.threshold)
-        if confidence < NEGATIVE_CHECK_BELOW:
+        if confidence < MISSTORED_CHECK_BELOW:
             surest = None
             for code, undo, turned, message in MISSTORED:
                 candidate = self.probabilities(np.ascontiguousarray(undo(square)), timings)
