@@ -141,8 +141,8 @@ def markdown(results: dict, plot_name: str, clinic_plot: str | None = None) -> s
                   "tilted, a negative, on its side, upside down, a full-size export) and classified from the files "
                   "(benchmarks/robustness.py; every acquisition in reports/robustness.md): the acquisition that "
                   "silently clears the largest share of the abnormal films referred as stored (\"no abnormality\", "
-                  "no warning), and the one that needlessly "
-                  "refers the largest share of the normal films not referred as stored.", "",
+                  "no warning), and the one that needlessly refers the largest share of the normal films not "
+                  "referred as stored.", "",
                   "| variant | silently cleared [95 % CI] | by | needlessly referred [95 % CI] | by |",
                   "|---|---|---|---|---|"]
         for name, m in robust.items():

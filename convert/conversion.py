@@ -89,13 +89,13 @@ def convert_run(run_dir: str | Path, *, variants=None, cfg: ConvertConfig | None
         # bias correction for int8 and fp16 from the trained or pruned model: int8-mixed computes the layers with
         # most of the rounding bias in float (measured: corrected, it agrees less); QAT models learnt their rounding.
         post_training = recipe == "int8" and source_name in ("trained", "pruned")
-        corrected_as = recipe if recipe in bias_correction.PRECISIONS and source_name in ("trained", "pruned") else None
+        to_correct = recipe in bias_correction.PRECISIONS and source_name in ("trained", "pruned")
         if post_training and cfg.equalise is not None:
             if "equalised" not in source:
                 source["equalised"], streams = equalisation.equalised(keras_model, representative, cfg.equalise)
                 results.setdefault("equalisation", {})[source_name] = streams
             keras_model = source["equalised"]
-        if corrected_as and cfg.bias_correction:
+        if to_correct and cfg.bias_correction:
             key = f"bias_corrected_{recipe}"
             if key not in source:
                 source[key] = bias_correction.corrected(keras_model, representative, recipe)
