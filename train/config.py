@@ -64,6 +64,8 @@ class TrainConfig:
     label_smoothing: float = 0.0          # cross-entropy against (1 - e) one-hot + e / classes
     mixup: float = 0.0                    # mixup's Beta(a, a): each training input blended with another of
                                           # its batch, labels and weights alike (train.pipeline.mix_batches); 0 off
+    mixstyle: float = 0.0                 # MixStyle's probability per batch: the early layers' feature statistics
+                                          # blended between the batch's images (train.mixstyle); 0 off
     augment: bool = True
     rotation_degrees: float = 7.0
     zoom: float = 0.1
@@ -118,6 +120,9 @@ class TrainConfig:
         if self.mixup < 0 or (self.mixup and self.loss == "focal"):
             raise ValueError(f"mixup must be >= 0 and goes with the cross-entropy loss, got mixup {self.mixup} "
                              f"with loss {self.loss!r}")
+
+        if not 0.0 <= self.mixstyle <= 1.0:
+            raise ValueError(f"mixstyle is a probability in [0, 1], got {self.mixstyle}")
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides) -> "TrainConfig":

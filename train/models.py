@@ -34,6 +34,7 @@ class ModelEntry:
     build_backbone: Callable  # (input_tensor, weights: "imagenet" | None, alpha) -> keras.Model
     weights_file: Callable | None = None  # alpha -> Keras cache file name (no top, 224 px)
     default_alpha: float | None = None
+    style_layers: tuple[str, ...] = ()  # early stages' outputs, where MixStyle goes (train.mixstyle)
 
 
 def _seed_cnn(inputs, weights, alpha):
@@ -70,7 +71,7 @@ def _alpha_str(alpha):
 
 
 REGISTRY: dict[str, ModelEntry] = {e.name: e for e in (
-    ModelEntry("cnn", 128, "unit", 1, _seed_cnn),
+    ModelEntry("cnn", 128, "unit", 1, _seed_cnn, style_layers=("pool1", "pool2")),
     ModelEntry("resnet50", 224, "caffe", 3, _application("ResNet50"),
                lambda a: "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),
     ModelEntry("resnet101", 224, "caffe", 3, _application("ResNet101"),
@@ -78,7 +79,8 @@ REGISTRY: dict[str, ModelEntry] = {e.name: e for e in (
     ModelEntry("densenet121", 224, "torch", 3, _application("DenseNet121"),
                lambda a: "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5"),
     ModelEntry("mobilenet_v2", 224, "symmetric", 3, _application("MobileNetV2"),
-               _mobilenet_v2_file, default_alpha=0.5),
+               _mobilenet_v2_file, default_alpha=0.5,
+               style_layers=("block_2_add", "block_5_add", "block_9_add")),  # 56, 28, 14 px
     ModelEntry("mobilenet_v3_small", 224, "raw255", 3,
                _application("MobileNetV3Small", minimalistic=False),
                lambda a: "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5"),

@@ -23,7 +23,7 @@ import tf_keras as keras
 
 from edge_app import decision, lungs, metrics
 from edge_app.model_card import ModelCard
-from train import detail, evaluate, gradcam, models, ood, report, shortcuts
+from train import detail, evaluate, gradcam, mixstyle, models, ood, report, shortcuts
 from train.config import TrainConfig
 from train.data import load_dataset, run_splits, sources
 from train.data.leakage import check_leakage
@@ -234,6 +234,8 @@ def run(config: TrainConfig, out: str | Path, *, resume: bool = False, progress:
         model = models.build(config.model, len(labels), image_size=spec.size, alpha=config.alpha,
                              weights=config.weights, weights_dirs=config.weights_dirs,
                              dropout=config.dropout)
+        fitted = (mixstyle.with_mixstyle(model, models.get(config.model).style_layers, config.mixstyle,
+                                         config.seed) if config.mixstyle else model)  # shares model's weights
     loss = (sparse_focal_loss(config.focal_gamma) if config.loss == "focal"
             else smoothed_crossentropy(config.label_smoothing) if config.label_smoothing or config.mixup
             else keras.losses.SparseCategoricalCrossentropy(from_logits=True))
@@ -250,9 +252,9 @@ def run(config: TrainConfig, out: str | Path, *, resume: bool = False, progress:
             continue
         set_trainable(model, config.strategy, phase, config.fine_tune_layers)
         with strategy.scope():
-            model.compile(optimizer=keras.optimizers.Adam(lr * replicas), loss=loss,
+            fitted.compile(optimizer=keras.optimizers.Adam(lr * replicas), loss=loss,
                           metrics=["accuracy"], jit_compile=config.xla)
-        print(f"phase {phase}: {sum(np.prod(w.shape) for w in model.trainable_weights):,} trainable "
+        print(f"phase {phase}: {sum(np.prod(w.shape) for w in fitted.trainable_weights):,} trainable "
               f"parameters, {epochs} epochs, learning rate {lr * replicas:g}")
         callbacks = [WeightAverage(config.weight_average)] if config.weight_average else []
         callbacks += [
@@ -266,10 +268,10 @@ def run(config: TrainConfig, out: str | Path, *, resume: bool = False, progress:
             keras.callbacks.TensorBoard(str(out / "logs" / f"phase{phase}")),
             keras.callbacks.BackupAndRestore(str(checkpoints / f"backup_phase{phase}")),
         ]
-        fit = model.fit(train_ds, epochs=epochs,
+        fit = fitted.fit(train_ds, epochs=epochs,
                         callbacks=callbacks, verbose=1 if progress else 2)
         history.append({"phase": phase, **{k: [float(v) for v in vs] for k, vs in fit.history.items()}})
-        model.load_weights(str(checkpoints / "best.weights.h5"))
+        fitted.load_weights(str(checkpoints / "best.weights.h5"))
         done_marker.touch()
     train_seconds = time.time() - started
 
