@@ -108,9 +108,10 @@ def test_runs_compare_as_one_table(tiny_run, tmp_path):
     assert refused.returncode == 2 and "not a finished training run" in refused.stderr
 
 
-def test_test_time_views_of_a_lung_cropping_run(tiny_dataset, lung_segmenter, tiny_run, tmp_path):
+def test_test_time_views_of_a_lung_cropping_run(tiny_dataset, lung_segmenter, tiny_run, tmp_path, monkeypatch):
     """train.tta: the view at the margin the run trained with is the run itself (its saved logits,
-    its metrics after the refit); another margin is another view; a run that does not crop is refused."""
+    its metrics after the refit); another margin is another view; a film today's lung step refuses is
+    left out of every view; a run that does not crop is refused."""
     from train import tta
 
     run = tmp_path / "lungs-run"
@@ -122,6 +123,12 @@ def test_test_time_views_of_a_lung_cropping_run(tiny_dataset, lung_segmenter, ti
     np.testing.assert_allclose(logits[0.1]["test"], saved["test_logits"], rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(y["test"], saved["test_labels"])
     assert np.abs(logits[0.25]["test"] - logits[0.1]["test"]).max() > 1e-4
+    first = records["test"][0]      # as if a check added after the run refused its first test film
+    with monkeypatch.context() as m:
+        m.setattr(tta, "lung_refusals", lambda recs, spec, progress: [{"file": str(first.path)}])
+        fewer, _, kept, *_ = tta.view_logits(run, (0.1,), progress=False)
+    assert kept["test"] == records["test"][1:] and kept["val"] == records["val"]
+    np.testing.assert_allclose(fewer[0.1]["test"], logits[0.1]["test"][1:], rtol=1e-5, atol=1e-5)
     out = run_module("train.tta", run, "--margins", "0.1", "0.25", "--no-progress").stdout
     result = json.loads((run / "reports" / "tta.json").read_text())
     metrics = json.loads((run / "reports" / "metrics.json").read_text())
