@@ -62,9 +62,10 @@ PREPROCESSING_VERSION = "2"   # recorded in model cards; bump whenever output pi
                               # reduction in decode, robust 0.5/99.5 percentile stretch, pydicom VOI
 NORMALISATIONS = ("unit", "symmetric", "caffe", "torch", "raw255")
 FITS = ("crop", "pad")
-CONTRASTS = ("none", "equalize", "clahe")  # equalize: global histogram equalisation of the square,
-                                  # which removes each scanner's own windowing/post-processing curve;
-                                  # clahe: the same per tile, clipped (CLAHE), local contrast alike everywhere
+CONTRASTS = ("none", "equalize", "clahe", "equalize-clahe")  # equalize: global histogram equalisation of
+                                  # the square, which removes each scanner's own windowing/post-processing curve;
+                                  # clahe: the same per tile, clipped (CLAHE), local contrast alike everywhere;
+                                  # equalize-clahe: CLAHE of the equalised square (8 bits): both at once
 LUNG_CROPS = ("none", "box", "mask")  # box: crop to the lung field found by a segmenter (edge_app.lungs);
                                   # mask: that box, black outside the lungs (see `lung_step`)
 BORDERS = ("keep", "trim")        # trim: uniform rows/columns at the edges (scanner frames, letterboxing)
@@ -130,7 +131,7 @@ class InputSpec:
     channels: int = 1         # 1, or 3 (grey replicated)
     normalisation: str = "unit"
     fit: str = "crop"         # crop: shorter side -> size, centre crop; pad: longer side -> size, black pad
-    contrast: str = "none"    # none | equalize | clahe (see CONTRASTS)
+    contrast: str = "none"    # none | equalize | clahe | equalize-clahe (see CONTRASTS)
     borders: str = "keep"     # keep | trim (see BORDERS)
     lung_crop: str = "none"   # none | box | mask (see LUNG_CROPS)
     lung_model: str = ""      # SHA-256 of the lung segmenter that lung_crop uses
@@ -778,6 +779,14 @@ def equalize(image: np.ndarray) -> np.ndarray:
     return cdf.astype(np.float32)[image]
 
 
+def equalize8(image: np.ndarray) -> np.ndarray:
+    """`equalize` rounded to 8 bits, in integers (the same bits on every CPU): uint8. What a monotone
+    grey curve cannot change (as long as it merges no grey levels), for a step that needs 8 bits next."""
+    image = grey8(image)
+    cdf = np.cumsum(np.bincount(image.ravel(), minlength=256), dtype=np.int64)
+    return ((cdf * 255 + image.size // 2) // image.size).astype(np.uint8)[image]
+
+
 def clahe(image: np.ndarray, tiles: int = CLAHE_TILES, clip_limit: float = CLAHE_CLIP) -> np.ndarray:
     """Contrast-limited adaptive histogram equalisation of a grey image (uint8, or [0, 1] as in
     `grey8`) -> float32 [0, 1] (Zuiderveld 1994, as in OpenCV): each of tiles x tiles regions
@@ -932,13 +941,15 @@ def square8(gray: np.ndarray, spec: InputSpec, timings: dict | None = None) -> n
 
 
 def contrast_step(image: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """spec.contrast (none | equalize | clahe) of a (size, size) grey image -> float32 [0, 1].
+    """spec.contrast (none | equalize | clahe | equalize-clahe) of a (size, size) grey image -> float32 [0, 1].
     The image is uint8 (`square8`) or float in [0, 1], which is rounded to 8 bits first
     (`grey8`), so an augmented training image goes through exactly the device's step."""
     if spec.contrast == "equalize":
         return equalize(image)
     if spec.contrast == "clahe":
         return clahe(image)
+    if spec.contrast == "equalize-clahe":
+        return clahe(equalize8(image))
     return grey8(image) / np.float32(255)
 
 

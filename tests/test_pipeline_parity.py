@@ -16,6 +16,7 @@ from train.data.records import Record
     preprocess.InputSpec(size=96, channels=3, normalisation="symmetric", contrast="equalize"),
     preprocess.InputSpec(size=96, channels=3, normalisation="symmetric", contrast="clahe", borders="trim"),
     preprocess.InputSpec(size=224, channels=3, normalisation="symmetric", contrast="clahe", borders="trim"),
+    preprocess.InputSpec(size=96, channels=3, normalisation="symmetric", contrast="equalize-clahe", borders="trim"),
 ])
 def test_training_pipeline_and_device_give_identical_tensors(shared_data, spec):
     from train.pipeline import load_images, make_dataset
@@ -78,6 +79,7 @@ def test_augmentation_before_or_after_the_devices_contrast_step(shared_data, bef
                                   - device).mean()
     if before:
         assert change["none"] > 0.03 and change["equalize"] < 0.005 and change["clahe"] < change["none"] * 0.7, change
+        assert change["equalize-clahe"] < change["clahe"] * 0.3, change
     else:
         assert min(change.values()) > 0.02, change
 

@@ -828,6 +828,23 @@ def test_equalize_flattens_the_histogram_and_keeps_the_order_of_grey_levels():
     np.testing.assert_array_equal(pp.square(dim, spec), pp.equalize(pp.fit_square(dim, 64)))
 
 
+def test_equalize_clahe_is_the_same_film_whatever_grey_curve_it_was_stored_with():
+    """equalize-clahe: CLAHE's local contrast of the equalised square (8 bits), so a monotone grey curve that
+    merges no grey levels (a site's display LUT, gamma, window) leaves the model input unchanged — unlike
+    CLAHE alone."""
+    rng = np.random.default_rng(0)
+    dim = (20 + rng.random((128, 128)) ** 2 * 100).round().astype(np.uint8)
+    gamma = np.rint(255 * ((dim - 20) / 100) ** 0.7).astype(np.uint8)   # keeps every grey level apart
+    assert len(np.unique(gamma)) == len(np.unique(dim))
+    eq8 = pp.equalize8(dim)
+    assert eq8.dtype == np.uint8
+    np.testing.assert_array_equal(eq8, np.rint(pp.equalize(dim).astype(np.float64) * 255).astype(np.uint8))
+    spec = pp.InputSpec(size=64, contrast="equalize-clahe")
+    np.testing.assert_array_equal(pp.contrast_step(gamma, spec), pp.contrast_step(dim, spec))
+    np.testing.assert_array_equal(pp.contrast_step(dim, spec), pp.clahe(pp.equalize8(dim)))
+    assert np.abs(pp.clahe(gamma) - pp.clahe(dim)).mean() > 0.01           # CLAHE alone keeps part of the curve
+
+
 def test_clahe_without_clipping_on_one_tile_is_histogram_equalisation():
     rng = np.random.default_rng(1)
     image = (np.floor(rng.random((96, 80)) ** 2 * 256) / 256).astype(np.float32)   # on the bin grid

@@ -30,7 +30,7 @@ class TrainConfig:
     task: str = "3class"                  # 3class | pneumonia | covid
     image_size: int | None = None         # None -> the model's default
     fit: str = "crop"                     # crop | pad (see edge_app.preprocess)
-    input_contrast: str = "clahe"         # none | equalize | clahe: contrast normalisation in the one
+    input_contrast: str = "clahe"         # none | equalize | clahe | equalize-clahe: contrast step of the one
                                           # preprocessing (InputSpec.contrast), so the device does it too;
                                           # clahe + trim: held-out adults' specificity 0.098 -> 0.254,
                                           # held-out children's 0.385 -> 0.261 (README, mixed evidence)
