@@ -59,6 +59,16 @@ def run_module(*args, check=True, env=None, timeout=900) -> subprocess.Completed
     return result
 
 
+def train_tiny_cnn(data: Path, out: Path, recipe: str) -> subprocess.CompletedProcess:
+    """Two epochs of the seeds' CNN at 64 px on `data` with the TrainConfig settings `recipe` (TOML lines):
+    a whole run in seconds, for tests of what a setting does to training."""
+    config = out.parent / f"{out.name}.toml"
+    config.write_text(recipe + "\nbootstrap = 0\n")
+    return run_module("train", "--model", "cnn", "--weights", "none", "--data", data, "--out", out,
+                      "--config", config, "--image-size", "64", "--epochs", "2", "--strategy", "full",
+                      "--batch-size", "8", "--input-contrast", "none", "--no-progress")
+
+
 def copy_subset(shared_data: Path, root: Path, per_split: dict[str, int], skip: set[str] = frozenset()) -> Path:
     """The first `per_split[split]` images per class and split of the shared set whose file names
     are not in `skip`, copied into `root` in the split/class layout."""

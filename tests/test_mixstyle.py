@@ -70,14 +70,10 @@ def test_a_model_without_style_layers_is_refused():
 
 
 def test_a_run_with_mixstyle_trains_and_saves_its_model_without_it(tmp_path, tiny_dataset):
-    from conftest import run_module
+    from conftest import train_tiny_cnn
 
-    config = tmp_path / "run.toml"
-    config.write_text("mixstyle = 1.0\nbootstrap = 0\n")
     out = tmp_path / "run"
-    result = run_module("train", "--model", "cnn", "--weights", "none", "--data", tiny_dataset, "--out", out,
-                        "--config", config, "--image-size", "64", "--epochs", "2", "--strategy", "full",
-                        "--batch-size", "8", "--input-contrast", "none", "--no-progress")
+    result = train_tiny_cnn(tiny_dataset, out, "mixstyle = 1.0")
     assert "Epoch 2/2" in result.stdout
     assert json.loads((out / "config.json").read_text())["mixstyle"] == 1.0
     saved = keras.models.load_model(out / "model.keras", compile=False)

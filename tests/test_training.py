@@ -217,14 +217,10 @@ def test_a_run_with_mixup_trains_on_blended_labels_and_records_it(tmp_path, tiny
     accept them; validation keeps class indices), and the run's config says it was on."""
     import json
 
-    from conftest import run_module
+    from conftest import train_tiny_cnn
 
-    config = tmp_path / "run.toml"
-    config.write_text("mixup = 0.2\nbootstrap = 0\n")
     out = tmp_path / "run"
-    result = run_module("train", "--model", "cnn", "--weights", "none", "--data", tiny_dataset, "--out", out,
-                        "--config", config, "--image-size", "64", "--epochs", "2", "--strategy", "full",
-                        "--batch-size", "8", "--input-contrast", "none", "--no-progress")
+    result = train_tiny_cnn(tiny_dataset, out, "mixup = 0.2")
     assert "Epoch 2/2" in result.stdout
     losses = [float(line.split(",")[2]) for line in (out / "training_phase1.csv").read_text().splitlines()[1:]]
     assert len(losses) == 2 and all(np.isfinite(losses))
