@@ -120,7 +120,6 @@ class TrainConfig:
         if self.mixup < 0 or (self.mixup and self.loss == "focal"):
             raise ValueError(f"mixup must be >= 0 and goes with the cross-entropy loss, got mixup {self.mixup} "
                              f"with loss {self.loss!r}")
-
         if not 0.0 <= self.mixstyle <= 1.0:
             raise ValueError(f"mixstyle is a probability in [0, 1], got {self.mixstyle}")
 
