@@ -35,6 +35,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-bias-correction", action="store_true",
                    help="post-training int8 and fp16 without the weight-rounding bias correction "
                         "(convert.bias_correction)")
+    p.add_argument("--no-empirical-bias-correction", action="store_true",
+                   help="post-training int8 without the op-by-op correction of its remaining mean error "
+                        "against the float model (convert.empirical_bias)")
     p.add_argument("--equalise", type=float, default=defaults.equalise, metavar="ALPHA",
                    help="post-training int8: rescale the residual streams' channels first (convert.equalisation; "
                         "ALPHA 1: activations alone, 0.5: halfway to the weights)")
@@ -56,6 +59,7 @@ def main(argv=None) -> int:
     try:
         cfg = ConvertConfig(representative_per_class=args.representative_per_class, int8_io=args.int8_io,
                             bias_correction=not args.no_bias_correction,
+                            empirical_bias_correction=not args.no_empirical_bias_correction,
                             equalise=args.equalise, linear_percentile=args.linear_percentile,
                             qat_epochs=args.qat_epochs, qat_learning_rate=args.qat_learning_rate,
                             qat_objective=args.qat_objective, prune_sparsity=args.prune, prune_epochs=args.prune_epochs,

@@ -20,6 +20,9 @@ class ConvertConfig:
     int8_io: str = "int8"                 # int8: integer input/output; float: float I/O, int8 inside
     bias_correction: bool = True          # post-training int8 and fp16 from a copy whose biases absorb the mean
                                           # weight-rounding error (convert.bias_correction)
+    empirical_bias_correction: bool = True   # post-training int8: each op's remaining mean int8 error against the
+                                          # float model, measured op by op on the calibration images, taken off
+                                          # its int32 bias (convert.empirical_bias)
     equalise: float | None = None         # post-training int8: residual-stream equalisation with this migration
                                           # strength alpha in [0, 1] (convert.equalisation); None: off
     linear_percentile: float | None = 99.99   # post-training int8: linear activations' ranges from this

@@ -11,7 +11,7 @@ import numpy as np
 import train  # noqa: F401
 import tf_keras as keras
 
-from convert import bias_correction, compress, equalisation, export, gpu, parity, report
+from convert import bias_correction, compress, empirical_bias, equalisation, export, gpu, parity, report
 from benchmarks.gates import GATES_FILE, load_gates
 from convert.config import ConvertConfig
 from edge_app.classifier import load_model_file
@@ -95,6 +95,7 @@ def convert_run(run_dir: str | Path, *, variants=None, cfg: ConvertConfig | None
                 source["equalised"], streams = equalisation.equalised(keras_model, representative, cfg.equalise)
                 results.setdefault("equalisation", {})[source_name] = streams
             keras_model = source["equalised"]
+        reference = keras_model   # what a post-training int8 file's activations are measured against
         if to_correct and cfg.bias_correction:
             key = f"bias_corrected_{recipe}"
             if key not in source:
@@ -103,6 +104,10 @@ def convert_run(run_dir: str | Path, *, variants=None, cfg: ConvertConfig | None
         flatbuffer = export.convert(export.device_model(keras_model, source["detector"]), recipe, representative,
                                     int8_io=cfg.int8_io, progress=progress,
                                     linear_percentile=cfg.linear_percentile if post_training else None)
+        empirical = None
+        if post_training and cfg.empirical_bias_correction:
+            float_file = export.convert(export.device_model(reference, source["detector"]), "fp32")
+            flatbuffer, empirical = empirical_bias.corrected(flatbuffer, float_file, representative, progress=progress)
         try:
             outputs = {split: parity.run_variant(flatbuffer, d["x"], desc=f"{variant} on {split}", progress=progress)
                        for split, d in splits.items()}
@@ -121,6 +126,8 @@ def convert_run(run_dir: str | Path, *, variants=None, cfg: ConvertConfig | None
         entry = _check_variant(data, path, variant, splits, {s: o["logits"] for s, o in outputs.items()},
                                card, variant_card, budgets[variant], cfg, source.get("sparsity"))
         entry["ood"] = ood_entry
+        if empirical is not None:
+            entry["empirical_bias_correction"] = empirical
         entry["card"] = {"temperature": variant_card.temperature, "thresholds": variant_card.thresholds,
                          "calibrated_on": "keras" if source_name == "trained" else source_name}
         analyzer_report = run_dir / "reports" / f"gpu_analyzer_{variant}.txt"

@@ -8,7 +8,8 @@ This separates them on the run's val split:
 - "input rounding only": the float Keras model on its input rounded to the int8 file's input grid
   (the file quantises the float CLAHE output to 8 bits: a floor no weight or range choice removes);
 - "int8": the full-integer model as `python -m convert` makes it (bias-corrected, linear activations
-  over percentiles: ConvertConfig.linear_percentile);
+  over percentiles: ConvertConfig.linear_percentile), before and after the empirical bias correction
+  (convert.empirical_bias);
 each with its class agreement, referral flips, mean logit shift (systematic) and the logits' noise
 (the spread of the error around that shift: what a bias correction cannot remove);
 and, per linear activation (projection outputs and residual sums, which have no ReLU6 to bound
@@ -98,7 +99,7 @@ def activation_ranges(model, inputs: np.ndarray, *, batch: int = 16) -> list[dic
 
 
 def diagnose(run_dir: Path, *, progress: bool = True) -> dict:
-    from convert import bias_correction, conversion, export, parity
+    from convert import bias_correction, conversion, empirical_bias, export, parity
     from convert.config import ConvertConfig
     from train import ood
 
@@ -111,6 +112,10 @@ def diagnose(run_dir: Path, *, progress: bool = True) -> dict:
     detector = ood.OodModel.load(run_dir / "ood.npz") if (run_dir / "ood.npz").is_file() else None
     flatbuffer = export.convert(export.device_model(corrected, detector), "int8", representative,
                                 int8_io=cfg.int8_io, linear_percentile=cfg.linear_percentile, progress=progress)
+    uncorrected = flatbuffer
+    if cfg.empirical_bias_correction:
+        flatbuffer, _ = empirical_bias.corrected(flatbuffer, export.convert(export.device_model(model, detector), "fp32"),
+                                                 representative, progress=progress)
     return {
         "run": str(run_dir), "split": "val", "images": int(len(val["y"])),
         "int8 weights, float activations": compare(with_int8_weights(model).predict(val["x"], verbose=0)),
@@ -118,7 +123,9 @@ def diagnose(run_dir: Path, *, progress: bool = True) -> dict:
             with_int8_weights(corrected).predict(val["x"], verbose=0)),
         "input rounding only (float model, int8 input grid)": compare(
             model.predict(on_input_grid(flatbuffer, val["x"]), verbose=0)),
-        "int8 as python -m convert makes it (bias-corrected, percentile ranges)": compare(
+        "int8 before the empirical bias correction (weight-rounding correction, percentile ranges)": compare(
+            parity.run_variant(uncorrected, val["x"], desc="int8 on val", progress=progress)["logits"]),
+        "int8 as python -m convert makes it (and the empirical bias correction)": compare(
             parity.run_variant(flatbuffer, val["x"], desc="int8 on val", progress=progress)["logits"]),
         "linear_activations": activation_ranges(model, representative),
     }

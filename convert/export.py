@@ -8,7 +8,9 @@ int8         full integer: int8 weights and activations, calibrated on a class-b
              of the training split; int8 input and output (or float, ConvertConfig.int8_io);
              converted from a copy whose biases absorb the mean weight-rounding error
              (convert.bias_correction; ConvertConfig.bias_correction), its linear activations
-             quantised over percentiles (`_int8_linear_percentile`; ConvertConfig.linear_percentile)
+             quantised over percentiles (`_int8_linear_percentile`; ConvertConfig.linear_percentile),
+             then each op's remaining mean error against the float model taken off its int32 bias
+             (convert.empirical_bias, applied by convert.conversion)
 int8-mixed   int8 as above except the ops whose int8 rounding moves the decisions (`_mixed`);
              float input and output (not a default variant: `--variants int8-mixed`)
 qat          full integer from the quantisation-aware-trained model (convert.compress.qat)

@@ -44,6 +44,10 @@ def test_every_variant_is_written_gated_and_reported(tiny_run, conversion):
         assert set(refit["class_offsets"]) == set(trained.labels)
         assert v["card"]["thresholds"]["abnormal"] == refit["abnormal_threshold"]["refitted"]
         assert v["ood"]["run_threshold"] == refit["ood_threshold"]["refitted"]
+    for name, v in conversion["variants"].items():   # post-training int8 measured op by op against the float model
+        corrected = v.get("empirical_bias_correction")
+        assert (corrected is not None) == (name in ("int8", "pruned-int8")), name
+        assert corrected is None or (corrected["ops"] and corrected["images"] > 0)
     for name in ("fp32", "fp16", "dynamic", "int8"):
         assert conversion["variants"][name]["card"]["temperature"] == trained.temperature
         assert v["analyzer"]["gpu_compatible"] in (True, False)
