@@ -49,6 +49,22 @@ def swiftshader():
     return SWIFTSHADER
 
 
+def tflite_outputs(model_bytes: bytes, x):
+    """The first output of a .tflite model (float input) for each input of `x`, one at a time."""
+    import numpy as np
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=model_bytes)
+    interpreter.allocate_tensors()
+    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    result = []
+    for image in x:
+        interpreter.set_tensor(inp["index"], image[None])
+        interpreter.invoke()
+        result.append(interpreter.get_tensor(out["index"])[0])
+    return np.array(result)
+
+
 def run_module(*args, check=True, env=None, timeout=900) -> subprocess.CompletedProcess:
     """`python -m ...` in a fresh process, as a user would run it."""
     result = subprocess.run([sys.executable, "-m", *map(str, args)], capture_output=True, text=True,

@@ -3,6 +3,8 @@ corrected file's outputs are shifted less from the float model's, and only the i
 import numpy as np
 import pytest
 
+from conftest import tflite_outputs
+
 
 def relu6_stack(rng):
     """Four 3x3 convolutions with ReLU6 -> pool -> logits: the int8 rounding of each activation reaches
@@ -22,20 +24,6 @@ def relu6_stack(rng):
     return model
 
 
-def outputs(model_bytes: bytes, x: np.ndarray) -> np.ndarray:
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_content=model_bytes)
-    interpreter.allocate_tensors()
-    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
-    result = []
-    for image in x:
-        interpreter.set_tensor(inp["index"], image[None])
-        interpreter.invoke()
-        result.append(interpreter.get_tensor(out["index"])[0])
-    return np.array(result)
-
-
 @pytest.mark.parametrize("seed", [0, 2])
 def test_corrected_int8_is_shifted_less_on_unseen_inputs(seed):
     from convert import empirical_bias, export
@@ -46,7 +34,7 @@ def test_corrected_int8_is_shifted_less_on_unseen_inputs(seed):
     int8 = export.convert(model, "int8", calibration, int8_io="float")
     corrected, report = empirical_bias.corrected(int8, export.convert(model, "fp32"), calibration)
     reference = model.predict(unseen, verbose=0)
-    before, after = outputs(int8, unseen) - reference, outputs(corrected, unseen) - reference
+    before, after = tflite_outputs(int8, unseen) - reference, tflite_outputs(corrected, unseen) - reference
     assert np.abs(before.mean(axis=0)).max() > 0.01                  # int8 shifts this model's logits ...
     assert np.abs(after.mean(axis=0)).max() < 0.5 * np.abs(before.mean(axis=0)).max()   # ... the correction, less
     assert np.sqrt(np.mean(after ** 2)) < np.sqrt(np.mean(before ** 2))

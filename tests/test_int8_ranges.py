@@ -4,6 +4,8 @@ ranges change, and one that a few outlying values set gets a finer step and a cl
 import numpy as np
 import pytest
 
+from conftest import tflite_outputs
+
 
 def outlier_model():
     """conv -> BN -> ReLU6 -> 1x1 projection (linear) -> + skip (linear) -> pool -> logits: MobileNetV2's
@@ -30,20 +32,6 @@ def inputs(n: int, seed: int, outliers: bool) -> np.ndarray:
     if outliers:
         x[:3, 0, 0, :] = 60.0          # three images with one very bright pixel
     return x
-
-
-def run(model_bytes: bytes, x: np.ndarray) -> np.ndarray:
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_content=model_bytes)
-    interpreter.allocate_tensors()
-    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
-    result = []
-    for image in x:
-        interpreter.set_tensor(inp["index"], image[None])
-        interpreter.invoke()
-        result.append(interpreter.get_tensor(out["index"])[0])
-    return np.array(result)
 
 
 def scales(model_bytes: bytes) -> dict[str, float]:
@@ -85,7 +73,7 @@ def test_a_range_set_by_outliers_gets_a_finer_step_and_a_closer_answer():
     assert all(after[n] == pytest.approx(before[n]) for n in unchanged)   # input, ReLU6, pool, logits
     assert linear
     reference = model.predict(typical, verbose=0)
-    assert np.abs(run(clipped, typical) - reference).mean() < 0.7 * np.abs(run(plain, typical) - reference).mean()
+    assert np.abs(tflite_outputs(clipped, typical) - reference).mean() < 0.7 * np.abs(tflite_outputs(plain, typical) - reference).mean()
 
 
 
