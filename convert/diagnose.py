@@ -114,8 +114,8 @@ def diagnose(run_dir: Path, *, progress: bool = True) -> dict:
                                 int8_io=cfg.int8_io, linear_percentile=cfg.linear_percentile, progress=progress)
     uncorrected = flatbuffer
     if cfg.empirical_bias_correction:
-        flatbuffer, _ = empirical_bias.corrected(flatbuffer, export.convert(export.device_model(model, detector), "fp32"),
-                                                 representative, progress=progress)
+        float_file = export.convert(export.device_model(model, detector), "fp32")
+        flatbuffer, _ = empirical_bias.corrected(flatbuffer, float_file, representative, progress=progress)
     return {
         "run": str(run_dir), "split": "val", "images": int(len(val["y"])),
         "int8 weights, float activations": compare(with_int8_weights(model).predict(val["x"], verbose=0)),

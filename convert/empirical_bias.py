@@ -23,7 +23,8 @@ CORRECTED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 MIN_ACTIVE_SHARE = 0.05
 
 
-def corrected(int8_model: bytes, float_model: bytes, inputs: np.ndarray, *, progress: bool = False) -> tuple[bytes, dict]:
+def corrected(int8_model: bytes, float_model: bytes, inputs: np.ndarray, *,
+              progress: bool = False) -> tuple[bytes, dict]:
     """`int8_model` with each corrected op's int32 bias moved by minus its measured mean shift against
     `float_model` (the same graph in float: the same corrected ops in the same order) over `inputs`
     (float model inputs); and a report of the shift removed per op."""
@@ -64,7 +65,8 @@ def _corrected_ops(model, schema) -> list[tuple[int, object]]:
     codes = {getattr(schema.BuiltinOperator, op) for op in CORRECTED_OPS}
     found = []
     for op in model.subgraphs[0].operators:
-        code = max(model.operatorCodes[op.opcodeIndex].builtinCode, model.operatorCodes[op.opcodeIndex].deprecatedBuiltinCode)
+        opcode = model.operatorCodes[op.opcodeIndex]
+        code = max(opcode.builtinCode, opcode.deprecatedBuiltinCode)
         if code in codes and len(op.inputs) > 2 and op.inputs[2] >= 0:
             found.append((code, op))
     return found

@@ -81,8 +81,8 @@ def markdown(results: dict) -> str:
         corrected_ops = (v.get("empirical_bias_correction") or {}).get("ops")
         if corrected_ops:
             largest = max(corrected_ops, key=lambda op: op["max_abs_shift"])
-            lines += ["", f"{name}: each of its {len(corrected_ops)} convolutions and dense layers had its remaining mean "
-                      f"int8 error against the float model taken off its bias, op by op on "
+            lines += ["", f"{name}: each of its {len(corrected_ops)} convolutions and dense layers had its "
+                      f"remaining mean int8 error against the float model taken off its bias, op by op on "
                       f"{v['empirical_bias_correction']['images']} calibration images (convert.empirical_bias); the "
                       f"largest per-channel shift removed: {largest['max_abs_shift']:.4f} ({largest['op']})."]
     pruned = {n: v["keras_sparsity"] for n, v in results["variants"].items() if v.get("keras_sparsity")}

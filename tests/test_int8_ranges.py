@@ -73,7 +73,8 @@ def test_a_range_set_by_outliers_gets_a_finer_step_and_a_closer_answer():
     assert all(after[n] == pytest.approx(before[n]) for n in unchanged)   # input, ReLU6, pool, logits
     assert linear
     reference = model.predict(typical, verbose=0)
-    assert np.abs(tflite_outputs(clipped, typical) - reference).mean() < 0.7 * np.abs(tflite_outputs(plain, typical) - reference).mean()
+    assert (np.abs(tflite_outputs(clipped, typical) - reference).mean()
+            < 0.7 * np.abs(tflite_outputs(plain, typical) - reference).mean())
 
 
 
