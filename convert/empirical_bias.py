@@ -28,7 +28,7 @@ def corrected(int8_model: bytes, float_model: bytes, inputs: np.ndarray, *,
     """`int8_model` with each corrected op's int32 bias moved by minus its measured mean shift against
     `float_model` (the same graph in float: the same corrected ops in the same order) over `inputs`
     (float model inputs); and a report of the shift removed per op."""
-    from edge_app.tflite_metadata import _schema
+    from edge_app.tflite_metadata import _schema, packed
 
     schema = _schema()
     model = schema.ModelT.InitFromPackedBuf(bytearray(int8_model), 0)
@@ -46,7 +46,7 @@ def corrected(int8_model: bytes, float_model: bytes, inputs: np.ndarray, *,
     for op, output, (_, float_op) in tqdm(list(zip(ops, outputs, float_ops)), desc="empirical bias correction",
                                           unit="op", disable=not progress):
         reference = int(float_op.outputs[0])
-        shift = _channel_means(_packed(model), [output], inputs, {})[0][output] - float_means[reference]
+        shift = _channel_means(packed(model), [output], inputs, {})[0][output] - float_means[reference]
         part = linear_parts[reference]
         pre_activation = shift / np.maximum(shares[reference], MIN_ACTIVE_SHARE) if part else shift
         input_scale = graph.tensors[int(op.inputs[0])].quantization.scale[0]
@@ -57,7 +57,7 @@ def corrected(int8_model: bytes, float_model: bytes, inputs: np.ndarray, *,
         buffer.data = np.frombuffer(bias.astype(np.int32).tobytes(), np.uint8)
         report.append({"op": graph.tensors[output].name.decode().split(";")[0],
                        "mean_abs_shift": float(np.abs(shift).mean()), "max_abs_shift": float(np.abs(shift).max())})
-    return _packed(model), {"images": int(len(inputs)), "ops": report}
+    return packed(model), {"images": int(len(inputs)), "ops": report}
 
 
 def _corrected_ops(model, schema) -> list[tuple[int, object]]:
@@ -86,25 +86,22 @@ def _channel_means(model_bytes: bytes, tensors: list[int], inputs: np.ndarray,
     reference kernels, every intermediate tensor kept."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
+    from edge_app.runtime import dequantize, quantize
+
     interpreter = Interpreter(model_content=model_bytes, experimental_preserve_all_tensors=True,
                               experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
     interpreter.allocate_tensors()
-    quantization = {d["index"]: d["quantization"] for d in interpreter.get_tensor_details()}
+    details = {d["index"]: d for d in interpreter.get_tensor_details()}
     image = interpreter.get_input_details()[0]
-    scale, zero_point = image["quantization"]
     sums = {t: 0.0 for t in tensors}
     inside = {t: 0.0 for t in tensors if linear_parts.get(t)}
     counts = {t: 0 for t in tensors}
     for x in inputs:
-        x = x[None]
-        if image["dtype"] == np.int8:
-            x = np.clip(np.round(x / scale) + zero_point, -128, 127)
-        interpreter.set_tensor(image["index"], x.astype(image["dtype"]))
+        interpreter.set_tensor(image["index"], quantize(x[None], image))
         interpreter.invoke()
         for t in tensors:
-            values = interpreter.get_tensor(t).astype(np.float32)
-            s, z = quantization[t]
-            values = ((values - z) * s if s else values).reshape(-1, values.shape[-1])
+            values = dequantize(interpreter.get_tensor(t), details[t])
+            values = values.reshape(-1, values.shape[-1])
             sums[t] = sums[t] + values.sum(axis=0, dtype=np.float64)
             counts[t] += values.shape[0]
             if t in inside:
@@ -112,10 +109,3 @@ def _channel_means(model_bytes: bytes, tensors: list[int], inputs: np.ndarray,
                 inside[t] = inside[t] + ((values > low) & (values < high)).sum(axis=0)
     return {t: sums[t] / counts[t] for t in tensors}, {t: inside[t] / counts[t] for t in inside}
 
-
-def _packed(model) -> bytes:
-    import flatbuffers
-
-    builder = flatbuffers.Builder(1024)
-    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output())

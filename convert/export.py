@@ -31,7 +31,7 @@ import tensorflow as tf
 from edge_app import lungs
 from edge_app.graph_names import FEATURES, HEATMAP, LOGITS, OOD_RESIDUAL, OOD_WHITENED, POOL
 from edge_app.model_card import ModelCard
-from edge_app.tflite_metadata import CARD_METADATA_NAME, write_metadata
+from edge_app.tflite_metadata import CARD_METADATA_NAME, packed, write_metadata
 from train import models
 
 # variant -> (Keras model it is converted from, conversion recipe)
@@ -91,7 +91,6 @@ def _float32_vectors(fp16_model: bytes, fp32_model: bytes) -> bytes:
     to change images the Keras model decided by a margin of 0.01. The biases are 1-2 % of the
     weights. A float32 constant is matched by its float16 rounding, which must be unique.
     """
-    import flatbuffers
     from edge_app.tflite_metadata import _schema
 
     schema = _schema()
@@ -121,9 +120,7 @@ def _float32_vectors(fp16_model: bytes, fp32_model: bytes) -> bytes:
             continue
         kept.append(op)
     graph.operators = kept
-    builder = flatbuffers.Builder(1024)
-    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output())
+    return packed(model)
 
 
 FLOAT_OPS = ("DEPTHWISE_CONV_2D",)   # kept float in int8-mixed, with every activation-free convolution
@@ -184,7 +181,6 @@ def _int8_linear_percentile(converter, representative: np.ndarray, percentile: f
     """
     from tensorflow.lite.python import convert as tflite_convert
 
-    import flatbuffers
     from edge_app.tflite_metadata import _schema
 
     converter.experimental_mlir_quantizer = True
@@ -199,10 +195,8 @@ def _int8_linear_percentile(converter, representative: np.ndarray, percentile: f
         if name in ranges and q is not None and q.min is not None and len(q.min) == 1:
             low, high = ranges[name]
             q.min, q.max = [float(max(q.min[0], low))], [float(min(q.max[0], high))]
-    builder = flatbuffers.Builder(1024)
-    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     io = tf.int8 if int8_io == "int8" else tf.float32   # as TFLiteConverter quantises a calibrated model
-    return tflite_convert.mlir_quantize(bytes(builder.Output()), input_data_type=io, output_data_type=io)
+    return tflite_convert.mlir_quantize(packed(model), input_data_type=io, output_data_type=io)
 
 
 def _percentile_ranges(float_model: bytes, inputs: np.ndarray, names: list[str],

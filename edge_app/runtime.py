@@ -73,10 +73,10 @@ class InterpreterBackend:
         return {name: tuple(int(n) for n in d["shape"]) for name, d in self._outputs.items()}
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        x = _quantize(np.asarray(batch, dtype=np.float32), self._input)
+        x = quantize(np.asarray(batch, dtype=np.float32), self._input)
         with self._lock, _run_failure():
             raw = self._runner(**{self._input_name: x})
-        return {n: _dequantize(v, self._outputs[n]) for n, v in raw.items()}
+        return {n: dequantize(v, self._outputs[n]) for n, v in raw.items()}
 
 
 class CompiledModelBackend:
@@ -134,7 +134,8 @@ def _run_failure():
                          f"{str(exc).strip()[:300]})") from exc
 
 
-def _quantize(x: np.ndarray, detail: dict) -> np.ndarray:
+def quantize(x: np.ndarray, detail: dict) -> np.ndarray:
+    """Float values onto an integer tensor's grid (its interpreter `detail`); float tensors unchanged."""
     dtype = np.dtype(detail["dtype"])
     if dtype == np.float32:
         return x
@@ -143,7 +144,8 @@ def _quantize(x: np.ndarray, detail: dict) -> np.ndarray:
     return np.clip(np.round(x / scale + zero_point), info.min, info.max).astype(dtype)
 
 
-def _dequantize(y: np.ndarray, detail: dict) -> np.ndarray:
+def dequantize(y: np.ndarray, detail: dict) -> np.ndarray:
+    """An integer tensor's values as floats (its interpreter `detail`); a float tensor copied."""
     if np.dtype(detail["dtype"]) == np.float32:
         return y.copy()
     scale, zero_point = detail["quantization"]

@@ -20,6 +20,15 @@ def _schema():
     return schema
 
 
+def packed(model, size: int = 1024) -> bytes:
+    """The .tflite bytes of a flatbuffer object model (`schema.ModelT`)."""
+    import flatbuffers
+
+    builder = flatbuffers.Builder(size)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
 def read_metadata(model_bytes: bytes) -> dict[str, bytes]:
     """All metadata entries of a TFLite model, by name."""
     schema = _schema()
@@ -58,8 +67,6 @@ def float_io(model_bytes: bytes) -> bool | None:
 
 def write_metadata(model_bytes: bytes, name: str, data: bytes) -> bytes:
     """A copy of the model with metadata `name` set to `data` (replacing any earlier one)."""
-    import flatbuffers
-
     schema = _schema()
     model = schema.ModelT.InitFromPackedBuf(bytearray(model_bytes), 0)
     model.metadata = [m for m in (model.metadata or []) if m.name.decode() != name]
@@ -70,6 +77,4 @@ def write_metadata(model_bytes: bytes, name: str, data: bytes) -> bytes:
     entry.name = name
     entry.buffer = len(model.buffers) - 1
     model.metadata.append(entry)
-    builder = flatbuffers.Builder(len(model_bytes) + len(data) + 1024)
-    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output())
+    return packed(model, len(model_bytes) + len(data) + 1024)
