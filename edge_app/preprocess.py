@@ -57,7 +57,7 @@ from PIL import Image, ImageOps
 
 from edge_app.errors import InputError
 
-PREPROCESSING_VERSION = "3"   # recorded in model cards; bump whenever output pixels change (3: DRAFT_SCALE)
+PREPROCESSING_VERSION = "2"   # recorded in model cards; bump whenever output pixels change
                               # 2: 8-bit fixed-point resize (bit-identical on x86 and ARM), integer
                               # reduction in decode, robust 0.5/99.5 percentile stretch, pydicom VOI
 NORMALISATIONS = ("unit", "symmetric", "caffe", "torch", "raw255")
@@ -78,11 +78,6 @@ BORDER_MAX_TRIM = 0.25            # never trim more than this share of a side fr
 BORDER_SAMPLES = 1024             # pixels per row/column read to tell whether it is uniform
 
 MIN_SIDE = 64                 # shorter side below this -> too_small
-DRAFT_SCALE = (8, 7)          # decode(draft_size=s) keeps the shorter side >= 8/7 x s: 256 px for a 224 model,
-                              # the scale of the development films it was trained on (3,212 of 256 px: none is
-                              # reduced), so a 2-3 k clinic file reaches the model as they did, its lung crop
-                              # fitted without a second large downscale; v2 kept 2 x s (448), which cost 1 ms
-                              # more preprocessing per clinic file (docs/RESULTS.md, 2026-12-06, late night)
 MAX_PIXELS = 50_000_000       # more pixels -> too_large, from the header: ~7070², 2.7x a 4300²
                               # flat-panel detector; below Pillow's bomb warning (89.5 MP), so its
                               # warning only ever fires for images refused anyway. Peak memory of
@@ -196,7 +191,7 @@ def decode(source, *, strict: bool = False, draft_size: int | None = None) -> np
     """A file (path or bytes) as a 2-D uint8 grey image.
 
     `draft_size`: the side the image will be fitted to. The image is then decoded or reduced
-    by an integer factor whose shorter side stays >= DRAFT_SCALE x draft_size (and >= MIN_SIDE): JPEGs
+    by an integer factor whose shorter side stays >= 2 x draft_size (and >= MIN_SIDE): JPEGs
     in the DCT domain (1/2, 1/4, 1/8), everything else by an exact integer box mean, before
     any float step; full quality at the target size, at the cost of the plain decode.
     `strict`: also refuse images that are implausible as radiographs (colour photographs,
@@ -205,7 +200,7 @@ def decode(source, *, strict: bool = False, draft_size: int | None = None) -> np
     if draft_size is not None and (isinstance(draft_size, bool) or draft_size < 1
                                    or not isinstance(draft_size, numbers.Integral)):
         raise ValueError(f"draft_size must be a positive integer or None, got {draft_size!r}")
-    keep = None if draft_size is None else max(-(-DRAFT_SCALE[0] * int(draft_size) // DRAFT_SCALE[1]), MIN_SIDE)
+    keep = None if draft_size is None else max(2 * int(draft_size), MIN_SIDE)
     path, stream = _open(source)
     with stream:
         head = stream.read(132)

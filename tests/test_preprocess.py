@@ -230,7 +230,7 @@ def test_colour_becomes_luma_and_alpha_is_composited_on_black(tmp_path):
 def test_colour_jpeg_uses_the_codecs_luma_as_drafted_to_l(tmp_path):
     path = save(tmp_path / "c.jpg", Image.fromarray(colourful(300, 400)), quality=90)
     with Image.open(path) as im:
-        im.draft("L", (74, 74))                               # 8/7 x 64, rounded up (DRAFT_SCALE)
+        im.draft("L", (128, 128))
         expected = np.asarray(im)
     np.testing.assert_array_equal(pp.decode(path, draft_size=64), expected)
 
@@ -313,7 +313,7 @@ def test_dicom_bits_above_bits_stored_are_ignored_at_every_reduction(tmp_path, s
     junk = clean.view(np.uint16) & np.uint16(0x0FFF) | (rng.integers(0, 16, clean.shape) << 12).astype(np.uint16)
     path = write_dicom(tmp_path / "junk.dcm", junk, PixelRepresentation=int(signed))
     np.testing.assert_array_equal(pydicom.dcmread(path).pixel_array, clean)   # pydicom's own reading
-    for draft, factor in ((None, 1), (224, 3), (100, 8), (60, 14)):         # 1000 // max(8/7 x draft, 64)
+    for draft, factor in ((None, 1), (224, 2), (100, 5), (60, 8)):          # 1000 // max(2 x draft, 64)
         means = block_means(clean, factor)
         step = max(1, int((means.size / pp.STRETCH_SAMPLE_PIXELS) ** 0.5))
         np.testing.assert_array_equal(pp.decode(path, draft_size=draft),
@@ -673,13 +673,13 @@ def test_16bit_png_at_the_pixel_limit_stays_within_its_documented_memory(tmp_pat
 
 # --- draft / determinism ----------------------------------------------------------------------------
 
-def test_jpeg_draft_keeps_the_development_scale_and_is_deterministic(tmp_path):
+def test_jpeg_draft_keeps_twice_the_target_and_is_deterministic(tmp_path):
     big = Image.fromarray(textured(1600, 2400)).convert("RGB")
     path = save(tmp_path / "big.jpg", big, quality=90)
     drafted = pp.decode(path, draft_size=224)
-    assert drafted.shape == (400, 600)                        # 1/4 scale: 1/8 would be 200 < 256 (8/7 x 224)
-    assert pp.decode(path, draft_size=400).shape == (800, 1200)  # 1/2: 1/4 would be 400 < 458
-    assert pp.decode(path, draft_size=175).shape == (200, 300)   # 1/8: exactly 8/7 x 175
+    assert drafted.shape == (800, 1200)                       # 1/2 scale: 1/4 would be 400 < 448
+    assert pp.decode(path, draft_size=150).shape == (400, 600)   # 1/4: 1/8 would be 200 < 300
+    assert pp.decode(path, draft_size=100).shape == (200, 300)   # 1/8: exactly 2 x 100
     assert pp.decode(path, draft_size=8).shape == (67, 100)      # 1/8, libjpeg's smallest scale,
                                                                  # then an integer 1/3: MIN_SIDE
     assert pp.decode(path).shape == (1600, 2400)
@@ -690,31 +690,20 @@ def test_jpeg_draft_keeps_the_development_scale_and_is_deterministic(tmp_path):
     assert np.abs(pp.load(path, spec) - full).mean() < 0.01   # drafting costs no visible quality
 
 
-def test_other_formats_are_reduced_to_the_development_scale_by_an_exact_integer_mean(tmp_path):
+def test_other_formats_are_reduced_to_twice_the_target_by_an_exact_integer_mean(tmp_path):
     film = textured(1500, 2000)
     png = save(tmp_path / "big.png", Image.fromarray(film))
-    reduced = pp.decode(png, draft_size=224)                   # 1500 // 256 = 5
-    np.testing.assert_array_equal(reduced, np.asarray(Image.fromarray(film).reduce(5)))
+    reduced = pp.decode(png, draft_size=224)                   # 1500 // 448 = 3
+    np.testing.assert_array_equal(reduced, np.asarray(Image.fromarray(film).reduce(3)))
     deep = (film.astype(np.uint16) * 16 + 7)                  # 12-bit data in a 16-bit PNG
     reduced16 = pp.decode(save(tmp_path / "big16.png", Image.fromarray(deep)), draft_size=224)
-    sums = deep.reshape(300, 5, 400, 5).sum(axis=(1, 3), dtype=np.int64)
-    means = (sums + 12) // 25                                  # rounded block means
-    np.testing.assert_array_equal(reduced16, robust_stretch(means, means))   # percentiles on all of its
-                                                               # 120 k pixels (a grid of ~STRETCH_SAMPLE_PIXELS)
+    sums = deep[:, :1998].reshape(500, 3, 666, 3).sum(axis=(1, 3), dtype=np.int64)
+    means = (sums + 4) // 9                                    # rounded block means
+    np.testing.assert_array_equal(reduced16, robust_stretch(means, means[::2, ::2]))   # percentiles on a
+                                                               # grid of <= STRETCH_SAMPLE_PIXELS
     dicom = pp.decode(write_dicom(tmp_path / "big.dcm", deep), draft_size=224)
     np.testing.assert_array_equal(dicom, reduced16)
-    assert pp.decode(png, draft_size=1400).shape == (1500, 2000)   # no reduction below 8/7 x target
-
-
-def test_films_at_the_development_scale_are_not_reduced_for_the_default_model(shared_data, tmp_path):
-    """The default model (224 px) was trained on the development films (256 px): the device leaves a
-    film at that scale as it is (training sees what it saw) and decodes a clinic file to it."""
-    film = sorted((shared_data / "test" / "normal").iterdir())[0]
-    with Image.open(film) as im:
-        assert im.size == (256, 256)
-        np.testing.assert_array_equal(pp.decode(film, draft_size=224), np.asarray(im.convert("L")))
-        clinic = save(tmp_path / "clinic.png", im.convert("L").resize((2560, 2800), Image.Resampling.BICUBIC))
-    assert pp.decode(clinic, draft_size=224).shape == (280, 256)        # 10 x 10 block means
+    assert pp.decode(png, draft_size=1000).shape == (1500, 2000)   # no reduction below 2 x target
 
 
 # --- fit_square ------------------------------------------------------------------------------------
@@ -942,20 +931,20 @@ def pattern(h: int, w: int, top: int) -> np.ndarray:
     return np.clip(smooth + texture, 0, top)
 
 
-PINNED_INPUT_BITS = "648e4d094a0adfd73f5d90bf548f184e232d3125d2ef423f79824ff419cd9a5f"   # preprocessing v3 (DRAFT_SCALE)
+PINNED_INPUT_BITS = "2f9bcc33695baa92abf4a17a225bdca39ba86a8a8559a2054d76c9649fe24400"   # preprocessing v2 (30bd3e5)
 
 
-def test_preprocessing_version_3_model_input_bits_are_pinned(tmp_path):
+def test_preprocessing_version_2_model_input_bits_are_pinned(tmp_path):
     """The exact model input (SHA-256 of the float32 bytes) of lossless files through every
     step (integer reduction, DICOM bits/LUTs, border trim, fixed-point resize, CLAHE, equalise,
     normalise). Speeding a step up must not change a bit of it; a change that does needs
     PREPROCESSING_VERSION bumped (and this digest renewed) and the models retrained."""
-    assert pp.PREPROCESSING_VERSION == "3"
+    assert pp.PREPROCESSING_VERSION == "2"
     assert model_input_digest(pp, tmp_path) == PINNED_INPUT_BITS
 
 
 def model_input_digest(pp, folder: Path) -> str:
-    """SHA-256 of the model inputs of `test_preprocessing_version_3_model_input_bits_are_pinned`
+    """SHA-256 of the model inputs of `test_preprocessing_version_2_model_input_bits_are_pinned`
     (pp: the preprocessing module, so that an earlier version can be run through it too)."""
     import hashlib
 

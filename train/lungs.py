@@ -66,8 +66,7 @@ def read_split(root: Path, split: str, spec: preprocess.InputSpec, progress: boo
     masks = np.empty_like(images, dtype=bool)
     full = []
     for i, row in enumerate(tqdm(rows, desc=f"loading {split}", unit="img", disable=not progress)):
-        # decoded whole, as on the device, where the segmenter's square comes from the classifier's decoded film
-        images[i] = preprocess.square(preprocess.decode(root / row["image"]), spec)
+        images[i] = preprocess.load(root / row["image"], spec)
         mask = preprocess.decode(root / row["mask"]) > 0.5
         masks[i] = preprocess.fit_square(mask.astype(np.float32), spec.size, spec.fit) > 0.5
         full.append(mask)

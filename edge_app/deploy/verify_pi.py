@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     p.add_argument("--rootfs", type=Path, default=Path("build/pi-rootfs"))
     p.add_argument("--out", type=Path, default=Path("build/verify-pi"))
     p.add_argument("--cpu", choices=sorted(CPUS), default="pi4", help="the Pi whose CPU is emulated")
-    # The model input is bit-identical on both CPUs (integer decode and resize, since preprocessing v2), so an
+    # The model input is bit-identical on both CPUs (integer decode and resize, preprocessing v2), so an
     # int8 model answers identically (measured: 0); float kernels differ in the last bits between
     # CPUs (fp32: up to 2e-6). Preprocessing v1's float resize gave int8 differences up to 0.045.
     p.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed |probability difference|")
