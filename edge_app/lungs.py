@@ -128,7 +128,8 @@ class Segmenter:
         logits = self.backend.run(x)[OUTPUT][0, ..., 0]
         if timings is not None:
             timings["lungs"] = timings.get("lungs", 0.0) + 1000.0 * (time.perf_counter() - t0)
-        return 1.0 / (1.0 + np.exp(-logits))
+        with np.errstate(over="ignore"):   # exp(-logit) overflows below -88: probability 0, as it should be
+            return 1.0 / (1.0 + np.exp(-logits))
 
     def find(self, gray: np.ndarray, margin: float = preprocess.LUNG_MARGIN,
              timings: dict | None = None) -> "LungField":
