@@ -32,9 +32,6 @@ def main(argv=None) -> int:
     p.add_argument("--int8-io", choices=INT8_IO, default=defaults.int8_io,
                    help="input/output type of the full-integer variants")
     p.add_argument("--representative-per-class", type=int, default=defaults.representative_per_class)
-    p.add_argument("--calibration-draws", type=int, default=defaults.calibration_draws, metavar="K",
-                   help="post-training int8: convert from K calibration samples and ship the file that agrees "
-                        "most with the Keras model on the training images outside its sample")
     p.add_argument("--no-bias-correction", action="store_true",
                    help="post-training int8 and fp16 without the weight-rounding bias correction "
                         "(convert.bias_correction)")
@@ -60,8 +57,7 @@ def main(argv=None) -> int:
     p.add_argument("--verbose", action="store_true", help=native_logs.VERBOSE_HELP)
     args = p.parse_args(argv)
     try:
-        cfg = ConvertConfig(representative_per_class=args.representative_per_class,
-                            calibration_draws=args.calibration_draws, int8_io=args.int8_io,
+        cfg = ConvertConfig(representative_per_class=args.representative_per_class, int8_io=args.int8_io,
                             bias_correction=not args.no_bias_correction,
                             empirical_bias_correction=not args.no_empirical_bias_correction,
                             equalise=args.equalise, linear_percentile=args.linear_percentile,

@@ -17,9 +17,6 @@ INT8_IO = ("int8", "float")
 class ConvertConfig:
     # post-training int8 calibration
     representative_per_class: int = 100   # calibration images per class, from the training split
-    calibration_draws: int = 1            # post-training int8: files converted from this many calibration samples
-                                          # (seeds seed, seed + 1, ...); the one that agrees most with the Keras
-                                          # model on the other training images ships (convert.conversion.choose_draw)
     int8_io: str = "int8"                 # int8: integer input/output; float: float I/O, int8 inside
     bias_correction: bool = True          # post-training int8 and fp16 from a copy whose biases absorb the mean
                                           # weight-rounding error (convert.bias_correction)
@@ -59,8 +56,6 @@ class ConvertConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.calibration_draws < 1:
-            raise ValueError(f"calibration_draws must be at least 1, got {self.calibration_draws}")
         if self.int8_io not in INT8_IO:
             raise ValueError(f"int8_io must be one of {INT8_IO}, got {self.int8_io!r}")
         if self.equalise is not None and not 0.0 <= self.equalise <= 1.0:

@@ -44,24 +44,10 @@ def balanced_sample(records, labels, per_class: int, seed: int) -> list:
     return picked
 
 
-def calibration_sample(train_records, labels, cfg: ConvertConfig, draw: int = 0) -> list:
-    """The int8 calibration records of one draw: a class-balanced sample of the training split
-    (seed cfg.seed + draw)."""
-    return balanced_sample(train_records, labels, cfg.representative_per_class, cfg.seed + draw)
-
-
-def distinct_draws(train_records, labels, cfg: ConvertConfig) -> int:
-    """cfg.calibration_draws, or 1 where every class has no more training images than a sample takes
-    (every draw would be the same sample)."""
-    most = max(sum(r.label == label for r in train_records) for label in labels)
-    return cfg.calibration_draws if most > cfg.representative_per_class else 1
-
-
-def representative_inputs(train_records, card, cfg: ConvertConfig, progress: bool = True,
-                          draw: int = 0) -> np.ndarray:
-    """The int8 calibration images of one draw, as model inputs."""
-    return model_inputs(load_images(calibration_sample(train_records, card.labels, cfg, draw), card.input,
-                                    desc="representative", progress=progress), card.input)
+def representative_inputs(train_records, card, cfg: ConvertConfig, progress: bool = True) -> np.ndarray:
+    """The int8 calibration images: a class-balanced sample of the training split, as model inputs."""
+    return model_inputs(load_images(balanced_sample(train_records, card.labels, cfg.representative_per_class, cfg.seed),
+                                    card.input, desc="representative", progress=progress), card.input)
 
 
 def convert_run(run_dir: str | Path, *, variants=None, cfg: ConvertConfig | None = None,
@@ -93,7 +79,6 @@ def convert_run(run_dir: str | Path, *, variants=None, cfg: ConvertConfig | None
                "calibration": {name: s["calibration"] for name, s in sources.items() if "calibration" in s},
                "variants": {}, "refused": refused}
     unrunnable = []
-    train_grey = None   # every training image, loaded once where int8's calibration draws are compared
     for variant in variants:
         source_name, recipe = export.VARIANT_SOURCES[variant]
         if source_name not in sources:
@@ -101,32 +86,28 @@ def convert_run(run_dir: str | Path, *, variants=None, cfg: ConvertConfig | None
         source = sources[source_name]
         print(f"converting {variant} ...", flush=True)
         keras_model = source["model"]
-        empirical = draws = None
-        if recipe == "int8" and source_name in ("trained", "pruned"):   # post-training int8
-            files, count = [], distinct_draws(train_records, card.labels, cfg)
-            for draw in range(count):
-                if count > 1:
-                    print(f"  calibration draw {draw + 1} of {count} ...", flush=True)
-                sample = representative if draw == 0 else representative_inputs(train_records, card, cfg,
-                                                                                 progress, draw)
-                files.append(_post_training_int8(keras_model, source["detector"], sample, cfg, progress))
-            chosen = 0
-            if len(files) > 1:
-                train_grey = train_grey if train_grey is not None else load_images(
-                    train_records, card.input, desc="train (draw choice)", progress=progress)
-                chosen, draws = choose_draw([f for f, _, _ in files], train_records, train_grey, keras_model,
-                                            source["card"], cfg, progress)
-            flatbuffer, empirical, streams = files[chosen]
-            if streams is not None:
+        # bias correction for int8 and fp16 from the trained or pruned model: int8-mixed computes the layers with
+        # most of the rounding bias in float (measured: corrected, it agrees less); QAT models learnt their rounding.
+        post_training = recipe == "int8" and source_name in ("trained", "pruned")
+        to_correct = recipe in bias_correction.PRECISIONS and source_name in ("trained", "pruned")
+        if post_training and cfg.equalise is not None:
+            if "equalised" not in source:
+                source["equalised"], streams = equalisation.equalised(keras_model, representative, cfg.equalise)
                 results.setdefault("equalisation", {})[source_name] = streams
-        else:
-            # fp16 from the trained or pruned model with the weight-rounding bias correction; int8-mixed computes
-            # the layers with most of the rounding bias in float (measured: corrected, it agrees less); QAT models
-            # learnt their rounding.
-            if recipe in bias_correction.PRECISIONS and source_name in ("trained", "pruned") and cfg.bias_correction:
-                keras_model = bias_correction.corrected(keras_model, representative, recipe)
-            flatbuffer = export.convert(export.device_model(keras_model, source["detector"]), recipe, representative,
-                                        int8_io=cfg.int8_io, progress=progress)
+            keras_model = source["equalised"]
+        reference = keras_model   # what a post-training int8 file's activations are measured against
+        if to_correct and cfg.bias_correction:
+            key = f"bias_corrected_{recipe}"
+            if key not in source:
+                source[key] = bias_correction.corrected(keras_model, representative, recipe)
+            keras_model = source[key]
+        flatbuffer = export.convert(export.device_model(keras_model, source["detector"]), recipe, representative,
+                                    int8_io=cfg.int8_io, progress=progress,
+                                    linear_percentile=cfg.linear_percentile if post_training else None)
+        empirical = None
+        if post_training and cfg.empirical_bias_correction:
+            float_file = export.convert(export.device_model(reference, source["detector"]), "fp32")
+            flatbuffer, empirical = empirical_bias.corrected(flatbuffer, float_file, representative, progress=progress)
         try:
             outputs = {split: parity.run_variant(flatbuffer, d["x"], desc=f"{variant} on {split}", progress=progress)
                        for split, d in splits.items()}
@@ -147,8 +128,6 @@ def convert_run(run_dir: str | Path, *, variants=None, cfg: ConvertConfig | None
         entry["ood"] = ood_entry
         if empirical is not None:
             entry["empirical_bias_correction"] = empirical
-        if draws is not None:
-            entry["calibration_draws"] = draws
         entry["card"] = {"temperature": variant_card.temperature, "thresholds": variant_card.thresholds,
                          "calibrated_on": "keras" if source_name == "trained" else source_name}
         analyzer_report = run_dir / "reports" / f"gpu_analyzer_{variant}.txt"
@@ -165,58 +144,6 @@ def convert_run(run_dir: str | Path, *, variants=None, cfg: ConvertConfig | None
     if failures:
         raise ParityError("parity gate failed:\n  " + "\n  ".join(failures))
     return results
-
-
-def _post_training_int8(keras_model, detector, representative: np.ndarray, cfg: ConvertConfig,
-                        progress: bool) -> tuple[bytes, dict | None, list | None]:
-    """One post-training int8 file from one calibration sample: the residual streams equalised (opt-in,
-    convert.equalisation), the weight-rounding bias corrected (convert.bias_correction), converted, and
-    each op's remaining mean error against the float model taken off its bias (convert.empirical_bias).
-    Returns the file, the empirical correction's report and the equalisation's."""
-    streams = None
-    if cfg.equalise is not None:
-        keras_model, streams = equalisation.equalised(keras_model, representative, cfg.equalise)
-    reference = keras_model   # what the file's activations are measured against
-    if cfg.bias_correction:
-        keras_model = bias_correction.corrected(keras_model, representative, "int8")
-    flatbuffer = export.convert(export.device_model(keras_model, detector), "int8", representative,
-                                int8_io=cfg.int8_io, progress=progress, linear_percentile=cfg.linear_percentile)
-    empirical = None
-    if cfg.empirical_bias_correction:
-        float_file = export.convert(export.device_model(reference, detector), "fp32")
-        flatbuffer, empirical = empirical_bias.corrected(flatbuffer, float_file, representative, progress=progress)
-    return flatbuffer, empirical, streams
-
-
-def choose_draw(files: list[bytes], train_records, train_grey: np.ndarray, keras_model, card,
-                cfg: ConvertConfig, progress: bool = True, batch: int = 256) -> tuple[int, dict]:
-    """Which of several post-training int8 files of one model (one per calibration draw, in order) ships: the
-    one whose classes agree most with the Keras model's on the training images outside its own calibration
-    sample (ties: the smaller mean |delta P(abnormal)|). The training split is used unlabelled; val and test
-    stay the parity gate's.
-
-    Why: one Keras model's int8 files from different calibration samples agree with it on 98.8-99.6 % of val,
-    and a file that agrees more on held-out training images agrees more on val and test too (docs/RESULTS.md,
-    2026-12-06 "night, later"): which calibration sample suits the model is a property of the file, not of the split."""
-    chunks = [slice(i, i + batch) for i in range(0, len(train_grey), batch)]
-    keras_logits = np.concatenate([keras_model.predict(model_inputs(train_grey[c], card.input), verbose=0)
-                                   for c in chunks])
-    reference = parity.Decisions(keras_logits, card.temperature, card.abnormal_threshold)
-    rows = []
-    for draw, data in enumerate(files):
-        calibrated = {r.path for r in calibration_sample(train_records, card.labels, cfg, draw)}
-        held_out = np.array([r.path not in calibrated for r in train_records])
-        logits = np.concatenate([parity.run_variant(data, model_inputs(train_grey[c], card.input),
-                                                    desc=f"draw {draw + 1} on train", progress=progress)["logits"]
-                                 for c in chunks])
-        candidate = parity.Decisions(logits, card.temperature, card.abnormal_threshold)
-        dp = np.abs(candidate.p_abnormal - reference.p_abnormal)
-        rows.append({"seed": cfg.seed + draw, "held_out_images": int(held_out.sum()),
-                     "agreement": float((candidate.top == reference.top)[held_out].mean()),
-                     "decisions_flipped": int((candidate.refer != reference.refer)[held_out].sum()),
-                     "mean_abs_dp_abnormal": float(dp[held_out].mean())})
-    chosen = min(range(len(rows)), key=lambda i: (-rows[i]["agreement"], rows[i]["mean_abs_dp_abnormal"]))
-    return chosen, {"chosen_seed": rows[chosen]["seed"], "draws": rows}
 
 
 def _pooled(model, x: np.ndarray, batch: int = 256) -> np.ndarray:

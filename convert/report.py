@@ -85,17 +85,6 @@ def markdown(results: dict) -> str:
                       f"remaining mean int8 error against the float model taken off its bias, op by op on "
                       f"{v['empirical_bias_correction']['images']} calibration images (convert.empirical_bias); the "
                       f"largest per-channel shift removed: {largest['max_abs_shift']:.4f} ({largest['op']})."]
-    for name, v in results["variants"].items():
-        chosen = v.get("calibration_draws")
-        if chosen:
-            lines += ["", f"{name}: converted from {len(chosen['draws'])} calibration samples; the one shipped agrees "
-                      "most with the Keras model on the training images outside its own sample "
-                      "(convert.conversion.choose_draw):", "",
-                      "| calibration seed | held-out training images | agree | flipped | mean \\|dp\\| |",
-                      "|---|---|---|---|---|"]
-            lines += [f"| {r['seed']}{' (shipped)' if r['seed'] == chosen['chosen_seed'] else ''} "
-                      f"| {r['held_out_images']} | {r['agreement']:.4f} | {r['decisions_flipped']} "
-                      f"| {r['mean_abs_dp_abnormal']:.4f} |" for r in chosen["draws"]]
     pruned = {n: v["keras_sparsity"] for n, v in results["variants"].items() if v.get("keras_sparsity")}
     for name, s in pruned.items():
         lines += ["", f"**{name} sparsity**: {s['prunable']:.4f} over the pruned Conv2D/Dense kernels, "

@@ -253,56 +253,6 @@ def test_a_variant_that_converts_but_does_not_run_is_refused_and_fails_the_conve
     assert "**dynamic refused**" in (run / "reports" / "conversion.md").read_text()
 
 
-def test_int8_ships_the_calibration_draw_that_agrees_most_on_held_out_training_images(tiny_run, tmp_path,
-                                                                                     loose_gates):
-    """Three calibration samples, three int8 files: the one written is the draw whose classes agree most with
-    the Keras model's on the training images outside its own sample, and what the written file gives on those
-    images is what the report recorded for that draw."""
-    import shutil
-
-    from convert import conversion, parity
-    from convert.config import ConvertConfig
-    from train.data import run_splits
-    from train.pipeline import load_images, model_inputs
-    from train.trainer import load_run
-
-    run = tmp_path / "run"
-    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("checkpoints", "logs"))
-    cfg = ConvertConfig(representative_per_class=4, calibration_draws=3)
-    conversion.convert_run(run, variants=("int8",), cfg=cfg, gates_file=loose_gates, gpu_check=False, progress=False)
-    written = json.loads((run / "reports" / "conversion.json").read_text())["variants"]["int8"]
-    draws = written["calibration_draws"]["draws"]
-    assert [d["seed"] for d in draws] == [0, 1, 2]
-    best = min(draws, key=lambda d: (-d["agreement"], d["mean_abs_dp_abnormal"]))
-    assert written["calibration_draws"]["chosen_seed"] == best["seed"]
-    assert len({d["mean_abs_dp_abnormal"] for d in draws}) == 3       # three different files
-    model, card, _ = load_run(run)
-    train = run_splits.load(run)[0].split("train")
-    sample = {r.path for r in conversion.calibration_sample(train, card.labels, cfg, best["seed"])}
-    held_out = [r for r in train if r.path not in sample]
-    assert len(held_out) == best["held_out_images"] == len(train) - 3 * 4
-    x = model_inputs(load_images(held_out, card.input, progress=False), card.input)
-    data, _ = load_model_file(run / "tflite" / "int8.tflite")
-    shipped, keras = (parity.Decisions(logits, card.temperature, card.abnormal_threshold) for logits in
-                      (parity.run_variant(data, x, desc="int8", progress=False)["logits"], model.predict(x, verbose=0)))
-    assert (shipped.top == keras.top).mean() == best["agreement"]
-    assert np.abs(shipped.p_abnormal - keras.p_abnormal).mean() == pytest.approx(best["mean_abs_dp_abnormal"], abs=1e-6)
-    assert "int8: converted from 3 calibration samples" in (run / "reports" / "conversion.md").read_text()
-
-
-def test_calibration_draws_collapse_to_one_where_every_sample_would_be_the_whole_split():
-    from types import SimpleNamespace
-
-    from convert.conversion import distinct_draws
-    from convert.config import ConvertConfig
-
-    records = [SimpleNamespace(label=label) for label in ("normal",) * 5 + ("covid",) * 3]
-    assert distinct_draws(records, ("normal", "covid"), ConvertConfig(representative_per_class=5,
-                                                                      calibration_draws=4)) == 1
-    assert distinct_draws(records, ("normal", "covid"), ConvertConfig(representative_per_class=4,
-                                                                      calibration_draws=4)) == 4
-
-
 def _card(temperature=1.0, threshold=0.5):
     from edge_app.preprocess import InputSpec
 
