@@ -38,9 +38,6 @@ def main(argv=None) -> int:
     p.add_argument("--no-empirical-bias-correction", action="store_true",
                    help="post-training int8 without the op-by-op correction of its remaining mean error "
                         "against the float model (convert.empirical_bias)")
-    p.add_argument("--adaround-iterations", type=int, default=defaults.adaround_iterations, metavar="N",
-                   help="post-training int8: learn each kernel's rounding over N steps per layer (convert.adaround; "
-                        "0: round to nearest)")
     p.add_argument("--equalise", type=float, default=defaults.equalise, metavar="ALPHA",
                    help="post-training int8: rescale the residual streams' channels first (convert.equalisation; "
                         "ALPHA 1: activations alone, 0.5: halfway to the weights)")
@@ -63,7 +60,6 @@ def main(argv=None) -> int:
         cfg = ConvertConfig(representative_per_class=args.representative_per_class, int8_io=args.int8_io,
                             bias_correction=not args.no_bias_correction,
                             empirical_bias_correction=not args.no_empirical_bias_correction,
-                            adaround_iterations=args.adaround_iterations,
                             equalise=args.equalise, linear_percentile=args.linear_percentile,
                             qat_epochs=args.qat_epochs, qat_learning_rate=args.qat_learning_rate,
                             qat_objective=args.qat_objective, prune_sparsity=args.prune, prune_epochs=args.prune_epochs,

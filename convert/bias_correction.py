@@ -58,9 +58,9 @@ def folded_kernel(conv, bn) -> np.ndarray:
 def conv_bn_pairs(model: keras.Model) -> list[tuple]:
     """Every (Conv2D or DepthwiseConv2D without bias, the BatchNormalization after it): the pairs
     TFLite folds into one quantised convolution."""
-    return [(producer(bn), bn) for bn in model.layers if isinstance(bn, keras.layers.BatchNormalization)
-            and isinstance(producer(bn), (keras.layers.Conv2D, keras.layers.DepthwiseConv2D))
-            and not producer(bn).use_bias]
+    return [(_producer(bn), bn) for bn in model.layers if isinstance(bn, keras.layers.BatchNormalization)
+            and isinstance(_producer(bn), (keras.layers.Conv2D, keras.layers.DepthwiseConv2D))
+            and not _producer(bn).use_bias]
 
 
 def output_shift(layer, kernel: np.ndarray, input_mean: np.ndarray, precision: str = "int8") -> np.ndarray:
@@ -94,8 +94,7 @@ def corrected(model: keras.Model, inputs: np.ndarray, precision: str = "int8", *
     return copy
 
 
-def producer(layer):
-    """The layer feeding `layer` (its first call)."""
+def _producer(layer):
     node = layer._inbound_nodes[0]
     inbound = node.inbound_layers
     return inbound[0] if isinstance(inbound, list) else inbound

@@ -23,9 +23,6 @@ class ConvertConfig:
     empirical_bias_correction: bool = True   # post-training int8: each op's remaining mean int8 error against the
                                           # float model, measured op by op on the calibration images, taken off
                                           # its int32 bias (convert.empirical_bias)
-    adaround_iterations: int = 0          # post-training int8: learn each folded kernel's rounding (up or down) over
-                                          # this many steps per layer so the layer reproduces the float one
-                                          # (convert.adaround); 0: round to nearest
     equalise: float | None = None         # post-training int8: residual-stream equalisation with this migration
                                           # strength alpha in [0, 1] (convert.equalisation); None: off
     linear_percentile: float | None = 99.99   # post-training int8: linear activations' ranges from this
@@ -61,8 +58,6 @@ class ConvertConfig:
     def __post_init__(self):
         if self.int8_io not in INT8_IO:
             raise ValueError(f"int8_io must be one of {INT8_IO}, got {self.int8_io!r}")
-        if self.adaround_iterations < 0:
-            raise ValueError(f"adaround_iterations must be >= 0, got {self.adaround_iterations}")
         if self.equalise is not None and not 0.0 <= self.equalise <= 1.0:
             raise ValueError(f"equalise (alpha) must be in [0, 1], got {self.equalise}")
         if self.linear_percentile is not None and not 50.0 < self.linear_percentile <= 100.0:

@@ -11,7 +11,7 @@ import numpy as np
 import train  # noqa: F401
 import tf_keras as keras
 
-from convert import adaround, bias_correction, compress, empirical_bias, equalisation, export, gpu, parity, report
+from convert import bias_correction, compress, empirical_bias, equalisation, export, gpu, parity, report
 from benchmarks.gates import GATES_FILE, load_gates
 from convert.config import ConvertConfig
 from edge_app.classifier import load_model_file
@@ -96,12 +96,6 @@ def convert_run(run_dir: str | Path, *, variants=None, cfg: ConvertConfig | None
                 results.setdefault("equalisation", {})[source_name] = streams
             keras_model = source["equalised"]
         reference = keras_model   # what a post-training int8 file's activations are measured against
-        if post_training and cfg.adaround_iterations:
-            if "adarounded" not in source:
-                source["adarounded"], layers = adaround.adarounded(keras_model, representative, cfg.adaround_iterations,
-                                                                   seed=cfg.seed, progress=progress)
-                results.setdefault("adaround", {})[source_name] = layers
-            keras_model = source["adarounded"]
         if to_correct and cfg.bias_correction:
             key = f"bias_corrected_{recipe}"
             if key not in source:

@@ -4,8 +4,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-
 
 def write(reports: Path, results: dict) -> None:
     reports.mkdir(parents=True, exist_ok=True)
@@ -87,14 +85,6 @@ def markdown(results: dict) -> str:
                       f"remaining mean int8 error against the float model taken off its bias, op by op on "
                       f"{v['empirical_bias_correction']['images']} calibration images (convert.empirical_bias); the "
                       f"largest per-channel shift removed: {largest['max_abs_shift']:.4f} ({largest['op']})."]
-    for source, layers in results.get("adaround", {}).items():
-        nearest, learnt = (np.array([layer[k] for layer in layers]) for k in ("error_nearest", "error_learnt"))
-        lines += ["", f"int8 weight rounding learnt for the {source} model (convert.adaround, "
-                  f"{results['config']['adaround_iterations']} steps per layer): {len(layers)} kernels, each layer's "
-                  f"output error on the calibration images {np.median(learnt / nearest):.2f} x rounding to nearest's "
-                  f"(median; {np.min(learnt / nearest):.2f}-{np.max(learnt / nearest):.2f}), "
-                  f"{np.mean([layer['weights_rounded_the_other_way'] for layer in layers]):.1%} of the weights "
-                  "rounded the other way."]
     pruned = {n: v["keras_sparsity"] for n, v in results["variants"].items() if v.get("keras_sparsity")}
     for name, s in pruned.items():
         lines += ["", f"**{name} sparsity**: {s['prunable']:.4f} over the pruned Conv2D/Dense kernels, "

@@ -253,27 +253,6 @@ def test_a_variant_that_converts_but_does_not_run_is_refused_and_fails_the_conve
     assert "**dynamic refused**" in (run / "reports" / "conversion.md").read_text()
 
 
-def test_int8_with_learnt_rounding_reports_each_kernel(tiny_run, tmp_path, loose_gates):
-    """--adaround-iterations: every folded kernel of the int8 file had its rounding learnt, each layer's
-    output error against rounding to nearest's in conversion.json and a summary in conversion.md."""
-    import shutil
-
-    from convert import bias_correction, conversion
-    from convert.config import ConvertConfig
-    from convert.conversion import load_run
-
-    run = tmp_path / "run"
-    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("tflite", "checkpoints", "logs"))
-    conversion.convert_run(run, variants=("int8",), cfg=ConvertConfig(adaround_iterations=40), gates_file=loose_gates,
-                           gpu_check=False, progress=False)
-    layers = json.loads((run / "reports" / "conversion.json").read_text())["adaround"]["trained"]
-    pairs = bias_correction.conv_bn_pairs(load_run(run)[0])
-    assert [layer["layer"] for layer in layers] == [conv.name for conv, _ in pairs] and pairs
-    assert all(layer["error_learnt"] >= 0 and layer["error_nearest"] > 0 for layer in layers)
-    assert f"int8 weight rounding learnt for the trained model (convert.adaround, 40 steps per layer): {len(pairs)} " \
-        "kernels" in (run / "reports" / "conversion.md").read_text()
-
-
 def _card(temperature=1.0, threshold=0.5):
     from edge_app.preprocess import InputSpec
 
