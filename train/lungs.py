@@ -243,8 +243,9 @@ def run(cfg: LungsConfig, out: Path, progress: bool = True, export_only: bool = 
     (out / "reports").mkdir(exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     keras.utils.set_random_seed(cfg.seed)
-    tf.config.experimental.enable_op_determinism()   # the same data and seed give the same segmenter file: every
-    root, spec = Path(cfg.data), cfg.spec()          # classifier's crops (and its card's lung_model) depend on it
+    tf.config.experimental.enable_op_determinism()   # the same data and seed give the same segmenter file on one
+    root, spec = Path(cfg.data), cfg.spec()          # machine (not across CPUs: docs/RESULTS.md, 2026-12-07 night);
+                                                     # every classifier's crops (and its card's lung_model) depend on it
     x_train, m_train, _, _ = read_split(root, "train", spec, progress)
     x_val, m_val, full_val, val_rows = read_split(root, "val", spec, progress)
 
