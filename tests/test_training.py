@@ -257,6 +257,20 @@ def test_acquisition_augmentation_changes_how_not_what():
         assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.9
 
 
+def test_stretch_zooms_the_width_alone():
+    from train.config import TrainConfig
+    from train.pipeline import augmentation
+
+    still = dict(rotation_degrees=0.0, zoom=0.0, shift=0.0, brightness=0.0, contrast=1e-9)
+    assert len(augmentation(TrainConfig(**still), 0).layers) == 5   # off by default: no sixth step
+    batch = np.zeros((16, 64, 64, 1), np.float32)
+    batch[:, 16:48, 20:44] = 1.0                                      # a 32 high x 24 wide bright box
+    out = augmentation(TrainConfig(stretch=0.3, **still), 0)(batch, training=True).numpy()[..., 0] > 0.5
+    heights, widths = out[:, :, 32].sum(axis=1), out[:, 32].sum(axis=1)
+    assert (np.abs(heights - 32) <= 1).all()                          # the height is kept
+    assert widths.min() < 23 and widths.max() > 25                    # the width zoomed both ways
+
+
 def test_contrast_curve_is_monotone_keeps_mid_grey_and_varies_mid_tone_contrast():
     from train.config import TrainConfig
     from train.pipeline import acquisition_augmentation

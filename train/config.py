@@ -73,6 +73,10 @@ class TrainConfig:
     brightness: float = 0.1
     contrast: float = 0.1
     horizontal_flip: bool = False         # anatomy is not symmetric (heart on the left)
+    stretch: float = 0.0                  # the width zoomed against the height by up to this share (Keras
+                                          # RandomZoom's width factor): the Kermany copy squashed its films, and
+                                          # its pneumonias' lung boxes are narrower than its normals' (w/h 1.00
+                                          # against 1.11; adults 1.09-1.12), a cue adults do not share; 0 off
     augment_before_contrast: bool = False  # augment the square before the contrast step (input_contrast),
                                           # as an acquisition would vary it: CLAHE then undoes part of a grey
                                           # curve and amplifies noise as it would a detector's. False: after

@@ -70,7 +70,8 @@ def lung_refusals(records: list[Record], spec: preprocess.InputSpec, *, progress
 
 
 def augmentation(config: TrainConfig, seed: int) -> keras.Sequential:
-    """Radiograph-safe augmentation: small rotations, zoom, shifts, brightness and contrast.
+    """Radiograph-safe augmentation: small rotations, zoom, [a stretch of the width,] shifts, brightness
+    and contrast.
 
     No vertical flip ever; horizontal flip only when asked (the heart is on the left).
     """
@@ -78,6 +79,8 @@ def augmentation(config: TrainConfig, seed: int) -> keras.Sequential:
     steps = [
         layers.RandomRotation(config.rotation_degrees / 360.0, fill_mode="constant", seed=seed),
         layers.RandomZoom(config.zoom, fill_mode="constant", seed=seed + 1),
+        *([layers.RandomZoom(0.0, width_factor=config.stretch, fill_mode="constant", seed=seed + 6)]
+          if config.stretch else []),
         layers.RandomTranslation(config.shift, config.shift, fill_mode="constant", seed=seed + 2),
         layers.RandomBrightness(config.brightness, value_range=(0.0, 1.0), seed=seed + 3),
         layers.RandomContrast(config.contrast, seed=seed + 4),
