@@ -351,7 +351,12 @@ def _registered(spec: preprocess.InputSpec) -> Segmenter:
     return segmenter
 
 
+def find(gray: np.ndarray, spec: preprocess.InputSpec, timings: dict | None = None) -> "LungField":
+    """The lung field the preprocessing's lung step crops `gray` to (`timings`: see `Segmenter.probabilities`)."""
+    return _registered(spec).find(gray, spec.lung_margin, timings)
+
+
 def crop(gray: np.ndarray, spec: preprocess.InputSpec, timings: dict | None = None) -> np.ndarray:
     """The preprocessing's lung step: `gray` cropped to its lung field as `spec.lung_crop` says
     (`timings`: see `Segmenter.probabilities`)."""
-    return _registered(spec).find(gray, spec.lung_margin, timings).crop(gray, blank=spec.lung_crop == "mask")
+    return find(gray, spec, timings).crop(gray, blank=spec.lung_crop == "mask")

@@ -250,3 +250,35 @@ def test_training_leaves_out_what_the_lung_step_refuses(lung_segmenter, shared_d
     assert [(r["file"], r["code"]) for r in refused] == [(str(white), "no_chest_found"),
                                                          (str(negative), "negative_image")]
     assert lung_refusals(records, preprocess.InputSpec(size=64), progress=False) == []
+
+
+def test_lung_box_shape_follows_the_film_and_is_ranked_within_each_group(lung_segmenter, tmp_path):
+    """train.lung_box: the box of a film stretched 1.3 x in width is 1.3 x as wide for its height; a film
+    without lungs is refused, not measured; groups too small are left out, the refused counted."""
+    from PIL import Image
+
+    from train import lung_box
+
+    segmenter = lungs.use(lung_segmenter)
+    spec = preprocess.InputSpec(size=64, lung_crop="box", lung_model=segmenter.sha256)
+    square = Image.fromarray(film_with_lungs(0.2))
+    files = {}
+    for name, width in (("square", 300), ("wide", 390)):
+        film = np.asarray(square.resize((width, 300), Image.Resampling.BILINEAR))
+        files[name] = tmp_path / f"{name}.png"
+        Image.fromarray(np.round(film * 255).astype(np.uint8)).save(files[name])
+    ratios = {name: lung_box.box_ratio(path, spec) for name, path in files.items()}
+    assert ratios["wide"] / ratios["square"] == pytest.approx(1.3, rel=0.08)
+    Image.fromarray(np.full((300, 300), 250, np.uint8)).save(tmp_path / "blank.png")
+    assert lung_box.box_ratio(tmp_path / "blank.png", spec) is None
+
+    names = ["a"] * 10 + ["b"] * 10 + ["c"] * 3
+    ratios = [*np.linspace(0.9, 1.2, 10), None, *np.linspace(0.9, 1.2, 9), 1.0, 1.0, 1.0]
+    p_abnormal = [*np.linspace(0.9, 0.1, 10), *np.linspace(0.1, 0.9, 10), 0.5, 0.5, 0.5]
+    table = lung_box.groups(ratios, p_abnormal, names)
+    assert set(table) == {"a", "b"}                                   # c: 3 films, below MIN_GROUP
+    assert table["a"]["n"] == 10 and table["a"]["refused"] == 0
+    assert table["a"]["ratio_median"] == pytest.approx(1.05)
+    assert table["a"]["spearman_ratio_p_abnormal"] == pytest.approx(-1.0)   # narrower -> more abnormal
+    assert table["b"]["n"] == 9 and table["b"]["refused"] == 1
+    assert table["b"]["spearman_ratio_p_abnormal"] == pytest.approx(1.0)

@@ -1,0 +1,111 @@
+"""Does a model read the shape of the lung box it is cropped to?
+
+The lung crop widens the lungs' box to a square on its longer side, so a narrow box fills the model's
+square from top to bottom. Where the boxes' width / height differs between the sources of one class (the
+Kermany copy squashed its children's films: docs/RESULTS.md, 2026-12-07 morning), the shape is a cue a
+model can learn instead of the findings. Per source and class of a split: the boxes' width / height
+(median and quartiles) and, within the group, where the label cannot explain it, the rank correlation
+(Spearman) of that ratio with the run's P(abnormal).
+
+    python -m train.lung_box artifacts/RUN [--splits val test] [--data-root DIR]
+
+-> a table and reports/lung_box.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from edge_app import decision, lungs, preprocess
+from edge_app.errors import InputError
+from edge_app.model_card import ModelCard
+from train.data import sources
+
+MIN_GROUP = 8   # films a group needs for its row
+
+
+def box_ratio(path, spec: preprocess.InputSpec) -> float | None:
+    """Width / height of a film's lung box as the run's preprocessing finds it (its margin is a share
+    of each side, so it keeps the ratio unless the image's edge clips it); None when refused."""
+    gray = preprocess.decode(path)
+    if spec.borders == "trim":
+        gray = preprocess.trim_borders(gray)
+    try:
+        top, left, bottom, right = lungs.find(preprocess.grey8(gray), spec).box
+    except InputError:
+        return None
+    return (right - left) / (bottom - top)
+
+
+def spearman(a, b) -> float:
+    """Rank correlation (ties broken by order: the ratios and probabilities are continuous)."""
+    ranks = [np.argsort(np.argsort(np.asarray(x))) for x in (a, b)]
+    return float(np.corrcoef(*ranks)[0, 1])
+
+
+def groups(ratios, p_abnormal, names) -> dict:
+    """{group: n, refused, ratio median / quartiles, Spearman(ratio, P(abnormal))} for every group of
+    at least MIN_GROUP films with a ratio (None: refused by the lung step)."""
+    out = {}
+    for name in sorted(set(names)):
+        members = [i for i, n in enumerate(names) if n == name]
+        kept = [i for i in members if ratios[i] is not None]
+        if len(kept) < MIN_GROUP:
+            continue
+        r = np.array([ratios[i] for i in kept])
+        q1, median, q3 = np.percentile(r, [25, 50, 75])
+        out[name] = {"n": len(kept), "refused": len(members) - len(kept), "ratio_median": float(median),
+                     "ratio_quartiles": [float(q1), float(q3)],
+                     "spearman_ratio_p_abnormal": spearman(r, [p_abnormal[i] for i in kept])}
+    return out
+
+
+def measure(run: Path, splits=("val", "test"), data_root: Path | None = None) -> dict:
+    """`groups` of each split of a lung-cropping run, from its recorded splits and saved logits."""
+    from train.config import TrainConfig         # lazily: these import TensorFlow
+    from train.data import run_splits
+
+    card = ModelCard.from_json((run / "model_card.json").read_text())
+    if card.input.lung_crop == "none":
+        raise ValueError(f"{run} does not crop to the lung field (lung_crop 'none'): there is no box")
+    lungs.use(TrainConfig.from_file(run / "config.json").lung_model)
+    dataset, _ = run_splits.load(run, data_root)
+    saved = np.load(run / "reports" / "predictions.npz")
+    result = {}
+    for split in splits:
+        records = dataset.split(split)
+        labels = [card.labels.index(r.label) for r in records]
+        if labels != saved[f"{split}_labels"].tolist():
+            raise ValueError(f"{run}: reports/predictions.npz does not hold {split}'s films in the recorded order")
+        p_abnormal = decision.abnormal_probability(
+            decision.calibrated_probabilities(saved[f"{split}_logits"], card.temperature))
+        ratios = [box_ratio(r.path, card.input) for r in records]
+        names = [f"{sources.short_name(r.source)} {r.label}" for r in records]
+        result[split] = groups(ratios, p_abnormal, names)
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.lung_box", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--splits", nargs="+", default=["val", "test"], choices=["train", "val", "test"])
+    parser.add_argument("--data-root", type=Path, help="the data folder, where a run was copied elsewhere")
+    args = parser.parse_args(argv)
+    result = measure(args.run, tuple(args.splits), args.data_root)
+    (args.run / "reports" / "lung_box.json").write_text(json.dumps(result, indent=2) + "\n")
+    print("| split | group | films (refused) | box width / height, median [quartiles] | Spearman with P(abnormal) |")
+    print("|---|---|---|---|---|")
+    for split, table in result.items():
+        for name, g in table.items():
+            q1, q3 = g["ratio_quartiles"]
+            print(f"| {split} | {name} | {g['n']} ({g['refused']}) | {g['ratio_median']:.2f} [{q1:.2f}–{q3:.2f}] "
+                  f"| {g['spearman_ratio_p_abnormal']:+.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
