@@ -282,3 +282,4 @@ def test_lung_box_shape_follows_the_film_and_is_ranked_within_each_group(lung_se
     assert table["a"]["spearman_ratio_p_abnormal"] == pytest.approx(-1.0)   # narrower -> more abnormal
     assert table["b"]["n"] == 9 and table["b"]["refused"] == 1
     assert table["b"]["spearman_ratio_p_abnormal"] == pytest.approx(1.0)
+    assert lung_box.groups(ratios, None, names)["a"]["spearman_ratio_p_abnormal"] is None   # no logits saved

@@ -5,7 +5,7 @@ square from top to bottom. Where the boxes' width / height differs between the s
 Kermany copy squashed its children's films: docs/RESULTS.md, 2026-12-07 morning), the shape is a cue a
 model can learn instead of the findings. Per source and class of a split: the boxes' width / height
 (median and quartiles) and, within the group, where the label cannot explain it, the rank correlation
-(Spearman) of that ratio with the run's P(abnormal).
+(Spearman) of that ratio with the run's P(abnormal) where the run saved its logits (val and test).
 
     python -m train.lung_box artifacts/RUN [--splits val test] [--data-root DIR]
 
@@ -48,8 +48,8 @@ def spearman(a, b) -> float:
 
 
 def groups(ratios, p_abnormal, names) -> dict:
-    """{group: n, refused, ratio median / quartiles, Spearman(ratio, P(abnormal))} for every group of
-    at least MIN_GROUP films with a ratio (None: refused by the lung step)."""
+    """{group: n, refused, ratio median / quartiles, Spearman(ratio, P(abnormal)) (None without
+    p_abnormal)} for every group of at least MIN_GROUP films with a ratio (None: refused by the lung step)."""
     out = {}
     for name in sorted(set(names)):
         members = [i for i, n in enumerate(names) if n == name]
@@ -60,12 +60,14 @@ def groups(ratios, p_abnormal, names) -> dict:
         q1, median, q3 = np.percentile(r, [25, 50, 75])
         out[name] = {"n": len(kept), "refused": len(members) - len(kept), "ratio_median": float(median),
                      "ratio_quartiles": [float(q1), float(q3)],
-                     "spearman_ratio_p_abnormal": spearman(r, [p_abnormal[i] for i in kept])}
+                     "spearman_ratio_p_abnormal": None if p_abnormal is None
+                     else spearman(r, [p_abnormal[i] for i in kept])}
     return out
 
 
 def measure(run: Path, splits=("val", "test"), data_root: Path | None = None) -> dict:
-    """`groups` of each split of a lung-cropping run, from its recorded splits and saved logits."""
+    """`groups` of each split of a lung-cropping run, from its recorded splits and saved logits (the
+    training split has none: its shapes only)."""
     from train.config import TrainConfig         # lazily: these import TensorFlow
     from train.data import run_splits
 
@@ -78,11 +80,12 @@ def measure(run: Path, splits=("val", "test"), data_root: Path | None = None) ->
     result = {}
     for split in splits:
         records = dataset.split(split)
-        labels = [card.labels.index(r.label) for r in records]
-        if labels != saved[f"{split}_labels"].tolist():
-            raise ValueError(f"{run}: reports/predictions.npz does not hold {split}'s films in the recorded order")
-        p_abnormal = decision.abnormal_probability(
-            decision.calibrated_probabilities(saved[f"{split}_logits"], card.temperature))
+        p_abnormal = None
+        if f"{split}_logits" in saved.files:
+            if [card.labels.index(r.label) for r in records] != saved[f"{split}_labels"].tolist():
+                raise ValueError(f"{run}: reports/predictions.npz does not hold {split}'s films in the recorded order")
+            p_abnormal = decision.abnormal_probability(
+                decision.calibrated_probabilities(saved[f"{split}_logits"], card.temperature))
         ratios = [box_ratio(r.path, card.input) for r in records]
         names = [f"{sources.short_name(r.source)} {r.label}" for r in records]
         result[split] = groups(ratios, p_abnormal, names)
@@ -102,8 +105,9 @@ def main(argv=None) -> int:
     for split, table in result.items():
         for name, g in table.items():
             q1, q3 = g["ratio_quartiles"]
+            rho = g["spearman_ratio_p_abnormal"]
             print(f"| {split} | {name} | {g['n']} ({g['refused']}) | {g['ratio_median']:.2f} [{q1:.2f}–{q3:.2f}] "
-                  f"| {g['spearman_ratio_p_abnormal']:+.2f} |")
+                  f"| {'–' if rho is None else f'{rho:+.2f}'} |")
     return 0
 
 
