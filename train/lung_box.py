@@ -9,7 +9,7 @@ model can learn instead of the findings. Per source and class of a split: the bo
 
     python -m train.lung_box artifacts/RUN [--splits val test] [--data-root DIR]
 
--> a table and reports/lung_box.json.
+-> a table, reports/lung_box.json and reports/lung_box.png (the ratios of each group as box plots).
 """
 from __future__ import annotations
 
@@ -65,9 +65,9 @@ def groups(ratios, p_abnormal, names) -> dict:
     return out
 
 
-def measure(run: Path, splits=("val", "test"), data_root: Path | None = None) -> dict:
-    """`groups` of each split of a lung-cropping run, from its recorded splits and saved logits (the
-    training split has none: its shapes only)."""
+def measure(run: Path, splits=("val", "test"), data_root: Path | None = None) -> tuple[dict, dict]:
+    """(`groups` of each split of a lung-cropping run, from its recorded splits and saved logits (the
+    training split has none: its shapes only); {split: {group: its films' ratios}}, refused left out)."""
     from train.config import TrainConfig         # lazily: these import TensorFlow
     from train.data import run_splits
 
@@ -77,7 +77,7 @@ def measure(run: Path, splits=("val", "test"), data_root: Path | None = None) ->
     lungs.use(TrainConfig.from_file(run / "config.json").lung_model)
     dataset, _ = run_splits.load(run, data_root)
     saved = np.load(run / "reports" / "predictions.npz")
-    result = {}
+    result, ratios_of = {}, {}
     for split in splits:
         records = dataset.split(split)
         p_abnormal = None
@@ -89,7 +89,30 @@ def measure(run: Path, splits=("val", "test"), data_root: Path | None = None) ->
         ratios = [box_ratio(r.path, card.input) for r in records]
         names = [f"{sources.short_name(r.source)} {r.label}" for r in records]
         result[split] = groups(ratios, p_abnormal, names)
-    return result
+        ratios_of[split] = {name: [r for r, n in zip(ratios, names) if n == name and r is not None]
+                            for name in result[split]}
+    return result, ratios_of
+
+
+def plot(result: dict, ratios_of: dict, path: Path) -> None:
+    """One panel per split: each group's box ratios as a box plot, labelled with its Spearman."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(result), 1, figsize=(8, 2.6 * len(result)), squeeze=False)
+    for ax, (split, table) in zip(axes[:, 0], result.items()):
+        names = list(table)
+        ax.boxplot([ratios_of[split][n] for n in names], orientation="horizontal", showfliers=False)
+        rho = [table[n]["spearman_ratio_p_abnormal"] for n in names]
+        ax.set_yticks(range(1, len(names) + 1),
+                      [n if r is None else f"{n} (rho {r:+.2f})" for n, r in zip(names, rho)], fontsize=8)
+        ax.set_title(f"{split}: lung box width / height (rho: Spearman with P(abnormal))", fontsize=9)
+        ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -98,8 +121,9 @@ def main(argv=None) -> int:
     parser.add_argument("--splits", nargs="+", default=["val", "test"], choices=["train", "val", "test"])
     parser.add_argument("--data-root", type=Path, help="the data folder, where a run was copied elsewhere")
     args = parser.parse_args(argv)
-    result = measure(args.run, tuple(args.splits), args.data_root)
+    result, ratios_of = measure(args.run, tuple(args.splits), args.data_root)
     (args.run / "reports" / "lung_box.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, ratios_of, args.run / "reports" / "lung_box.png")
     print("| split | group | films (refused) | box width / height, median [quartiles] | Spearman with P(abnormal) |")
     print("|---|---|---|---|---|")
     for split, table in result.items():
