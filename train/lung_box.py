@@ -5,9 +5,10 @@ square from top to bottom. Where the boxes' width / height differs between the s
 Kermany copy squashed its children's films: docs/RESULTS.md, 2026-12-07 morning), the shape is a cue a
 model can learn instead of the findings. Per source and class of a split: the boxes' width / height
 (median and quartiles) and, within the group, where the label cannot explain it, the rank correlation
-(Spearman) of that ratio with the run's P(abnormal) where the run saved its logits (val and test).
+(Spearman) of that ratio with the run's P(abnormal) where the run saved its logits (val, test, and the
+source a leave-one-source-out run held out of training: `holdout`).
 
-    python -m train.lung_box artifacts/RUN [--splits val test] [--data-root DIR]
+    python -m train.lung_box artifacts/RUN [--splits val test holdout] [--data-root DIR]
 
 -> a table, reports/lung_box.json and reports/lung_box.png (the ratios of each group as box plots).
 """
@@ -75,11 +76,11 @@ def measure(run: Path, splits=("val", "test"), data_root: Path | None = None) ->
     if card.input.lung_crop == "none":
         raise ValueError(f"{run} does not crop to the lung field (lung_crop 'none'): there is no box")
     lungs.use(TrainConfig.from_file(run / "config.json").lung_model)
-    dataset, _ = run_splits.load(run, data_root)
+    dataset, heldout = run_splits.load(run, data_root)
     saved = np.load(run / "reports" / "predictions.npz")
     result, ratios_of = {}, {}
     for split in splits:
-        records = dataset.split(split)
+        records = heldout if split == "holdout" else dataset.split(split)
         p_abnormal = None
         if f"{split}_logits" in saved.files:
             if [card.labels.index(r.label) for r in records] != saved[f"{split}_labels"].tolist():
@@ -118,7 +119,7 @@ def plot(result: dict, ratios_of: dict, path: Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.lung_box", description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path)
-    parser.add_argument("--splits", nargs="+", default=["val", "test"], choices=["train", "val", "test"])
+    parser.add_argument("--splits", nargs="+", default=["val", "test"], choices=["train", "val", "test", "holdout"])
     parser.add_argument("--data-root", type=Path, help="the data folder, where a run was copied elsewhere")
     args = parser.parse_args(argv)
     result, ratios_of = measure(args.run, tuple(args.splits), args.data_root)
