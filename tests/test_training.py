@@ -361,6 +361,34 @@ def test_source_power_lifts_a_small_source_within_its_class_and_keeps_the_class_
     assert totals[("rsna", "normal")] / totals[("kermany", "normal")] == pytest.approx((2 * 2 ** -0.5) / (6 * 6 ** -0.5))
 
 
+def test_view_balance_makes_the_projection_tell_nothing_of_the_class_within_a_population():
+    from train.data import sources
+    from train.data.records import Record
+    from train.pipeline import image_weights, projection, projection_factors
+
+    assert [projection(v) for v in ("PA", "AP Supine", "AP (pediatric)", "ap", "L", "")] == ["PA", "AP", "AP", "AP",
+                                                                                             "", ""]
+    adult_normal, adult_pneumonia = sources.SOURCES[2].repo, sources.SOURCES[3].repo   # rsna-normal, rsna-pneumonia
+    cells = ([(adult_normal, "normal", "PA")] * 8 + [(adult_normal, "normal", "AP")] * 2
+             + [(adult_pneumonia, "pneumonia", "AP")] * 6 + [(adult_pneumonia, "pneumonia", "PA")] * 2
+             + [("kermany", "normal", "AP (pediatric)")] * 3 + [("kermany", "pneumonia", "AP (pediatric)")] * 5
+             + [(adult_normal, "normal", "")])                               # a view not given
+    records = [Record(Path(f"{i}.png"), label, "train", None, source, view=view)
+               for i, (source, label, view) in enumerate(cells)]
+    factors = projection_factors(records)
+    total = lambda label, view: sum(f for f, (_, l, v) in zip(factors, cells) if (l, projection(v)) == (label, view)
+                                    and v != "AP (pediatric)")
+    # adults: 10 normal (8 PA, 2 AP), 8 pneumonia (2 PA, 6 AP) -> each class split as the adults' PA 10 : AP 8
+    assert total("normal", "PA") / total("normal", "AP") == pytest.approx(10 / 8)
+    assert total("pneumonia", "PA") / total("pneumonia", "AP") == pytest.approx(10 / 8)
+    assert total("normal", "PA") + total("normal", "AP") == pytest.approx(10)       # class totals kept
+    assert total("pneumonia", "PA") + total("pneumonia", "AP") == pytest.approx(8)
+    assert factors[-9:].tolist() == [1.0] * 9      # children: one projection, nothing to balance; unknown: 1
+    balanced = image_weights(records, LABELS, class_power=0.0, source_power=0.0, view_balance=True)
+    assert balanced.mean() == pytest.approx(1.0)
+    assert balanced[:8] == pytest.approx(factors[:8] * len(records) / factors.sum())
+
+
 def test_label_smoothing_loss_by_hand():
     from train.trainer import smoothed_crossentropy
 

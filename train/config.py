@@ -61,6 +61,10 @@ class TrainConfig:
     source_weight_power: float = 0.0      # within a class, sources weigh (1/their images)^power, the class's
                                           # total kept (train.pipeline.image_weights); 1: every source of a
                                           # class weighs the same
+    view_balance: bool = False            # within each population (adults, children), image weights that make the
+                                          # projection (PA / AP) independent of the class: the set's adult
+                                          # pneumonias are mostly AP films, its adult normals PA, so "AP" could
+                                          # stand for "sick" (train.pipeline.image_weights)
     label_smoothing: float = 0.0          # cross-entropy against (1 - e) one-hot + e / classes
     mixup: float = 0.0                    # mixup's Beta(a, a): each training input blended with another of
                                           # its batch, labels and weights alike (train.pipeline.mix_batches); 0 off

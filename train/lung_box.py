@@ -5,10 +5,11 @@ square from top to bottom. Where the boxes' width / height differs between the s
 Kermany copy squashed its children's films: docs/RESULTS.md, 2026-12-07 morning), the shape is a cue a
 model can learn instead of the findings. Per source and class of a split: the boxes' width / height
 (median and quartiles) and, within the group, where the label cannot explain it, the rank correlation
-(Spearman) of that ratio with the run's P(abnormal) where the run saved its logits (val, test, and the
-source a leave-one-source-out run held out of training: `holdout`).
+(Spearman) of that ratio with the run's P(abnormal) and the share it refers at its threshold, where the run
+saved its logits (val, test, and the source a leave-one-source-out run held out of training: `holdout`).
+`--by-view` splits each group by projection (PA / AP), as the run's splits.csv records it.
 
-    python -m train.lung_box artifacts/RUN [--splits val test holdout] [--data-root DIR]
+    python -m train.lung_box artifacts/RUN [--splits val test holdout] [--by-view] [--data-root DIR]
 
 -> a table, reports/lung_box.json and reports/lung_box.png (the ratios of each group as box plots).
 """
@@ -48,9 +49,10 @@ def spearman(a, b) -> float:
     return float(np.corrcoef(*ranks)[0, 1])
 
 
-def groups(ratios, p_abnormal, names) -> dict:
-    """{group: n, refused, ratio median / quartiles, Spearman(ratio, P(abnormal)) (None without
-    p_abnormal)} for every group of at least MIN_GROUP films with a ratio (None: refused by the lung step)."""
+def groups(ratios, p_abnormal, names, threshold: float | None = None) -> dict:
+    """{group: n, refused, ratio median / quartiles, Spearman(ratio, P(abnormal)) and the films with
+    P(abnormal) >= threshold (None without p_abnormal)} for every group of at least MIN_GROUP films with a
+    ratio (None: refused by the lung step)."""
     out = {}
     for name in sorted(set(names)):
         members = [i for i, n in enumerate(names) if n == name]
@@ -62,15 +64,19 @@ def groups(ratios, p_abnormal, names) -> dict:
         out[name] = {"n": len(kept), "refused": len(members) - len(kept), "ratio_median": float(median),
                      "ratio_quartiles": [float(q1), float(q3)],
                      "spearman_ratio_p_abnormal": None if p_abnormal is None
-                     else spearman(r, [p_abnormal[i] for i in kept])}
+                     else spearman(r, [p_abnormal[i] for i in kept]),
+                     "referred": None if p_abnormal is None or threshold is None
+                     else int(sum(p_abnormal[i] >= threshold for i in kept))}
     return out
 
 
-def measure(run: Path, splits=("val", "test"), data_root: Path | None = None) -> tuple[dict, dict]:
+def measure(run: Path, splits=("val", "test"), data_root: Path | None = None,
+            by_view: bool = False) -> tuple[dict, dict]:
     """(`groups` of each split of a lung-cropping run, from its recorded splits and saved logits (the
     training split has none: its shapes only); {split: {group: its films' ratios}}, refused left out)."""
     from train.config import TrainConfig         # lazily: these import TensorFlow
     from train.data import run_splits
+    from train.pipeline import projection
 
     card = ModelCard.from_json((run / "model_card.json").read_text())
     if card.input.lung_crop == "none":
@@ -88,8 +94,9 @@ def measure(run: Path, splits=("val", "test"), data_root: Path | None = None) ->
             p_abnormal = decision.abnormal_probability(
                 decision.calibrated_probabilities(saved[f"{split}_logits"], card.temperature))
         ratios = [box_ratio(r.path, card.input) for r in records]
-        names = [f"{sources.short_name(r.source)} {r.label}" for r in records]
-        result[split] = groups(ratios, p_abnormal, names)
+        names = [f"{sources.short_name(r.source)} {r.label}" + (f" {projection(r.view) or '?'}" if by_view else "")
+                 for r in records]
+        result[split] = groups(ratios, p_abnormal, names, card.abnormal_threshold)
         ratios_of[split] = {name: [r for r, n in zip(ratios, names) if n == name and r is not None]
                             for name in result[split]}
     return result, ratios_of
@@ -120,19 +127,22 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.lung_box", description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path)
     parser.add_argument("--splits", nargs="+", default=["val", "test"], choices=["train", "val", "test", "holdout"])
+    parser.add_argument("--by-view", action="store_true", help="each group split by projection (PA / AP)")
     parser.add_argument("--data-root", type=Path, help="the data folder, where a run was copied elsewhere")
     args = parser.parse_args(argv)
-    result, ratios_of = measure(args.run, tuple(args.splits), args.data_root)
+    result, ratios_of = measure(args.run, tuple(args.splits), args.data_root, args.by_view)
     (args.run / "reports" / "lung_box.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, ratios_of, args.run / "reports" / "lung_box.png")
-    print("| split | group | films (refused) | box width / height, median [quartiles] | Spearman with P(abnormal) |")
-    print("|---|---|---|---|---|")
+    print("| split | group | films (refused) | box width / height, median [quartiles] | Spearman with P(abnormal) "
+          "| referred at the run's threshold |")
+    print("|---|---|---|---|---|---|")
     for split, table in result.items():
         for name, g in table.items():
             q1, q3 = g["ratio_quartiles"]
-            rho = g["spearman_ratio_p_abnormal"]
+            rho, referred = g["spearman_ratio_p_abnormal"], g["referred"]
+            shown = "–" if referred is None else f"{referred / g['n']:.2f} ({referred})"
             print(f"| {split} | {name} | {g['n']} ({g['refused']}) | {g['ratio_median']:.2f} [{q1:.2f}–{q3:.2f}] "
-                  f"| {'–' if rho is None else f'{rho:+.2f}'} |")
+                  f"| {'–' if rho is None else f'{rho:+.2f}'} | {shown} |")
     return 0
 
 

@@ -11,6 +11,8 @@ Anything that feeds cached images to a model without `make_dataset` goes through
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 from tqdm import tqdm
 
@@ -21,6 +23,7 @@ import tf_keras as keras
 from edge_app import preprocess
 from edge_app.errors import InputError
 from train.config import TrainConfig
+from train.data import sources
 from train.data.records import Record
 
 
@@ -151,11 +154,13 @@ def _gaussian_blur(x, sigma, radius: int):
     return tf.nn.conv2d(x, tf.reshape(kernel, (1, -1, 1, 1)), strides=1, padding="VALID")
 
 
-def image_weights(records: list[Record], labels, *, class_power: float, source_power: float) -> np.ndarray:
+def image_weights(records: list[Record], labels, *, class_power: float, source_power: float,
+                  view_balance: bool = False) -> np.ndarray:
     """Per-image weights, averaging 1. Classes weigh (1/frequency) ** class_power (1 balances them);
     within a class, each source weighs (1/its images) ** source_power with the class's total kept,
     so that 101 adult pneumonias are not drowned by 699 children's (1: every source of a class
-    weighs the same). Both 1: every class has the same total weight, shared equally by its sources."""
+    weighs the same). Both 1: every class has the same total weight, shared equally by its sources.
+    `view_balance`: times `projection_factors`."""
     y = [labels.index(r.label) for r in records]
     keys = [(r.source or "unknown", c) for r, c in zip(records, y)]
     pair = {k: keys.count(k) for k in set(keys)}
@@ -164,7 +169,27 @@ def image_weights(records: list[Record], labels, *, class_power: float, source_p
     raw_total = {c: sum(w for w, (_, kc) in zip(raw, keys) if kc == c) for c in per_class}
     weights = np.array([w * per_class[c] / raw_total[c] * per_class[c] ** -class_power
                         for w, (_, c) in zip(raw, keys)])
+    if view_balance:
+        weights *= projection_factors(records)
     return (weights * len(weights) / weights.sum()).astype(np.float32)
+
+
+def projection(view: str) -> str:
+    """"PA" or "AP" (AP supine, AP pediatric...) from a record's view; "" when unknown or another view."""
+    view = view.strip().upper()
+    return "PA" if view.startswith("PA") else "AP" if view.startswith("AP") else ""
+
+
+def projection_factors(records: list[Record]) -> np.ndarray:
+    """Per image, n(class) n(projection) / (n n(class, projection)) counted within its population (the
+    source's, `train.data.sources`; an unknown source is its own): weighted so, the projection tells
+    nothing of the class there, and each class's and each projection's total is kept. 1 for an image
+    of unknown projection (left out of the counts)."""
+    groups = [(sources.population_of(r.source), r.label, projection(r.view)) for r in records]
+    known = [g for g in groups if g[2]]
+    n = Counter(g[0] for g in known)
+    by_class, by_view, joint = Counter(g[:2] for g in known), Counter(g[::2] for g in known), Counter(known)
+    return np.array([by_class[g[:2]] * by_view[g[::2]] / (n[g[0]] * joint[g]) if g[2] else 1.0 for g in groups])
 
 
 def make_dataset(images: np.ndarray, labels: np.ndarray, spec: preprocess.InputSpec, *,

@@ -220,7 +220,7 @@ def run(config: TrainConfig, out: str | Path, *, resume: bool = False, progress:
     x_train, y_train, train_records = split_data["train"]
     x_val, y_val, _ = split_data["val"]
     per_image = image_weights(train_records, labels, class_power=config.class_weight_power,
-                              source_power=config.source_weight_power)
+                              source_power=config.source_weight_power, view_balance=config.view_balance)
     train_ds = make_dataset(x_train, y_train, spec, batch_size=batch, training=True, config=config,
                             seed=config.seed, sample_weights=per_image)
     if config.mixup:

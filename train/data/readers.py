@@ -110,13 +110,14 @@ def read_class_folders(root: str | Path) -> list[Record]:
 
 
 def read_manifest(path: str | Path) -> list[Record]:
-    """`manifest.csv`: split, class, file[, patient_id, source_repo, orig_label]; an empty split is assigned later."""
+    """`manifest.csv`: split, class, file[, patient_id, source_repo, orig_label, view]; an empty split is assigned
+    later."""
     path = Path(path).resolve()
     return [Record(path=path.parent / row["file"], label=row["class"],
                    split=_split(row["split"], f"{path} row {number}"),
                    patient_id=row.get("patient_id") or None,
                    source=row.get("source_repo") or path.parent.name,
-                   orig_label=row.get("orig_label") or row["class"])
+                   orig_label=row.get("orig_label") or row["class"], view=row.get("view") or "")
             for number, row in enumerate(_read_csv(path, ("split", "class", "file")), start=2)]
 
 
@@ -130,7 +131,7 @@ def read_ieee8023(path: str | Path) -> list[Record]:
     return [Record(path=path.parent / (row.get("folder") or "images") / row["filename"],
                    label=row["finding"], split=None,
                    patient_id=f"ieee8023:{row['patientid']}" if row["patientid"] else None,
-                   source="ieee8023", orig_label=row["finding"])
+                   source="ieee8023", orig_label=row["finding"], view=row["view"])
             for row in _read_csv(path, IEEE8023_COLUMNS)
             if row["modality"].casefold() == "x-ray" and row["view"].casefold() in IEEE8023_FRONTAL_VIEWS
             and _is_image(Path(row["filename"]))]

@@ -17,6 +17,7 @@ class Record:
     patient_id: str | None     # None when the source names no patient
     source: str | None         # where the image came from (manifest source_repo, CSV name, ...)
     orig_label: str = ""       # the label exactly as the source gave it
+    view: str = ""             # the projection as the source gives it ("PA", "AP", "AP Supine", ...); "" unknown
 
 
 def label_indices(records: list[Record], labels: tuple[str, ...]) -> np.ndarray:

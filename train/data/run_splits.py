@@ -4,8 +4,8 @@ benchmarks through `load`, so that every stage sees the same images in the same 
 re-reading the data folder or re-drawing its splits.
 
 `splits.csv` holds one row per image: its path relative to the data root, label, split (`train`,
-`val`, `test`, or `holdout` for a held-out source), source, patient id and label as the source
-gave it. The data root is the model card's `dataset.root`, relative to the run folder (a card is
+`val`, `test`, or `holdout` for a held-out source), source, patient id, label and view (projection) as
+the source gave them (files written before views were recorded have no view column: read as unknown). The data root is the model card's `dataset.root`, relative to the run folder (a card is
 embedded in every shipped model: it names no folder of the build machine); a run copied elsewhere
 reads its images from a data folder given with `data_root`.
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -29,7 +30,7 @@ from train.data.records import SPLITS, Record
 
 SPLITS_FILE = "splits.csv"
 HOLDOUT = "holdout"
-COLUMNS = ("path", "label", "split", "source", "patient_id", "orig_label")
+COLUMNS = ("path", "label", "split", "source", "patient_id", "orig_label")   # required; "view" is written too
 MISSING_SHOWN = 5
 
 
@@ -44,11 +45,10 @@ def write(run_dir: str | Path, dataset: Dataset, held_out: list[Record] = ()) ->
     path = Path(run_dir) / SPLITS_FILE
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(COLUMNS)
-        for r in [*dataset.records, *(Record(h.path, h.label, HOLDOUT, h.patient_id, h.source, h.orig_label)
-                                      for h in held_out)]:
+        writer.writerow((*COLUMNS, "view"))
+        for r in [*dataset.records, *(dataclasses.replace(h, split=HOLDOUT) for h in held_out)]:
             writer.writerow([Path(os.path.relpath(r.path, dataset.root)).as_posix(), r.label, r.split,
-                             r.source or "", r.patient_id or "", r.orig_label])
+                             r.source or "", r.patient_id or "", r.orig_label, r.view])
     return path
 
 
@@ -68,7 +68,7 @@ def load(run_dir: str | Path, data_root: str | Path | None = None) -> tuple[Data
     if not rows or set(COLUMNS) - set(rows[0]):
         raise ValueError(f"{path}: not a splits file (wants the columns {', '.join(COLUMNS)})")
     records = [Record(root / row["path"], row["label"], row["split"], row["patient_id"] or None,
-                      row["source"] or None, row["orig_label"]) for row in rows]
+                      row["source"] or None, row["orig_label"], row.get("view") or "") for row in rows]
     unknown = {r.split for r in records} - {*SPLITS, HOLDOUT} | {r.label for r in records} - set(card.labels)
     if unknown:
         raise ValueError(f"{path}: unknown splits or labels {sorted(unknown)} (labels: {', '.join(card.labels)})")

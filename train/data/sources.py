@@ -42,6 +42,12 @@ def short_name(source: str | None) -> str:
     return _BY_KEY[source].name if source in _BY_KEY else (source or "unknown")
 
 
+def population_of(source: str | None) -> str:
+    """"adult" or "child" for a known source; the source itself (or "unknown") for another."""
+    known = _BY_KEY.get(source or "")
+    return known.population if known else (source or "unknown")
+
+
 def cohort_of(source: str | None, label: str) -> str | None:
     """'adult pneumonia', 'child normal', ... for a known source; None for an unknown one."""
     known = _BY_KEY.get(source or "")
