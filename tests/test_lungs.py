@@ -283,6 +283,8 @@ def test_lung_box_shape_follows_the_film_and_is_ranked_within_each_group(lung_se
     assert table["b"]["n"] == 9 and table["b"]["refused"] == 1
     assert table["b"]["spearman_ratio_p_abnormal"] == pytest.approx(1.0)
     assert lung_box.groups(ratios, None, names)["a"]["spearman_ratio_p_abnormal"] is None   # no logits saved
+    assert table["a"]["referred"] is None                              # no threshold given
+    assert lung_box.groups(ratios, p_abnormal, names, threshold=0.5)["a"]["referred"] == 5   # 0.9 ... 0.54
     lung_box.plot({"val": table}, {"val": {n: [r for r, m in zip(ratios, names) if m == n and r is not None]
                                            for n in table}}, tmp_path / "lung_box.png")
     assert Image.open(tmp_path / "lung_box.png").size[1] > 100

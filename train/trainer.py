@@ -226,8 +226,8 @@ def run(config: TrainConfig, out: str | Path, *, resume: bool = False, progress:
     if config.mixup:
         train_ds = mix_batches(train_ds, config.mixup, len(labels), seed=config.seed)
     val_ds = make_dataset(x_val, y_val, spec, batch_size=batch, training=False)
-    print(f"{replicas} replica(s) on {strategy.__class__.__name__}; global batch {batch}; image weights "
-          + ", ".join(f"{s} {c}: {per_image[[(r.source, r.label) == (s, c) for r in train_records]][0]:.2f}"
+    print(f"{replicas} replica(s) on {strategy.__class__.__name__}; global batch {batch}; mean image weights "
+          + ", ".join(f"{s} {c}: {per_image[[(r.source, r.label) == (s, c) for r in train_records]].mean():.2f}"
                       for s, c in sorted({(r.source, r.label) for r in train_records}, key=str)))
 
     with strategy.scope():
