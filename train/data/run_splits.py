@@ -5,9 +5,10 @@ re-reading the data folder or re-drawing its splits.
 
 `splits.csv` holds one row per image: its path relative to the data root, label, split (`train`,
 `val`, `test`, or `holdout` for a held-out source), source, patient id, label and view (projection) as
-the source gave them (files written before views were recorded have no view column: read as unknown). The data root is the model card's `dataset.root`, relative to the run folder (a card is
-embedded in every shipped model: it names no folder of the build machine); a run copied elsewhere
-reads its images from a data folder given with `data_root`.
+the source gave them (files written before views were recorded have no view column: read as unknown).
+The data root is the model card's `dataset.root`, relative to the run folder (a card is embedded in
+every shipped model: it names no folder of the build machine); a run copied elsewhere reads its images
+from a data folder given with `data_root`.
 
 A run trained before runs recorded their splits gets its `splits.csv` once with
 
