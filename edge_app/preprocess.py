@@ -931,14 +931,16 @@ def lung_step(gray: np.ndarray, spec: InputSpec, timings: dict | None = None) ->
 
 # ---------------------------------------------------------------------------------------------
 
+def trimmed8(gray: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """[border trim] of any grey image (see `grey8`) as uint8: what the lung step sees."""
+    return grey8(trim_borders(gray) if spec.borders == "trim" else gray)
+
+
 def square8(gray: np.ndarray, spec: InputSpec, timings: dict | None = None) -> np.ndarray:
     """[border trim], [lung crop], fit_square8: the (size, size) uint8 image before the contrast
     step, from any grey image (see `grey8`). What training caches and augments. `timings`: see
     `lung_step`."""
-    if spec.borders == "trim":
-        gray = trim_borders(gray)
-    gray = lung_step(grey8(gray), spec, timings)
-    return fit_square8(gray, spec.size, spec.fit)
+    return fit_square8(lung_step(trimmed8(gray, spec), spec, timings), spec.size, spec.fit)
 
 
 def contrast_step(image: np.ndarray, spec: InputSpec) -> np.ndarray:

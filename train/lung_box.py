@@ -33,11 +33,9 @@ MIN_GROUP = 8   # films a group needs for its row
 def box_ratio(path, spec: preprocess.InputSpec) -> float | None:
     """Width / height of a film's lung box as the run's preprocessing finds it (its margin is a share
     of each side, so it keeps the ratio unless the image's edge clips it); None when refused."""
-    gray = preprocess.decode(path)
-    if spec.borders == "trim":
-        gray = preprocess.trim_borders(gray)
+    gray = preprocess.trimmed8(preprocess.decode(path, draft_size=spec.size), spec)   # as `preprocess.load8`
     try:
-        top, left, bottom, right = lungs.find(preprocess.grey8(gray), spec).box
+        top, left, bottom, right = lungs.find(gray, spec).box
     except InputError:
         return None
     return (right - left) / (bottom - top)
