@@ -185,11 +185,14 @@ def projection_factors(records: list[Record]) -> np.ndarray:
     source's, `train.data.sources`; an unknown source is its own): weighted so, the projection tells
     nothing of the class there, and each class's and each projection's total is kept. 1 for an image
     of unknown projection (left out of the counts)."""
-    groups = [(sources.population_of(r.source), r.label, projection(r.view)) for r in records]
-    known = [g for g in groups if g[2]]
-    n = Counter(g[0] for g in known)
-    by_class, by_view, joint = Counter(g[:2] for g in known), Counter(g[::2] for g in known), Counter(known)
-    return np.array([by_class[g[:2]] * by_view[g[::2]] / (n[g[0]] * joint[g]) if g[2] else 1.0 for g in groups])
+    cells = [(sources.population_of(r.source), r.label, projection(r.view)) for r in records]
+    known = [cell for cell in cells if cell[2]]
+    n = Counter(population for population, _, _ in known)
+    by_class = Counter((population, label) for population, label, _ in known)
+    by_view = Counter((population, view) for population, _, view in known)
+    joint = Counter(known)
+    return np.array([by_class[p, label] * by_view[p, view] / (n[p] * joint[p, label, view]) if view else 1.0
+                     for p, label, view in cells])
 
 
 def make_dataset(images: np.ndarray, labels: np.ndarray, spec: preprocess.InputSpec, *,
