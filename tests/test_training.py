@@ -363,8 +363,8 @@ def test_source_power_lifts_a_small_source_within_its_class_and_keeps_the_class_
 
 def test_view_balance_makes_the_projection_tell_nothing_of_the_class_within_a_population():
     from train.data import sources
-    from train.data.records import Record
-    from train.pipeline import image_weights, projection, projection_factors
+    from train.data.records import Record, projection
+    from train.pipeline import image_weights, projection_factors
 
     assert [projection(v) for v in ("PA", "AP Supine", "AP (pediatric)", "ap", "L", "")] == ["PA", "AP", "AP", "AP",
                                                                                              "", ""]
@@ -387,6 +387,31 @@ def test_view_balance_makes_the_projection_tell_nothing_of_the_class_within_a_po
     balanced = image_weights(records, LABELS, class_power=0.0, source_power=0.0, view_balance=True)
     assert balanced.mean() == pytest.approx(1.0)
     assert balanced[:8] == pytest.approx(factors[:8] * len(records) / factors.sum())
+
+
+def test_a_split_reports_its_adults_by_projection_with_wilson_intervals():
+    from edge_app.metrics import wilson_interval
+    from train.data import sources
+    from train.data.records import Record
+    from train.evaluate import split_metrics
+
+    adult_normal, adult_pneumonia = sources.SOURCES[2].repo, sources.SOURCES[3].repo   # rsna-normal, rsna-pneumonia
+    cells = [(adult_pneumonia, "pneumonia", "AP", 0.9), (adult_pneumonia, "pneumonia", "AP Supine", 0.8),
+             (adult_pneumonia, "pneumonia", "PA", 0.2), (adult_pneumonia, "pneumonia", "PA", 0.7),
+             (adult_normal, "normal", "AP", 0.6), (adult_normal, "normal", "PA", 0.1),
+             (adult_normal, "normal", "", 0.9),                       # projection unknown: left out
+             ("kermany", "normal", "AP (pediatric)", 0.1)]            # a child: left out
+    records = [Record(Path(f"{i}.png"), label, "test", None, source, view=view)
+               for i, (source, label, view, _) in enumerate(cells)]
+    p = np.array([c[3] for c in cells])
+    logits = np.log(np.stack([1 - p, p / 2, p / 2], axis=1))
+    y = np.array([LABELS.index(c[1]) for c in cells])
+    m = split_metrics(logits, y, records, LABELS, temperature=1.0, threshold=0.5, bootstrap=0)["adult_projections"]
+    assert set(m) == {"adult pneumonia AP", "adult pneumonia PA", "adult normal AP", "adult normal PA"}
+    assert m["adult pneumonia AP"] == {"n": 2, "figure": "sensitivity", "value": 1.0,
+                                       "ci95": list(wilson_interval(2, 2))}
+    assert m["adult pneumonia PA"]["value"] == 0.5 and m["adult pneumonia PA"]["n"] == 2
+    assert m["adult normal AP"]["value"] == 0.0 and m["adult normal PA"]["value"] == 1.0
 
 
 def test_label_smoothing_loss_by_hand():

@@ -15,7 +15,7 @@ from edge_app.graph_names import LOGITS, POOL
 from edge_app.preprocess import InputSpec
 from train import models
 from train.data import run_splits, sources
-from train.data.records import Record, label_indices
+from train.data.records import Record, label_indices, projection
 from train.pipeline import load_images, make_dataset
 
 BATCH = 64
@@ -72,6 +72,8 @@ def split_metrics(logits: np.ndarray, y: np.ndarray, records: list[Record], labe
                                                      temperature=temperature, threshold=threshold)
     result["cohorts"] = metrics.cohort_metrics(logits, y, _cohorts(records), labels,
                                                temperature=temperature, threshold=threshold)
+    result["adult_projections"] = metrics.cohort_metrics(logits, y, _adult_projections(records), labels,
+                                                         temperature=temperature, threshold=threshold)
     return result
 
 
@@ -118,6 +120,14 @@ def refitted_metrics(logits: dict[str, np.ndarray], y: dict[str, np.ndarray], re
 
 def _cohorts(records: list[Record]) -> list[str | None]:
     return [sources.cohort_of(r.source, r.label) for r in records]
+
+
+def _adult_projections(records: list[Record]) -> list[str | None]:
+    """'adult normal PA', 'adult pneumonia AP', ... for an adult of known projection; None otherwise. The
+    set's adult pneumonias are mostly AP films and its adult normals mostly PA, a clinic's outpatients PA:
+    a model can read the projection for the finding (docs/RESULTS.md, 2026-12-07 morning)."""
+    return [f"{sources.cohort_of(r.source, r.label)} {projection(r.view)}"
+            if sources.population_of(r.source) == "adult" and projection(r.view) else None for r in records]
 
 
 def card_metrics(test: dict) -> dict:

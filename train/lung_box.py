@@ -26,6 +26,7 @@ from edge_app import decision, lungs, preprocess
 from edge_app.errors import InputError
 from edge_app.model_card import ModelCard
 from train.data import sources
+from train.data.records import projection
 
 MIN_GROUP = 8   # films a group needs for its row
 
@@ -74,7 +75,6 @@ def measure(run: Path, splits=("val", "test"), data_root: Path | None = None,
     training split has none: its shapes only); {split: {group: its films' ratios}}, refused left out)."""
     from train.config import TrainConfig         # lazily: these import TensorFlow
     from train.data import run_splits
-    from train.pipeline import projection
 
     card = ModelCard.from_json((run / "model_card.json").read_text())
     if card.input.lung_crop == "none":

@@ -24,7 +24,7 @@ from edge_app import preprocess
 from edge_app.errors import InputError
 from train.config import TrainConfig
 from train.data import sources
-from train.data.records import Record
+from train.data.records import Record, projection
 
 
 def load_images(records: list[Record], spec: preprocess.InputSpec, *, desc: str = "images",
@@ -172,12 +172,6 @@ def image_weights(records: list[Record], labels, *, class_power: float, source_p
     if view_balance:
         weights *= projection_factors(records)
     return (weights * len(weights) / weights.sum()).astype(np.float32)
-
-
-def projection(view: str) -> str:
-    """"PA" or "AP" (AP supine, AP pediatric...) from a record's view; "" when unknown or another view."""
-    view = view.strip().upper()
-    return "PA" if view.startswith("PA") else "AP" if view.startswith("AP") else ""
 
 
 def projection_factors(records: list[Record]) -> np.ndarray:

@@ -127,14 +127,15 @@ def interval(c: dict) -> str:
     return f"{figure(c['value'])} [{figure(lo)}–{figure(hi)}] ({c['n']})"
 
 
-def _cohort_table(results: dict) -> list[str]:
-    splits = [s for s in ("val", "test", "holdout") if s in results and results[s].get("cohorts")]
+def _cohort_table(results: dict, key: str = "cohorts", missing: str = "No image of a known source "
+                  "(train/data/sources.py): no cohort figures.") -> list[str]:
+    splits = [s for s in ("val", "test", "holdout") if s in results and results[s].get(key)]
     if not splits:
-        return ["No image of a known source (train/data/sources.py): no cohort figures."]
-    cohorts = sorted({c for s in splits for c in results[s]["cohorts"]})
+        return [missing]
+    cohorts = sorted({c for s in splits for c in results[s][key]})
     lines = ["| cohort | figure | " + " | ".join(splits) + " |", "|---" * (len(splits) + 2) + "|"]
     for cohort in cohorts:
-        cells = [results[s]["cohorts"].get(cohort) for s in splits]
+        cells = [results[s][key].get(cohort) for s in splits]
         kind = next(c["figure"] for c in cells if c)
         lines.append(f"| {cohort} | {kind} | " + " | ".join(interval(c) if c else "—" for c in cells) + " |")
     return lines
@@ -187,7 +188,12 @@ def write(reports: Path, results: dict, labels, logits: dict, ys: dict, history:
     lines += ["", "## Adults and children (decisions at the operating threshold, 95 % Wilson intervals)", "",
               "The figures that decide the next hospital: the set's children and adults come from different "
               "hospitals, so an overall score can hide a model that refers children and clears adults.", "",
-              *_cohort_table(results)]
+              *_cohort_table(results), "", "### Adults by projection (PA / AP)", "",
+              "The development set's adult pneumonias are mostly AP films (bedside, supine), its adult normals "
+              "mostly PA; a clinic's outpatients are PA. A model that reads the projection for the finding "
+              "refers AP normals and misses PA pneumonias: read the PA rows before an outpatient clinic.", "",
+              *_cohort_table(results, "adult_projections", "No adult image of known projection (the manifest's "
+                             "`view`; a run trained before it was recorded has none).")]
     lines += ["", "## Per data source (test)", "",
               "A class drawn mostly from one hospital lets a model learn the hospital: read recall per "
               "source before trusting the overall score.", "",

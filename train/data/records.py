@@ -20,6 +20,12 @@ class Record:
     view: str = ""             # the projection as the source gives it ("PA", "AP", "AP Supine", ...); "" unknown
 
 
+def projection(view: str) -> str:
+    """"PA" or "AP" (AP supine, AP pediatric...) from a record's view; "" when unknown or another view."""
+    view = view.strip().upper()
+    return "PA" if view.startswith("PA") else "AP" if view.startswith("AP") else ""
+
+
 def label_indices(records: list[Record], labels: tuple[str, ...]) -> np.ndarray:
     """The records' labels as class indices into `labels` (a model's output order)."""
     return np.array([labels.index(r.label) for r in records], dtype=np.int32)
