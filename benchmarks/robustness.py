@@ -206,7 +206,7 @@ def measure(run: Path, models: dict[str, Path], *, split: Split | None = None, l
             folder = work / acquisition.name.replace(" ", "-")
             files = write_acquired(acquisition, paths, folder, seed)
             index = {str(f): i for i, f in enumerate(files)}
-            labelled = [(str(f), cls) for f, (_, cls) in zip(files, films)]
+            labelled = [(str(f), cls, "") for f, (_, cls) in zip(files, films)]
             for name, classifier in classifiers.items():
                 card = classifier.card
                 records, refused = validate.classify(classifier, labelled)

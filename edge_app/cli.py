@@ -250,7 +250,8 @@ def add_validate_parser(sub, with_model) -> None:
     sp = with_model(sub.add_parser("validate", help="commissioning: the model's figures on a site's own "
                                    "labelled images"))
     sp.add_argument("images", help="a folder of class folders (normal/, pneumonia/, covid/ or their synonyms), "
-                    "searched recursively, or a CSV of file,label")
+                    "searched recursively, or a CSV of file,label[,group] (group: PA / AP, ward, room...: "
+                    "figures per group too)")
     sp.add_argument("--out", default="validation", help="folder for validation.{json,md} and reliability.png")
     sp.add_argument("--target-sensitivity", type=_fraction,
                     help="the abnormal sensitivity the site threshold must reach on these images "

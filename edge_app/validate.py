@@ -1,12 +1,14 @@
 """On-device commissioning: the model's figures on a site's own labelled images, with no TensorFlow.
 
 `python -m edge_app validate --model M.tflite DIR` reads `DIR/<class>/...` (class names as training
-reads them, edge_app.labels) or a CSV of `file,label`, classifies every image with
+reads them, edge_app.labels) or a CSV of `file,label[,group]`, classifies every image with
 `Classifier.predict` (the code path of `predict` and the app, so each image's figures are the ones
 the device gives it), and reports sensitivity and specificity at the model card's threshold with
 Wilson intervals, the abnormal AUC with a bootstrap interval, per-class recall, the confusion
 matrix, the out-of-distribution share, a reliability plot (drawn with Pillow) and the threshold
-that reaches a target sensitivity on these images, with its bootstrap interval. Every image that
+that reaches a target sensitivity on these images, with its bootstrap interval; with the CSV's optional
+`group` column (projection PA / AP, ward, X-ray room, detector), sensitivity and specificity per group, since
+one overall figure can hide the films a model handles worst. Every image that
 cannot be read is listed with its error code, every file that is not an image is listed as skipped.
 """
 from __future__ import annotations
@@ -31,54 +33,56 @@ IMAGE_FIELDS = ("source", "label", "probabilities", "abnormal_probability", "dec
                 "ood_score", "detail")
 
 
-def read_labelled(source) -> tuple[list[tuple[str, str]], list[dict]]:
-    """((image path, class), ...) from class folders or a `file,label` CSV, and the files left out,
-    each with its reason: not an image, not in a class folder, or a label no class has (EXCLUDED)."""
+def read_labelled(source) -> tuple[list[tuple[str, str, str]], list[dict]]:
+    """((image path, class, group), ...) from class folders or a `file,label[,group]` CSV (group "" when
+    none is given), and the files left out, each with its reason: not an image, not in a class folder, or a
+    label no class has (EXCLUDED)."""
     source = Path(source)
     if source.is_dir():
-        pairs, left_out = _from_folders(source)
+        rows, left_out = _from_folders(source)
     elif source.is_file():
-        pairs, left_out = _from_csv(source)
+        rows, left_out = _from_csv(source)
     else:
         raise InputError("not_found", "no such folder or CSV file", source)
     classes = {}
-    for path, raw in pairs:
+    for path, raw, _ in rows:
         cls = classes.setdefault(raw, _canonical(raw, path))
         if cls is None:
             left_out.append({"path": path, "reason": f"label {raw!r} belongs to no class (edge_app.labels.EXCLUDED)"})
-    labelled = [(path, classes[raw]) for path, raw in pairs if classes[raw] is not None]
+    labelled = [(path, classes[raw], group) for path, raw, group in rows if classes[raw] is not None]
     if not labelled:
         raise InputError("no_images", "no labelled images found", source)
     return labelled, left_out
 
 
-def _from_folders(root: Path) -> tuple[list[tuple[str, str]], list[dict]]:
+def _from_folders(root: Path) -> tuple[list[tuple[str, str, str]], list[dict]]:
     images, skipped = collect([root])
     left_out = [{"path": path, "reason": "not an image file (by its name or header)"} for path in skipped]
-    pairs = []
+    rows = []
     for image in images:
         parts = Path(image).relative_to(root).parts
         if len(parts) < 2:
             left_out.append({"path": image, "reason": "not in a class folder"})
         else:
-            pairs.append((image, parts[0]))
-    return pairs, left_out
+            rows.append((image, parts[0], ""))
+    return rows, left_out
 
 
-def _from_csv(path: Path) -> tuple[list[tuple[str, str]], list[dict]]:
-    """Rows `file,label` under a header row; relative files are relative to the CSV's folder."""
+def _from_csv(path: Path) -> tuple[list[tuple[str, str, str]], list[dict]]:
+    """Rows `file,label[,group]` under a header row; relative files are relative to the CSV's folder."""
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"file", "label"} <= set(reader.fieldnames):
             raise InputError("bad_csv", f"the CSV needs a header row with the columns file,label "
                              f"(found {reader.fieldnames})", path)
         rows = list(reader)
-    pairs = []
+    labelled = []
     for line, row in enumerate(rows, start=2):
         if not (row["file"] or "").strip():
             raise InputError("bad_csv", f"line {line}: no file", path)
-        pairs.append((str(path.parent / row["file"].strip()), (row["label"] or "").strip()))
-    return pairs, []
+        labelled.append((str(path.parent / row["file"].strip()), (row["label"] or "").strip(),
+                         (row.get("group") or "").strip()))
+    return labelled, []
 
 
 def _canonical(raw: str, where: str) -> str | None:
@@ -88,22 +92,23 @@ def _canonical(raw: str, where: str) -> str | None:
         raise InputError("unknown_label", str(exc)) from None
 
 
-def classify(classifier, labelled: list[tuple[str, str]]) -> tuple[list[dict], list[dict]]:
-    """(one record per classified image, one per image that could not be read)."""
+def classify(classifier, labelled: list[tuple[str, str, str]]) -> tuple[list[dict], list[dict]]:
+    """(one record per classified image, one per image that could not be read), from (path, class, group)."""
     labels = classifier.card.labels
-    missing = sorted({cls for _, cls in labelled} - set(labels))
+    missing = sorted({cls for _, cls, _ in labelled} - set(labels))
     if missing:
         raise InputError("label_not_in_model", f"the images include {', '.join(missing)}, which this model "
                          f"does not classify (its labels: {', '.join(labels)})", classifier.model_path)
     records, unreadable = [], []
-    for path, cls in progress(labelled, "validating"):
+    for path, cls, group in progress(labelled, "validating"):
         try:
             prediction = classifier.predict(path)
         except InputError as exc:
-            unreadable.append({"source": path, "class": cls, "code": exc.code, "message": exc.message})
+            unreadable.append({"source": path, "class": cls, "group": group, "code": exc.code,
+                               "message": exc.message})
             continue
         as_dict = prediction.to_dict()
-        records.append({"class": cls, **{key: as_dict[key] for key in IMAGE_FIELDS}})
+        records.append({"class": cls, "group": group, **{key: as_dict[key] for key in IMAGE_FIELDS}})
     return records, unreadable
 
 
@@ -152,7 +157,18 @@ def summarise(records: list[dict], labels, *, card_threshold: float, ood_thresho
                                  for b in metrics.calibration_bins(probs, y)],
                         "ece": metrics.expected_calibration_error(probs, y) if len(records) else math.nan},
         "target": None if target_sensitivity is None else _target(positive, scores, target_sensitivity, bootstrap),
+        "per_group": _per_group(records, positive, scores, card_threshold),
     }
+
+
+def _per_group(records: list[dict], positive, scores, threshold: float) -> dict | None:
+    """Per group of the CSV's `group` column: sensitivity and specificity at the card's threshold (Wilson
+    intervals); None when no image has a group."""
+    groups = np.array([r.get("group") or "" for r in records])
+    if not groups.any():
+        return None
+    return {group or "(none)": at_threshold(positive[groups == group], scores[groups == group], threshold)
+            for group in sorted(set(groups.tolist()))}
 
 
 def _warned(records: list[dict], labels, warning: str, threshold: float | None, score: str) -> dict | None:
@@ -308,6 +324,11 @@ def markdown(r: dict) -> str:
     lines += ["", "## Confusion matrix (rows: true class, columns: most probable class)", "",
               "| true \\ predicted | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
     lines += [f"| {label} | " + " | ".join(map(str, row)) + " |" for label, row in zip(labels, cm)]
+    if r["per_group"]:
+        lines += ["", "## Per group (the CSV's `group` column), at the model card's threshold", "",
+                  "| group | sensitivity (95 % CI) k/n | specificity (95 % CI) k/n |", "|---|---|---|"]
+        lines += [f"| {group} | {format_rate(row['sensitivity'])} | {format_rate(row['specificity'])} |"
+                  for group, row in r["per_group"].items()]
     lines += ["", "## Out of distribution", ""]
     if r["ood"] is None:
         lines.append("This model carries no out-of-distribution score.")
@@ -377,6 +398,8 @@ def text_summary(r: dict) -> str:
         lines += [f"  CAUTION: {caveat}"] if caveat else []
     auc = r["abnormal_auc"]
     lines.append(f"abnormal AUC {format_number(auc['value'])} (95 % CI {_interval(auc['ci95'])})")
+    lines += [f"  group {group}: sensitivity {format_rate(row['sensitivity'])}, specificity "
+              f"{format_rate(row['specificity'])}" for group, row in (r["per_group"] or {}).items()]
     if r["ood"] is not None:
         lines.append(f"out of distribution: {format_rate(r['ood']['share'])}")
     if r["low_detail"] is not None:

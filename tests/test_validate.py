@@ -154,6 +154,29 @@ def test_validate_reads_a_csv_like_the_folders(model, site, tmp_path):
     strip = lambda r: {k: v for k, v in r.items() if k not in ("images", "left_out", "n_left_out")}
     assert strip(from_csv) == strip(from_folders)
 
+    # a `group` column (here the projection as a site might list it): the same figures, and per group the
+    # sensitivity and specificity of exactly that group's images; an image with no group is listed as such
+    grouped = tmp_path / "lists" / "grouped.csv"
+    groups = {}
+    with open(grouped, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "label", "group"])
+        for i, image in enumerate(images):
+            groups[str(Path(image).resolve())] = ["PA", "AP", ""][i % 3]
+            writer.writerow([image, Path(image).relative_to(site).parts[0], ["PA", "AP", ""][i % 3]])
+    _, by_group = _validate(model, grouped, tmp_path / "grouped")
+    assert by_group["card_threshold"] == from_folders["card_threshold"] and from_folders["per_group"] is None
+    threshold = by_group["card_threshold"]["threshold"]
+    for group, name in (("PA", "PA"), ("AP", "AP"), ("", "(none)")):
+        mine = [r for r in by_group["per_image"] if groups[str(Path(r["source"]).resolve())] == group]
+        assert {r["group"] for r in mine} <= {group}
+        abnormal = [r["abnormal_probability"] >= threshold for r in mine if r["class"] != "normal"]
+        normal = [r["abnormal_probability"] < threshold for r in mine if r["class"] == "normal"]
+        row = by_group["per_group"][name]
+        assert (row["sensitivity"]["k"], row["sensitivity"]["n"]) == (sum(abnormal), len(abnormal))
+        assert (row["specificity"]["k"], row["specificity"]["n"]) == (sum(normal), len(normal))
+    assert "## Per group" in (tmp_path / "grouped" / "validation.md").read_text()
+
     (tmp_path / "bad.csv").write_text("file,label\nNORMAL/x.png,tuberculosis-ish\n")
     result = run_module("edge_app", "validate", "--model", model, tmp_path / "bad.csv", check=False)
     assert result.returncode == 1 and "unknown_label" in result.stderr and "tuberculosis-ish" in result.stderr
