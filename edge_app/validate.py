@@ -164,9 +164,9 @@ def summarise(records: list[dict], labels, *, card_threshold: float, ood_thresho
 def _per_group(records: list[dict], positive, scores, threshold: float) -> dict | None:
     """Per group of the CSV's `group` column: sensitivity and specificity at the card's threshold (Wilson
     intervals); None when no image has a group."""
-    groups = np.array([r.get("group") or "" for r in records])
-    if not groups.any():
+    if not any(r.get("group") for r in records):
         return None
+    groups = np.array([r.get("group") or "" for r in records])
     return {group or "(none)": at_threshold(positive[groups == group], scores[groups == group], threshold)
             for group in sorted(set(groups.tolist()))}
 
