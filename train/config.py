@@ -70,6 +70,9 @@ class TrainConfig:
                                           # its batch, labels and weights alike (train.pipeline.mix_batches); 0 off
     mixstyle: float = 0.0                 # MixStyle's probability per batch: the early layers' feature statistics
                                           # blended between the batch's images (train.mixstyle); 0 off
+    source_adversary: float = 0.0         # weight of the reversed gradient of a head that tells the data source
+                                          # from the pooled features within each class (train.source_adversary);
+                                          # 0 off
     augment: bool = True
     rotation_degrees: float = 7.0
     zoom: float = 0.1
@@ -130,6 +133,10 @@ class TrainConfig:
                              f"with loss {self.loss!r}")
         if not 0.0 <= self.mixstyle <= 1.0:
             raise ValueError(f"mixstyle is a probability in [0, 1], got {self.mixstyle}")
+        if self.source_adversary < 0 or (self.source_adversary and (self.mixup or self.mixstyle)):
+            raise ValueError(f"source_adversary must be >= 0 and goes without mixup and mixstyle (their blended "
+                             f"labels and second graph), got {self.source_adversary} with mixup {self.mixup}, "
+                             f"mixstyle {self.mixstyle}")
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides) -> "TrainConfig":

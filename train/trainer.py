@@ -23,7 +23,7 @@ import tf_keras as keras
 
 from edge_app import decision, lungs, metrics
 from edge_app.model_card import ModelCard
-from train import detail, evaluate, gradcam, mixstyle, models, ood, report, shortcuts
+from train import detail, evaluate, gradcam, mixstyle, models, ood, report, shortcuts, source_adversary
 from train.config import TrainConfig
 from train.data import load_dataset, run_splits, sources
 from train.data.leakage import check_leakage
@@ -46,6 +46,11 @@ def distribution_strategy(devices: list[str] | None = None) -> tf.distribute.Str
     if len(gpus) == 1:
         return tf.distribute.OneDeviceStrategy("/gpu:0")
     return tf.distribute.get_strategy()
+
+
+def crossentropy(y_true, logits):
+    """Per-image cross-entropy on logits (per image, so that the source adversary can add its own)."""
+    return keras.losses.sparse_categorical_crossentropy(y_true, logits, from_logits=True)
 
 
 def sparse_focal_loss(gamma: float):
@@ -90,16 +95,17 @@ def set_trainable(model: keras.Model, strategy: str, phase: int, fine_tune_layer
 
 
 class ValidationMetrics(keras.callbacks.Callback):
-    """One pass over validation per epoch, logging val_loss, val_accuracy, val_abnormal_auc and
-    val_macro_f1 (monitored by checkpoint, early stopping and the learning-rate schedule): a
-    screening model is judged by how it ranks abnormal images."""
+    """One pass of the run's model over validation per epoch, logging val_loss, val_accuracy,
+    val_abnormal_auc and val_macro_f1 (monitored by checkpoint, early stopping and the learning-rate
+    schedule): a screening model is judged by how it ranks abnormal images. `scored` is the run's
+    model, which shares its weights with the graph being fitted (with MixStyle or a source adversary)."""
 
-    def __init__(self, dataset, y, loss):
+    def __init__(self, scored, dataset, y, loss):
         super().__init__()
-        self.dataset, self.y, self.loss = dataset, y, loss
+        self.scored, self.dataset, self.y, self.loss = scored, dataset, y, loss
 
     def on_epoch_end(self, epoch, logs=None):
-        logits = self.model.predict(self.dataset, verbose=0)
+        logits = self.scored.predict(self.dataset, verbose=0)
         probs = decision.calibrated_probabilities(logits)
         logs["val_loss"] = float(tf.reduce_mean(self.loss(self.y, logits)))
         logs["val_accuracy"] = float((probs.argmax(1) == self.y).mean())
@@ -221,7 +227,10 @@ def run(config: TrainConfig, out: str | Path, *, resume: bool = False, progress:
     x_val, y_val, _ = split_data["val"]
     per_image = image_weights(train_records, labels, class_power=config.class_weight_power,
                               source_power=config.source_weight_power, view_balance=config.view_balance)
-    train_ds = make_dataset(x_train, y_train, spec, batch_size=batch, training=True, config=config,
+    train_sources = sorted({r.source or "unknown" for r in train_records})
+    y_fit = (source_adversary.joint_labels(y_train, [train_sources.index(r.source or "unknown") for r in train_records],
+                                           len(train_sources)) if config.source_adversary else y_train)
+    train_ds = make_dataset(x_train, y_fit, spec, batch_size=batch, training=True, config=config,
                             seed=config.seed, sample_weights=per_image)
     if config.mixup:
         train_ds = mix_batches(train_ds, config.mixup, len(labels), seed=config.seed)
@@ -234,11 +243,19 @@ def run(config: TrainConfig, out: str | Path, *, resume: bool = False, progress:
         model = models.build(config.model, len(labels), image_size=spec.size, alpha=config.alpha,
                              weights=config.weights, weights_dirs=config.weights_dirs,
                              dropout=config.dropout)
-        fitted = (mixstyle.with_mixstyle(model, models.get(config.model).style_layers, config.mixstyle,
-                                         config.seed) if config.mixstyle else model)  # shares model's weights
+        fitted = model   # or a training graph that shares model's weights:
+        if config.mixstyle:
+            fitted = mixstyle.with_mixstyle(model, models.get(config.model).style_layers, config.mixstyle, config.seed)
+        if config.source_adversary:
+            fitted = source_adversary.with_source_adversary(model, len(train_sources), config.source_adversary)
+            print(f"source adversary (weight {config.source_adversary:g}) within each class over {train_sources}")
     loss = (sparse_focal_loss(config.focal_gamma) if config.loss == "focal"
             else smoothed_crossentropy(config.label_smoothing) if config.label_smoothing or config.mixup
-            else keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+            else crossentropy)
+    fitted_loss, fitted_metrics = loss, ["accuracy"]
+    if config.source_adversary:
+        fitted_loss = source_adversary.loss(loss, len(labels), len(train_sources))
+        fitted_metrics = source_adversary.metrics(len(labels), len(train_sources))
 
     phases = [(1, config.epochs, config.learning_rate)]
     if config.strategy == "finetune":
@@ -252,13 +269,13 @@ def run(config: TrainConfig, out: str | Path, *, resume: bool = False, progress:
             continue
         set_trainable(model, config.strategy, phase, config.fine_tune_layers)
         with strategy.scope():
-            fitted.compile(optimizer=keras.optimizers.Adam(lr * replicas), loss=loss,
-                          metrics=["accuracy"], jit_compile=config.xla)
+            fitted.compile(optimizer=keras.optimizers.Adam(lr * replicas), loss=fitted_loss,
+                           metrics=fitted_metrics, jit_compile=config.xla)
         print(f"phase {phase}: {sum(np.prod(w.shape) for w in fitted.trainable_weights):,} trainable "
               f"parameters, {epochs} epochs, learning rate {lr * replicas:g}")
         callbacks = [WeightAverage(config.weight_average)] if config.weight_average else []
         callbacks += [
-            ValidationMetrics(val_ds, y_val, loss),
+            ValidationMetrics(model, val_ds, y_val, loss),
             keras.callbacks.ModelCheckpoint(str(checkpoints / "best.weights.h5"), monitor=MONITOR,
                                             mode="max", save_best_only=True, save_weights_only=True),
             keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max",
