@@ -1,6 +1,7 @@
-"""The class-conditional source adversary (train.source_adversary): a reversed gradient, a loss that
-asks the source within the image's class, a training graph sharing the model's weights, and a run
-that trains with it and saves the model without it."""
+"""The class-conditional source adversary (train.source_adversary): a reversed gradient, a judge whose
+two readings train the judge and the backbone apart, a loss that asks the source within the image's
+class, a training graph sharing the model's weights, and a run that trains with it and saves the model
+without it."""
 import csv
 import json
 import shutil
@@ -31,43 +32,72 @@ def test_gradient_reversal_is_the_identity_forwards_and_turns_the_gradient_backw
 
 
 def test_the_loss_is_the_class_loss_plus_the_source_within_the_images_class_by_hand():
-    classes, sources = 3, 2
-    labels = source_adversary.joint_labels(np.array([2, 0]), np.array([1, 0]), sources)
+    present = np.array([[True, False], [True, True], [True, True]])
+    labels = source_adversary.joint_labels(np.array([2, 0]), np.array([1, 0]), 2)
     assert labels.tolist() == [5, 0]
     logits = np.array([[0.1, 0.2, 1.5], [2.0, -1.0, 0.0]], np.float32)
-    adversary = np.array([[9.0, 9.0, 9.0, 9.0, 0.5, -0.5],     # class 2's block is (0.5, -0.5)
-                          [1.0, 3.0, -9.0, 9.0, -9.0, 9.0]], np.float32)  # class 0's block is (1, 3)
-    outputs = np.concatenate([logits, adversary], axis=1)
+    judged = np.array([[9.0, 9.0, 9.0, 9.0, 0.5, -0.5],     # class 2's block is (0.5, -0.5)
+                       [1.0, 3.0, -9.0, 9.0, -9.0, 9.0]], np.float32)  # class 0's block is (1, 3)
+    held = judged[:, ::-1].copy()                              # class 2's (-9, 9), class 0's (-0.5, 0.5)
 
-    def ce(z, k):
-        return -np.log(np.exp(z[k]) / np.exp(z).sum())
-    expected = [ce(logits[0], 2) + ce(adversary[0, 4:], 1), ce(logits[1], 0) + ce(adversary[1, :2], 0)]
-    total = source_adversary.loss(crossentropy, classes, sources)(labels, outputs)
-    np.testing.assert_allclose(total.numpy(), expected, rtol=1e-5)
-    accuracy, source_accuracy = source_adversary.metrics(classes, sources)
+    def ce(z, target):
+        return -(np.asarray(target) * np.log(np.exp(z) / np.exp(z).sum())).sum()
+    class_and_judge = np.array([ce(logits[0], [0, 0, 1]) + ce(judged[0, 4:], [0, 1]),
+                                ce(logits[1], [1, 0, 0]) + ce(judged[1, :2], [1, 0])])
+    reversal = source_adversary.SourceAdversary(3, present, 0.5, "reversal")
+    total = reversal.loss(crossentropy)(labels, np.concatenate([logits, judged], axis=1))
+    np.testing.assert_allclose(total.numpy(), class_and_judge, rtol=1e-5)
+    # confusion: plus 0.5 x the held judge against an even split of the class's sources (class 0 has one)
+    confusion = source_adversary.SourceAdversary(3, present, 0.5, "confusion")
+    outputs = np.concatenate([logits, judged, held], axis=1)
+    even = class_and_judge + 0.5 * np.array([ce(held[0, 4:], [0.5, 0.5]), ce(held[1, :2], [1, 0])])
+    np.testing.assert_allclose(confusion.loss(crossentropy)(labels, outputs).numpy(), even, rtol=1e-5)
+    accuracy, source_accuracy = confusion.metrics()
     assert accuracy(labels, outputs).numpy().tolist() == [1.0, 1.0]
     assert source_accuracy(labels, outputs).numpy().tolist() == [0.0, 0.0]
 
 
-def test_the_training_graph_shares_the_models_weights_and_its_first_outputs_are_the_logits():
+def test_which_sources_a_class_has_is_counted_from_the_training_labels():
+    adversary = source_adversary.SourceAdversary.of([0, 0, 1, 2], [0, 1, 1, 1], 3, 2, 1.0, "confusion")
+    assert adversary.present.tolist() == [[True, True], [False, True], [False, True]]
+    assert adversary.sources == 2
+    with pytest.raises(ValueError, match="at least two data sources"):
+        source_adversary.SourceAdversary.of([0, 1], [0, 0], 3, 1, 1.0, "confusion")
+    with pytest.raises(ValueError, match="mode"):
+        source_adversary.SourceAdversary.of([0, 1], [0, 1], 3, 2, 1.0, "both")
+
+
+@pytest.mark.parametrize("mode", ["reversal", "confusion"])
+def test_the_training_graph_shares_the_models_weights_and_its_first_outputs_are_the_logits(mode):
     model = models.build("mobilenet_v2", 3, image_size=64, weights="none")
-    fitted = source_adversary.with_source_adversary(model, 4, 0.5)
+    adversary = source_adversary.SourceAdversary(3, np.ones((3, 4), bool), 0.5, mode)
+    fitted = adversary.graph(model)
     own = {id(w) for w in model.weights}
     assert own <= {id(w) for w in fitted.weights}
-    assert sorted(w.name for w in fitted.weights if id(w) not in own) == sorted(
-        w.name for layer in ("source_adversary_hidden", "source_adversary_logits")
-        for w in fitted.get_layer(layer).weights)
+    assert len(fitted.weights) == len(model.weights) + 4       # the judge's two kernels and biases
     x = np.random.default_rng(0).random((2, 64, 64, 3), dtype=np.float32)
     out = fitted(x, training=False).numpy()
-    assert out.shape == (2, 3 + 3 * 4)
+    assert out.shape == (2, 3 + 3 * 4 * (1 + (mode == "confusion")))
     np.testing.assert_array_equal(out[:, :3], model(x, training=False).numpy())
-    with pytest.raises(ValueError, match="at least two data sources"):
-        source_adversary.with_source_adversary(model, 1, 0.5)
+    if mode == "confusion":   # the judge and the held judge answer alike forwards
+        np.testing.assert_allclose(out[:, 3:15], out[:, 15:], rtol=1e-5, atol=1e-6)
+
+
+def test_the_confusion_judge_learns_only_from_its_own_loss_and_the_backbone_only_from_the_held_judge():
+    judge = source_adversary.Judge(2)
+    features = tf.Variable(np.random.default_rng(1).random((4, 8), dtype=np.float32))
+    judge(features)
+    for block, learns_judge, learns_features in ((slice(0, 2), True, False), (slice(2, 4), False, True)):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(judge(features)[:, block] ** 2)
+        moves = [g is not None and bool(np.any(g.numpy() != 0))
+                 for g in tape.gradient(loss, [features, *judge.trainable_weights])]
+        assert moves == [learns_features] + [learns_judge] * 4
 
 
 def test_a_config_refuses_a_negative_weight_and_the_settings_it_cannot_go_with():
     for bad in (dict(source_adversary=-0.1), dict(source_adversary=0.3, mixup=0.2),
-                dict(source_adversary=0.3, mixstyle=0.5)):
+                dict(source_adversary=0.3, mixstyle=0.5), dict(source_adversary=0.3, source_adversary_mode="both")):
         with pytest.raises(ValueError, match="source_adversary"):
             TrainConfig(**bad)
 
@@ -84,7 +114,8 @@ def test_a_run_with_the_adversary_trains_against_two_sources_and_saves_its_model
         rows.writerows([p.parts[0], p.parts[1], str(p), f"hospital-{i % 2}"] for i, p in enumerate(files))
     out = tmp_path / "run"
     result = train_tiny_cnn(data, out, "source_adversary = 0.5")
-    assert "source adversary (weight 0.5) within each class over ['hospital-0', 'hospital-1']" in result.stdout
+    assert ("source adversary (confusion, weight 0.5) within each class over ['hospital-0', 'hospital-1']"
+            in result.stdout)
     assert "source_accuracy" in result.stdout and "Epoch 2/2" in result.stdout
     assert json.loads((out / "config.json").read_text())["source_adversary"] == 0.5
     saved = keras.models.load_model(out / "model.keras", compile=False)

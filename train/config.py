@@ -17,6 +17,7 @@ STRATEGIES = ("frozen", "finetune", "full")
 SCRATCH_MODELS = ("cnn",)  # models with no ImageNet weights (train.models: weights_file None)
 LOSSES = ("crossentropy", "focal")
 THRESHOLD_RULES = ("overall", "every_cohort")
+ADVERSARY_MODES = ("reversal", "confusion")   # train.source_adversary
 
 
 @dataclass
@@ -73,6 +74,8 @@ class TrainConfig:
     source_adversary: float = 0.0         # weight of the reversed gradient of a head that tells the data source
                                           # from the pooled features within each class (train.source_adversary);
                                           # 0 off
+    source_adversary_mode: str = "confusion"  # reversal (its gradient reversed into the backbone) | confusion
+                                          # (the backbone pushes its answer to an even split over the sources)
     augment: bool = True
     rotation_degrees: float = 7.0
     zoom: float = 0.1
@@ -133,6 +136,9 @@ class TrainConfig:
                              f"with loss {self.loss!r}")
         if not 0.0 <= self.mixstyle <= 1.0:
             raise ValueError(f"mixstyle is a probability in [0, 1], got {self.mixstyle}")
+        if self.source_adversary_mode not in ADVERSARY_MODES:
+            raise ValueError(f"source_adversary_mode must be one of {ADVERSARY_MODES}, "
+                             f"got {self.source_adversary_mode!r}")
         if self.source_adversary < 0 or (self.source_adversary and (self.mixup or self.mixstyle)):
             raise ValueError(f"source_adversary must be >= 0 and goes without mixup and mixstyle (their blended "
                              f"labels and second graph), got {self.source_adversary} with mixup {self.mixup}, "

@@ -227,9 +227,15 @@ def run(config: TrainConfig, out: str | Path, *, resume: bool = False, progress:
     x_val, y_val, _ = split_data["val"]
     per_image = image_weights(train_records, labels, class_power=config.class_weight_power,
                               source_power=config.source_weight_power, view_balance=config.view_balance)
-    train_sources = sorted({r.source or "unknown" for r in train_records})
-    y_fit = (source_adversary.joint_labels(y_train, [train_sources.index(r.source or "unknown") for r in train_records],
-                                           len(train_sources)) if config.source_adversary else y_train)
+    adversary, y_fit = None, y_train
+    if config.source_adversary:
+        train_sources = sorted({r.source or "unknown" for r in train_records})
+        source_index = [train_sources.index(r.source or "unknown") for r in train_records]
+        adversary = source_adversary.SourceAdversary.of(y_train, source_index, len(labels), len(train_sources),
+                                                        config.source_adversary, config.source_adversary_mode)
+        y_fit = source_adversary.joint_labels(y_train, source_index, adversary.sources)
+        print(f"source adversary ({adversary.mode}, weight {adversary.weight:g}) within each class over "
+              f"{train_sources}")
     train_ds = make_dataset(x_train, y_fit, spec, batch_size=batch, training=True, config=config,
                             seed=config.seed, sample_weights=per_image)
     if config.mixup:
@@ -246,16 +252,14 @@ def run(config: TrainConfig, out: str | Path, *, resume: bool = False, progress:
         fitted = model   # or a training graph that shares model's weights:
         if config.mixstyle:
             fitted = mixstyle.with_mixstyle(model, models.get(config.model).style_layers, config.mixstyle, config.seed)
-        if config.source_adversary:
-            fitted = source_adversary.with_source_adversary(model, len(train_sources), config.source_adversary)
-            print(f"source adversary (weight {config.source_adversary:g}) within each class over {train_sources}")
+        if adversary is not None:
+            fitted = adversary.graph(model)
     loss = (sparse_focal_loss(config.focal_gamma) if config.loss == "focal"
             else smoothed_crossentropy(config.label_smoothing) if config.label_smoothing or config.mixup
             else crossentropy)
     fitted_loss, fitted_metrics = loss, ["accuracy"]
-    if config.source_adversary:
-        fitted_loss = source_adversary.loss(loss, len(labels), len(train_sources))
-        fitted_metrics = source_adversary.metrics(len(labels), len(train_sources))
+    if adversary is not None:
+        fitted_loss, fitted_metrics = adversary.loss(loss), adversary.metrics()
 
     phases = [(1, config.epochs, config.learning_rate)]
     if config.strategy == "finetune":
