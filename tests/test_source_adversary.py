@@ -121,3 +121,9 @@ def test_a_run_with_the_adversary_trains_against_two_sources_and_saves_its_model
     saved = keras.models.load_model(out / "model.keras", compile=False)
     assert not any("source" in layer.name for layer in saved.layers)
     assert saved.output.shape[-1] == 3
+
+
+def test_a_run_saved_before_the_confusion_mode_was_trained_by_reversal():
+    assert TrainConfig.from_dict({"source_adversary": 1.0}, saved_run=True).source_adversary_mode == "reversal"
+    assert TrainConfig.from_dict({"source_adversary": 1.0}).source_adversary_mode == "confusion"
+    assert TrainConfig.from_dict({}, saved_run=True).source_adversary_mode == "confusion"

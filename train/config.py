@@ -160,6 +160,8 @@ class TrainConfig:
         values = dict(values)
         if saved_run:                     # a run saved before class offsets existed trained without them
             values.setdefault("class_prior_correction", False)
+            if values.get("source_adversary"):    # the adversary had one mode before "confusion" came
+                values.setdefault("source_adversary_mode", "reversal")
         if "balance_sources" in values:   # runs made before source_weight_power replaced it
             if values.pop("balance_sources"):
                 values.update(class_weight_power=1.0, source_weight_power=1.0)
