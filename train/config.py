@@ -71,11 +71,12 @@ class TrainConfig:
                                           # its batch, labels and weights alike (train.pipeline.mix_batches); 0 off
     mixstyle: float = 0.0                 # MixStyle's probability per batch: the early layers' feature statistics
                                           # blended between the batch's images (train.mixstyle); 0 off
-    source_adversary: float = 0.0         # weight of the reversed gradient of a head that tells the data source
-                                          # from the pooled features within each class (train.source_adversary);
-                                          # 0 off
-    source_adversary_mode: str = "confusion"  # reversal (its gradient reversed into the backbone) | confusion
-                                          # (the backbone pushes its answer to an even split over the sources)
+    source_adversary: float = 0.0         # weight of the backbone's training against a head that tells the data
+                                          # source from the pooled features within each class
+                                          # (train.source_adversary); 0 off
+    source_adversary_mode: str = "confusion"  # reversal (the head's gradient reversed into the backbone) | confusion
+                                          # (the backbone pushes the head's answer to an even split over the
+                                          # class's sources)
     augment: bool = True
     rotation_degrees: float = 7.0
     zoom: float = 0.1
