@@ -127,3 +127,12 @@ def test_a_run_saved_before_the_confusion_mode_was_trained_by_reversal():
     assert TrainConfig.from_dict({"source_adversary": 1.0}, saved_run=True).source_adversary_mode == "reversal"
     assert TrainConfig.from_dict({"source_adversary": 1.0}).source_adversary_mode == "confusion"
     assert TrainConfig.from_dict({}, saved_run=True).source_adversary_mode == "confusion"
+
+
+def test_compare_names_the_adversary_with_the_mode_it_trained_by():
+    from train.compare import measures
+
+    assert measures({"source_adversary": 1.0}) == "source adversary 1.0 by reversal"
+    confusion = {"source_adversary": 0.5, "source_adversary_mode": "confusion"}
+    assert measures(confusion) == "source adversary 0.5 by confusion"
+    assert measures({"source_adversary": 0.0, "source_adversary_mode": "confusion"}) == "none"

@@ -38,8 +38,7 @@ SHORTCUTS_OFF = {"input_contrast": "none", "input_borders": "keep", "crop_scale"
                  "contrast_curve": 0.0, "blur": 0.0, "sharpen": 0.0, "noise": 0.0, "min_resolution": 1.0,
                  "jpeg_quality": 0, "source_weight_power": 0.0,
                  "label_smoothing": 0.0, "mixup": 0.0, "lung_crop": "none", "lung_margin": LUNG_MARGIN,
-                 "augment_before_contrast": False, "weight_average": 0.0, "mixstyle": 0.0,
-                 "source_adversary": 0.0}
+                 "augment_before_contrast": False, "weight_average": 0.0, "mixstyle": 0.0}
 # what a recipe is: the config without the settings that only say which repetition or where
 NOT_RECIPE = ("seed", "data", "weights_dirs")
 # the figures averaged over seeds: (column, path into reports/metrics.json)
@@ -57,6 +56,8 @@ FIGURES = (("macro-F1", ("test", "macro_f1")), ("abn. sens.", ("test", "abnormal
 def measures(config: dict) -> str:
     """The measures against shortcuts a run had switched on (configs/shortcuts/)."""
     on = [f"{k} {config[k]}" for k, off in SHORTCUTS_OFF.items() if config.get(k, off) != off]
+    if config.get("source_adversary"):           # a run saved before the confusion mode was trained by reversal
+        on.append(f"source adversary {config['source_adversary']} by {config.get('source_adversary_mode', 'reversal')}")
     if config.get("lung_crop", "none") != "none" and config.get("lung_model"):
         on.append(f"segmenter {config['lung_model']}")      # which one found the lungs to crop to
     return ", ".join(on) or "none"
