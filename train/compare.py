@@ -38,7 +38,8 @@ SHORTCUTS_OFF = {"input_contrast": "none", "input_borders": "keep", "crop_scale"
                  "contrast_curve": 0.0, "blur": 0.0, "sharpen": 0.0, "noise": 0.0, "min_resolution": 1.0,
                  "jpeg_quality": 0, "source_weight_power": 0.0,
                  "label_smoothing": 0.0, "mixup": 0.0, "lung_crop": "none", "lung_margin": LUNG_MARGIN,
-                 "augment_before_contrast": False, "weight_average": 0.0, "mixstyle": 0.0}
+                 "augment_before_contrast": False, "weight_average": 0.0, "mixstyle": 0.0,
+                 "erase": 0.0, "sharpness_aware": 0.0}
 # what a recipe is: the config without the settings that only say which repetition or where
 NOT_RECIPE = ("seed", "data", "weights_dirs")
 # the figures averaged over seeds: (column, path into reports/metrics.json)

@@ -77,6 +77,8 @@ class TrainConfig:
     source_adversary_mode: str = "confusion"  # reversal (the head's gradient reversed into the backbone) | confusion
                                           # (the backbone pushes the head's answer to an even split over the
                                           # class's sources)
+    sharpness_aware: float = 0.0          # SAM's radius rho: each step descends at the worst weights within rho of
+                                          # the current ones (train.sharpness_aware; twice the gradients); 0 off
     augment: bool = True
     rotation_degrees: float = 7.0
     zoom: float = 0.1
@@ -102,6 +104,9 @@ class TrainConfig:
     sharpen: float = 0.0                  # unsharp mask x + a (x - blur(x, 1.5 px)), a uniform in [0, sharpen]
     noise: float = 0.0                    # Gaussian noise, std uniform in [0, noise]
     min_resolution: float = 1.0           # down- and back up-sampled by a factor in [min_resolution, 1]
+    erase: float = 0.0                    # random erasing's probability per image: a rectangle of 2-33 % of the
+                                          # square, aspect 0.3-3.3, filled with noise (Zhong et al. 2020), so
+                                          # that no one region decides; 0 off
     jpeg_quality: int = 0                 # re-encoded as JPEG at a quality in [jpeg_quality, 95]
     early_stopping_patience: int = 4
     holdout_source: str = ""              # leave this data source out of training; evaluate on it
@@ -137,6 +142,10 @@ class TrainConfig:
                              f"with loss {self.loss!r}")
         if not 0.0 <= self.mixstyle <= 1.0:
             raise ValueError(f"mixstyle is a probability in [0, 1], got {self.mixstyle}")
+        if not 0.0 <= self.erase <= 1.0:
+            raise ValueError(f"erase is a probability in [0, 1], got {self.erase}")
+        if self.sharpness_aware < 0:
+            raise ValueError(f"sharpness_aware is SAM's radius, >= 0 (0 off), got {self.sharpness_aware}")
         if self.source_adversary_mode not in ADVERSARY_MODES:
             raise ValueError(f"source_adversary_mode must be one of {ADVERSARY_MODES}, "
                              f"got {self.source_adversary_mode!r}")

@@ -144,6 +144,28 @@ def acquisition_augmentation(config: TrainConfig, seed: int):
     return augment
 
 
+def random_erasing(probability: float, seed: int, area=(0.02, 0.33), aspect=(0.3, 3.3)):
+    """Batch -> batch random erasing (Zhong et al., "Random erasing data augmentation", AAAI 2020): with
+    `probability` per image, a rectangle of `area` (shares of the square) and `aspect` (height / width) at a
+    random place is filled with uniform noise, so that the model cannot rest its answer on one region."""
+    rng = tf.random.Generator.from_seed(seed)
+
+    def erase(x):  # (batch, size, size, 1) in [0, 1]
+        n, size = tf.shape(x)[0], tf.cast(tf.shape(x)[1], tf.float32)
+        share = rng.uniform((n,), *area)
+        ratio = tf.exp(rng.uniform((n,), np.log(aspect[0]), np.log(aspect[1])))
+        h, w = tf.minimum(tf.sqrt(share * ratio), 1.0) * size, tf.minimum(tf.sqrt(share / ratio), 1.0) * size
+        y0, x0 = rng.uniform((n,)) * (size - h), rng.uniform((n,)) * (size - w)
+        at = tf.range(size)[None, :] + 0.5   # pixel centres
+        rows = (at >= y0[:, None]) & (at < (y0 + h)[:, None])
+        cols = (at >= x0[:, None]) & (at < (x0 + w)[:, None])
+        chosen = rng.uniform((n,)) < probability
+        inside = rows[:, :, None] & cols[:, None, :] & chosen[:, None, None]
+        return tf.where(inside[..., None], rng.uniform(tf.shape(x)), x)
+
+    return erase
+
+
 def _gaussian_blur(x, sigma, radius: int):
     """Separable Gaussian blur of (batch, h, w, 1) with edge reflection; sigma ~ 0 leaves x as it is."""
     taps = tf.range(-radius, radius + 1, dtype=tf.float32)
@@ -212,11 +234,14 @@ def make_dataset(images: np.ndarray, labels: np.ndarray, spec: preprocess.InputS
     to_model_input = numpy_step(model_inputs, (spec.channels,))
     if training and config is not None and config.augment:
         geometry = augmentation(config, seed)
-        acquisition = acquisition_augmentation(config, seed + 10)
+        later = [step for step in (acquisition_augmentation(config, seed + 10),
+                                   random_erasing(config.erase, seed + 20) if config.erase else None) if step]
 
         def augment(x, *rest):   # [0, 1] squares
             x = tf.clip_by_value(geometry(x[..., None], training=True), 0.0, 1.0)
-            return (x[..., 0] if acquisition is None else acquisition(x)[..., 0], *rest)
+            for step in later:
+                x = step(x)
+            return (x[..., 0], *rest)
 
         if config.augment_before_contrast:
             ds = ds.map(lambda x, *rest: (tf.cast(x, tf.float32) / 255.0, *rest))

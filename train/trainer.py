@@ -23,7 +23,8 @@ import tf_keras as keras
 
 from edge_app import decision, lungs, metrics
 from edge_app.model_card import ModelCard
-from train import detail, evaluate, gradcam, mixstyle, models, ood, report, shortcuts, source_adversary
+from train import (detail, evaluate, gradcam, mixstyle, models, ood, report, sharpness_aware, shortcuts,
+                   source_adversary)
 from train.config import TrainConfig
 from train.data import load_dataset, run_splits, sources
 from train.data.leakage import check_leakage
@@ -254,6 +255,8 @@ def run(config: TrainConfig, out: str | Path, *, resume: bool = False, progress:
             fitted = mixstyle.with_mixstyle(model, models.get(config.model).style_layers, config.mixstyle, config.seed)
         if adversary is not None:
             fitted = adversary.graph(model)
+        if config.sharpness_aware:
+            fitted = sharpness_aware.SharpnessAware(fitted, config.sharpness_aware)
     loss = (sparse_focal_loss(config.focal_gamma) if config.loss == "focal"
             else smoothed_crossentropy(config.label_smoothing) if config.label_smoothing or config.mixup
             else crossentropy)
