@@ -103,3 +103,18 @@ def test_a_run_trained_by_sam_with_random_erasing_is_saved_without_the_wrapper(t
     assert measures(config).endswith("erase 0.5, sharpness_aware 0.05")
     saved = keras.models.load_model(out / "model.keras", compile=False)
     assert not saved.name.endswith("-sam") and saved.output.shape[-1] == 3
+
+
+def test_a_runs_loss_at_sams_perturbed_weights_is_measured_without_moving_the_run(tiny_run, capsys):
+    from train.sharpness_aware import main, perturbed_losses
+
+    assert main([str(tiny_run), "--rho", "0.001", "0.01", "--images", "8"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("8 training images") and "at radius 0.001 along the gradient" in out
+    x, y = _batch()
+    model = _tiny_model()
+    start = [w.numpy() for w in model.weights]
+    at_weights, (small, large) = perturbed_losses(model, x, y, [0.01, 0.5])
+    assert at_weights < small < large      # uphill along the gradient, steeper further out
+    for w, w0 in zip(model.weights, start):
+        np.testing.assert_allclose(w.numpy(), w0, atol=1e-6)

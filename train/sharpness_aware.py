@@ -56,3 +56,61 @@ class SharpnessAware(keras.Model):
             variable.assign_sub(tf.cast(step, variable.dtype))
         self.optimizer.apply_gradients(zip(sharp_gradients, self.trainable_variables))
         return self.compute_metrics(x, y, predictions, sample_weight)
+
+
+def perturbed_losses(model: keras.Model, x, y, rhos) -> tuple[float, list[float]]:
+    """The mean cross-entropy of (x, y) at the model's weights and at w + rho g / ||g|| for each rho, over the
+    weights trainable now (the model is left as it was): how steep the loss is at the radius SAM would use."""
+    def loss():
+        return tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, model(x, training=False),
+                                                                            from_logits=True))
+    variables = model.trainable_variables
+    with tf.GradientTape() as tape:
+        at_weights = loss()
+    gradients = tape.gradient(at_weights, variables)
+    unit = [g / tf.linalg.global_norm(gradients) for g in gradients]
+    perturbed = []
+    for rho in rhos:
+        for v, u in zip(variables, unit):
+            v.assign_add(rho * u)
+        perturbed.append(float(loss()))
+        for v, u in zip(variables, unit):
+            v.assign_sub(rho * u)
+    return float(at_weights), perturbed
+
+
+def main(argv=None) -> int:
+    """python -m train.sharpness_aware RUN [--rho R ...] [--images N]: a finished run's training loss at its
+    weights and at SAM's perturbed weights, with the weights its last phase trained (fine-tuning's top layers),
+    on N of its training images: a radius that multiplies the loss breaks training rather than flattening it."""
+    import argparse
+
+    import numpy as np
+
+    from train import evaluate
+    from train.data import run_splits
+    from train.pipeline import make_dataset
+    from train.trainer import load_run, set_trainable
+
+    parser = argparse.ArgumentParser(prog="python -m train.sharpness_aware", description=main.__doc__)
+    parser.add_argument("run")
+    parser.add_argument("--rho", type=float, nargs="+", default=[0.05, 0.02, 0.01, 0.005])
+    parser.add_argument("--images", type=int, default=64)
+    args = parser.parse_args(argv)
+    model, card, config = load_run(args.run)
+    dataset, _ = run_splits.load(args.run)
+    train_records = dataset.split("train")
+    chosen = np.random.default_rng(0).choice(len(train_records), min(args.images, len(train_records)), replace=False)
+    x, y, _ = evaluate.load_split([train_records[i] for i in chosen], dataset.labels, card.input, desc="train",
+                                  progress=False)
+    inputs = next(iter(make_dataset(x, y, card.input, batch_size=len(x), training=False)))[0]
+    set_trainable(model, config.strategy, 2 if config.strategy == "finetune" else 1, config.fine_tune_layers)
+    at_weights, perturbed = perturbed_losses(model, inputs, y, args.rho)
+    print(f"{len(x)} training images, {len(model.trainable_variables)} trainable weight tensors: loss {at_weights:.4f}")
+    for rho, value in zip(args.rho, perturbed):
+        print(f"  at radius {rho:g} along the gradient: {value:.4f} ({value / at_weights:.1f} x)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
