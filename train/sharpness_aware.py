@@ -30,7 +30,7 @@ class SharpnessAware(keras.Model):
         return self.fitted(x, training=training)
 
     def _gradients(self, x, y, sample_weight):
-        """(predictions, loss, gradients of the loss) at the current weights, loss scaling undone."""
+        """(predictions, gradients of the loss) at the current weights, loss scaling undone."""
         scaled = isinstance(self.optimizer, keras.mixed_precision.LossScaleOptimizer)
         with tf.GradientTape() as tape:
             predictions = self(x, training=True)
@@ -39,19 +39,18 @@ class SharpnessAware(keras.Model):
         gradients = tape.gradient(scaled_loss, self.trainable_variables)
         if scaled:
             gradients = self.optimizer.get_unscaled_gradients(gradients)
-        return predictions, loss, [tf.zeros_like(v) if g is None else g
-                                   for g, v in zip(gradients, self.trainable_variables)]
+        return predictions, [tf.zeros_like(v) if g is None else g for g, v in zip(gradients, self.trainable_variables)]
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        predictions, loss, gradients = self._gradients(x, y, sample_weight)
+        predictions, gradients = self._gradients(x, y, sample_weight)
         norm = tf.linalg.global_norm(gradients)
         # a non-finite gradient (float16 loss scale too high) perturbs nothing; the optimizer then skips the step
         scale = tf.where(tf.math.is_finite(norm), self.rho / (norm + 1e-12), 0.0)
         steps = [g * scale for g in gradients]
         for variable, step in zip(self.trainable_variables, steps):
             variable.assign_add(tf.cast(step, variable.dtype))
-        _, _, sharp_gradients = self._gradients(x, y, sample_weight)
+        _, sharp_gradients = self._gradients(x, y, sample_weight)
         for variable, step in zip(self.trainable_variables, steps):
             variable.assign_sub(tf.cast(step, variable.dtype))
         self.optimizer.apply_gradients(zip(sharp_gradients, self.trainable_variables))
