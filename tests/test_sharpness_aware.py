@@ -1,5 +1,6 @@
-"""Sharpness-aware minimisation (train.sharpness_aware) and random erasing (train.pipeline.random_erasing):
-SAM's step by hand, its perturbation undone, a run trained with both and saved without the wrapper."""
+"""Sharpness-aware minimisation (train.sharpness_aware), random erasing and the Fourier amplitude mix
+(train.pipeline): SAM's step by hand, its perturbation undone, each augmentation's output against its
+definition, a run trained with all three and saved without the wrapper."""
 import json
 
 import numpy as np
@@ -10,7 +11,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from train.config import TrainConfig
-from train.pipeline import random_erasing
+from train.pipeline import amplitude_mix, random_erasing
 from train.sharpness_aware import SharpnessAware
 
 
@@ -85,22 +86,44 @@ def test_random_erasing_fills_one_rectangle_of_the_stated_area_with_noise_or_lea
     assert ((kept >= 0) & (kept <= 1)).all()
 
 
+def test_amplitude_mix_keeps_each_images_phase_and_blends_its_amplitude_with_one_partners():
+    rng = np.random.default_rng(5)
+    x = (0.5 + 0.1 * rng.standard_normal((6, 32, 32, 1))).clip(0.2, 0.8).astype(np.float32)   # never clipped
+    mixed = amplitude_mix(1.0, seed=2)(tf.constant(x)).numpy()
+    assert mixed.shape == x.shape and np.abs(mixed - x).mean() > 1e-3
+    spectra, out = np.fft.fft2(x[..., 0]), np.fft.fft2(mixed[..., 0])
+    amplitudes = np.abs(spectra)
+    for i in range(len(x)):
+        strong = np.abs(out[i]) > 1e-2 * np.abs(out[i]).max()
+        np.testing.assert_allclose(np.angle(out[i] * np.conj(spectra[i]))[strong], 0, atol=2e-3)  # its own phase
+        # |out| = (1 - s) |own| + s |partner| for one share s and one image of the batch
+        fits = []
+        for j in range(len(x)):
+            d = amplitudes[j] - amplitudes[i]
+            share = float((d * (np.abs(out[i]) - amplitudes[i])).sum() / max((d * d).sum(), 1e-12))
+            fits.append((np.abs(amplitudes[i] + share * d - np.abs(out[i])).max(), j, share))
+        error, _, share = min(fits)
+        assert error < 1e-3 * amplitudes[i].max() and -1e-3 <= share <= 1.001
+    np.testing.assert_allclose(amplitude_mix(1e-9, seed=2)(tf.constant(x)).numpy(), x, atol=1e-5)
+
+
 def test_a_config_refuses_out_of_range_settings():
-    for bad in (dict(erase=1.5), dict(erase=-0.1), dict(sharpness_aware=-0.05)):
+    for bad in (dict(erase=1.5), dict(erase=-0.1), dict(sharpness_aware=-0.05), dict(amplitude_mix=1.5),
+                dict(amplitude_mix=-0.1)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             TrainConfig(**bad)
 
 
-def test_a_run_trained_by_sam_with_random_erasing_is_saved_without_the_wrapper(tmp_path, tiny_dataset):
+def test_a_run_trained_by_sam_with_both_augmentations_is_saved_without_the_wrapper(tmp_path, tiny_dataset):
     from conftest import train_tiny_cnn
     from train.compare import measures
 
     out = tmp_path / "run"
-    result = train_tiny_cnn(tiny_dataset, out, "sharpness_aware = 0.05\nerase = 0.5")
+    result = train_tiny_cnn(tiny_dataset, out, "sharpness_aware = 0.05\nerase = 0.5\namplitude_mix = 0.5")
     assert "Epoch 2/2" in result.stdout
     config = json.loads((out / "config.json").read_text())
-    assert (config["sharpness_aware"], config["erase"]) == (0.05, 0.5)
-    assert measures(config).endswith("erase 0.5, sharpness_aware 0.05")
+    assert (config["sharpness_aware"], config["erase"], config["amplitude_mix"]) == (0.05, 0.5, 0.5)
+    assert measures(config).endswith("erase 0.5, sharpness_aware 0.05, amplitude_mix 0.5")
     saved = keras.models.load_model(out / "model.keras", compile=False)
     assert not saved.name.endswith("-sam") and saved.output.shape[-1] == 3
 

@@ -108,6 +108,9 @@ class TrainConfig:
                                           # square, aspect 0.3-3.3, filled with noise (Zhong et al. 2020), so
                                           # that no one region decides; 0 off
     jpeg_quality: int = 0                 # re-encoded as JPEG at a quality in [jpeg_quality, 95]
+    amplitude_mix: float = 0.0            # Fourier amplitude mix: each image takes a share, uniform in [0, this],
+                                          # of a batch partner's amplitude spectrum, keeping its own phase
+                                          # (train.pipeline.amplitude_mix); 0 off
     early_stopping_patience: int = 4
     holdout_source: str = ""              # leave this data source out of training; evaluate on it
     target_sensitivity: float = 0.95      # abnormal sensitivity the operating threshold must reach on val
@@ -144,6 +147,8 @@ class TrainConfig:
             raise ValueError(f"mixstyle is a probability in [0, 1], got {self.mixstyle}")
         if not 0.0 <= self.erase <= 1.0:
             raise ValueError(f"erase is a probability in [0, 1], got {self.erase}")
+        if not 0.0 <= self.amplitude_mix <= 1.0:
+            raise ValueError(f"amplitude_mix is a share in [0, 1], got {self.amplitude_mix}")
         if self.sharpness_aware < 0:
             raise ValueError(f"sharpness_aware is SAM's radius, >= 0 (0 off), got {self.sharpness_aware}")
         if self.source_adversary_mode not in ADVERSARY_MODES:

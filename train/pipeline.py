@@ -166,6 +166,28 @@ def random_erasing(probability: float, seed: int, area=(0.02, 0.33), aspect=(0.3
     return erase
 
 
+def amplitude_mix(strength: float, seed: int):
+    """Batch -> batch Fourier amplitude mix (Xu et al., "A Fourier-based Framework for Domain Generalization",
+    CVPR 2021; Liu et al., FedDG, CVPR 2021, for medical images): each image keeps its phase spectrum (where
+    its edges and structures are) and takes a share, uniform in [0, strength], of a batch partner's amplitude
+    spectrum (how much of each spatial frequency it holds: sharpness, grain, noise, which differ by detector
+    and export), so that an image's texture says less about its source. Partners are another permutation of
+    the batch; the result is clipped to [0, 1]."""
+    rng = tf.random.Generator.from_seed(seed)
+
+    def mix(x):  # (batch, size, size, 1) in [0, 1]
+        n = tf.shape(x)[0]
+        spectrum = tf.signal.fft2d(tf.complex(x[..., 0], tf.zeros_like(x[..., 0])))
+        amplitude, phase = tf.abs(spectrum), tf.math.angle(spectrum)
+        partner = tf.gather(amplitude, tf.argsort(rng.uniform((n,))))
+        share = rng.uniform((n, 1, 1), 0.0, strength)
+        mixed = (1.0 - share) * amplitude + share * partner
+        out = tf.math.real(tf.signal.ifft2d(tf.complex(mixed * tf.cos(phase), mixed * tf.sin(phase))))
+        return tf.clip_by_value(out, 0.0, 1.0)[..., None]
+
+    return mix
+
+
 def _gaussian_blur(x, sigma, radius: int):
     """Separable Gaussian blur of (batch, h, w, 1) with edge reflection; sigma ~ 0 leaves x as it is."""
     taps = tf.range(-radius, radius + 1, dtype=tf.float32)
@@ -235,6 +257,7 @@ def make_dataset(images: np.ndarray, labels: np.ndarray, spec: preprocess.InputS
     if training and config is not None and config.augment:
         geometry = augmentation(config, seed)
         later = [step for step in (acquisition_augmentation(config, seed + 10),
+                                   amplitude_mix(config.amplitude_mix, seed + 30) if config.amplitude_mix else None,
                                    random_erasing(config.erase, seed + 20) if config.erase else None) if step]
 
         def augment(x, *rest):   # [0, 1] squares
