@@ -171,7 +171,7 @@ def amplitude_mix(strength: float, seed: int):
     CVPR 2021; Liu et al., FedDG, CVPR 2021, for medical images): each image keeps its phase spectrum (where
     its edges and structures are) and takes a share, uniform in [0, strength], of a batch partner's amplitude
     spectrum (how much of each spatial frequency it holds: sharpness, grain, noise, which differ by detector
-    and export), so that an image's texture says less about its source. Partners are another permutation of
+    and export), so that an image's texture says less about its source. Partners: a random permutation of
     the batch; the result is clipped to [0, 1]."""
     rng = tf.random.Generator.from_seed(seed)
 
