@@ -177,7 +177,7 @@ def amplitude_mix(strength: float, seed: int):
 
     def mix(x):  # (batch, size, size, 1) in [0, 1]
         n = tf.shape(x)[0]
-        spectrum = tf.signal.fft2d(tf.complex(x[..., 0], tf.zeros_like(x[..., 0])))
+        spectrum = tf.signal.fft2d(tf.cast(x[..., 0], tf.complex64))
         amplitude, phase = tf.abs(spectrum), tf.math.angle(spectrum)
         partner = tf.gather(amplitude, tf.argsort(rng.uniform((n,))))
         share = rng.uniform((n, 1, 1), 0.0, strength)
