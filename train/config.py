@@ -79,6 +79,9 @@ class TrainConfig:
                                           # class's sources)
     sharpness_aware: float = 0.0          # SAM's radius rho: each step descends at the worst weights within rho of
                                           # the current ones (train.sharpness_aware; twice the gradients); 0 off
+    group_dro: float = 0.0                # Group DRO's step size: the step descends the group losses (population x
+                                          # class) weighted by q, q_g growing by exp(step * loss_g) per batch
+                                          # (train.group_dro); 0 off
     augment: bool = True
     rotation_degrees: float = 7.0
     zoom: float = 0.1
@@ -151,6 +154,11 @@ class TrainConfig:
             raise ValueError(f"amplitude_mix is a share in [0, 1], got {self.amplitude_mix}")
         if self.sharpness_aware < 0:
             raise ValueError(f"sharpness_aware is SAM's radius, >= 0 (0 off), got {self.sharpness_aware}")
+        if self.group_dro < 0 or (self.group_dro and (self.mixup or self.source_adversary or self.sharpness_aware)):
+            raise ValueError(f"group_dro is a step size >= 0 (0 off) and goes without mixup (blended labels), the "
+                             f"source adversary (its own labels) and SAM (its own training step), got {self.group_dro} "
+                             f"with mixup {self.mixup}, source_adversary {self.source_adversary}, sharpness_aware "
+                             f"{self.sharpness_aware}")
         if self.source_adversary_mode not in ADVERSARY_MODES:
             raise ValueError(f"source_adversary_mode must be one of {ADVERSARY_MODES}, "
                              f"got {self.source_adversary_mode!r}")

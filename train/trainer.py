@@ -23,7 +23,7 @@ import tf_keras as keras
 
 from edge_app import decision, lungs, metrics
 from edge_app.model_card import ModelCard
-from train import (detail, evaluate, gradcam, mixstyle, models, ood, report, sharpness_aware, shortcuts,
+from train import (detail, evaluate, gradcam, group_dro, mixstyle, models, ood, report, sharpness_aware, shortcuts,
                    source_adversary)
 from train.config import TrainConfig
 from train.data import load_dataset, run_splits, sources
@@ -237,6 +237,12 @@ def run(config: TrainConfig, out: str | Path, *, resume: bool = False, progress:
         y_fit = source_adversary.joint_labels(y_train, source_index, adversary.sources)
         print(f"source adversary ({adversary.mode}, weight {adversary.weight:g}) within each class over "
               f"{train_sources}")
+    groups = []
+    if config.group_dro:
+        cohorts = [sources.cohort_of(r.source, r.label) or f"{r.source or 'unknown'} {r.label}" for r in train_records]
+        groups = sorted(set(cohorts))
+        y_fit = group_dro.joint_labels(y_train, [groups.index(c) for c in cohorts], len(groups))
+        print(f"group DRO (step size {config.group_dro:g}) over {groups}")
     train_ds = make_dataset(x_train, y_fit, spec, batch_size=batch, training=True, config=config,
                             seed=config.seed, sample_weights=per_image)
     if config.mixup:
@@ -263,6 +269,9 @@ def run(config: TrainConfig, out: str | Path, *, resume: bool = False, progress:
     fitted_loss, fitted_metrics = loss, ["accuracy"]
     if adversary is not None:
         fitted_loss, fitted_metrics = adversary.loss(loss), adversary.metrics()
+    if groups:
+        with strategy.scope():
+            fitted = group_dro.GroupDRO(fitted, loss, groups, config.group_dro)
 
     phases = [(1, config.epochs, config.learning_rate)]
     if config.strategy == "finetune":
