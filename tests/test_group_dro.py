@@ -11,7 +11,8 @@ import tensorflow as tf
 import tf_keras as keras
 
 from train.config import TrainConfig
-from train.group_dro import GroupDRO, joint_labels
+from train.group_dro import GroupDRO
+from train.pipeline import joint_labels
 from train.trainer import crossentropy
 
 GROUPS = ["adult normal", "adult pneumonia", "child normal"]

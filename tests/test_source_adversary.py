@@ -14,6 +14,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from train import models, source_adversary
+from train.pipeline import joint_labels
 from train.trainer import crossentropy
 from train.config import TrainConfig
 
@@ -33,7 +34,7 @@ def test_gradient_reversal_is_the_identity_forwards_and_turns_the_gradient_backw
 
 def test_the_loss_is_the_class_loss_plus_the_source_within_the_images_class_by_hand():
     present = np.array([[True, False], [True, True], [True, True]])
-    labels = source_adversary.joint_labels(np.array([2, 0]), np.array([1, 0]), 2)
+    labels = joint_labels(np.array([2, 0]), np.array([1, 0]), 2)
     assert labels.tolist() == [5, 0]
     logits = np.array([[0.1, 0.2, 1.5], [2.0, -1.0, 0.0]], np.float32)
     judged = np.array([[9.0, 9.0, 9.0, 9.0, 0.5, -0.5],     # class 2's block is (0.5, -0.5)

@@ -12,7 +12,7 @@ loss_g is the mean loss of the batch's images of group g, weighted by the run's 
 group those are constant unless the view balance is on, so the recipe's class weights cancel and q takes
 their place. A group with no image in the batch keeps its weight.
 
-Labels: the training graph takes one integer per image, class * groups + group (`joint_labels`), so the
+Labels: the training graph takes one integer per image, class * groups + group (`train.pipeline.joint_labels`), so the
 tf.data pipeline, image weights and checkpoints stay as they are. The wrapper only changes the training
 step: it calls the graph it wraps (the run's model, or the MixStyle graph), so it shares every weight and
 the run's model is saved without it. Its logged `loss` is the recipe's own (weighted mean) loss; the
@@ -20,16 +20,9 @@ group weights are logged per epoch as `q_<group>` (training_phase*.csv).
 """
 from __future__ import annotations
 
-import numpy as np
-
 import train  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 import tensorflow as tf
 import tf_keras as keras
-
-
-def joint_labels(classes: np.ndarray, group_index: np.ndarray, groups: int) -> np.ndarray:
-    """One integer per image for the training graph: class * groups + group."""
-    return (np.asarray(classes) * groups + np.asarray(group_index)).astype(np.int32)
 
 
 class GroupDRO(keras.Model):

@@ -233,6 +233,13 @@ def projection_factors(records: list[Record]) -> np.ndarray:
                      for p, label, view in cells])
 
 
+def joint_labels(classes: np.ndarray, index: np.ndarray, count: int) -> np.ndarray:
+    """class * count + index, one integer per image: the labels of a training graph that needs a second index per
+    image (the source adversary's source, Group DRO's group), so that the tf.data pipeline, the image weights and
+    the checkpoints stay as they are."""
+    return (np.asarray(classes) * count + np.asarray(index)).astype(np.int32)
+
+
 def make_dataset(images: np.ndarray, labels: np.ndarray, spec: preprocess.InputSpec, *,
                  batch_size: int, training: bool, config: TrainConfig | None = None,
                  seed: int = 0, sample_weights: np.ndarray | None = None) -> tf.data.Dataset:

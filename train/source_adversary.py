@@ -17,7 +17,7 @@ backbone is trained against it, so the features it learns keep the class and los
 
 At inference the judge is not there: training fits a second graph (`SourceAdversary.graph`) that shares
 every weight of the run's model and also outputs the judge's logits; the run's model is saved without it.
-Labels: that graph takes one integer per image, class * sources + source (`joint_labels`), so the
+Labels: that graph takes one integer per image, class * sources + source (`train.pipeline.joint_labels`), so the
 tf.data pipeline, sample weights and checkpoints stay as they are; the loss splits it again.
 """
 from __future__ import annotations
@@ -70,11 +70,6 @@ class Judge(keras.layers.Layer):
         w1, b1, w2, b2 = (tf.stop_gradient(w) for w in (self.hidden.kernel, self.hidden.bias,
                                                          self.out.kernel, self.out.bias))
         return tf.concat([judged, tf.nn.relu(features @ w1 + b1) @ w2 + b2], axis=1)
-
-
-def joint_labels(classes: np.ndarray, source_index: np.ndarray, sources: int) -> np.ndarray:
-    """One integer per image for the training graph: class * sources + source."""
-    return (np.asarray(classes) * sources + np.asarray(source_index)).astype(np.int32)
 
 
 @dataclass(frozen=True)

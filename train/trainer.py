@@ -29,7 +29,7 @@ from train.config import TrainConfig
 from train.data import load_dataset, run_splits, sources
 from train.data.leakage import check_leakage
 from train.data.records import SPLITS
-from train.pipeline import contrasted, image_weights, lung_refusals, make_dataset, mix_batches
+from train.pipeline import contrasted, image_weights, joint_labels, lung_refusals, make_dataset, mix_batches
 from edge_app.preprocess import normalise
 
 MONITOR = "val_abnormal_auc"
@@ -234,14 +234,14 @@ def run(config: TrainConfig, out: str | Path, *, resume: bool = False, progress:
         source_index = [train_sources.index(r.source or "unknown") for r in train_records]
         adversary = source_adversary.SourceAdversary.of(y_train, source_index, len(labels), len(train_sources),
                                                         config.source_adversary, config.source_adversary_mode)
-        y_fit = source_adversary.joint_labels(y_train, source_index, adversary.sources)
+        y_fit = joint_labels(y_train, source_index, adversary.sources)
         print(f"source adversary ({adversary.mode}, weight {adversary.weight:g}) within each class over "
               f"{train_sources}")
     groups = []
     if config.group_dro:
         cohorts = [sources.cohort_of(r.source, r.label) or f"{r.source or 'unknown'} {r.label}" for r in train_records]
         groups = sorted(set(cohorts))
-        y_fit = group_dro.joint_labels(y_train, [groups.index(c) for c in cohorts], len(groups))
+        y_fit = joint_labels(y_train, [groups.index(c) for c in cohorts], len(groups))
         print(f"group DRO (step size {config.group_dro:g}) over {groups}")
     train_ds = make_dataset(x_train, y_fit, spec, batch_size=batch, training=True, config=config,
                             seed=config.seed, sample_weights=per_image)
