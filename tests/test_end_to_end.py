@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import run_module
 from edge_app.model_card import ModelCard
@@ -106,6 +107,10 @@ def test_runs_compare_as_one_table(tiny_run, tmp_path):
     assert recipes.startswith(f"| {tiny_run.name} | 1 | input_borders trim | {metrics['test']['macro_f1']:.3f} |")
     refused = run_module("train.compare", tmp_path, check=False)
     assert refused.returncode == 2 and "not a finished training run" in refused.stderr
+    plot = tmp_path / "recipes.png"
+    run_module("train.compare", tiny_run, "--plot", plot)
+    with Image.open(plot) as im:
+        assert im.format == "PNG" and im.width > 400 and im.height > 200
 
 
 def test_test_time_views_of_a_lung_cropping_run(tiny_dataset, lung_segmenter, tiny_run, tmp_path, monkeypatch):

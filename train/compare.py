@@ -12,6 +12,8 @@ recipes compare on the first.
 `--target-sensitivity 0.95 0.97`: each run's test, adult-cohort and held-out figures with its operating
 threshold refitted on val for each target (after class offsets fitted on val), as training fits it:
 what the choice of `target_sensitivity` trades, in distribution and on an unseen source.
+
+`--plot FILE.png`: the per-recipe figures drawn, each seed a dot and the recipe's mean a bar.
 """
 from __future__ import annotations
 
@@ -126,6 +128,56 @@ def recipe_table(runs: list[Path]) -> str:
                   for _, path in FIGURES]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def recipe_label(run: Path, config: dict) -> str:
+    """A recipe's name in a plot: its runs' folder and the source it held out."""
+    held_out = config.get("holdout_source")
+    return run.parent.name + (f", {held_out} held out" if held_out else "")
+
+
+def recipe_plot(runs: list[Path], path: Path) -> None:
+    """One panel per figure of FIGURES that any run has, one row per recipe: each seed's value a dot,
+    their mean a bar, so a difference larger than the seeds' spread shows at a glance."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[str, list[tuple[Path, dict, dict]]] = {}
+    for run in runs:
+        run_metrics, config, _ = load(run)
+        groups.setdefault(recipe(config), []).append((run, run_metrics, config))
+    labels = []
+    for members in groups.values():
+        label = f"{recipe_label(members[0][0], members[0][2])} ({len(members)})"
+        labels.append(label if label not in labels else f"{label} #{len(labels) + 1}")
+    values = {name: [[v for _, m, _ in members if (v := _get(m, figure)) is not None] for members in groups.values()]
+              for name, figure in FIGURES}
+    shown = [name for name in values if any(values[name])]
+    columns = min(4, len(shown))
+    rows = -(-len(shown) // columns)
+    fig, axes = plt.subplots(rows, columns, sharey=True, squeeze=False,
+                             figsize=(2.6 * columns + 3.0, rows * (0.3 * len(labels) + 0.9) + 0.5))
+    for ax in axes.flat[len(shown):]:
+        ax.set_visible(False)
+    for ax, name in zip(axes.flat, shown):
+        for row, seeds in enumerate(values[name]):
+            if seeds:
+                ax.scatter(seeds, [row] * len(seeds), s=14, color="tab:blue", alpha=0.7)
+                ax.plot([statistics.mean(seeds)] * 2, [row - 0.3, row + 0.3], color="black", lw=1.5)
+        ax.set_title(name, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(4))
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].set_yticks(range(len(labels)), labels, fontsize=7)
+    axes[0][0].invert_yaxis()
+    fig.suptitle("Each seed's run (dots) and the recipe's mean (bar); test split, and (holdout) the source held out",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def table(runs: list[Path]) -> str:
@@ -301,6 +353,8 @@ def main(argv=None) -> int:
     p.add_argument("--target-sensitivity", type=float, nargs="+", metavar="S",
                    help="also each run's figures with its threshold refitted on val for these target "
                         "sensitivities (after class offsets fitted on val)")
+    p.add_argument("--plot", type=Path, metavar="FILE.png",
+                   help="also the per-recipe figures as a plot: each seed a dot, the recipe's mean a bar")
     args = p.parse_args(argv)
     missing = [str(r) for r in args.runs if not (r / "reports" / "metrics.json").is_file()]
     if missing:
@@ -323,6 +377,9 @@ def main(argv=None) -> int:
     if args.target_sensitivity:
         print("\nOperating threshold refitted on val for each target sensitivity (class offsets fitted on val first):\n")
         print(target_sensitivity_table(args.runs, args.target_sensitivity))
+    if args.plot:
+        recipe_plot(args.runs, args.plot)
+        print(f"\nPlot: {args.plot}")
     return 0
 
 
