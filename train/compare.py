@@ -42,7 +42,7 @@ SHORTCUTS_OFF = {"input_contrast": "none", "input_borders": "keep", "crop_scale"
                  "label_smoothing": 0.0, "mixup": 0.0, "lung_crop": "none", "lung_margin": LUNG_MARGIN,
                  "augment_before_contrast": False, "weight_average": 0.0, "mixstyle": 0.0,
                  "erase": 0.0, "sharpness_aware": 0.0, "amplitude_mix": 0.0,
-                 "group_dro": 0.0}
+                 "group_dro": 0.0, "consistency": 0.0}
 # what a recipe is: the config without the settings that only say which repetition or where
 NOT_RECIPE = ("seed", "data", "weights_dirs")
 # the figures averaged over seeds: (column, path into reports/metrics.json)

@@ -82,6 +82,9 @@ class TrainConfig:
     group_dro: float = 0.0                # Group DRO's step size: the step descends the group losses (population x
                                           # class) weighted by q, q_g growing by exp(step * loss_g) per batch
                                           # (train.group_dro); 0 off
+    consistency: float = 0.0              # weight of the Jensen-Shannon divergence between two augmentations of each
+                                          # training image (AugMix's consistency; train.consistency: twice the
+                                          # images per step); 0 off
     augment: bool = True
     rotation_degrees: float = 7.0
     zoom: float = 0.1
@@ -159,6 +162,13 @@ class TrainConfig:
                              f"source adversary (its own labels) and SAM (its own training step), got {self.group_dro} "
                              f"with mixup {self.mixup}, source_adversary {self.source_adversary}, sharpness_aware "
                              f"{self.sharpness_aware}")
+        if self.consistency < 0 or (self.consistency and (not self.augment or self.mixup or self.source_adversary
+                                                           or self.sharpness_aware or self.group_dro)):
+            raise ValueError(f"consistency is a weight >= 0 (0 off) between two augmentations, so it needs augment "
+                             f"and goes without mixup (blended labels), the source adversary and Group DRO (labels of "
+                             f"their own) and SAM (its own training step), got {self.consistency} with augment "
+                             f"{self.augment}, mixup {self.mixup}, source_adversary {self.source_adversary}, "
+                             f"sharpness_aware {self.sharpness_aware}, group_dro {self.group_dro}")
         if self.source_adversary_mode not in ADVERSARY_MODES:
             raise ValueError(f"source_adversary_mode must be one of {ADVERSARY_MODES}, "
                              f"got {self.source_adversary_mode!r}")

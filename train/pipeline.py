@@ -242,11 +242,13 @@ def joint_labels(classes: np.ndarray, index: np.ndarray, count: int) -> np.ndarr
 
 def make_dataset(images: np.ndarray, labels: np.ndarray, spec: preprocess.InputSpec, *,
                  batch_size: int, training: bool, config: TrainConfig | None = None,
-                 seed: int = 0, sample_weights: np.ndarray | None = None) -> tf.data.Dataset:
+                 seed: int = 0, sample_weights: np.ndarray | None = None, views: int = 1) -> tf.data.Dataset:
     """Batches of (model input, class index[, sample weight]) from `load_images`' squares (before the
     contrast step). Unaugmented batches go through the contrast step and normalise (`model_inputs`):
     the device's tensor. Training batches are shuffled and augmented, before the contrast step with
-    `config.augment_before_contrast`, else after it (the recipe measured before that option)."""
+    `config.augment_before_contrast`, else after it (the recipe measured before that option). With
+    `views` 2, an augmented batch of n labels holds 2n inputs: two independent augmentations of each image,
+    the first n then the second n (train.consistency)."""
     columns = (images, labels.astype(np.int32)) + (() if sample_weights is None else (sample_weights,))
     ds = tf.data.Dataset.from_tensor_slices(columns)
     if training:
@@ -267,11 +269,14 @@ def make_dataset(images: np.ndarray, labels: np.ndarray, spec: preprocess.InputS
                                    amplitude_mix(config.amplitude_mix, seed + 30) if config.amplitude_mix else None,
                                    random_erasing(config.erase, seed + 20) if config.erase else None) if step]
 
-        def augment(x, *rest):   # [0, 1] squares
+        def view(x):
             x = tf.clip_by_value(geometry(x[..., None], training=True), 0.0, 1.0)
             for step in later:
                 x = step(x)
-            return (x[..., 0], *rest)
+            return x[..., 0]
+
+        def augment(x, *rest):   # [0, 1] squares; `views` draws of each, stacked
+            return (view(x) if views == 1 else tf.concat([view(x) for _ in range(views)], axis=0), *rest)
 
         if config.augment_before_contrast:
             ds = ds.map(lambda x, *rest: (tf.cast(x, tf.float32) / 255.0, *rest))

@@ -23,8 +23,8 @@ import tf_keras as keras
 
 from edge_app import decision, lungs, metrics
 from edge_app.model_card import ModelCard
-from train import (detail, evaluate, gradcam, group_dro, mixstyle, models, ood, report, sharpness_aware, shortcuts,
-                   source_adversary)
+from train import (consistency, detail, evaluate, gradcam, group_dro, mixstyle, models, ood, report, sharpness_aware,
+                   shortcuts, source_adversary)
 from train.config import TrainConfig
 from train.data import load_dataset, run_splits, sources
 from train.data.leakage import check_leakage
@@ -244,7 +244,7 @@ def run(config: TrainConfig, out: str | Path, *, resume: bool = False, progress:
         y_fit = joint_labels(y_train, [groups.index(c) for c in cohorts], len(groups))
         print(f"group DRO (step size {config.group_dro:g}) over {groups}")
     train_ds = make_dataset(x_train, y_fit, spec, batch_size=batch, training=True, config=config,
-                            seed=config.seed, sample_weights=per_image)
+                            seed=config.seed, sample_weights=per_image, views=2 if config.consistency else 1)
     if config.mixup:
         train_ds = mix_batches(train_ds, config.mixup, len(labels), seed=config.seed)
     val_ds = make_dataset(x_val, y_val, spec, batch_size=batch, training=False)
@@ -272,6 +272,10 @@ def run(config: TrainConfig, out: str | Path, *, resume: bool = False, progress:
     if groups:
         with strategy.scope():
             fitted = group_dro.GroupDRO(fitted, loss, groups, config.group_dro)
+    if config.consistency:
+        with strategy.scope():
+            fitted = consistency.ConsistencyTraining(fitted, config.consistency)
+        print(f"consistency between two augmentations of each image (JS weight {config.consistency:g})")
 
     phases = [(1, config.epochs, config.learning_rate)]
     if config.strategy == "finetune":
