@@ -21,6 +21,8 @@ import train  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 import tensorflow as tf
 import tf_keras as keras
 
+from train.training_step import TrainingStep
+
 
 def jensen_shannon(logits_a, logits_b):
     """Per image, the Jensen-Shannon divergence (nats) between the softmax of two logits rows."""
@@ -30,32 +32,27 @@ def jensen_shannon(logits_a, logits_b):
     return (kl(p) + kl(q)) / 2.0
 
 
-class ConsistencyTraining(keras.Model):
+class ConsistencyTraining(TrainingStep):
     """`fitted` trained on its loss over two stacked views of each image plus `weight` x their JS divergence."""
 
     def __init__(self, fitted: keras.Model, weight: float, **kwargs):
-        super().__init__(name=f"{fitted.name}-consistency", **kwargs)
+        super().__init__(fitted, "consistency", **kwargs)
         if weight <= 0:
             raise ValueError(f"the consistency weight must be > 0, got {weight}")
-        self.fitted, self.weight = fitted, weight
-
-    def call(self, x, training=None):
-        return self.fitted(x, training=training)
+        self.weight = weight
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         n = tf.shape(y)[0]
         y2 = tf.concat([y, y], axis=0)
         w2 = None if sample_weight is None else tf.concat([sample_weight, sample_weight], axis=0)
-        scaled = isinstance(self.optimizer, keras.mixed_precision.LossScaleOptimizer)
-        with tf.GradientTape() as tape:
+
+        def objective():
             logits = self(x, training=True)
             recipe_loss = self.compute_loss(x, y2, logits, w2)   # with the regularisation losses
             divergence = tf.reduce_mean(jensen_shannon(logits[:n], logits[n:]))
-            loss = tf.cast(recipe_loss, tf.float32) + self.weight * divergence
-            scaled_loss = self.optimizer.get_scaled_loss(loss) if scaled else loss
-        gradients = tape.gradient(scaled_loss, self.trainable_variables)
-        if scaled:
-            gradients = self.optimizer.get_unscaled_gradients(gradients)
+            return tf.cast(recipe_loss, tf.float32) + self.weight * divergence, logits, divergence
+
+        (_, logits, divergence), gradients = self.gradients(objective)
         self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
         return {**self.compute_metrics(x, y2, logits, w2), "consistency": divergence}

@@ -24,21 +24,20 @@ import train  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 import tensorflow as tf
 import tf_keras as keras
 
+from train.training_step import TrainingStep
 
-class GroupDRO(keras.Model):
+
+class GroupDRO(TrainingStep):
     """`fitted` trained on the weighted group losses of `per_image_loss` (labels: `joint_labels`)."""
 
     def __init__(self, fitted: keras.Model, per_image_loss, group_names: list[str], step_size: float, **kwargs):
-        super().__init__(name=f"{fitted.name}-group-dro", **kwargs)
+        super().__init__(fitted, "group-dro", **kwargs)
         if step_size <= 0:
             raise ValueError(f"Group DRO's step size must be > 0, got {step_size}")
-        self.fitted, self.per_image_loss, self.step_size = fitted, per_image_loss, step_size
+        self.per_image_loss, self.step_size = per_image_loss, step_size
         self.group_names = list(group_names)
         self.group_weights = tf.Variable(tf.fill([len(group_names)], 1.0 / len(group_names)), trainable=False,
                                          name="group_weights")
-
-    def call(self, x, training=None):
-        return self.fitted(x, training=training)
 
     def _split(self, y):
         joint = tf.cast(tf.reshape(y, [-1]), tf.int32)
@@ -56,17 +55,16 @@ class GroupDRO(keras.Model):
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         label, group = self._split(y)
-        scaled = isinstance(self.optimizer, keras.mixed_precision.LossScaleOptimizer)
-        with tf.GradientTape() as tape:
+
+        def objective():
             logits = self(x, training=True)
             losses, present = self.group_losses(label, group, logits, sample_weight)
             q = self.group_weights * tf.exp(self.step_size * tf.where(present, tf.stop_gradient(losses), 0.0))
             q = q / tf.reduce_sum(q)
-            loss = tf.reduce_sum(q * losses) + tf.add_n([0.0] + [tf.cast(r, tf.float32) for r in self.losses])
-            scaled_loss = self.optimizer.get_scaled_loss(loss) if scaled else loss
-        gradients = tape.gradient(scaled_loss, self.trainable_variables)
-        if scaled:
-            gradients = self.optimizer.get_unscaled_gradients(gradients)
+            regularisation = tf.add_n([0.0] + [tf.cast(r, tf.float32) for r in self.losses])
+            return tf.reduce_sum(q * losses) + regularisation, logits, q
+
+        (_, logits, q), gradients = self.gradients(objective)
         self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
         self.group_weights.assign(q)
         self.compute_loss(x, label, logits, sample_weight)     # the recipe's own loss, for the log

@@ -16,30 +16,25 @@ import train  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 import tensorflow as tf
 import tf_keras as keras
 
+from train.training_step import TrainingStep
 
-class SharpnessAware(keras.Model):
+
+class SharpnessAware(TrainingStep):
     """`fitted` trained by SAM with radius `rho` (the perturbation's L2 norm over every trainable weight)."""
 
     def __init__(self, fitted: keras.Model, rho: float, **kwargs):
-        super().__init__(name=f"{fitted.name}-sam", **kwargs)
+        super().__init__(fitted, "sam", **kwargs)
         if rho <= 0:
             raise ValueError(f"SAM's radius rho must be > 0, got {rho}")
-        self.fitted, self.rho = fitted, rho
-
-    def call(self, x, training=None):
-        return self.fitted(x, training=training)
+        self.rho = rho
 
     def _gradients(self, x, y, sample_weight):
-        """(predictions, gradients of the loss) at the current weights, loss scaling undone."""
-        scaled = isinstance(self.optimizer, keras.mixed_precision.LossScaleOptimizer)
-        with tf.GradientTape() as tape:
+        """(predictions, gradients of the loss) at the current weights."""
+        def objective():
             predictions = self(x, training=True)
-            loss = self.compute_loss(x, y, predictions, sample_weight)
-            scaled_loss = self.optimizer.get_scaled_loss(loss) if scaled else loss
-        gradients = tape.gradient(scaled_loss, self.trainable_variables)
-        if scaled:
-            gradients = self.optimizer.get_unscaled_gradients(gradients)
-        return predictions, [tf.zeros_like(v) if g is None else g for g, v in zip(gradients, self.trainable_variables)]
+            return self.compute_loss(x, y, predictions, sample_weight), predictions
+        (_, predictions), gradients = self.gradients(objective)
+        return predictions, gradients
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
