@@ -60,6 +60,19 @@ def test_a_step_descends_the_loss_on_both_views_plus_the_weighted_divergence_by_
     assert all(a is b for a, b in zip(wrapped.trainable_weights, model.trainable_weights))
 
 
+def test_the_logged_divergence_is_the_epochs_mean_over_its_batches():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(3)])
+    rng = np.random.default_rng(4)
+    batches = [(rng.normal(size=(4, 3)).astype(np.float32), np.array([0, 1])) for _ in range(2)]
+    wrapped = ConsistencyTraining(model, 1.0)
+    wrapped.compile(optimizer=keras.optimizers.SGD(0.0), loss=crossentropy)        # weights stay where they are
+    divergences = [float(tf.reduce_mean(jensen_shannon(model(x)[:2], model(x)[2:]))) for x, _ in batches]
+    logs = wrapped.fit(tf.data.Dataset.from_tensor_slices(tuple(map(np.stack, zip(*batches)))), epochs=2,
+                       verbose=0).history
+    np.testing.assert_allclose(logs["consistency"], [np.mean(divergences)] * 2, rtol=1e-5)
+
+
 def test_the_pipeline_gives_two_different_augmentations_of_each_image_and_one_without_views():
     from edge_app import preprocess
     from train.pipeline import make_dataset

@@ -12,8 +12,8 @@ The batch holds two views of each image, stacked (`train.pipeline.make_dataset`:
 the step descends the recipe's loss on both views (labels and image weights repeated) plus
 `weight` x JS(p1, p2), the mean over the batch of the Jensen-Shannon divergence between the two views'
 class probabilities. The wrapper only changes the training step: it calls the graph it wraps, so it shares
-every weight and the run's model is saved without it. Logged: `loss` (the recipe's own loss on the views)
-and `consistency` (the mean JS divergence, in nats).
+every weight and the run's model is saved without it. Logged per epoch: `loss` (the recipe's own loss on the
+views) and `consistency` (the mean JS divergence, in nats).
 """
 from __future__ import annotations
 
@@ -40,6 +40,11 @@ class ConsistencyTraining(TrainingStep):
         if weight <= 0:
             raise ValueError(f"the consistency weight must be > 0, got {weight}")
         self.weight = weight
+        self.divergence = keras.metrics.Mean(name="consistency")   # the epoch's mean, reset with the others
+
+    @property
+    def metrics(self):
+        return [*super().metrics, self.divergence]
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -55,4 +60,5 @@ class ConsistencyTraining(TrainingStep):
 
         (_, logits, divergence), gradients = self.gradients(objective)
         self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
-        return {**self.compute_metrics(x, y2, logits, w2), "consistency": divergence}
+        self.divergence.update_state(divergence)
+        return {**self.compute_metrics(x, y2, logits, w2), "consistency": self.divergence.result()}
