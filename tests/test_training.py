@@ -211,6 +211,19 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, tiny_dataset):
     assert (out / "model.keras").is_file() and (out / "model_card.json").is_file()
 
 
+def test_a_run_names_the_commit_it_trained_with(tiny_run):
+    """The card's git_commit is HEAD as training started, "+modified" when tracked files differed from it
+    (the tree does not move during the tests, so HEAD now is HEAD then)."""
+    import json
+
+    from conftest import REPO
+
+    git = lambda *args: subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+    modified = git("diff", "--quiet", "HEAD").returncode == 1
+    expected = git("rev-parse", "HEAD").stdout.strip() + ("+modified" if modified else "")
+    assert len(expected) >= 40
+    assert json.loads((tiny_run / "model_card.json").read_text())["git_commit"] == expected
+
 
 def test_a_run_with_mixup_trains_on_blended_labels_and_records_it(tmp_path, tiny_dataset):
     """`mixup` in a run's config: training takes the blended labels (the loss and the accuracy metric

@@ -156,9 +156,13 @@ def _versions() -> dict:
 
 
 def _git_commit() -> str:
+    """HEAD, with "+modified" when tracked files differ from it: read when training starts, so a run
+    names the code it trained with even if the tree moves on before it ends."""
+    git = lambda *args: subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent,
+                                       timeout=10)
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=10).stdout.strip()
+        head = git("rev-parse", "HEAD").stdout.strip()
+        return head + ("+modified" if head and git("diff", "--quiet", "HEAD").returncode == 1 else "")
     except Exception:
         return ""
 
@@ -188,6 +192,7 @@ def run(config: TrainConfig, out: str | Path, *, resume: bool = False, progress:
         shutil.rmtree(checkpoints)
     checkpoints.mkdir(exist_ok=True)
     config.save(out / "config.json")
+    commit = _git_commit()
     keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
 
@@ -313,7 +318,7 @@ def run(config: TrainConfig, out: str | Path, *, resume: bool = False, progress:
     train_seconds = time.time() - started
 
     card = evaluate_and_card(model, config, dataset, spec, split_data, reports, history,
-                             train_seconds=train_seconds, replicas=replicas)
+                             train_seconds=train_seconds, replicas=replicas, git_commit=commit)
     model.save(out / "model.keras")                # after evaluate_and_card: with its class offsets
     (out / "model_card.json").write_text(card.to_json() + "\n")
     print(f"\nrun saved to {out}\n" + report.headline(card.metrics))
@@ -353,7 +358,7 @@ def _fit_ood(features, run_dir: Path) -> dict:
 
 
 def evaluate_and_card(model, config, dataset, spec, split_data, reports, history, *,
-                      train_seconds, replicas) -> ModelCard:
+                      train_seconds, replicas, git_commit: str) -> ModelCard:
     """Class offsets (config.class_prior_correction), temperature and operating threshold fitted on
     val; metrics on val and test; the model card."""
     labels = dataset.labels
@@ -399,6 +404,6 @@ def evaluate_and_card(model, config, dataset, spec, split_data, reports, history
                  "counts": dataset.counts(), "seed": config.seed,
                  **({"holdout_source": config.holdout_source} if config.holdout_source else {})},
         metrics=evaluate.card_metrics(results["test"]),
-        versions=_versions(), git_commit=_git_commit(),
+        versions=_versions(), git_commit=git_commit,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
