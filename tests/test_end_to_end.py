@@ -233,6 +233,8 @@ def test_a_run_refitted_for_its_own_target_sensitivity_scores_as_trained(tiny_ru
     assert higher["test"]["abnormal"]["sensitivity"] >= own["test"]["abnormal"]["sensitivity"]
     out = run_module("train.compare", tiny_run, "--runs-only", "--target-sensitivity", "0.99").stdout
     assert f"| {tiny_run.parent.name}/{tiny_run.name} | 0.99 | {higher['threshold']:.3f} | " in out
+    sensitivity = higher["test"]["abnormal"]["sensitivity"]
+    assert f"| {tiny_run.parent.name} | 0.99 | 1 | {higher['test']['macro_f1']:.3f} | {sensitivity:.3f} | " in out
 
 
 def test_class_offsets_after_the_fact_undo_a_run_that_over_calls_the_rare_classes(tmp_path):

@@ -331,13 +331,25 @@ TARGET_FIGURES = tuple((name, path) for name, path in FIGURES
 
 
 def target_sensitivity_table(runs: list[Path], targets: list[float]) -> str:
+    """Per run and target, then per recipe and target (mean ± sd over seeds): what the threshold's target
+    trades, with the seed noise beside it."""
     names = [name for name, _ in TARGET_FIGURES]
+    refitted = {(run, target): at_target_sensitivity(run, target) for run in runs for target in targets}
     lines = ["| run | target (val) | threshold | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
-    for run in runs:
-        for target in targets:
-            m = at_target_sensitivity(run, target)
-            lines.append(f"| {run.parent.name}/{run.name} | {target:.2f} | {m['threshold']:.3f} | "
-                         + " | ".join(_fmt(_get(m, path)) for _, path in TARGET_FIGURES) + " |")
+    for (run, target), m in refitted.items():
+        lines.append(f"| {run.parent.name}/{run.name} | {target:.2f} | {m['threshold']:.3f} | "
+                     + " | ".join(_fmt(_get(m, path)) for _, path in TARGET_FIGURES) + " |")
+    groups: dict[tuple[str, float], list[dict]] = {}
+    labels: dict[str, str] = {}
+    for (run, target), m in refitted.items():
+        key = recipe(load(run)[1])
+        labels.setdefault(key, recipe_label(run, load(run)[1]))
+        groups.setdefault((key, target), []).append(m)
+    lines += ["", "| recipe | target (val) | runs | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
+    for (key, target), members in groups.items():
+        lines.append(f"| {labels[key]} | {target:.2f} | {len(members)} | " + " | ".join(
+            mean_sd_range([v for m in members if (v := _get(m, path)) is not None]) for _, path in TARGET_FIGURES)
+            + " |")
     return "\n".join(lines)
 
 
