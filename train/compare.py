@@ -342,8 +342,9 @@ def target_sensitivity_table(runs: list[Path], targets: list[float]) -> str:
     groups: dict[tuple[str, float], list[dict]] = {}
     labels: dict[str, str] = {}
     for (run, target), m in refitted.items():
-        key = recipe(load(run)[1])
-        labels.setdefault(key, recipe_label(run, load(run)[1]))
+        config = load(run)[1]
+        key = recipe(config)
+        labels.setdefault(key, recipe_label(run, config))
         groups.setdefault((key, target), []).append(m)
     lines += ["", "| recipe | target (val) | runs | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
     for (key, target), members in groups.items():
