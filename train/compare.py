@@ -115,10 +115,16 @@ def mean_sd_range(values: list[float]) -> str:
             f"({min(values):.3f}–{max(values):.3f})")
 
 
-def recipe_table(runs: list[Path]) -> str:
+def by_recipe(runs: list[Path]) -> dict[str, list[Path]]:
+    """The runs grouped by recipe (its key: `recipe`), in the order given."""
     groups: dict[str, list[Path]] = {}
     for run in runs:
         groups.setdefault(recipe(load(run)[1]), []).append(run)
+    return groups
+
+
+def recipe_table(runs: list[Path]) -> str:
+    groups = by_recipe(runs)
     columns = ("runs", "seeds", "shortcut measures") + tuple(name for name, _ in FIGURES)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for members in groups.values():
@@ -314,9 +320,7 @@ def robustness_table(runs: list[Path]) -> str:
     for run, m in measured.items():
         lines.append(f"| {run.parent.name}/{run.name} | {m['variant']} | " + " | ".join(
             f"{interval(m[n])} ({m[n]['acquisition'] or '—'})" for n in names) + " |")
-    groups: dict[str, list[dict]] = {}
-    for run, m in measured.items():
-        groups.setdefault(recipe(load(run)[1]), []).append(m)
+    groups = {key: [measured[run] for run in members] for key, members in by_recipe(list(measured)).items()}
     lines += ["", "| recipe (shortcut measures) | runs | " + " | ".join(f"worst {n}" for n in names) + " |",
               "|---|---|" + "---|" * len(names)]
     for key, members in groups.items():
@@ -339,18 +343,14 @@ def target_sensitivity_table(runs: list[Path], targets: list[float]) -> str:
     for (run, target), m in refitted.items():
         lines.append(f"| {run.parent.name}/{run.name} | {target:.2f} | {m['threshold']:.3f} | "
                      + " | ".join(_fmt(_get(m, path)) for _, path in TARGET_FIGURES) + " |")
-    groups: dict[tuple[str, float], list[dict]] = {}
-    labels: dict[str, str] = {}
-    for (run, target), m in refitted.items():
-        config = load(run)[1]
-        key = recipe(config)
-        labels.setdefault(key, recipe_label(run, config))
-        groups.setdefault((key, target), []).append(m)
     lines += ["", "| recipe | target (val) | runs | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
-    for (key, target), members in groups.items():
-        lines.append(f"| {labels[key]} | {target:.2f} | {len(members)} | " + " | ".join(
-            mean_sd_range([v for m in members if (v := _get(m, path)) is not None]) for _, path in TARGET_FIGURES)
-            + " |")
+    for members in by_recipe(runs).values():
+        label = recipe_label(members[0], load(members[0])[1])
+        for target in targets:
+            refits = [refitted[run, target] for run in members]
+            lines.append(f"| {label} | {target:.2f} | {len(members)} | " + " | ".join(
+                mean_sd_range([v for m in refits if (v := _get(m, path)) is not None]) for _, path in TARGET_FIGURES)
+                + " |")
     return "\n".join(lines)
 
 
